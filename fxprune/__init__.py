@@ -1,0 +1,17 @@
+"""fxprune: structured pruning of PyTorch models as pure torch.fx graph-rewrite passes.
+
+>>> import fxprune
+>>> result = fxprune.prune(model, (x,), sparsity=0.5, criterion="l1", capture="fx")  # doctest: +SKIP
+>>> result.graph_module, result.plan                                               # doctest: +SKIP
+"""
+from . import errors
+from .analysis import Analysis, AnalysisOptions, match
+from .api import PruneResult, analyze, apply_plan, prune, verify
+from .capture import capture
+from .groups import Group, Member
+from .plan import Plan
+from .verify import VerifyReport
+
+__all__ = ["prune", "apply_plan", "verify", "analyze", "capture", "match", "Plan", "PruneResult",
+           "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors"]
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""Match: propagate channel ids through a captured graph with the per-op rule table.
+
+One walk over the nodes in topological order. Each node's rule (``fxprune.rules``) receives an
+:class:`OpCall` — the node, its module if any, the channel maps of its inputs — and returns the channel
+map of its output, recording facts on the :class:`~fxprune.channels.ChannelTable` as it goes. A node
+without a rule freezes every channel it touches: unknown ops are never guessed to be element-wise.
+
+The result, :class:`Analysis`, keeps what later stages need (the solved classes, the producers, the
+consumers whose inputs verify zeroes) and exposes the user-facing ``groups``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+
+from .channels import ChannelTable, Solution, TensorIds
+from .groups import Group, build_groups
+
+
+class Unsupported(Exception):
+    """Raised by a rule for a variant it does not handle; the node then freezes its channels."""
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Choices that change which channels are tied together."""
+
+    prune_outputs: bool = False
+    """When False, channels that reach a graph output are kept (the output is a fixed interface)."""
+    split_axis: str = "largest"
+    """Which axis carries the channels when a view splits a channel dim in two (``"largest"`` prunes
+    head dims and shuffle-group widths; ``"outer"`` prunes whole heads)."""
+
+
+@dataclass
+class Producer:
+    """A parameter dim whose slices create channels (a conv's output rows): the scores' source."""
+
+    key: str
+    dim: int
+    node: str
+
+
+@dataclass
+class ActSink:
+    """An activation consumed by a contraction (matmul, sum): verify masks its dropped positions."""
+
+    node: str
+    arg: int
+    dim: int
+    ids: torch.Tensor
+
+
+@dataclass
+class Context:
+    """Mutable state of one analysis walk; rules talk to it through :class:`OpCall`."""
+
+    gm: fx.GraphModule
+    options: AnalysisOptions
+    table: ChannelTable = field(default_factory=ChannelTable)
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    params: dict[str, TensorIds] = field(default_factory=dict)
+    producers: list[Producer] = field(default_factory=list)
+    param_sinks: list[tuple[str, int]] = field(default_factory=list)
+    act_sinks: list[ActSink] = field(default_factory=list)
+
+    def param(self, key: str) -> TensorIds:
+        """The channel map of a parameter or buffer, one fresh id per position the first time."""
+        if key not in self.params:
+            shape = _tensor_at(self.gm, key).shape
+            self.params[key] = tuple(self.table.fresh(n) for n in shape)
+        return self.params[key]
+
+    def has_param(self, key: str) -> bool:
+        return _tensor_at(self.gm, key, missing_ok=True) is not None
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`match`: channel classes, groups and what rewrite and verify need."""
+
+    gm: fx.GraphModule
+    level: str
+    env: dict[fx.Node, Any]
+    params: dict[str, TensorIds]
+    solution: Solution
+    producers: list[Producer]
+    param_sinks: list[tuple[str, int]]
+    act_sinks: list[ActSink]
+    groups: tuple[Group, ...]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return _tensor_at(self.gm, key)
+
+
+class OpCall:
+    """What a rule sees of one node: its args' channel maps, shapes and literals."""
+
+    def __init__(self, ctx: Context, node: fx.Node, module: Optional[torch.nn.Module]):
+        self.ctx, self.node, self.module = ctx, node, module
+        self.table = ctx.table
+
+    # --- reading the node -------------------------------------------------------------------
+    def arg(self, index: int, name: str = "", default: Any = None) -> Any:
+        """The raw argument by position or keyword (a Node, a literal, a list...)."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def ids(self, value: Any) -> Any:
+        """The channel map of an argument (None for literals)."""
+        if isinstance(value, fx.Node):
+            return self.ctx.env.get(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.ids(v) for v in value)
+        return None
+
+    def shape(self, value: Any) -> tuple[int, ...]:
+        val = meta_value(value) if isinstance(value, fx.Node) else value
+        return tuple(int(s) for s in val.shape)
+
+    def value(self, value: Any) -> Any:
+        """A literal, or the traced value of a node (ints from ``size()``)."""
+        return meta_value(value) if isinstance(value, fx.Node) else value
+
+    @property
+    def out(self) -> Any:
+        return meta_value(self.node)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def where(self) -> str:
+        return f"node {self.node.name!r} ({describe_target(self.node)})"
+
+    # --- recording facts --------------------------------------------------------------------
+    def unify(self, a: Optional[torch.Tensor], b: Optional[torch.Tensor], why: str = "") -> None:
+        """Tie two per-position id arrays; a None (fixed) side freezes the other."""
+        reason = why or f"meets a fixed dim at {self.where()}"
+        if a is None and b is None:
+            return
+        if a is None or b is None:
+            self.table.freeze(a if b is None else b, reason)
+            return
+        self.table.unify(a, b, reason)
+
+    def freeze(self, ids: Any, why: str) -> None:
+        for array in iter_arrays(ids):
+            self.table.freeze(array, f"{why} at {self.where()}")
+
+    def approximate(self, ids: Optional[torch.Tensor]) -> None:
+        self.table.approximate(ids)
+
+    def param(self, key: str) -> TensorIds:
+        return self.ctx.param(key)
+
+    def module_param(self, name: str) -> Optional[TensorIds]:
+        """A parameter of this call_module node's module, by its local name (None if absent)."""
+        key = f"{self.node.target}.{name}"
+        if getattr(self.module, name, None) is None:
+            return None
+        return self.ctx.param(key)
+
+    def param_key(self, value: Any) -> Optional[str]:
+        """The state_dict key behind an argument that is a parameter (get_attr or module param)."""
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            return str(value.target)
+        return None
+
+    def produce(self, key: str, dim: int) -> torch.Tensor:
+        """Declare that this param dim creates channels; returns their ids."""
+        self.ctx.producers.append(Producer(key, dim, self.node.name))
+        return self.ctx.param(key)[dim]
+
+    def consume_param(self, key: str, dim: int) -> None:
+        """Declare that this param dim contracts over channels (verify zeroes its dropped slices)."""
+        self.ctx.param_sinks.append((key, dim))
+
+    def consume_act(self, arg: int, dim: int, ids: Optional[torch.Tensor]) -> None:
+        """Declare that input ``arg`` is contracted over ``dim`` (verify masks it)."""
+        if ids is not None:
+            self.ctx.act_sinks.append(ActSink(self.node.name, arg, dim, ids))
+
+    def fixed(self, value: Any = None) -> Any:
+        """A channel map with no channel on any dim, shaped like ``value`` (default: the output)."""
+        return fixed_like(self.out if value is None else value)
+
+
+# --- helpers shared by rules -------------------------------------------------------------------
+def meta_value(node: fx.Node) -> Any:
+    if "val" in node.meta:
+        return node.meta["val"]
+    if "tensor_meta" in node.meta:
+        return node.meta["tensor_meta"]
+    if "example_value" in node.meta:
+        return node.meta["example_value"]
+    raise KeyError(f"node {node.name!r} has no traced value; was the graph captured by fxprune.capture?")
+
+
+def fixed_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) or hasattr(value, "shape") and hasattr(value, "dtype"):
+        return (None,) * len(value.shape)
+    if isinstance(value, (list, tuple)):
+        return tuple(fixed_like(v) for v in value)
+    return None
+
+
+def iter_arrays(ids: Any) -> Iterator[torch.Tensor]:
+    """Every id array inside a (nested) channel map."""
+    if isinstance(ids, torch.Tensor):
+        yield ids
+    elif isinstance(ids, (list, tuple)):
+        for item in ids:
+            yield from iter_arrays(item)
+
+
+def describe_target(node: fx.Node) -> str:
+    target = node.target
+    if node.op == "call_module":
+        return f"module {target}"
+    if node.op == "call_method":
+        return f"method .{target}()"
+    name = getattr(target, "__name__", None) or str(target)
+    module = getattr(target, "__module__", "") or ""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return f"{module}.{name}" if module and module not in ("_operator", "builtins") else name
+
+
+def _tensor_at(gm: torch.nn.Module, key: str, missing_ok: bool = False) -> Optional[torch.Tensor]:
+    owner, _, name = key.rpartition(".")
+    try:
+        module = gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        if missing_ok:
+            return None
+        raise
+    value = getattr(module, name, None)
+    if isinstance(value, torch.Tensor):
+        return value
+    if missing_ok:
+        return None
+    raise AttributeError(f"no tensor {key!r} in the graph module")
+
+
+# --- the walk ----------------------------------------------------------------------------------
+def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOptions()) -> Analysis:
+    """Propagate channel ids through ``gm`` (which must carry traced values, see capture)."""
+    from .rules import lookup  # the table imports this module
+
+    ctx = Context(gm, options)
+    for node in gm.graph.nodes:
+        ctx.env[node] = _visit(ctx, node, lookup)
+    solution = ctx.table.solve()
+    groups = build_groups(ctx, solution)
+    return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,
+                    ctx.act_sinks, groups)
+
+
+def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:
+    if node.op == "placeholder":
+        return fixed_like(meta_value(node)) if _has_value(node) else None
+    if node.op == "get_attr":
+        return _visit_get_attr(ctx, node)
+    if node.op == "output":
+        if not ctx.options.prune_outputs:
+            op = OpCall(ctx, node, None)
+            op.freeze(op.ids(node.args[0]), "reaches a graph output (a fixed interface)")
+        return None
+    module = ctx.gm.get_submodule(node.target) if node.op == "call_module" else None
+    op = OpCall(ctx, node, module)
+    rule = lookup(node, module)
+    if rule is None:
+        return _freeze_all(op, f"no rule for {describe_target(node)}")
+    try:
+        return rule(op)
+    except Unsupported as exc:
+        return _freeze_all(op, str(exc))
+
+
+def _visit_get_attr(ctx: Context, node: fx.Node) -> Any:
+    value = _tensor_at(ctx.gm, str(node.target), missing_ok=True)
+    return ctx.param(str(node.target)) if value is not None else None
+
+
+def _freeze_all(op: OpCall, reason: str) -> Any:
+    """The conservative default: every channel in every input stays; outputs carry none."""
+    op.freeze(op.ids(list(op.node.args)), reason)
+    op.freeze(op.ids(list(op.node.kwargs.values())), reason)
+    return op.fixed() if _has_value(op.node) else None
+
+
+def _has_value(node: fx.Node) -> bool:
+    return any(k in node.meta for k in ("val", "tensor_meta", "example_value"))
+
+
+GETITEM = operator.getitem

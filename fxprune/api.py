@@ -1,0 +1,206 @@
+"""The one-call API: ``prune`` composes capture -> match -> score -> select -> rewrite.
+
+>>> import fxprune, torch, torchvision
+>>> model = torchvision.models.resnet18().eval()
+>>> x = torch.randn(1, 3, 64, 64)
+>>> result = fxprune.prune(model, (x,), sparsity=0.5, criterion="l1")     # doctest: +SKIP
+>>> result.graph_module(x).shape                                          # doctest: +SKIP
+torch.Size([1, 1000])
+>>> fxprune.verify(model, result, (x,)).passed                            # doctest: +SKIP
+True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from .analysis import Analysis, AnalysisOptions, match
+from .capture import Captured, as_inputs, capture as capture_graph, propagate_values
+from .errors import InvalidOptionError, PlanMismatchError
+from .importance import Criterion, check_criterion, score_groups, taylor_gradients
+from .plan import GroupSummary, Plan
+from .rewrite import Pruning, rewrite
+from .select import Policy, Sparsity, check_patterns, select
+from .verify import VerifyReport, compare, reference_model
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune` returns: the new model, the plan, and the analysis it came from."""
+
+    graph_module: fx.GraphModule
+    plan: Plan
+    analysis: Analysis
+    drop: torch.Tensor
+    example_inputs: tuple
+
+    @property
+    def level(self) -> str:
+        return self.analysis.level
+
+    @property
+    def groups(self):
+        return self.analysis.groups
+
+
+def _stages(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="fxprune", unit="stage", leave=False)
+
+
+def _step(bar, name: str) -> None:
+    if bar is not None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+
+def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outputs: bool = False,
+            split_axis: str = "largest") -> Analysis:
+    """Capture and match only: the groups, and why any are frozen (what ``fxprune inspect`` prints)."""
+    if split_axis not in ("largest", "outer"):
+        raise InvalidOptionError(f"split_axis must be 'largest' or 'outer', got {split_axis!r}")
+    captured = capture_graph(model, example_inputs, capture)
+    return match(captured.gm, captured.level, AnalysisOptions(prune_outputs, split_axis))
+
+
+def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: Criterion = "l1",
+          capture: str = "fx", *, reduce: str = "mean", global_ranking: bool = False,
+          round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (),
+          prune_outputs: bool = False, seed: int = 0, loss_fn: Optional[Callable] = None,
+          batch: Optional[tuple] = None, split_axis: str = "largest",
+          progress: bool = False) -> PruneResult:
+    """Prune ``model`` and return a new, smaller GraphModule; ``model`` is never modified.
+
+    Args:
+        model: an ``nn.Module``, a ``GraphModule`` (used as it is) or an ``ExportedProgram``.
+        example_inputs: a tensor or tuple of tensors the model accepts.
+        sparsity: fraction of each group's units to drop, or ``{module pattern: ratio}``.
+        criterion: ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"``, ``"random"``, ``"taylor"`` or a
+            callable ``(group, tensors) -> scores``.
+        capture: ``"fx"`` (symbolic_trace) or ``"export"`` (torch.export, ATen level).
+    """
+    policy = Policy(sparsity, global_ranking, round_to, min_keep, tuple(ignore))
+    check_criterion(criterion, reduce)
+    if criterion == "taylor" and (loss_fn is None or batch is None):
+        raise InvalidOptionError("criterion 'taylor' needs loss_fn=(output, target) -> loss and "
+                                 "batch=(inputs, target)")
+    bar = _stages(progress, 5)
+    analysis = analyze(model, example_inputs, capture, prune_outputs=prune_outputs, split_axis=split_axis)
+    _step(bar, "match")
+    check_patterns(analysis.groups, policy)
+    gradients = taylor_gradients(analysis.gm, loss_fn, batch) if criterion == "taylor" else None
+    scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, gradients)
+    _step(bar, "score")
+    drop = select(analysis, scores, policy)
+    options = {"sparsity": sparsity if not isinstance(sparsity, Mapping) else dict(sparsity),
+               "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"),
+               "capture": analysis.level, "global_ranking": global_ranking, "round_to": round_to,
+               "min_keep": min_keep, "ignore": list(ignore), "prune_outputs": prune_outputs,
+               "split_axis": split_axis}
+    plan = make_plan(analysis, drop, options)
+    _step(bar, "select")
+    gm = finish(analysis, drop, as_inputs(example_inputs))
+    _step(bar, "rewrite")
+    if bar is not None:
+        bar.close()
+    return PruneResult(gm, plan, analysis, drop, as_inputs(example_inputs))
+
+
+def finish(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> fx.GraphModule:
+    """Rewrite and refresh traced values, so the result can be captured or pruned again."""
+    gm = rewrite(analysis, drop)
+    propagate_values(gm, inputs)
+    return gm
+
+
+def make_plan(analysis: Analysis, drop: torch.Tensor, options: Mapping[str, Any]) -> Plan:
+    kept = Pruning(analysis, drop).param_kept()
+    kept_indices = {k: {d: tuple(int(i) for i in idx) for d, idx in dims.items()} for k, dims in kept.items()}
+    shapes = {k: tuple(analysis.tensor(k).shape) for k in kept}
+    return Plan(kept_indices, shapes, _summaries(analysis, drop), dict(options))
+
+
+def _summaries(analysis: Analysis, drop: torch.Tensor) -> tuple[GroupSummary, ...]:
+    out = []
+    for g in analysis.groups:
+        dropped = int(drop[torch.tensor(g.units, dtype=torch.long)].sum()) if g.units else 0
+        out.append(GroupSummary(g.name, g.size, g.size - dropped, g.exact, len(g.frozen_units), g.reasons))
+    return tuple(out)
+
+
+def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[str] = None) -> PruneResult:
+    """Apply a plan (from this model or a fresh copy of it) and return the same pruned model.
+
+    >>> again = fxprune.apply_plan(fresh_model, result.plan, (x,))       # doctest: +SKIP
+    """
+    level = capture or str(plan.options.get("capture", "fx"))
+    analysis = analyze(model, example_inputs, level,
+                       prune_outputs=bool(plan.options.get("prune_outputs", False)),
+                       split_axis=str(plan.options.get("split_axis", "largest")))
+    drop = drop_from_plan(analysis, plan)
+    gm = finish(analysis, drop, as_inputs(example_inputs))
+    return PruneResult(gm, make_plan(analysis, drop, plan.options), analysis, drop, as_inputs(example_inputs))
+
+
+def drop_from_plan(analysis: Analysis, plan: Plan) -> torch.Tensor:
+    """The dropped classes a plan implies; the plan must account for every tied position."""
+    solution = analysis.solution
+    drop = torch.zeros(solution.root.numel(), dtype=torch.bool)
+    for key, dims in plan.kept_indices.items():
+        ids = _param_ids(analysis, key, plan)
+        for dim, kept in dims.items():
+            if dim >= len(ids) or ids[dim] is None:
+                raise PlanMismatchError(f"plan prunes dim {dim} of {key!r}, which has {len(ids)} dims")
+            dropped = _dropped_positions(key, dim, kept, ids[dim].numel())
+            roots = solution.root[ids[dim][dropped]]
+            if bool(solution.frozen[roots].any()):
+                raise PlanMismatchError(f"plan drops channels of {key!r} (dim {dim}) that this graph "
+                                        f"must keep: {solution.reasons.get(int(roots[solution.frozen[roots]][0]), 'frozen')}")
+            drop[roots] = True
+    actual = Pruning(analysis, drop).param_kept()
+    expected = {k: {d: tuple(v) for d, v in dims.items()} for k, dims in plan.kept_indices.items()}
+    got = {k: {d: tuple(int(i) for i in v) for d, v in dims.items()} for k, dims in actual.items()}
+    if got != expected:
+        extra = sorted(set(got) ^ set(expected)) or [k for k in got if got[k] != expected.get(k)]
+        raise PlanMismatchError(f"the plan does not fit this model's channel ties; first mismatch at "
+                                f"{extra[:3]}")
+    return drop
+
+
+def _param_ids(analysis: Analysis, key: str, plan: Plan):
+    if key not in analysis.params:
+        raise PlanMismatchError(f"plan names {key!r}, which this model does not use as a prunable tensor")
+    shape = tuple(analysis.tensor(key).shape)
+    if plan.shapes.get(key, shape) != shape:
+        raise PlanMismatchError(f"plan expects {key!r} of shape {list(plan.shapes[key])}, the model has "
+                                f"{list(shape)}")
+    return analysis.params[key]
+
+
+def _dropped_positions(key: str, dim: int, kept: Sequence[int], size: int) -> torch.Tensor:
+    kept_t = torch.tensor(list(kept), dtype=torch.long)
+    if kept_t.numel() and (int(kept_t.min()) < 0 or int(kept_t.max()) >= size):
+        raise PlanMismatchError(f"plan keeps index out of range for {key!r} dim {dim} (size {size})")
+    if kept_t.numel() == 0:
+        raise PlanMismatchError(f"plan keeps no index of {key!r} dim {dim}")
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept_t] = False
+    return mask.nonzero().flatten()
+
+
+def verify(model: Any, result: PruneResult, example_inputs: Any = None,
+           tolerance: Optional[float] = None, raise_on_failure: bool = False) -> VerifyReport:
+    """Compare ``result`` with ``model`` whose dropped channels are zeroed at their consumers."""
+    inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
+    analysis, drop = result.analysis, result.drop
+    exact = not bool(analysis.solution.approximate[drop.nonzero().flatten()].any()) if drop.any() else True
+    report = compare(reference_model(analysis, drop), result.graph_module, inputs, exact, tolerance)
+    if raise_on_failure and not report.passed:
+        from .errors import VerificationError
+        raise VerificationError(str(report))
+    return report

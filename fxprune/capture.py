@@ -1,0 +1,154 @@
+"""Capture: a model and example inputs become a GraphModule with a traced value on every node.
+
+``"fx"`` uses ``torch.fx.symbolic_trace`` (layers stay ``call_module`` nodes, readable code, what
+``prepare_fx`` consumes); ``"export"`` uses ``torch.export.export(...).module()`` (ATen ops, parameters as
+``get_attr``, literal sizes in the graph). Values come from fake tensors: no FLOPs, no activation memory,
+and the input model is never run. A GraphModule or ExportedProgram is used as it is, at its own level.
+"""
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from .errors import (CaptureError, ExampleInputError, InvalidOptionError, TrainingModeError,
+                     UnsupportedModelError)
+
+LEVELS = ("fx", "export")
+_BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A graph ready for analysis: its own copy of the graph, the input's tensors shared read-only."""
+
+    gm: fx.GraphModule
+    level: str
+    example_inputs: tuple
+
+
+def as_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ExampleInputError(f"example_inputs must be a tensor or a tuple of tensors, got "
+                            f"{type(example_inputs).__name__}")
+
+
+def capture(model: Any, example_inputs: Any, level: str = "fx") -> Captured:
+    """Trace ``model`` at ``level`` and propagate fake values through every node.
+
+    >>> cap = capture(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))  # doctest: +SKIP
+    >>> cap.level, cap.gm.graph.find_nodes(op="call_module")[0].target              # doctest: +SKIP
+    ('fx', 'conv1')
+    """
+    inputs = as_inputs(example_inputs)
+    if isinstance(model, torch.export.ExportedProgram):
+        gm, level = model.module(), "export"
+    elif isinstance(model, fx.GraphModule):
+        gm, level = copy_graph_module(model), graph_level(model)
+    elif isinstance(model, torch.nn.Module):
+        gm = _trace(model, inputs, level)
+    else:
+        raise UnsupportedModelError(f"expected an nn.Module, GraphModule or ExportedProgram, got "
+                                    f"{type(model).__name__}")
+    refuse_quantized(gm)
+    propagate_values(gm, inputs)
+    return Captured(gm, level, inputs)
+
+
+def graph_level(gm: fx.GraphModule) -> str:
+    """``"export"`` when the graph calls ATen overloads, else ``"fx"``."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            return "export"
+    return "fx"
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph (metadata may be rewritten) sharing the input's tensors."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    new.training = gm.training
+    return new
+
+
+def _trace(model: torch.nn.Module, inputs: tuple, level: str) -> fx.GraphModule:
+    if level not in LEVELS:
+        raise InvalidOptionError(f"capture must be one of {LEVELS}, got {level!r}")
+    if level == "fx":
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:  # any tracer failure: name the line, suggest export
+            raise CaptureError(_trace_failure(exc, "torch.fx.symbolic_trace", "export")) from exc
+        gm.training = model.training
+        return gm
+    _refuse_training_batch_norm(model)
+    try:
+        return torch.export.export(model, inputs).module()
+    except Exception as exc:
+        raise CaptureError(_trace_failure(exc, "torch.export.export", "fx")) from exc
+
+
+def _trace_failure(exc: Exception, tracer: str, other: str) -> str:
+    line = _user_line(exc)
+    where = f" at {line}" if line else ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"{tracer} could not capture the model{where}: {type(exc).__name__}: {first}. "
+            f"Try capture={other!r}.")
+
+
+def _user_line(exc: Exception) -> str:
+    """The innermost frame outside torch: the user's line that broke tracing."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/fxprune/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def _refuse_training_batch_norm(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCH_NORMS) and module.training:
+            raise TrainingModeError(
+                f"BatchNorm {name!r} is in training mode: export would bake batch statistics and "
+                f"running-stat updates into the graph. Call model.eval() before pruning at the export "
+                f"level (the fx level prunes a training-mode model as it is).")
+
+
+def refuse_quantized(gm: fx.GraphModule) -> None:
+    """An already-converted int8 graph has packed weights fxprune cannot slice."""
+    for name, module in gm.named_modules():
+        if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
+            raise UnsupportedModelError(
+                f"module {name!r} ({type(module).__name__}) is already quantized (converted to int8); "
+                f"prune the float model, or a prepared (observed/fake-quant) graph, before convert")
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "quantize_per" in str(node.target) and \
+                "fake" not in str(node.target):
+            raise UnsupportedModelError(
+                f"node {node.name!r} ({node.target}) quantizes tensors: the graph is already converted "
+                f"to int8; prune before convert")
+
+
+def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
+    """Record a fake value on every node (``node.meta['val']``) without running the model."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    except Exception as exc:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        raise ExampleInputError(f"the model rejects example inputs of shapes {shapes}: "
+                                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                                ) from exc

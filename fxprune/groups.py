@@ -1,0 +1,122 @@
+"""Groups: the channel spaces a user prunes, as immutable values.
+
+A group gathers the producers (conv/linear output rows, embedding dims, RNN units...) whose channels are
+tied together by the graph — a residual stream, a concatenation's consumers, a shuffle — and counts its
+*units*: the classes of channels that are kept or dropped as one. Frozen units (an op without a rule, a
+graph output) stay, and the group says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .channels import Solution
+
+if TYPE_CHECKING:
+    from .analysis import Context
+
+
+@dataclass(frozen=True)
+class Member:
+    """A parameter dim whose slices belong to a group's units."""
+
+    key: str
+    """The original ``state_dict`` key (``"layer1.0.conv1.weight"``)."""
+    dim: int
+    """The dim of that tensor that is sliced."""
+    producer: bool
+    """True where this dim creates the channels (a conv's output rows) — what scores read."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prunable (or frozen) channel space.
+
+    >>> result = fxprune.prune(model, (x,), sparsity=0.5)   # doctest: +SKIP
+    >>> print(result.analysis.groups[0])                     # doctest: +SKIP
+    Group('conv1', 16 units, 4 members, exact)
+    """
+
+    name: str
+    """The first producer's module (or parameter) name, in graph order."""
+    units: tuple[int, ...]
+    """Class ids of the units, sorted; internal handles used by scores and plans."""
+    frozen_units: tuple[int, ...]
+    """Units that must stay."""
+    members: tuple[Member, ...]
+    reasons: tuple[str, ...]
+    """Why frozen units are frozen (distinct reasons, in order)."""
+    exact: bool
+    """False when a channel-mixing op (LayerNorm statistics) makes pruning approximate."""
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    @property
+    def prunable(self) -> bool:
+        return len(self.frozen_units) < len(self.units)
+
+    def __repr__(self) -> str:
+        state = "exact" if self.exact else "approximate"
+        if not self.prunable:
+            state = f"frozen: {self.reasons[0] if self.reasons else '?'}"
+        elif self.frozen_units:
+            state += f", {len(self.frozen_units)} frozen"
+        return f"Group({self.name!r}, {self.size} units, {len(self.members)} members, {state})"
+
+
+def build_groups(ctx: "Context", solution: Solution) -> tuple[Group, ...]:
+    """Connect producers that share a class; each connected set is one group."""
+    roots = [solution.root[ctx.params[p.key][p.dim]] for p in ctx.producers]
+    parent = list(range(len(roots)))
+    owner: dict[int, int] = {}
+    for index, r in enumerate(roots):
+        for c in r.unique().tolist():
+            other = owner.setdefault(c, index)
+            _union(parent, index, other)
+    by_group: dict[int, list[int]] = {}
+    for index in range(len(roots)):
+        by_group.setdefault(_find(parent, index), []).append(index)
+    return tuple(_make_group(ctx, solution, idx, roots) for idx in by_group.values())
+
+
+def _make_group(ctx: "Context", solution: Solution, indices: list[int], roots: list) -> Group:
+    units = torch.cat([roots[i] for i in indices]).unique()
+    frozen = units[solution.frozen[units]]
+    produced = {(ctx.producers[i].key, ctx.producers[i].dim) for i in indices}
+    members = tuple(_members(ctx, solution, units, produced))
+    reasons = tuple(dict.fromkeys(solution.reasons[r] for r in frozen.tolist() if r in solution.reasons))
+    first = ctx.producers[indices[0]].key
+    return Group(
+        name=first.rsplit(".", 1)[0] if "." in first else first,
+        units=tuple(units.tolist()),
+        frozen_units=tuple(frozen.tolist()),
+        members=members,
+        reasons=reasons,
+        exact=not bool(solution.approximate[units].any()),
+    )
+
+
+def _members(ctx: "Context", solution: Solution, units: torch.Tensor, produced: set):
+    in_group = torch.zeros(solution.root.numel(), dtype=torch.bool)
+    in_group[units] = True
+    for key, dims in ctx.params.items():
+        for dim, ids in enumerate(dims):
+            if ids is not None and bool(in_group[solution.root[ids]].any()):
+                yield Member(key, dim, (key, dim) in produced)
+
+
+def _find(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def _union(parent: list[int], a: int, b: int) -> None:
+    ra, rb = _find(parent, a), _find(parent, b)
+    if ra != rb:
+        parent[max(ra, rb)] = min(ra, rb)

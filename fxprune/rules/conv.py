@@ -1,0 +1,129 @@
+"""Convolutions, 1d to 3d, plain, grouped, depthwise and transposed.
+
+``conv(x, W[out, in/g, *k])``: the output channels are W's rows (the producer), the input channels are
+contracted against W's columns (a consumer: verify zeroes dropped columns). A grouped conv is pruned by
+whole groups — every input and output channel of group i form one unit — so the group width never
+changes and only ``groups`` shrinks; a depthwise conv is the case of one channel per group.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..analysis import OpCall, Unsupported
+from . import resizer, rewriter, rule
+
+aten = torch.ops.aten
+
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# (weight position, bias position, groups position) of each functional spelling
+CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d)
+TRANSPOSED_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                        aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+
+
+def conv(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str], groups: int,
+         transposed: bool) -> Any:
+    """The conv family, whatever its spelling."""
+    if w_key is None:
+        raise Unsupported("a conv whose weight is computed in the graph")
+    x_ids, w = op.ids(x), op.param(w_key)
+    c = len(op.shape(x)) - (len(w) - 2) - 1  # channel dim: 1 batched, 0 unbatched
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if transposed and groups != 1:
+        raise Unsupported("a grouped transposed conv")
+    out_ids = op.produce(w_key, out_dim)
+    if groups == 1:
+        op.unify(x_ids[c], w[in_dim])
+        op.consume_param(w_key, in_dim)
+    else:
+        _tie_groups(op, x_ids[c], out_ids, groups)
+    if b_key is not None:
+        op.unify(op.param(b_key)[0], out_ids)
+    return tuple(out_ids if d == c else None for d in range(len(op.shape(op.node))))
+
+
+def _tie_groups(op: OpCall, x_ids: Any, out_ids: torch.Tensor, groups: int) -> None:
+    # conv with groups=g -> every channel of group i, in and out, is one unit
+    unit = out_ids.view(groups, -1)[:, 0]
+    op.unify(out_ids, unit.repeat_interleave(out_ids.numel() // groups))
+    if x_ids is None:
+        op.freeze(out_ids, "a grouped conv over channels that cannot be pruned")
+        return
+    op.unify(x_ids, unit.repeat_interleave(x_ids.numel() // groups))
+
+
+@rule(*CONV_MODULES)
+def conv_module(op: OpCall) -> Any:
+    m = op.module
+    bias = f"{op.node.target}.bias" if m.bias is not None else None
+    return conv(op, op.arg(0, "input"), f"{op.node.target}.weight", bias, m.groups, False)
+
+
+@rule(*TRANSPOSED_MODULES)
+def conv_transpose_module(op: OpCall) -> Any:
+    m = op.module
+    if len(op.node.args) > 1 or op.node.kwargs.get("output_size") is not None:
+        raise Unsupported("ConvTranspose called with output_size")
+    bias = f"{op.node.target}.bias" if m.bias is not None else None
+    return conv(op, op.arg(0, "input"), f"{op.node.target}.weight", bias, m.groups, True)
+
+
+@rule(*CONV_FUNCTIONS)
+def conv_function(op: OpCall) -> Any:
+    # conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return conv(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
+                op.param_key(op.arg(2, "bias")), op.value(op.arg(6, "groups", 1)), False)
+
+
+@rule(*TRANSPOSED_FUNCTIONS)
+def conv_transpose_function(op: OpCall) -> Any:
+    # conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return conv(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
+                op.param_key(op.arg(2, "bias")), op.value(op.arg(6, "groups", 1)), True)
+
+
+@rule(aten.convolution, aten._convolution)
+def convolution(op: OpCall) -> Any:
+    # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    return conv(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
+                op.param_key(op.arg(2, "bias")), op.value(op.arg(8, "groups", 1)),
+                bool(op.value(op.arg(6, "transposed"))))
+
+
+def _new_groups(rw, groups: int) -> int:
+    """Whole groups are pruned: groups shrink in proportion to the output channels."""
+    c = 1 if len(rw.old_shape()) > 1 else 0
+    return groups * rw.new_shape()[c] // rw.old_shape()[c]
+
+
+@rewriter(*CONV_FUNCTIONS, *TRANSPOSED_FUNCTIONS)
+def rewrite_conv_function(rw) -> None:
+    groups = rw.arg(6, "groups", 1)
+    if groups != 1:
+        rw.set_arg(6, "groups", _new_groups(rw, groups))
+
+
+@rewriter(aten.convolution, aten._convolution)
+def rewrite_convolution(rw) -> None:
+    groups = rw.arg(8, "groups", 1)
+    if groups != 1:
+        rw.set_arg(8, "groups", _new_groups(rw, groups))
+
+
+@resizer(*CONV_MODULES)
+def resize_conv(old: nn.Module, new: nn.Module, rw) -> None:
+    out_per_group = old.out_channels // old.groups
+    new.out_channels = new.weight.shape[0]
+    new.groups = new.out_channels // out_per_group if old.groups > 1 else 1
+    new.in_channels = new.weight.shape[1] * new.groups
+
+
+@resizer(*TRANSPOSED_MODULES)
+def resize_conv_transpose(old: nn.Module, new: nn.Module, rw) -> None:
+    new.in_channels = new.weight.shape[0]
+    new.out_channels = new.weight.shape[1] * new.groups

@@ -1,0 +1,53 @@
+"""Embeddings: the embedding dim is a producer; token indices carry no channel."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..analysis import OpCall, Unsupported
+from . import resizer, rule
+
+aten = torch.ops.aten
+
+
+def embedding(op: OpCall, indices: Any, w_key: Optional[str]) -> Any:
+    # embedding(idx, W[num, dim]) -> [..., dim]: W's columns create the channels
+    if w_key is None:
+        raise Unsupported("an embedding whose table is computed in the graph")
+    out_ids = op.produce(w_key, 1)
+    n = len(op.shape(op.node))
+    return tuple(out_ids if d == n - 1 else None for d in range(n))
+
+
+@rule(nn.Embedding, nn.EmbeddingBag)
+def embedding_module(op: OpCall) -> Any:
+    return embedding(op, op.arg(0, "input"), f"{op.node.target}.weight")
+
+
+@rule(F.embedding, aten.embedding)
+def embedding_function(op: OpCall) -> Any:
+    # F.embedding(input, weight); aten.embedding(weight, indices)
+    is_aten = isinstance(op.node.target, torch._ops.OpOverload)
+    weight = op.arg(0, "weight") if is_aten else op.arg(1, "weight")
+    return embedding(op, None, op.param_key(weight))
+
+
+@rule(F.embedding_bag, aten._embedding_bag, aten.embedding_bag)
+def embedding_bag_function(op: OpCall) -> Any:
+    is_aten = isinstance(op.node.target, torch._ops.OpOverload)
+    weight = op.arg(0, "weight") if is_aten else op.arg(1, "weight")
+    key = op.param_key(weight)
+    if key is None:
+        raise Unsupported("an embedding bag whose table is computed in the graph")
+    out_ids = op.produce(key, 1)
+    if isinstance(op.out, (tuple, list)):  # aten returns (out, offset2bag, bag_size, max_indices)
+        return ((None, out_ids),) + tuple(op.fixed(v) for v in op.out[1:])
+    return (None, out_ids)
+
+
+@resizer(nn.Embedding, nn.EmbeddingBag)
+def resize_embedding(old: nn.Module, new: nn.Module, rw) -> None:
+    new.embedding_dim = new.weight.shape[1]

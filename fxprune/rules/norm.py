@@ -1,0 +1,199 @@
+"""Normalisation layers and PReLU.
+
+BatchNorm and InstanceNorm keep per-channel statistics: exact, their parameters and running buffers follow
+the channel. GroupNorm with G > 1 is pruned by whole groups (each group's statistics stay as they were:
+exact). LayerNorm, RMSNorm and GroupNorm(1, C) mix the channels they normalise over: pruning them is
+approximate by nature, and the group says so. PReLU with one weight per channel follows the channel.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..analysis import OpCall, Unsupported
+from . import resizer, rewriter, rule
+
+aten = torch.ops.aten
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _channel_dim(op: OpCall, x: Any) -> int:
+    return 1 if len(op.shape(x)) > 1 else 0
+
+
+def per_channel(op: OpCall, x: Any, params: list) -> Any:
+    """Per-channel statistics and affine parameters: tie each 1-d parameter to the channel dim."""
+    x_ids = op.ids(x)
+    c = _channel_dim(op, x)
+    for p in params:
+        p_ids = op.ids(p) if not isinstance(p, str) else op.param(p)
+        if p_ids is not None:
+            op.unify(x_ids[c], p_ids[0])
+    return x_ids
+
+
+def _module_params(op: OpCall, names: tuple[str, ...]) -> list[str]:
+    return [f"{op.node.target}.{n}" for n in names if getattr(op.module, n, None) is not None]
+
+
+@rule(*BATCH_NORMS)
+def batch_norm_module(op: OpCall) -> Any:
+    names = ("weight", "bias", "running_mean", "running_var")
+    return per_channel(op, op.arg(0, "input"), _module_params(op, names))
+
+
+@rule(F.batch_norm, F.instance_norm)
+def batch_norm_function(op: OpCall) -> Any:
+    # batch_norm(input, running_mean, running_var, weight, bias, ...)
+    params = [op.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                        (4, "bias"))]
+    return per_channel(op, op.arg(0, "input"), params)
+
+
+@rule(aten.batch_norm, aten.instance_norm, aten._native_batch_norm_legit_no_training,
+      aten._native_batch_norm_legit, aten.native_batch_norm, aten._batch_norm_with_update,
+      aten._batch_norm_no_update, aten.cudnn_batch_norm, aten._native_batch_norm_legit_functional)
+def batch_norm_aten(op: OpCall) -> Any:
+    # batch_norm(input, weight, bias, running_mean, running_var, ...); some overloads return tuples
+    params = [op.arg(i) for i in range(1, 5)]
+    out = per_channel(op, op.arg(0, "input"), params)
+    if isinstance(op.out, (tuple, list)):
+        return (out,) + tuple(op.fixed(v) for v in op.out[1:])
+    return out
+
+
+def layer_norm(op: OpCall, x: Any, ndims: int, params: list) -> Any:
+    """Normalise over the last ``ndims`` dims: approximate where they carry channels."""
+    x_ids = op.ids(x)
+    for k in range(1, ndims + 1):
+        op.approximate(x_ids[-k])
+    for p in params:
+        p_ids = op.ids(p) if not isinstance(p, str) else op.param(p)
+        if p_ids is None:
+            continue
+        for k in range(1, ndims + 1):
+            op.unify(x_ids[-k], p_ids[-k])
+    return x_ids
+
+
+@rule(nn.LayerNorm, nn.RMSNorm)
+def layer_norm_module(op: OpCall) -> Any:
+    ndims = len(op.module.normalized_shape)
+    return layer_norm(op, op.arg(0, "input"), ndims, _module_params(op, ("weight", "bias")))
+
+
+@rule(F.layer_norm, F.rms_norm, aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+def layer_norm_function(op: OpCall) -> Any:
+    # layer_norm(input, normalized_shape, weight, bias, eps)
+    ndims = len(op.value(op.arg(1, "normalized_shape")))
+    out = layer_norm(op, op.arg(0, "input"), ndims, [op.arg(2, "weight"), op.arg(3, "bias")])
+    if isinstance(op.out, (tuple, list)):
+        return (out,) + tuple(op.fixed(v) for v in op.out[1:])
+    return out
+
+
+@rewriter(F.layer_norm, F.rms_norm, aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+def rewrite_layer_norm(rw) -> None:
+    ndims = len(rw.arg(1, "normalized_shape"))
+    rw.set_arg(1, "normalized_shape", list(rw.new_input_shape(0)[-ndims:]))
+
+
+def group_norm(op: OpCall, x: Any, groups: int, params: list) -> Any:
+    x_ids = op.ids(x)
+    c = _channel_dim(op, x)
+    if x_ids[c] is not None and groups > 1:
+        # GroupNorm(G>1) -> each group's channels are one unit: statistics unchanged, exact
+        unit = x_ids[c].view(groups, -1)[:, 0]
+        op.unify(x_ids[c], unit.repeat_interleave(x_ids[c].numel() // groups))
+    elif x_ids[c] is not None:
+        op.approximate(x_ids[c])
+    return per_channel(op, x, params)
+
+
+@rule(nn.GroupNorm)
+def group_norm_module(op: OpCall) -> Any:
+    params = _module_params(op, ("weight", "bias"))
+    return group_norm(op, op.arg(0, "input"), op.module.num_groups, params)
+
+
+@rule(F.group_norm, aten.group_norm)
+def group_norm_function(op: OpCall) -> Any:
+    # group_norm(input, num_groups, weight, bias, eps)
+    params = [op.arg(2, "weight"), op.arg(3, "bias")]
+    return group_norm(op, op.arg(0, "input"), op.value(op.arg(1, "num_groups")), params)
+
+
+@rule(aten.native_group_norm)
+def native_group_norm(op: OpCall) -> Any:
+    # native_group_norm(input, weight, bias, N, C, HxW, group, eps) -> (out, mean, rstd)
+    out = group_norm(op, op.arg(0), op.value(op.arg(6)), [op.arg(1), op.arg(2)])
+    return (out,) + tuple(op.fixed(v) for v in op.out[1:])
+
+
+def _scaled_groups(rw, groups: int, c_old: int, c_new: int) -> int:
+    return groups * c_new // c_old if groups > 1 else 1
+
+
+@rewriter(F.group_norm, aten.group_norm)
+def rewrite_group_norm(rw) -> None:
+    c_old, c_new = rw.old_input_shape(0)[1], rw.new_input_shape(0)[1]
+    rw.set_arg(1, "num_groups", _scaled_groups(rw, rw.arg(1, "num_groups"), c_old, c_new))
+
+
+@rewriter(aten.native_group_norm)
+def rewrite_native_group_norm(rw) -> None:
+    c_old, c_new = rw.old_input_shape(0)[1], rw.new_input_shape(0)[1]
+    rw.set_arg(4, "C", c_new)
+    rw.set_arg(6, "group", _scaled_groups(rw, rw.arg(6, "group"), c_old, c_new))
+
+
+def prelu(op: OpCall, x: Any, w: Any) -> Any:
+    w_ids = op.ids(w)
+    if w_ids is None or op.shape(w) == (1,) or len(op.shape(w)) == 0:
+        return op.ids(x)  # one shared slope: a plain activation
+    return per_channel(op, x, [w])
+
+
+@rule(nn.PReLU)
+def prelu_module(op: OpCall) -> Any:
+    x = op.arg(0, "input")
+    if op.module.num_parameters == 1:
+        return op.ids(x)
+    x_ids = op.ids(x)
+    op.unify(x_ids[_channel_dim(op, x)], op.param(f"{op.node.target}.weight")[0])
+    return x_ids
+
+
+@rule(F.prelu, torch.prelu, aten.prelu, aten._prelu_kernel)
+def prelu_function(op: OpCall) -> Any:
+    return prelu(op, op.arg(0, "input"), op.arg(1, "weight"))
+
+
+@resizer(*BATCH_NORMS)
+def resize_batch_norm(old: nn.Module, new: nn.Module, rw) -> None:
+    new.num_features = rw.new_input_shape(0)[1 if len(rw.new_input_shape(0)) > 1 else 0]
+
+
+@resizer(nn.LayerNorm, nn.RMSNorm)
+def resize_layer_norm(old: nn.Module, new: nn.Module, rw) -> None:
+    ndims = len(old.normalized_shape)
+    new.normalized_shape = tuple(rw.new_input_shape(0)[-ndims:])
+
+
+@resizer(nn.GroupNorm)
+def resize_group_norm(old: nn.Module, new: nn.Module, rw) -> None:
+    new.num_channels = rw.new_input_shape(0)[1]
+    new.num_groups = _scaled_groups(rw, old.num_groups, old.num_channels, new.num_channels)
+
+
+@resizer(nn.PReLU)
+def resize_prelu(old: nn.Module, new: nn.Module, rw) -> None:
+    new.num_parameters = new.weight.numel()
+
+
+__all__ = ["per_channel", "layer_norm", "group_norm", "Unsupported"]

@@ -1,0 +1,143 @@
+"""Pooling, resampling, padding and reductions.
+
+Pooling and interpolation work per channel: the channel dim passes through, spatial dims carry none.
+A reduction over non-channel dims passes the channels on. A *sum* over a channel dim is a contraction —
+exact, and verify masks its input — while a mean, max, softmax or norm over a channel dim depends on
+how many channels there are, so it freezes them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..analysis import OpCall
+from . import rule
+
+aten = torch.ops.aten
+
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d,
+                nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+                nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+                nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ConstantPad1d,
+                nn.ConstantPad2d, nn.ConstantPad3d, nn.FractionalMaxPool2d)
+POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
+                  F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                  F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d,
+                  F.lp_pool2d, F.interpolate, F.upsample, F.max_pool2d_with_indices,
+                  torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d)
+POOL_ATEN = tuple(getattr(aten, n) for n in (
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
+    "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
+    "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa",
+    "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
+    "replication_pad3d", "lp_pool1d", "lp_pool2d",
+) if hasattr(aten, n))
+
+
+def per_channel_spatial(op: OpCall, x: Any) -> Any:
+    """Channel dim (1) passes through; every other dim of the output carries no channel."""
+    channels = op.ids(x)[1]
+    out = op.out[0] if isinstance(op.out, (tuple, list)) else op.out
+    ids = tuple(channels if d == 1 else None for d in range(len(out.shape)))
+    if isinstance(op.out, (tuple, list)):  # max_pool with indices
+        return tuple(ids for _ in op.out)
+    return ids
+
+
+@rule(*POOL_MODULES, *POOL_FUNCTIONS, *POOL_ATEN)
+def pool(op: OpCall) -> Any:
+    # pool(x): per channel
+    x = op.arg(0, "input")
+    if len(op.shape(x)) < 3:
+        return _freeze_unbatched(op, x)
+    return per_channel_spatial(op, x)
+
+
+def _freeze_unbatched(op: OpCall, x: Any) -> Any:
+    op.freeze(op.ids(x), "pooling over an unbatched input")
+    return op.fixed()
+
+
+@rule(F.pad, aten.pad, aten.constant_pad_nd)
+def pad(op: OpCall) -> Any:
+    # pad(x, [l, r, t, b, ...]): padded dims are resized, so they must not carry channels
+    x = op.arg(0, "input")
+    x_ids = op.ids(x)
+    widths = list(op.value(op.arg(1, "pad")))
+    padded = {len(x_ids) - 1 - i // 2 for i, w in enumerate(widths) if w != 0}
+    op.freeze([x_ids[d] for d in padded], "padding along a channel dim")
+    return tuple(None if d in padded else ids for d, ids in enumerate(x_ids))
+
+
+def _reduced_dims(op: OpCall, n: int, dims: Any) -> list[int]:
+    if dims is None or dims == []:
+        return list(range(n))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return sorted(d % n for d in dims)
+
+
+def reduction(op: OpCall, exact: bool) -> Any:
+    x = op.arg(0, "input")
+    x_ids = op.ids(x)
+    n = len(x_ids)
+    dims = _reduced_dims(op, n, op.value(op.arg(1, "dim")))
+    keepdim = bool(op.value(op.arg(2, "keepdim", False)))
+    for d in dims:
+        if x_ids[d] is None:
+            continue
+        if exact:  # sum over channels: a contraction, exact
+            op.consume_act(0, d, x_ids[d])
+        else:
+            op.freeze(x_ids[d], "a mean/max/norm over a channel dim")
+    out = [None if d in dims else ids for d, ids in enumerate(x_ids)]
+    if not keepdim:
+        out = [ids for d, ids in enumerate(out) if d not in dims]
+    result = tuple(out)
+    if isinstance(op.out, (tuple, list)):  # max(dim) -> (values, indices)
+        return (result, result)
+    return result
+
+
+@rule("sum", torch.sum, aten.sum)
+def sum_(op: OpCall) -> Any:
+    # x.sum(dim): exact over channels
+    return reduction(op, exact=True)
+
+
+@rule("mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "argmax",
+      "argmin", "all", "any", torch.mean, torch.amax, torch.amin, torch.std, torch.var,
+      torch.logsumexp, torch.prod, torch.argmax, torch.argmin, torch.max, torch.min,
+      aten.mean, aten.amax, aten.amin, aten.std, aten.var, aten.logsumexp, aten.prod,
+      aten.argmax, aten.argmin, aten.max, aten.min, aten.var_mean, aten.std_mean)
+def statistic(op: OpCall) -> Any:
+    # x.mean(dim): over a channel dim the result depends on how many channels there are
+    if not isinstance(op.out, (torch.Tensor, tuple, list)) or (
+            op.arg(1, "dim") is not None and not isinstance(op.value(op.arg(1, "dim")), (int, list, tuple))):
+        return _binary_minmax(op)
+    return reduction(op, exact=False)
+
+
+def _binary_minmax(op: OpCall) -> Any:
+    from .elementwise import nary
+    return nary(op)
+
+
+@rule("softmax", "log_softmax", "cumsum", F.softmax, F.log_softmax, torch.softmax,
+      torch.log_softmax, torch.cumsum, nn.Softmax, nn.LogSoftmax, aten.softmax, aten._softmax,
+      aten.log_softmax, aten._log_softmax, aten.cumsum)
+def softmax(op: OpCall) -> Any:
+    # softmax(x, dim): normalises along dim, so channels on that dim must stay
+    x = op.arg(0, "input")
+    x_ids = op.ids(x)
+    dim = op.module.dim if op.module is not None else op.value(op.arg(1, "dim"))
+    dim = dim if dim is not None else len(x_ids) - 1
+    op.freeze(x_ids[dim % len(x_ids)], "a softmax/cumsum along a channel dim")
+    return x_ids

@@ -1,0 +1,503 @@
+"""Ops that move channels without computing on them: views, permutes, concatenation, splitting, slicing.
+
+A reshape is cut into factor groups (runs of input dims whose product equals a run of output dims).
+Merging dims keeps each position's id, so a conv channel flattened into a Linear becomes a block of
+features. Splitting a channel dim in two (hidden -> heads x head_dim, channels -> shuffle groups) makes a
+grid of ids; one axis carries the channels and the ids along the other axes are tied, so every head (or
+shuffle group) keeps the same local indices. cat and split map offsets exactly; their literal sizes,
+like view sizes and slice bounds, are recomputed by the rewriters from the pruned shapes.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.fx as fx
+
+from ..analysis import OpCall, Unsupported
+from . import resizer, rewriter, rule
+from .elementwise import is_tensor
+
+aten = torch.ops.aten
+
+
+# --- values that are not tensors ---------------------------------------------------------------
+@rule("size", "dim", "numel", "nelement", "ndimension", "get_device", "element_size", "data_ptr",
+      builtins.getattr, builtins.len, torch.numel, aten.sym_size, aten.sym_numel, aten.sym_stride,
+      aten.sym_storage_offset, operator.floordiv, operator.mul, operator.add, operator.sub,
+      operator.truediv)
+def shape_query(op: OpCall) -> Any:
+    # x.size(1), x.shape, ints computed from them: no channels; the pruned tensor gives the new value
+    if isinstance(op.out, torch.Tensor):
+        from .elementwise import nary
+        return nary(op)
+    return op.fixed()
+
+
+# --- reshape -----------------------------------------------------------------------------------
+VIEWS = ("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", torch.reshape,
+         torch.flatten, torch.unflatten, nn.Flatten, nn.Unflatten, aten.view, aten.reshape,
+         aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_copy, aten._reshape_alias)
+
+
+@rule(*VIEWS)
+def reshape(op: OpCall) -> Any:
+    x = op.arg(0, "input")
+    in_shape, out_shape = op.shape(x), op.shape(op.node)
+    x_ids = op.ids(x)
+    out: list[Optional[torch.Tensor]] = [None] * len(out_shape)
+    for d, size in enumerate(in_shape):
+        if size == 1:
+            op.freeze(x_ids[d], "a single channel reshaped away")
+    for in_dims, out_dims in factor_groups(in_shape, out_shape):
+        for d, ids in _reshape_group(op, x_ids, in_shape, out_shape, in_dims, out_dims).items():
+            out[d] = ids
+    return tuple(out)
+
+
+def factor_groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
+    """Runs of dims of ``a`` and ``b`` (size-1 dims skipped) whose products match."""
+    ins = [d for d, s in enumerate(a) if s != 1]
+    outs = [d for d, s in enumerate(b) if s != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ins) and j < len(outs):
+        gi, gj = [ins[i]], [outs[j]]
+        pi, pj = a[ins[i]], b[outs[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(ins):
+                gi.append(ins[i]); pi *= a[ins[i]]; i += 1
+            elif pj < pi and j < len(outs):
+                gj.append(outs[j]); pj *= b[outs[j]]; j += 1
+            else:
+                raise Unsupported(f"a reshape from {list(a)} to {list(b)}")
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape_group(op: OpCall, x_ids: tuple, a: tuple, b: tuple, gi: list, gj: list) -> dict:
+    carriers = [d for d in gi if x_ids[d] is not None]
+    if not carriers:
+        return {}
+    if len(carriers) > 1:
+        op.freeze([x_ids[d] for d in carriers], "a reshape merging two channel dims")
+        return {}
+    k = carriers[0]
+    sizes = [a[d] for d in gi]
+    shape = [1] * len(gi)
+    shape[gi.index(k)] = -1
+    flat = x_ids[k].view(shape).expand(sizes).reshape(-1)
+    if len(gj) == 1:
+        return {gj[0]: flat}
+    return _split_grid(op, flat.view([b[d] for d in gj]), gj)
+
+
+def _split_grid(op: OpCall, grid: torch.Tensor, gj: list) -> dict:
+    """One axis of the grid carries the channels; ids along the others are tied to it."""
+    varying = [axis for axis in range(grid.dim()) if bool((grid != grid.narrow(axis, 0, 1)).any())]
+    if not varying:
+        varying = [0]
+    if op.ctx.options.split_axis == "outer":
+        axis = varying[0]
+    else:
+        axis = max(varying, key=lambda v: (grid.shape[v], v))
+    index = [0] * grid.dim()
+    index[axis] = slice(None)
+    rep = grid[tuple(index)]
+    view = [1] * grid.dim()
+    view[axis] = -1
+    # view(c) -> (g, c/g): each column is one unit, so every group keeps the same local indices
+    op.unify(grid.reshape(-1), rep.view(view).expand(grid.shape).reshape(-1),
+             f"channels split across dims at {op.where()}")
+    return {gj[axis]: rep}
+
+
+def _view_sizes(rw, sizes: list) -> list:
+    """New literal sizes: each int that was not -1 becomes the pruned output size."""
+    new = rw.new_shape()
+    if len(sizes) != len(new):
+        return sizes
+    return [n if isinstance(s, int) and s != -1 else s for s, n in zip(sizes, new)]
+
+
+@rewriter("view", "reshape")
+def rewrite_view_method(rw) -> None:
+    args = list(rw.node.args[1:])
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        rw.node.args = (rw.node.args[0], _view_sizes(rw, list(args[0])))
+    elif args:
+        rw.node.args = (rw.node.args[0], *_view_sizes(rw, args))
+    elif "shape" in rw.node.kwargs:
+        rw.set_arg(1, "shape", _view_sizes(rw, list(rw.node.kwargs["shape"])))
+
+
+@rewriter(torch.reshape, aten.view, aten.reshape, aten._unsafe_view, aten.view_copy)
+def rewrite_view_function(rw) -> None:
+    rw.set_arg(1, "shape" if rw.node.target is torch.reshape else "size",
+               _view_sizes(rw, list(rw.arg(1, "shape" if rw.node.target is torch.reshape else "size"))))
+
+
+@rewriter("unflatten", torch.unflatten, aten.unflatten)
+def rewrite_unflatten(rw) -> None:
+    dim = rw.arg(1, "dim")
+    sizes = list(rw.arg(2, "sizes"))
+    dim = dim % len(rw.old_input_shape(0))
+    new = rw.new_shape()[dim: dim + len(sizes)]
+    rw.set_arg(2, "sizes", [n if s != -1 else s for s, n in zip(sizes, new)])
+
+
+@resizer(nn.Unflatten)
+def resize_unflatten(old: nn.Module, new: nn.Module, rw) -> None:
+    dim = old.dim % len(rw.old_input_shape(0))
+    new.unflattened_size = tuple(rw.new_shape()[dim: dim + len(old.unflattened_size)])
+
+
+# --- dim moves -----------------------------------------------------------------------------------
+def _perm_of(op: OpCall) -> list[int]:
+    args = op.node.args[1:]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        return list(args[0])
+    if not args:
+        return list(op.node.kwargs.get("dims", ()))
+    return list(args)
+
+
+@rule("permute", torch.permute, aten.permute)
+def permute(op: OpCall) -> Any:
+    x_ids = op.ids(op.arg(0, "input"))
+    perm = [p % len(x_ids) for p in _perm_of(op)]
+    return tuple(x_ids[p] for p in perm)
+
+
+@rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, aten.transpose,
+      aten.swapaxes)
+def transpose(op: OpCall) -> Any:
+    x_ids = list(op.ids(op.arg(0, "input")))
+    d0, d1 = (op.value(op.arg(i)) % len(x_ids) for i in (1, 2))
+    x_ids[d0], x_ids[d1] = x_ids[d1], x_ids[d0]
+    return tuple(x_ids)
+
+
+@rule("t", torch.t, aten.t, aten.numpy_T)
+def t(op: OpCall) -> Any:
+    return tuple(reversed(op.ids(op.arg(0, "input"))))
+
+
+@rule("movedim", "moveaxis", torch.movedim, torch.moveaxis, aten.movedim)
+def movedim(op: OpCall) -> Any:
+    x_ids = op.ids(op.arg(0, "input"))
+    src, dst = op.value(op.arg(1, "source")), op.value(op.arg(2, "destination"))
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    n = len(x_ids)
+    src, dst = [s % n for s in src], [d % n for d in dst]
+    rest = [d for d in range(n) if d not in src]
+    order: list[Optional[int]] = [None] * n
+    for s, d in zip(src, dst):
+        order[d] = s
+    it = iter(rest)
+    return tuple(x_ids[o if o is not None else next(it)] for o in order)
+
+
+@rule("unsqueeze", torch.unsqueeze, aten.unsqueeze)
+def unsqueeze(op: OpCall) -> Any:
+    x_ids = list(op.ids(op.arg(0, "input")))
+    d = op.value(op.arg(1, "dim")) % (len(x_ids) + 1)
+    return tuple(x_ids[:d] + [None] + x_ids[d:])
+
+
+@rule("squeeze", torch.squeeze, aten.squeeze)
+def squeeze(op: OpCall) -> Any:
+    x = op.arg(0, "input")
+    x_ids, shape = op.ids(x), op.shape(x)
+    dims = op.value(op.arg(1, "dim"))
+    if dims is None:
+        dims = range(len(shape))
+    dims = {d % len(shape) for d in ([dims] if isinstance(dims, int) else dims)}
+    gone = [d for d in dims if shape[d] == 1]
+    op.freeze([x_ids[d] for d in gone], "a single channel squeezed away")
+    return tuple(ids for d, ids in enumerate(x_ids) if d not in gone)
+
+
+@rule("expand", "expand_as", "broadcast_to", torch.broadcast_to, aten.expand, aten.expand_copy,
+      aten.broadcast_to)
+def expand(op: OpCall) -> Any:
+    # x[1, C, 1, 1].expand(N, C, H, W): expanded dims carry no channel
+    x = op.arg(0, "input")
+    x_ids, shape, out = op.ids(x), op.shape(x), op.shape(op.node)
+    lead = len(out) - len(shape)
+    result = []
+    for d in range(len(out)):
+        k = d - lead
+        if k >= 0 and shape[k] == out[d]:
+            result.append(x_ids[k])
+        else:
+            if k >= 0:
+                op.freeze(x_ids[k], "a single channel expanded")
+            result.append(None)
+    return tuple(result)
+
+
+@rewriter("expand", "broadcast_to", torch.broadcast_to, aten.expand, aten.expand_copy,
+          aten.broadcast_to)
+def rewrite_expand(rw) -> None:
+    rewrite_view_method(rw) if rw.node.op == "call_method" else rw.set_arg(
+        1, "size", _view_sizes(rw, list(rw.arg(1, "size"))))
+
+
+@rule("repeat", aten.repeat)
+def repeat(op: OpCall) -> Any:
+    x_ids = op.ids(op.arg(0, "input"))
+    reps = op.node.args[1:]
+    reps = list(reps[0]) if len(reps) == 1 and isinstance(reps[0], (list, tuple)) else list(reps)
+    lead = len(reps) - len(x_ids)
+    return tuple(None if d < lead else (None if x_ids[d - lead] is None
+                                        else x_ids[d - lead].repeat(op.value(reps[d]))) for d in range(len(reps)))
+
+
+# --- concatenation -----------------------------------------------------------------------------
+@rule(torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat, aten.concatenate)
+def cat(op: OpCall) -> Any:
+    # cat([a, b], dim): offsets map exactly; every other dim ties position by position
+    tensors = list(op.arg(0, "tensors"))
+    dim = op.value(op.arg(1, "dim", 0))
+    ids = [op.ids(t) for t in tensors]
+    shapes = [op.shape(t) for t in tensors]
+    n = len(op.shape(op.node))
+    dim %= n
+    parts = [i[dim] if i[dim] is not None else torch.full((s[dim],), -1, dtype=torch.long)
+             for i, s in zip(ids, shapes)]
+    joined = torch.cat(parts) if any(i[dim] is not None for i in ids) else None
+    return tuple(joined if d == dim else _tie_all(op, [i[d] for i in ids]) for d in range(n))
+
+
+def _tie_all(op: OpCall, arrays: list) -> Any:
+    if any(a is None for a in arrays):
+        op.freeze(arrays, "concatenated with a tensor that has no channels on this dim")
+        return None
+    for other in arrays[1:]:
+        op.unify(arrays[0], other)
+    return arrays[0]
+
+
+@rule(torch.stack, aten.stack)
+def stack(op: OpCall) -> Any:
+    tensors = list(op.arg(0, "tensors"))
+    ids = [op.ids(t) for t in tensors]
+    n = len(op.shape(op.node))
+    dim = op.value(op.arg(1, "dim", 0)) % n
+    inner = [_tie_all(op, [i[d] for i in ids]) for d in range(n - 1)]
+    return tuple(inner[:dim] + [None] + inner[dim:])
+
+
+# --- splitting and slicing -----------------------------------------------------------------------
+def _pieces(op: OpCall, dim: int) -> Any:
+    x = op.arg(0, "input")
+    x_ids = op.ids(x)
+    n = len(op.shape(x))
+    dim %= n
+    out, offset = [], 0
+    for value in op.out:
+        size = int(value.shape[dim])
+        piece = list(x_ids)
+        if x_ids[dim] is not None:
+            piece[dim] = x_ids[dim][offset: offset + size]
+        out.append(tuple(piece))
+        offset += size
+    return tuple(out)
+
+
+@rule("split", "chunk", "tensor_split", "split_with_sizes", torch.split, torch.chunk,
+      torch.tensor_split, aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split,
+      aten.split_copy, aten.split_with_sizes_copy)
+def split(op: OpCall) -> Any:
+    if op.node.target in ("tensor_split", torch.tensor_split, aten.tensor_split):
+        raise Unsupported("tensor_split")
+    dim = op.value(op.arg(2, "dim", 0))
+    return _pieces(op, dim)
+
+
+@rewriter("split", "chunk", "split_with_sizes", torch.split, torch.chunk, aten.split,
+          aten.split_with_sizes, aten.chunk, aten.split_copy, aten.split_with_sizes_copy)
+def rewrite_split(rw) -> None:
+    dim = rw.arg(2, "dim", 0)
+    dim %= len(rw.old_input_shape(0))
+    sizes = [shape[dim] for shape in rw.new_shape()]
+    old_sizes = [shape[dim] for shape in rw.old_shape()]
+    if sizes == old_sizes:
+        return
+    x = rw.node.args[0]
+    if rw.node.op == "call_method":
+        rw.node.target = "split"
+        rw.node.args, rw.node.kwargs = (x, sizes, dim), {}
+    elif rw.node.op == "call_function" and isinstance(rw.node.target, torch._ops.OpOverload):
+        rw.node.target = aten.split_with_sizes.default
+        rw.node.args, rw.node.kwargs = (x, sizes, dim), {}
+    else:
+        rw.node.target = torch.split
+        rw.node.args, rw.node.kwargs = (x, sizes, dim), {}
+
+
+@rule("unbind", torch.unbind, aten.unbind)
+def unbind(op: OpCall) -> Any:
+    x = op.arg(0, "input")
+    x_ids = op.ids(x)
+    dim = op.value(op.arg(1, "dim", 0)) % len(x_ids)
+    op.freeze(x_ids[dim], "channels unbound one by one")
+    return tuple(tuple(i for d, i in enumerate(x_ids) if d != dim) for _ in op.out)
+
+
+@rule(operator.getitem)
+def getitem(op: OpCall) -> Any:
+    x, index = op.node.args
+    if not is_tensor(x):
+        container = op.ids(x)
+        if isinstance(container, (tuple, list)) and isinstance(index, int) and \
+                isinstance(op.value(x), (tuple, list)):
+            return container[index]
+        return op.fixed()
+    return _index(op, op.ids(x), op.shape(x), index)
+
+
+def _index(op: OpCall, x_ids: tuple, shape: tuple, index: Any) -> Any:
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (fx.Node, torch.Tensor, list)) and not _is_int_node(op, i) for i in items):
+        raise Unsupported("indexing with a tensor")
+    items = _expand_ellipsis(items, len(shape))
+    out, d = [], 0
+    for item in items:
+        if item is None:
+            out.append(None)
+            continue
+        ids = x_ids[d]
+        if isinstance(item, slice):
+            out.append(_slice_ids(op, ids, shape[d], item))
+        else:
+            op.freeze(ids, "a single channel selected by index")
+        d += 1
+    return tuple(out + list(x_ids[d:]))
+
+
+def _is_int_node(op: OpCall, item: Any) -> bool:
+    return isinstance(item, fx.Node) and isinstance(op.value(item), int)
+
+
+def _expand_ellipsis(items: list, ndim: int) -> list:
+    if Ellipsis not in items:
+        return items
+    at = items.index(Ellipsis)
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    return items[:at] + [slice(None)] * (ndim - used) + items[at + 1:]
+
+
+def _slice_ids(op: OpCall, ids: Any, size: int, item: slice) -> Any:
+    if ids is None:
+        return None
+    if any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
+        op.freeze(ids, "a channel slice with bounds computed at run time")
+        return ids[slice(*(op.value(v) for v in (item.start, item.stop, item.step)))]
+    if item.step not in (None, 1):
+        op.freeze(ids, "a strided channel slice")
+    return ids[item]
+
+
+def remap(kept: torch.Tensor, position: Optional[int], size: int) -> Optional[int]:
+    """Where an old index lands once dropped positions are gone (None stays None)."""
+    if position is None:
+        return None
+    position = max(0, min(size, position + size if position < 0 else position))
+    return int(kept[:position].sum())
+
+
+@rewriter(operator.getitem)
+def rewrite_getitem(rw) -> None:
+    x, index = rw.node.args
+    if not isinstance(rw.old_node.args[0], fx.Node) or not rw.is_tensor(rw.old_node.args[0]):
+        return
+    items = list(index) if isinstance(index, tuple) else [index]
+    shape = rw.old_input_shape(0)
+    items = _expand_ellipsis(items, len(shape))
+    new_items, d = [], 0
+    for item in items:
+        if item is None:
+            new_items.append(None)
+            continue
+        new_items.append(_remap_item(rw.kept_positions(0, d), item, shape[d]))
+        d += 1
+    rw.node.args = (x, tuple(new_items) if isinstance(index, tuple) else new_items[0])
+
+
+def _remap_item(kept: Optional[torch.Tensor], item: Any, size: int) -> Any:
+    if kept is None or bool(kept.all()):
+        return item
+    if isinstance(item, slice):
+        return slice(remap(kept, item.start, size), remap(kept, item.stop, size), item.step)
+    return remap(kept, item, size)
+
+
+@rule(aten.slice, aten.slice_copy)
+def aten_slice(op: OpCall) -> Any:
+    # slice(x, dim, start, end, step)
+    x = op.arg(0)
+    x_ids = list(op.ids(x))
+    dim = op.value(op.arg(1, "dim", 0)) % len(x_ids)
+    start, end, step = (op.value(op.arg(i, n, dflt)) for i, n, dflt in
+                        ((2, "start", None), (3, "end", None), (4, "step", 1)))
+    x_ids[dim] = _slice_ids(op, x_ids[dim], op.shape(x)[dim], slice(start, end, step))
+    return tuple(x_ids)
+
+
+@rewriter(aten.slice, aten.slice_copy)
+def rewrite_aten_slice(rw) -> None:
+    dim = rw.arg(1, "dim", 0) % len(rw.old_input_shape(0))
+    kept = rw.kept_positions(0, dim)
+    if kept is None or bool(kept.all()):
+        return
+    size = rw.old_input_shape(0)[dim]
+    for i, name in ((2, "start"), (3, "end")):
+        value = rw.arg(i, name)
+        if value is not None:
+            rw.set_arg(i, name, remap(kept, min(value, size) if value > 0 else value, size))
+
+
+@rule("narrow", torch.narrow, aten.narrow)
+def narrow(op: OpCall) -> Any:
+    x = op.arg(0, "input")
+    x_ids = list(op.ids(x))
+    dim = op.value(op.arg(1, "dim")) % len(x_ids)
+    start, length = op.value(op.arg(2, "start")), op.value(op.arg(3, "length"))
+    x_ids[dim] = _slice_ids(op, x_ids[dim], op.shape(x)[dim], slice(start, start + length))
+    return tuple(x_ids)
+
+
+@rewriter("narrow", torch.narrow, aten.narrow)
+def rewrite_narrow(rw) -> None:
+    dim = rw.arg(1, "dim") % len(rw.old_input_shape(0))
+    kept = rw.kept_positions(0, dim)
+    if kept is None or bool(kept.all()):
+        return
+    size = rw.old_input_shape(0)[dim]
+    start, length = rw.arg(2, "start"), rw.arg(3, "length")
+    new_start = remap(kept, start, size)
+    rw.set_arg(2, "start", new_start)
+    rw.set_arg(3, "length", remap(kept, start + length, size) - new_start)
+
+
+@rule("select", torch.select, aten.select)
+def select(op: OpCall) -> Any:
+    x = op.arg(0, "input")
+    x_ids = list(op.ids(x))
+    dim = op.value(op.arg(1, "dim")) % len(x_ids)
+    op.freeze(x_ids[dim], "a single channel selected by index")
+    return tuple(x_ids[:dim] + x_ids[dim + 1:])
+
+
+@rewriter("select", torch.select, aten.select)
+def rewrite_select(rw) -> None:
+    dim = rw.arg(1, "dim") % len(rw.old_input_shape(0))
+    kept = rw.kept_positions(0, dim)
+    if kept is not None and not bool(kept.all()):
+        rw.set_arg(2, "index", remap(kept, rw.arg(2, "index"), rw.old_input_shape(0)[dim]))

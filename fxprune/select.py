@@ -1,0 +1,157 @@
+"""Select: scores and a policy become the set of dropped channel classes.
+
+Per group, the lowest-scoring units go first (ties broken by unit order, so selection is deterministic)
+until the group's ratio is met, subject to ``min_keep`` (never below, per group and per tensor dim the
+group spans: a channel-split half never empties), ``round_to`` (kept counts a multiple of N) and frozen
+units. ``global_ranking`` ranks units of all groups together on scores normalised by each group's mean.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .analysis import Analysis, iter_arrays
+from .errors import InvalidOptionError
+from .groups import Group
+
+Sparsity = Union[float, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How many units each group loses."""
+
+    sparsity: Sparsity = 0.5
+    global_ranking: bool = False
+    round_to: int = 1
+    min_keep: int = 1
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise InvalidOptionError(f"round_to must be a positive int, got {self.round_to!r}")
+        if not isinstance(self.min_keep, int) or self.min_keep < 1:
+            raise InvalidOptionError(f"min_keep must be a positive int, got {self.min_keep!r}")
+
+
+def check_sparsity(sparsity: Sparsity) -> None:
+    values = sparsity.items() if isinstance(sparsity, Mapping) else [("sparsity", sparsity)]
+    for name, value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                or not 0 <= value < 1:
+            raise InvalidOptionError(f"sparsity for {name!r} must be a float in [0, 1), got {value!r}")
+
+
+def module_names(group: Group) -> list[str]:
+    """The producer modules of a group (parameter keys without their last part)."""
+    return [m.key.rsplit(".", 1)[0] for m in group.members if m.producer]
+
+
+def _matches(pattern: str, names: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def check_patterns(groups: tuple[Group, ...], policy: Policy) -> None:
+    """A ratio or ignore pattern that matches no module is a typo: say so."""
+    names = [n for g in groups for n in module_names(g)] + [m.key.rsplit(".", 1)[0] for g in groups
+                                                            for m in g.members]
+    patterns = list(policy.ignore) + (list(policy.sparsity) if isinstance(policy.sparsity, Mapping) else [])
+    for pattern in patterns:
+        if not _matches(pattern, names):
+            raise InvalidOptionError(f"pattern {pattern!r} matches no prunable module; known modules "
+                                     f"include {sorted(set(names))[:8]}")
+
+
+def group_ratio(group: Group, policy: Policy) -> float:
+    names = module_names(group)
+    if any(_matches(p, names) for p in policy.ignore):
+        return 0.0
+    if not isinstance(policy.sparsity, Mapping):
+        return float(policy.sparsity)
+    ratios = [r for p, r in policy.sparsity.items() if _matches(p, names)]
+    return max(ratios) if ratios else 0.0
+
+
+def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> torch.Tensor:
+    """Bool per channel id, true on the roots of dropped classes."""
+    drop = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
+    segments = _segments(analysis)
+    budgets = _global_budgets(analysis, scores, policy) if policy.global_ranking else {}
+    for group in analysis.groups:
+        if group.name not in scores:
+            continue
+        count = budgets.get(group.name, _drop_count(group, group_ratio(group, policy), policy))
+        for unit in _choose(group, scores[group.name], count, segments, policy.min_keep):
+            drop[unit] = True
+    return drop
+
+
+def _drop_count(group: Group, ratio: float, policy: Policy) -> int:
+    keep = group.size - math.floor(ratio * group.size + 1e-9)
+    keep = min(group.size, max(policy.min_keep, _round_up(keep, policy.round_to)))
+    return max(0, group.size - max(keep, len(group.frozen_units)))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _choose(group: Group, scores: torch.Tensor, count: int, segments: list, min_keep: int) -> list[int]:
+    """The ``count`` lowest-scoring free units, never emptying a segment below ``min_keep``."""
+    frozen = set(group.frozen_units)
+    order = sorted(range(group.size), key=lambda i: (float(scores[i]), i))
+    kept_in = {id(s): len(s) for s in segments}
+    mine = [s for s in segments if not s.isdisjoint(group.units)]
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == count:
+            break
+        unit = group.units[i]
+        if unit in frozen:
+            continue
+        touched = [s for s in mine if unit in s]
+        if any(kept_in[id(s)] - 1 < min(min_keep, len(s)) for s in touched):
+            continue
+        for s in touched:
+            kept_in[id(s)] -= 1
+        chosen.append(unit)
+    return chosen
+
+
+def _segments(analysis: Analysis) -> list[frozenset]:
+    """The distinct sets of classes that some tensor dim holds: none may lose all its channels."""
+    seen: dict[frozenset, None] = {}
+    root = analysis.solution.root
+    arrays = list(iter_arrays(list(analysis.env.values()))) + \
+        [ids for dims in analysis.params.values() for ids in dims]
+    for ids in arrays:
+        valid = ids[ids >= 0]
+        if valid.numel():
+            seen.setdefault(frozenset(root[valid].unique().tolist()), None)
+    return list(seen)
+
+
+def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict:
+    """Rank all units together on mean-normalised scores; each group's share of the drops."""
+    entries = []
+    for group in analysis.groups:
+        if group.name in scores and group_ratio(group, policy) > 0:
+            s = scores[group.name]
+            norm = s / s.mean().clamp_min(1e-12)
+            entries += [(float(v), group.name, i) for i, v in enumerate(norm)]
+    total = sum(g.size for g in analysis.groups if g.name in scores and group_ratio(g, policy) > 0)
+    budget = math.floor(float(policy.sparsity) * total + 1e-9) if not isinstance(policy.sparsity, Mapping) else 0
+    counts: dict[str, int] = {g.name: 0 for g in analysis.groups}
+    sizes = {g.name: g.size - max(policy.min_keep, len(g.frozen_units)) for g in analysis.groups}
+    for _, name, _ in sorted(entries):
+        if budget == 0:
+            break
+        if counts[name] < sizes[name]:
+            counts[name] += 1
+            budget -= 1
+    return counts
