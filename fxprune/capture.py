@@ -2,8 +2,9 @@
 
 ``"fx"`` uses ``torch.fx.symbolic_trace`` (layers stay ``call_module`` nodes, readable code, what
 ``prepare_fx`` consumes); ``"export"`` uses ``torch.export.export(...).module()`` (ATen ops, parameters as
-``get_attr``, literal sizes in the graph). Values come from fake tensors: no FLOPs, no activation memory,
-and the input model is never run. A GraphModule or ExportedProgram is used as it is, at its own level.
+``get_attr``, literal sizes in the graph). Values come from one ``no_grad`` forward pass of an eval-mode
+graph (fake copies are kept, activations freed as the pass goes) or, for a training-mode graph whose
+forward would update BatchNorm statistics, from fake tensors. A GraphModule or ExportedProgram is used as it is, at its own level.
 """
 from __future__ import annotations
 
@@ -142,13 +143,46 @@ def refuse_quantized(gm: fx.GraphModule) -> None:
 
 
 def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
-    """Record a fake value on every node (``node.meta['val']``) without running the model."""
+    """Record a fake value on every node (``node.meta['val']``).
+
+    An eval-mode graph runs once for real under ``no_grad`` — one forward pass is far cheaper than
+    dispatching every op through fake tensors — and keeps only fake copies (shape, dtype, device) of
+    each value, freeing activations as it goes. A training-mode graph would update BatchNorm statistics
+    if run, so it is propagated with fake tensors instead.
+    """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        if _is_training(gm):
+            fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        else:
+            with torch.no_grad():
+                _RecordValues(gm, mode).run(*inputs)
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ExampleInputError(f"the model rejects example inputs of shapes {shapes}: "
-                                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                                ) from exc
+                                f"{type(exc).__name__}: {message}") from exc
+
+
+def _is_training(gm: fx.GraphModule) -> bool:
+    return any(m.training for m in gm.modules() if type(m) is not torch.nn.Module
+               and not isinstance(m, fx.GraphModule))
+
+
+class _RecordValues(fx.Interpreter):
+    """Runs the graph and stores a fake copy of each node's value in its metadata."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        n.meta["val"] = torch.utils._pytree.tree_map(self._fake, value)
+        return value
+
+    def _fake(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            return self.mode.from_tensor(value)
+        return value

@@ -80,33 +80,40 @@ def build_groups(ctx: "Context", solution: Solution) -> tuple[Group, ...]:
     by_group: dict[int, list[int]] = {}
     for index in range(len(roots)):
         by_group.setdefault(_find(parent, index), []).append(index)
-    return tuple(_make_group(ctx, solution, idx, roots) for idx in by_group.values())
+    units = [torch.cat([roots[i] for i in idx]).unique() for idx in by_group.values()]
+    members = _members(ctx, solution, units)
+    return tuple(_make_group(ctx, solution, idx, u, m)
+                 for idx, u, m in zip(by_group.values(), units, members))
 
 
-def _make_group(ctx: "Context", solution: Solution, indices: list[int], roots: list) -> Group:
-    units = torch.cat([roots[i] for i in indices]).unique()
+def _make_group(ctx: "Context", solution: Solution, indices: list[int], units: torch.Tensor,
+                members: list[tuple[str, int]]) -> Group:
     frozen = units[solution.frozen[units]]
     produced = {(ctx.producers[i].key, ctx.producers[i].dim) for i in indices}
-    members = tuple(_members(ctx, solution, units, produced))
     reasons = tuple(dict.fromkeys(solution.reasons[r] for r in frozen.tolist() if r in solution.reasons))
     first = ctx.producers[indices[0]].key
     return Group(
         name=first.rsplit(".", 1)[0] if "." in first else first,
         units=tuple(units.tolist()),
         frozen_units=tuple(frozen.tolist()),
-        members=members,
+        members=tuple(Member(k, d, (k, d) in produced) for k, d in members),
         reasons=reasons,
         exact=not bool(solution.approximate[units].any()),
     )
 
 
-def _members(ctx: "Context", solution: Solution, units: torch.Tensor, produced: set):
-    in_group = torch.zeros(solution.root.numel(), dtype=torch.bool)
-    in_group[units] = True
+def _members(ctx: "Context", solution: Solution, units: list[torch.Tensor]) -> list[list[tuple[str, int]]]:
+    """For each group, the parameter dims holding any of its units (one pass over all parameters)."""
+    group_of = torch.full((solution.root.numel(),), -1, dtype=torch.long)
+    for g, u in enumerate(units):
+        group_of[u] = g
+    out: list[list[tuple[str, int]]] = [[] for _ in units]
     for key, dims in ctx.params.items():
         for dim, ids in enumerate(dims):
-            if ids is not None and bool(in_group[solution.root[ids]].any()):
-                yield Member(key, dim, (key, dim) in produced)
+            for g in group_of[solution.root[ids]].unique().tolist():
+                if g >= 0:
+                    out[g].append((key, dim))
+    return out
 
 
 def _find(parent: list[int], i: int) -> int:

@@ -55,7 +55,8 @@ def score_group(analysis: Analysis, group: Group, criterion: Criterion, reduce: 
         gen = torch.Generator().manual_seed(seed + zlib.crc32(group.name.encode()))
         return torch.rand(group.size, generator=gen, dtype=torch.float64)
     members = _scored_members(analysis, group, criterion)
-    per_member = [_member_scores(analysis, group, m, criterion, gradients) for m in members]
+    lookup = _unit_lookup(analysis, group)
+    per_member = [_member_scores(analysis, group, lookup, m, criterion, gradients) for m in members]
     return _reduce(per_member, reduce, group.size)
 
 
@@ -68,24 +69,29 @@ def _scored_members(analysis: Analysis, group: Group, criterion: str) -> list:
     return [m for m in group.members if m.producer]
 
 
-def _unit_index(analysis: Analysis, group: Group, key: str, dim: int) -> torch.Tensor:
-    """For each position of a member dim, the index of its unit in ``group.units`` (-1: other group)."""
-    lookup = torch.full((analysis.solution.root.numel(),), -1, dtype=torch.long)
-    lookup[torch.tensor(group.units, dtype=torch.long)] = torch.arange(group.size)
-    return lookup[analysis.solution.root[analysis.params[key][dim]]]
+def _unit_lookup(analysis: Analysis, group: Group) -> dict[int, int]:
+    """Class root -> index of the unit in ``group.units``."""
+    return {u: i for i, u in enumerate(group.units)}
 
 
-def _member_scores(analysis: Analysis, group: Group, member: Any, criterion: str,
-                   gradients: Optional[dict]) -> torch.Tensor:
-    tensor = analysis.tensor(member.key).detach().to(torch.float64)
+def _unit_index(analysis: Analysis, lookup: dict[int, int], key: str, dim: int) -> torch.Tensor:
+    """For each position of a member dim, the index of its unit in the group (-1: other group)."""
+    roots = analysis.solution.root[analysis.params[key][dim]].tolist()
+    return torch.tensor([lookup.get(r, -1) for r in roots], dtype=torch.long)
+
+
+def _member_scores(analysis: Analysis, group: Group, lookup: dict[int, int], member: Any,
+                   criterion: str, gradients: Optional[dict]) -> torch.Tensor:
+    tensor = analysis.tensor(member.key).detach()
+    tensor = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
     rows = tensor.movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
     if criterion == "taylor":
         if gradients is None or member.key not in gradients:
             raise InvalidOptionError("criterion 'taylor' needs loss_fn and batch")
-        grad = gradients[member.key].detach().to(torch.float64)
+        grad = gradients[member.key].detach().to(tensor.dtype)
         rows = rows * grad.movedim(member.dim, 0).reshape(rows.shape)
     position = _position_scores(rows, criterion)
-    index = _unit_index(analysis, group, member.key, member.dim)
+    index = _unit_index(analysis, lookup, member.key, member.dim)
     valid = index >= 0
     out = torch.zeros(group.size, dtype=torch.float64)
     out.index_add_(0, index[valid], position[valid])
@@ -94,11 +100,12 @@ def _member_scores(analysis: Analysis, group: Group, member: Any, criterion: str
 
 def _position_scores(rows: torch.Tensor, criterion: str) -> torch.Tensor:
     if criterion in ("l1", "bn_scale", "taylor"):
-        return rows.abs().sum(1)
+        return rows.abs().sum(1, dtype=torch.float64)
     if criterion == "l2":
-        return rows.pow(2).sum(1).sqrt()
+        return rows.pow(2).sum(1, dtype=torch.float64).sqrt()
     if criterion == "fpgm":
         # distance to all other filters: the ones nearest the geometric median are the most replaceable
+        rows = rows.double()
         return torch.cdist(rows[None], rows[None])[0].sum(1)
     raise InvalidOptionError(f"unknown criterion {criterion!r}")
 

@@ -129,3 +129,19 @@ def nary(op: OpCall) -> Any:
     # a + b, a * gate, where(c, a, b): tie channels position by position
     args = list(op.node.args) + list(op.node.kwargs.values())
     return broadcast(op, args)
+
+
+def _torchvision_pass_through() -> tuple:
+    try:
+        from torchvision.ops import stochastic_depth
+        from torchvision.ops.misc import Permute  # noqa: F401
+        from torchvision.ops import StochasticDepth
+    except ImportError:  # torchvision is optional
+        return ()
+    return (stochastic_depth, StochasticDepth)
+
+
+@rule(*_torchvision_pass_through())
+def stochastic_depth(op: OpCall) -> Any:
+    # stochastic_depth(x, p, mode, training): scales whole samples or rows, never mixes channels
+    return op.ids(op.arg(0, "input"))
