@@ -154,7 +154,7 @@ def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
     try:
         if _is_training(gm):
             fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+            _FakeEvalProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
         else:
             with torch.no_grad():
                 _RecordValues(gm, mode).run(*inputs)
@@ -168,6 +168,18 @@ def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
 def _is_training(gm: fx.GraphModule) -> bool:
     return any(m.training for m in gm.modules() if type(m) is not torch.nn.Module
                and not isinstance(m, fx.GraphModule))
+
+
+class _FakeEvalProp(FakeTensorProp):
+    """Fake propagation that calls eval-mode shallow copies of modules: shapes are the same, and
+    ``BatchNorm.forward`` cannot bump the real ``num_batches_tracked`` of a training-mode model."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        if module.training:
+            module = copy.copy(module)
+            module.training = False
+        return module(*args, **kwargs)
 
 
 class _RecordValues(fx.Interpreter):
