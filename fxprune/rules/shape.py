@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.fx as fx
 
-from ..analysis import OpCall, Unsupported
+from ..analysis import OpCall, Unsupported, iter_arrays
 from . import resizer, rewriter, rule
 from .elementwise import is_tensor
 
@@ -25,16 +25,48 @@ aten = torch.ops.aten
 
 
 # --- values that are not tensors ---------------------------------------------------------------
+# A number measured from a tensor (``x.size(-1)``, ``C // heads``) carries no channel, but its map
+# records the ids of the channel dims it measures ("size ids"). Pruning changes that number, which is
+# right in a view's size argument (the view rewriters replace it with the new literal size) and wrong in
+# tensor arithmetic (``attn * q.size(-1) ** -0.5``): there the dims it measures freeze.
+SIZE_QUERIES = ("size", "numel", "nelement", builtins.getattr, builtins.len, torch.numel,
+                aten.sym_size, aten.sym_numel)
+
+
 @rule("size", "dim", "numel", "nelement", "ndimension", "get_device", "element_size", "data_ptr",
       builtins.getattr, builtins.len, torch.numel, aten.sym_size, aten.sym_numel, aten.sym_stride,
       aten.sym_storage_offset, operator.floordiv, operator.mul, operator.add, operator.sub,
-      operator.truediv)
+      operator.truediv, operator.pow, operator.mod, operator.neg, operator.eq, operator.ne,
+      operator.lt, operator.le, operator.gt, operator.ge)
 def shape_query(op: OpCall) -> Any:
-    # x.size(1), x.shape, ints computed from them: no channels; the pruned tensor gives the new value
+    # x.size(1), x.shape, numbers computed from them: no channels, but they remember what they measure
     if isinstance(op.out, torch.Tensor):
         from .elementwise import nary
+        numbers = [a for a in op.node.args if isinstance(a, fx.Node) and not is_tensor(a)]
+        op.freeze([op.ids(a) for a in numbers], "a channel count used in tensor arithmetic")
         return nary(op)
-    return op.fixed()
+    return _size_ids(op)
+
+
+def _size_ids(op: OpCall) -> Any:
+    """The channel ids a number depends on: a tuple per dim for ``x.shape``, else one array or None."""
+    x = op.arg(0)
+    if not is_tensor(x):  # arithmetic on numbers: the union of what they measure
+        return _union([op.ids(a) for a in op.node.args if isinstance(a, fx.Node)])
+    if op.node.target not in SIZE_QUERIES:  # x.dim(), x.get_device()
+        return None
+    x_ids = op.ids(x)
+    if op.node.target is builtins.getattr:
+        return x_ids if op.arg(1) == "shape" else None
+    if op.node.target in ("size", aten.sym_size):
+        dim = op.value(op.arg(1, "dim"))
+        return x_ids if dim is None else x_ids[dim]
+    return x_ids[0] if op.node.target is builtins.len else _union(x_ids)
+
+
+def _union(ids: Any) -> Optional[torch.Tensor]:
+    arrays = list(iter_arrays(ids))
+    return torch.cat(arrays) if arrays else None
 
 
 # --- reshape -----------------------------------------------------------------------------------
@@ -115,29 +147,44 @@ def _split_grid(op: OpCall, grid: torch.Tensor, gj: list) -> dict:
     return {gj[axis]: rep}
 
 
-def _view_sizes(rw, sizes: list) -> list:
-    """New literal sizes: each int that was not -1 becomes the pruned output size."""
-    new = rw.new_shape()
+def _view_sizes(rw, sizes: list, old_sizes: Optional[list] = None) -> list:
+    """New literal sizes: each int that was not -1 becomes the pruned output size, and so does a size
+    computed in the graph (``C // heads``) from a pruned dim or at a position that shrinks: its value
+    would follow whichever tensor it measured, not this view's output (``old_sizes``: the old graph's
+    arguments, whose size ids analysis recorded)."""
+    new, old = rw.new_shape(), rw.old_shape()
     if len(sizes) != len(new):
         return sizes
-    return [n if isinstance(s, int) and s != -1 else s for s, n in zip(sizes, new)]
+    env = rw.pruning.analysis.env
+    old_sizes = sizes if old_sizes is None else old_sizes
+    return [n if _stale_size(s, o, n != before, env) else s
+            for s, o, n, before in zip(sizes, old_sizes, new, old)]
+
+
+def _stale_size(size: Any, old: Any, shrinks: bool, env: dict) -> bool:
+    if isinstance(size, int):
+        return size != -1
+    measures = isinstance(old, fx.Node) and any(True for _ in iter_arrays(env.get(old)))
+    return isinstance(size, fx.Node) and (shrinks or measures)
 
 
 @rewriter("view", "reshape")
 def rewrite_view_method(rw) -> None:
-    args = list(rw.node.args[1:])
+    args, old = list(rw.node.args[1:]), list(rw.old_node.args[1:])
     if len(args) == 1 and isinstance(args[0], (list, tuple)):
-        rw.node.args = (rw.node.args[0], _view_sizes(rw, list(args[0])))
+        rw.node.args = (rw.node.args[0], _view_sizes(rw, list(args[0]), list(old[0])))
     elif args:
-        rw.node.args = (rw.node.args[0], *_view_sizes(rw, args))
+        rw.node.args = (rw.node.args[0], *_view_sizes(rw, args, old))
     elif "shape" in rw.node.kwargs:
-        rw.set_arg(1, "shape", _view_sizes(rw, list(rw.node.kwargs["shape"])))
+        rw.set_arg(1, "shape", _view_sizes(rw, list(rw.node.kwargs["shape"]),
+                                           list(rw.old_node.kwargs["shape"])))
 
 
 @rewriter(torch.reshape, aten.view, aten.reshape, aten._unsafe_view, aten.view_copy)
 def rewrite_view_function(rw) -> None:
-    rw.set_arg(1, "shape" if rw.node.target is torch.reshape else "size",
-               _view_sizes(rw, list(rw.arg(1, "shape" if rw.node.target is torch.reshape else "size"))))
+    name = "shape" if rw.node.target is torch.reshape else "size"
+    old = rw.old_node.args[1] if len(rw.old_node.args) > 1 else rw.old_node.kwargs[name]
+    rw.set_arg(1, name, _view_sizes(rw, list(rw.arg(1, name)), list(old)))
 
 
 @rewriter("unflatten", torch.unflatten, aten.unflatten)
@@ -355,7 +402,7 @@ def getitem(op: OpCall) -> Any:
     x, index = op.node.args
     if not is_tensor(x):
         container = op.ids(x)
-        if isinstance(container, (tuple, list)) and isinstance(index, int) and \
+        if isinstance(container, (tuple, list)) and isinstance(index, (int, slice)) and \
                 isinstance(op.value(x), (tuple, list)):
             return container[index]
         return op.fixed()
