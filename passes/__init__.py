@@ -1,0 +1,23 @@
+"""The pass library, installed as ``fxprune.passes``: one module per pass, named after it.
+
+Every pass is a frozen dataclass registered by its kebab-case name (see :mod:`fxprune.pipeline`), so it
+can be called directly, listed in ``torch.fx.passes.infra.pass_manager.PassManager(passes=[...])``, or
+named in a pipeline spec::
+
+    Pipeline.parse("fold-batchnorm,prune-channels{sparsity=0.5},dead-channels")
+
+=================  ==========================================================================
+name               what it does
+=================  ==========================================================================
+prune-channels     one-shot structured pruning (``fxprune.prune``) at a given sparsity
+apply-plan         re-apply a saved JSON plan (``fxprune.apply_plan``)
+fold-batchnorm     fold eval-mode BatchNorm into the conv / linear before it
+dead-channels      drop channels that no output depends on (sliced away, never read)
+=================  ==========================================================================
+"""
+from .apply_plan import ApplyPlan
+from .dead_channels import DeadChannels
+from .fold_batchnorm import FoldBatchNorm
+from .prune_channels import PruneChannels
+
+__all__ = ["ApplyPlan", "DeadChannels", "FoldBatchNorm", "PruneChannels"]
