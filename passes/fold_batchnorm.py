@@ -11,7 +11,8 @@ Two spellings are matched, one per graph level:
   by ``call_module`` ``BatchNorm{1,2,3}d`` (exact types: QAT and fused modules are left alone);
 - **export**: ``aten.conv{1,2,3}d`` / ``aten.conv_transpose{1,2,3}d`` / ``aten.convolution`` /
   ``aten.linear`` with ``get_attr`` parameters, followed by ``aten.batch_norm`` (``training=False``) or
-  ``aten._native_batch_norm_legit_no_training`` and its ``getitem(·, 0)``.
+  ``aten._native_batch_norm_legit_no_training`` and its ``getitem(·, 0)`` (a linear decomposed to
+  ``addmm`` is not matched).
 
 A fold is made only where it is exact, and skipped otherwise (never guessed):
 
