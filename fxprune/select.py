@@ -102,25 +102,36 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _choose(group: Group, scores: torch.Tensor, count: int, segments: list, min_keep: int) -> list[int]:
-    """The ``count`` lowest-scoring free units, never emptying a segment below ``min_keep``."""
+    """The ``count`` lowest-scoring free units, never emptying a segment below ``min_keep``.
+
+    A first pass also keeps every segment (a tensor dim the group spans, like one half of a split)
+    at least as full as the group's overall keep ratio, so a split's halves shrink alike; a second pass
+    fills what remains of the budget with only ``min_keep`` as the bound.
+    """
     frozen = set(group.frozen_units)
-    order = sorted(range(group.size), key=lambda i: (float(scores[i]), i))
-    kept_in = {id(s): len(s) for s in segments}
+    order = [group.units[i] for i in sorted(range(group.size), key=lambda i: (float(scores[i]), i))]
+    order = [u for u in order if u not in frozen]
     mine = [s for s in segments if not s.isdisjoint(group.units)]
-    chosen: list[int] = []
-    for i in order:
-        if len(chosen) == count:
-            break
-        unit = group.units[i]
-        if unit in frozen:
-            continue
-        touched = [s for s in mine if unit in s]
-        if any(kept_in[id(s)] - 1 < min(min_keep, len(s)) for s in touched):
-            continue
-        for s in touched:
-            kept_in[id(s)] -= 1
-        chosen.append(unit)
-    return chosen
+    of_unit: dict[int, list[int]] = {}
+    for index, segment in enumerate(mine):
+        for unit in segment:
+            of_unit.setdefault(unit, []).append(index)
+    kept = [len(s) for s in mine]
+    keep_ratio = 1 - count / max(group.size, 1)
+    balanced = [max(min(min_keep, len(s)), int(len(s) * keep_ratio)) for s in mine]
+    floors = [min(min_keep, len(s)) for s in mine]
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    for bound in (balanced, floors):
+        for unit in order:
+            if len(chosen) == count:
+                return list(chosen)
+            touched = of_unit.get(unit, [])
+            if unit in chosen or any(kept[i] - 1 < bound[i] for i in touched):
+                continue
+            for i in touched:
+                kept[i] -= 1
+            chosen[unit] = None
+    return list(chosen)
 
 
 def _segments(analysis: Analysis) -> list[frozenset]:

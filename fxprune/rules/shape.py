@@ -374,7 +374,7 @@ def rewrite_split(rw) -> None:
     dim %= len(rw.old_input_shape(0))
     sizes = [shape[dim] for shape in rw.new_shape()]
     old_sizes = [shape[dim] for shape in rw.old_shape()]
-    if sizes == old_sizes:
+    if sizes == old_sizes or _still_a_chunk(rw, sizes):
         return
     x = rw.node.args[0]
     if rw.node.op == "call_method":
@@ -386,6 +386,12 @@ def rewrite_split(rw) -> None:
     else:
         rw.node.target = torch.split
         rw.node.args, rw.node.kwargs = (x, sizes, dim), {}
+
+
+def _still_a_chunk(rw, sizes: list[int]) -> bool:
+    """chunk(n) of the pruned tensor gives the same pieces when they are equal: keep it readable."""
+    is_chunk = rw.node.target in ("chunk", torch.chunk) or rw.node.target in (aten.chunk, aten.chunk.default)
+    return is_chunk and len(set(sizes)) == 1
 
 
 @rule("unbind", torch.unbind, aten.unbind)
