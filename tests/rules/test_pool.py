@@ -1,0 +1,94 @@
+"""Pooling, resampling, padding and reductions: channels pass through pooling; a sum over channels is
+an exact contraction; a mean/max/softmax over channels freezes them."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+
+LEVELS = ("fx", "export")
+
+
+class Pools(nn.Module):
+    def __init__(self, dims: int, pool: nn.Module):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.c1, self.pool, self.c2 = conv(2, 8, 3, padding=1), pool, conv(8, 3, 1)
+
+    def forward(self, x):
+        return self.c2(self.pool(torch.relu(self.c1(x))))
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = F.max_pool2d(y, 2) + F.avg_pool2d(y, 2)
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest") + F.adaptive_avg_pool2d(y, 8)
+        y = F.pad(y, (1, 1, 1, 1))
+        return self.c2(y)
+
+
+class SumOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.c1(x).sum(dim=1).flatten(1))
+
+
+class MeanOverChannels(nn.Module):
+    """CBAM-style spatial attention: a mean over channels depends on how many there are."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 8, 1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(y * torch.sigmoid(y.mean(dim=1, keepdim=True)))
+
+
+CASES = {
+    "maxpool1d": (lambda: Pools(1, nn.MaxPool1d(2)), (2, 2, 8)),
+    "avgpool2d": (lambda: Pools(2, nn.AvgPool2d(2)), (2, 2, 8, 8)),
+    "adaptive_avg3d": (lambda: Pools(3, nn.AdaptiveAvgPool3d(2)), (1, 2, 4, 4, 4)),
+    "adaptive_max2d": (lambda: Pools(2, nn.AdaptiveMaxPool2d(3)), (2, 2, 8, 8)),
+    "maxpool3d": (lambda: Pools(3, nn.MaxPool3d(2)), (1, 2, 4, 4, 4)),
+    "avgpool1d": (lambda: Pools(1, nn.AdaptiveAvgPool1d(3)), (2, 2, 8)),
+    "upsample": (lambda: Pools(2, nn.Upsample(scale_factor=2)), (1, 2, 4, 4)),
+    "functional": (Functional, (1, 2, 8, 8)),
+    "sum_over_channels": (SumOverChannels, (2, 2, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pool_prunes_and_verifies(prune_checked, case, level):
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    prune_checked(factory().eval(), torch.randn(shape), level)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_sum_over_channels_is_an_exact_consumer(level):
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(SumOverChannels().eval(), torch.randn(1, 2, 4, 4), level)
+    assert [g.prunable for g in analysis.groups if g.name == "c1"] == [True]
+    assert analysis.act_sinks, "the sum must be recorded as a contraction for verify"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_mean_over_channels_freezes(level):
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(MeanOverChannels().eval(), torch.randn(1, 2, 4, 4), level)
+    group = next(g for g in analysis.groups if g.name == "c1")
+    assert not group.prunable and "mean" in group.reasons[0]
