@@ -24,7 +24,7 @@ from .importance import Criterion, check_criterion, score_groups, taylor_gradien
 from .plan import GroupSummary, Plan
 from .rewrite import Pruning, rewrite
 from .select import Policy, Sparsity, check_patterns, select
-from .verify import VerifyReport, compare, reference_model
+from .verify import VerifyReport, compare, output_masks, reference_model
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,8 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
     analysis, drop = result.analysis, result.drop
     exact = not bool(analysis.solution.approximate[drop.nonzero().flatten()].any()) if drop.any() else True
-    report = compare(reference_model(analysis, drop), result.graph_module, inputs, exact, tolerance)
+    masks = output_masks(analysis, drop) if result.plan.options.get("prune_outputs") else None
+    report = compare(reference_model(analysis, drop), result.graph_module, inputs, exact, tolerance, masks)
     if raise_on_failure and not report.passed:
         from .errors import VerificationError
         raise VerificationError(str(report))

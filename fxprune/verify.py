@@ -131,10 +131,38 @@ def _eval_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval() if model.training else model
 
 
+def output_masks(analysis: Analysis, drop: torch.Tensor) -> list[list[Optional[torch.Tensor]]]:
+    """Kept positions per dim of each output leaf (all None when outputs are fixed interfaces)."""
+    pruning = Pruning(analysis, drop)
+    output = next(n for n in analysis.gm.graph.nodes if n.op == "output")
+    leaves = [leaf for leaf in pytree.tree_leaves(output.args[0]) if isinstance(leaf, fx.Node)]
+    return [[pruning.kept(i) for i in ids] for leaf in leaves for ids in _tensor_maps(analysis.env.get(leaf))]
+
+
+def _tensor_maps(ids: Any) -> list[tuple]:
+    """The channel map of each tensor inside a node's (possibly nested tuple) value, in order."""
+    if isinstance(ids, tuple) and all(i is None or isinstance(i, torch.Tensor) for i in ids):
+        return [ids]
+    if isinstance(ids, (list, tuple)):
+        return [m for item in ids for m in _tensor_maps(item)]
+    return [()]
+
+
+def _keep(tensor: torch.Tensor, masks: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    for dim, mask in enumerate(masks):
+        if mask is not None and dim < tensor.dim():
+            tensor = tensor.index_select(dim, mask.nonzero().flatten())
+    return tensor
+
+
 def compare(reference: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, exact: bool,
-            tolerance: Optional[float] = None) -> VerifyReport:
+            tolerance: Optional[float] = None,
+            masks: Optional[list[list[Optional[torch.Tensor]]]] = None) -> VerifyReport:
+    """Run both models; ``masks`` select the reference outputs' kept positions (pruned outputs)."""
     ref_out = _outputs(_eval_copy(reference), inputs)
     new_out = _outputs(_eval_copy(pruned), inputs)
+    if masks is not None and len(masks) == len(ref_out):
+        ref_out = [_keep(t, m) for t, m in zip(ref_out, masks)]
     if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out)):
         raise VerificationError(f"pruned outputs have shapes {[tuple(t.shape) for t in new_out]}, "
                                 f"expected {[tuple(t.shape) for t in ref_out]}")
