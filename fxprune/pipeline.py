@@ -50,7 +50,7 @@ __all__ = ["Pass", "PassResult", "Pipeline", "register", "registered_passes", "e
 Hook = Callable[["Pass", fx.GraphModule, fx.GraphModule], None]
 
 _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_BARE = re.compile(r"^[^\s,{}\[\]=\"]+$")  # a string printed without quotes
+_WORD = re.compile(r'[^\s,{}\[\]="]+')  # a name, or a value written without quotes
 PASSES: dict[str, type["Pass"]] = {}
 
 
@@ -67,9 +67,9 @@ class Pass(PassBase):
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _checked(self, f.name, _field_types(type(self))[f.name],
-                                                      getattr(self, f.name)))
+        types = _field_types(type(self))
+        for f in dataclasses.fields(self):  # normalise (int -> float, list -> tuple) or refuse
+            object.__setattr__(self, f.name, _checked(self, f.name, types[f.name], getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:
@@ -93,7 +93,7 @@ class Pass(PassBase):
                                 f"capture it first: fxprune.capture.capture(model, inputs, level).gm")
         self.requires(graph_module)
         result = self.call(graph_module)
-        self.ensures(result.graph_module)  # torch's PassBase checks the input here; the output is meant
+        self.ensures(result.graph_module)  # torch's PassBase hands ensures() the input, not the result
         return result
 
     def options(self, include_defaults: bool = False) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def format_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple):
         return "[" + ",".join(format_value(v) for v in value) + "]"
-    return value if _BARE.match(value) else json.dumps(value)
+    return value if _WORD.fullmatch(value) else json.dumps(value)
 
 
 # --- the spec grammar ---------------------------------------------------------------------------
@@ -246,7 +246,7 @@ class _Reader:
 
     def word(self, what: str) -> str:
         self.skip()
-        m = re.compile(r"[^\s,{}\[\]=\"]+").match(self.text, self.at)
+        m = _WORD.match(self.text, self.at)
         if not m:
             raise self.fail(f"expected {what}")
         self.at = m.end()
@@ -373,7 +373,8 @@ class Pipeline:
 
     def __call__(self, gm: fx.GraphModule, hook: Optional[Hook] = None) -> PassResult:
         """Run every pass; ``hook(pass_, before, after)`` sees each step. A failure names the pass
-        and the passes that ran before it (the original error is the ``__cause__``)."""
+        and the passes that ran before it (the original error is the ``__cause__``). An empty
+        pipeline returns its input, unmodified."""
         modified = False
         for index, p in enumerate(self.passes):
             before = gm

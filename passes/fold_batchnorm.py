@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -55,6 +56,11 @@ PRODUCER_ATEN: dict[Any, tuple[int, Optional[int], Any]] = {
     **{op: (2, 6, True) for op in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)},
     aten.convolution: (2, 8, 6),
     aten.linear: (2, None, False),
+}
+# overload -> (position of the training flag, position of eps)
+EXPORT_NORMS: dict[Any, tuple[Optional[int], int]] = {
+    aten.batch_norm.default: (5, 7),
+    aten._native_batch_norm_legit_no_training.default: (None, 6),
 }
 
 
@@ -143,19 +149,13 @@ def _single_producer_input(norm: fx.Node) -> Optional[fx.Node]:
 
 
 def _find_fx(gm: fx.GraphModule) -> list[Fold]:
-    calls: dict[str, int] = {}
-    for node in gm.graph.find_nodes(op="call_module"):
-        calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(n.target for n in gm.graph.find_nodes(op="call_module"))
     attrs = [str(n.target) for n in gm.graph.find_nodes(op="get_attr")]
-    folds = []
-    for norm in gm.graph.find_nodes(op="call_module"):
-        fold = _match_fx(gm, norm, calls, attrs)
-        if fold is not None:
-            folds.append(fold)
-    return folds
+    folds = (_match_fx(gm, norm, calls, attrs) for norm in gm.graph.find_nodes(op="call_module"))
+    return [f for f in folds if f is not None]
 
 
-def _match_fx(gm: fx.GraphModule, norm: fx.Node, calls: dict, attrs: list) -> Optional[Fold]:
+def _match_fx(gm: fx.GraphModule, norm: fx.Node, calls: Counter, attrs: list) -> Optional[Fold]:
     bn = gm.get_submodule(norm.target)
     if type(bn) not in NORM_MODULES or bn.training or bn.running_mean is None or len(norm.args) != 1:
         return None
@@ -176,18 +176,19 @@ def _match_fx(gm: fx.GraphModule, norm: fx.Node, calls: dict, attrs: list) -> Op
 
 
 def _norm_results(norm: fx.Node) -> Optional[tuple[fx.Node, ...]]:
-    """The node(s) carrying the normalised tensor; None if the statistics outputs are read."""
+    """The node(s) carrying the normalised tensor; None for a training-mode norm, or if the
+    statistics outputs are read."""
+    training_at, eps_at = EXPORT_NORMS[norm.target]
+    if len(norm.args) <= eps_at or (training_at is not None and norm.args[training_at] is not False):
+        return None
     if norm.target == aten.batch_norm.default:
-        return (norm,) if norm.args[5] is False else None
-    if norm.target == aten._native_batch_norm_legit_no_training.default:
-        users = tuple(norm.users)
-        if all(u.target is operator.getitem and u.args[1] == 0 for u in users):
-            return users
-    return None
+        return (norm,)
+    users = tuple(norm.users)
+    return users if all(u.target is operator.getitem and u.args[1] == 0 for u in users) else None
 
 
 def _norm_stats(gm: fx.GraphModule, norm: fx.Node) -> Optional[Stats]:
-    """``(input, weight, bias, running_mean, running_var, ..., eps)`` read from get_attr tensors."""
+    """``(input, weight, bias, running_mean, running_var, ...)`` read from get_attr tensors."""
     tensors = []
     for arg in norm.args[1:5]:
         if arg is not None and not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
@@ -196,11 +197,10 @@ def _norm_stats(gm: fx.GraphModule, norm: fx.Node) -> Optional[Stats]:
     weight, bias, mean, var = tensors
     if mean is None or var is None:
         return None
-    return Stats(mean, var, float(norm.args[-1] if norm.target != aten.batch_norm.default else norm.args[7]),
-                 weight, bias)
+    return Stats(mean, var, float(norm.args[EXPORT_NORMS[norm.target][1]]), weight, bias)
 
 
-def _own_attr(arg: Any, attrs: dict) -> Optional[str]:
+def _own_attr(arg: Any, attrs: Counter) -> Optional[str]:
     """The target of a get_attr node read by one node only (None if not such a node)."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1 and attrs[arg.target] == 1:
         return str(arg.target)
@@ -208,19 +208,14 @@ def _own_attr(arg: Any, attrs: dict) -> Optional[str]:
 
 
 def _find_export(gm: fx.GraphModule) -> list[Fold]:
-    attrs: dict[str, int] = {}
-    for node in gm.graph.find_nodes(op="get_attr"):
-        attrs[node.target] = attrs.get(node.target, 0) + 1
-    folds = []
-    for norm in gm.graph.nodes:
-        fold = _match_export(gm, norm, attrs) if norm.op == "call_function" else None
-        if fold is not None:
-            folds.append(fold)
-    return folds
+    attrs = Counter(n.target for n in gm.graph.find_nodes(op="get_attr"))
+    folds = (_match_export(gm, norm, attrs) for norm in gm.graph.nodes
+             if isinstance(norm.target, torch._ops.OpOverload) and norm.target in EXPORT_NORMS)
+    return [f for f in folds if f is not None]
 
 
-def _match_export(gm: fx.GraphModule, norm: fx.Node, attrs: dict) -> Optional[Fold]:
-    results = _norm_results(norm) if isinstance(norm.target, torch._ops.OpOverload) else None
+def _match_export(gm: fx.GraphModule, norm: fx.Node, attrs: Counter) -> Optional[Fold]:
+    results = _norm_results(norm)
     producer = _single_producer_input(norm) if results else None
     packet = getattr(producer.target, "overloadpacket", None) if producer is not None else None
     if producer is None or producer.op != "call_function" or packet not in PRODUCER_ATEN:
@@ -233,8 +228,8 @@ def _match_export(gm: fx.GraphModule, norm: fx.Node, attrs: dict) -> Optional[Fo
     stats = _norm_stats(gm, norm)
     if weight is None or (bias_arg is not None and bias is None) or stats is None:
         return None
-    transposed = bool(args[transposed]) if isinstance(transposed, int) and not isinstance(transposed, bool) \
-        else transposed
+    if not isinstance(transposed, bool):  # aten.convolution: the flag is an argument
+        transposed = bool(args[transposed])
     groups = int(args[groups_at]) if groups_at is not None and len(args) > groups_at else 1
     if not _out_rank_ok(producer, _attr(gm, weight).dim(), packet is aten.linear):
         return None
@@ -261,9 +256,9 @@ def _folded_module(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) 
 
 
 def _rewire(graph: fx.Graph, nodes: dict[str, fx.Node], fold: Fold) -> list[fx.Node]:
-    """Users of the BatchNorm read the producer; the BatchNorm nodes go. Returns its inputs."""
+    """Users of the BatchNorm read the producer; the BatchNorm nodes go. Returns its get_attr inputs."""
     producer, norm = nodes[fold.producer], nodes[fold.norm]
-    inputs = list(norm.all_input_nodes)
+    inputs = [n for n in norm.all_input_nodes if n.op == "get_attr"]
     for name in fold.results:
         nodes[name].replace_all_uses_with(producer)
         if nodes[name] is not norm:
@@ -272,11 +267,12 @@ def _rewire(graph: fx.Graph, nodes: dict[str, fx.Node], fold: Fold) -> list[fx.N
     return inputs
 
 
-def _erase_unused_attrs(graph: fx.Graph, candidates: list[fx.Node], prefixes: set[str]) -> None:
-    """The BatchNorm's parameter nodes (and ``num_batches_tracked``) once nothing reads them."""
+def _erase_unused_attrs(graph: fx.Graph, norm_inputs: list[fx.Node]) -> None:
+    """The folded BatchNorms' parameter nodes, and their modules' other unused ones
+    (``num_batches_tracked``)."""
+    owners = {str(n.target).rpartition(".")[0] for n in norm_inputs if "." in str(n.target)}
     for node in list(graph.find_nodes(op="get_attr")):
-        owner = str(node.target).rpartition(".")[0]
-        if not node.users and (node in candidates or owner in prefixes):
+        if not node.users and (node in norm_inputs or str(node.target).rpartition(".")[0] in owners):
             graph.erase_node(node)
 
 
@@ -295,8 +291,7 @@ def fold(gm: fx.GraphModule, folds: list[Fold], level: str) -> fx.GraphModule:
     graph = copy.deepcopy(gm.graph)
     nodes = {old.name: new for old, new in zip(gm.graph.nodes, graph.nodes)}
     tensors, modules, taken = {}, {}, set()
-    dead: list[fx.Node] = []
-    prefixes = set()
+    norm_inputs: list[fx.Node] = []
     for f in folds:
         weight = _attr(gm, f.weight)
         w, b = fold_weights(weight, _attr(gm, f.bias) if f.bias else None, f.stats, f.transposed, f.groups)
@@ -308,10 +303,8 @@ def fold(gm: fx.GraphModule, folds: list[Fold], level: str) -> fx.GraphModule:
             tensors[f.weight], tensors[bias_target] = _like(weight, w), _like(weight, b)
             if f.bias is None:
                 _set_export_bias(graph, nodes[f.producer], bias_target)
-        prefixes.update(str(n.target).rpartition(".")[0] for n in nodes[f.norm].all_input_nodes
-                        if n.op == "get_attr" and "." in str(n.target))
-        dead += _rewire(graph, nodes, f)
-    _erase_unused_attrs(graph, dead, prefixes)
+        norm_inputs += _rewire(graph, nodes, f)
+    _erase_unused_attrs(graph, norm_inputs)
     return build_graph_module(gm, graph, _items(gm, graph, modules, tensors))
 
 
