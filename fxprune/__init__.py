@@ -9,9 +9,11 @@ from .analysis import Analysis, AnalysisOptions, match
 from .api import PruneResult, analyze, apply_plan, prune, verify
 from .capture import capture
 from .groups import Group, Member
+from .io import load, save
 from .plan import Plan
 from .verify import VerifyReport
 
 __all__ = ["prune", "apply_plan", "verify", "analyze", "capture", "match", "Plan", "PruneResult",
-           "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors"]
+           "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors",
+           "save", "load"]
 __version__ = "0.1.0"
