@@ -56,6 +56,20 @@ class ActSink:
 
 
 @dataclass
+class Foldable:
+    """A conv/linear whose dropped inputs' constant part can be folded into its bias."""
+
+    node: str
+    weight: str
+    in_dim: int
+    bias: Optional[str]
+    input: str
+    channel_dim: int
+    exact: bool
+    """False for a padded conv: the constant does not reach the zero-padded border."""
+
+
+@dataclass
 class Context:
     """Mutable state of one analysis walk; rules talk to it through :class:`OpCall`."""
 
@@ -67,16 +81,17 @@ class Context:
     producers: list[Producer] = field(default_factory=list)
     param_sinks: list[tuple[str, int]] = field(default_factory=list)
     act_sinks: list[ActSink] = field(default_factory=list)
+    foldables: list[Foldable] = field(default_factory=list)
 
     def param(self, key: str) -> TensorIds:
         """The channel map of a parameter or buffer, one fresh id per position the first time."""
         if key not in self.params:
-            shape = _tensor_at(self.gm, key).shape
+            shape = tensor_at(self.gm, key).shape
             self.params[key] = tuple(self.table.fresh(n) for n in shape)
         return self.params[key]
 
     def has_param(self, key: str) -> bool:
-        return _tensor_at(self.gm, key, missing_ok=True) is not None
+        return tensor_at(self.gm, key, missing_ok=True) is not None
 
 
 @dataclass
@@ -92,9 +107,10 @@ class Analysis:
     param_sinks: list[tuple[str, int]]
     act_sinks: list[ActSink]
     groups: tuple[Group, ...]
+    foldables: list[Foldable] = field(default_factory=list)
 
     def tensor(self, key: str) -> torch.Tensor:
-        return _tensor_at(self.gm, key)
+        return tensor_at(self.gm, key)
 
 
 class OpCall:
@@ -181,6 +197,13 @@ class OpCall:
         """Declare that this param dim contracts over channels (verify zeroes its dropped slices)."""
         self.ctx.param_sinks.append((key, dim))
 
+    def foldable(self, weight: str, in_dim: int, bias: Optional[str], x: Any, channel_dim: int,
+                 exact: bool = True) -> None:
+        """Declare a consumer whose bias can absorb dropped inputs' constants (``propagate_bias``)."""
+        if isinstance(x, fx.Node):
+            self.ctx.foldables.append(Foldable(self.node.name, weight, in_dim, bias, x.name,
+                                               channel_dim, exact))
+
     def consume_act(self, arg: int, dim: int, ids: Optional[torch.Tensor]) -> None:
         """Declare that input ``arg`` is contracted over ``dim`` (verify masks it)."""
         if ids is not None:
@@ -232,7 +255,7 @@ def describe_target(node: fx.Node) -> str:
     return f"{module}.{name}" if module and module not in ("_operator", "builtins") else name
 
 
-def _tensor_at(gm: torch.nn.Module, key: str, missing_ok: bool = False) -> Optional[torch.Tensor]:
+def tensor_at(gm: torch.nn.Module, key: str, missing_ok: bool = False) -> Optional[torch.Tensor]:
     owner, _, name = key.rpartition(".")
     try:
         module = gm.get_submodule(owner) if owner else gm
@@ -259,7 +282,7 @@ def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOpt
     solution = ctx.table.solve()
     groups = build_groups(ctx, solution)
     return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,
-                    ctx.act_sinks, groups)
+                    ctx.act_sinks, groups, ctx.foldables)
 
 
 def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:
@@ -284,7 +307,7 @@ def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:
 
 
 def _visit_get_attr(ctx: Context, node: fx.Node) -> Any:
-    value = _tensor_at(ctx.gm, str(node.target), missing_ok=True)
+    value = tensor_at(ctx.gm, str(node.target), missing_ok=True)
     return ctx.param(str(node.target)) if value is not None else None
 
 

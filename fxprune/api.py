@@ -20,6 +20,7 @@ import torch.fx as fx
 from .analysis import Analysis, AnalysisOptions, match
 from .capture import Captured, as_inputs, capture as capture_graph, propagate_values
 from .errors import InvalidOptionError, PlanMismatchError
+from .fold import constant_reference, fold_biases, folding_is_exact
 from .importance import Criterion, check_criterion, score_groups, taylor_gradients
 from .plan import GroupSummary, Plan
 from .rewrite import Pruning, rewrite
@@ -71,7 +72,7 @@ def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outpu
 def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: Criterion = "l1",
           capture: str = "fx", *, reduce: str = "mean", global_ranking: bool = False,
           round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (),
-          prune_outputs: bool = False, seed: int = 0, loss_fn: Optional[Callable] = None,
+          prune_outputs: bool = False, propagate_bias: bool = False, seed: int = 0, loss_fn: Optional[Callable] = None,
           batch: Optional[tuple] = None, split_axis: str = "largest",
           progress: bool = False) -> PruneResult:
     """Prune ``model`` and return a new, smaller GraphModule; ``model`` is never modified.
@@ -83,6 +84,8 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
         criterion: ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"``, ``"random"``, ``"taylor"`` or a
             callable ``(group, tensors) -> scores``.
         capture: ``"fx"`` (symbolic_trace) or ``"export"`` (torch.export, ATen level).
+        propagate_bias: fold each dropped channel's constant part (its bias through BN and
+            activations) into the consumers' biases, like torch.ao's ``prune_bias=False``.
     """
     policy = Policy(sparsity, global_ranking, round_to, min_keep, tuple(ignore))
     check_criterion(criterion, reduce)
@@ -101,19 +104,23 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
                "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"),
                "capture": analysis.level, "global_ranking": global_ranking, "round_to": round_to,
                "min_keep": min_keep, "ignore": list(ignore), "prune_outputs": prune_outputs,
-               "split_axis": split_axis}
+               "split_axis": split_axis, "propagate_bias": propagate_bias}
     plan = make_plan(analysis, drop, options)
     _step(bar, "select")
-    gm = finish(analysis, drop, as_inputs(example_inputs))
+    gm = finish(analysis, drop, as_inputs(example_inputs), propagate_bias)
     _step(bar, "rewrite")
     if bar is not None:
         bar.close()
     return PruneResult(gm, plan, analysis, drop, as_inputs(example_inputs))
 
 
-def finish(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> fx.GraphModule:
-    """Rewrite and refresh traced values, so the result can be captured or pruned again."""
+def finish(analysis: Analysis, drop: torch.Tensor, inputs: tuple, propagate_bias: bool = False
+           ) -> fx.GraphModule:
+    """Rewrite (folding biases if asked) and refresh traced values, so the result can be captured or
+    pruned again."""
     gm = rewrite(analysis, drop)
+    if propagate_bias:
+        fold_biases(analysis, drop, gm, inputs)
     propagate_values(gm, inputs)
     return gm
 
@@ -143,7 +150,7 @@ def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[st
                        prune_outputs=bool(plan.options.get("prune_outputs", False)),
                        split_axis=str(plan.options.get("split_axis", "largest")))
     drop = drop_from_plan(analysis, plan)
-    gm = finish(analysis, drop, as_inputs(example_inputs))
+    gm = finish(analysis, drop, as_inputs(example_inputs), bool(plan.options.get("propagate_bias", False)))
     return PruneResult(gm, make_plan(analysis, drop, plan.options), analysis, drop, as_inputs(example_inputs))
 
 
@@ -200,7 +207,12 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     analysis, drop = result.analysis, result.drop
     exact = not bool(analysis.solution.approximate[drop.nonzero().flatten()].any()) if drop.any() else True
     masks = output_masks(analysis, drop) if result.plan.options.get("prune_outputs") else None
-    report = compare(reference_model(analysis, drop), result.graph_module, inputs, exact, tolerance, masks)
+    if result.plan.options.get("propagate_bias"):
+        reference = constant_reference(analysis, drop)
+        exact = exact and folding_is_exact(analysis, drop)
+    else:
+        reference = reference_model(analysis, drop)
+    report = compare(reference, result.graph_module, inputs, exact, tolerance, masks)
     if raise_on_failure and not report.passed:
         from .errors import VerificationError
         raise VerificationError(str(report))

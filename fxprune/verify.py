@@ -43,7 +43,7 @@ def reference_model(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
     pruning = Pruning(analysis, drop)
     zeroed = _zeroed_params(analysis, pruning)
     graph = copy.deepcopy(analysis.gm.graph)
-    items = _reference_items(analysis.gm, graph, zeroed)
+    items = reference_items(analysis.gm, graph, zeroed)
     gm = build_graph_module(analysis.gm, graph, items)
     _insert_masks(gm, analysis, pruning)
     return gm
@@ -63,7 +63,7 @@ def _zeroed_params(analysis: Analysis, pruning: Pruning) -> dict[str, torch.Tens
     return out
 
 
-def _reference_items(gm: fx.GraphModule, graph: fx.Graph, zeroed: dict) -> dict:
+def reference_items(gm: fx.GraphModule, graph: fx.Graph, zeroed: dict) -> dict:
     items: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "call_module":

@@ -40,11 +40,20 @@ def conv(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str], groups:
     if groups == 1:
         op.unify(x_ids[c], w[in_dim])
         op.consume_param(w_key, in_dim)
+        op.foldable(w_key, in_dim, b_key, x, c, exact=not _padded(op))
     else:
         _tie_groups(op, x_ids[c], out_ids, groups)
     if b_key is not None:
         op.unify(op.param(b_key)[0], out_ids)
     return tuple(out_ids if d == c else None for d in range(len(op.shape(op.node))))
+
+
+def _padded(op: OpCall) -> bool:
+    """Whether the conv pads its input (a dropped channel's constant then misses the border)."""
+    padding = op.module.padding if op.module is not None else op.value(op.arg(4, "padding", 0))
+    if isinstance(padding, str):
+        return padding != "valid"
+    return any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
 
 
 def _tie_groups(op: OpCall, x_ids: Any, out_ids: torch.Tensor, groups: int) -> None:

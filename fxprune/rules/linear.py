@@ -3,7 +3,9 @@
 ``linear(x, W[out, in])``: W's rows produce the output features, x's last dim is contracted against W's
 columns. ``a @ b`` ties a's last dim to b's second-to-last (the contraction: verify masks a's dropped
 positions), keeps a's rows and b's columns, and broadcasts batch dims. A matrix product with a loose
-parameter (``x @ self.weight``) makes that parameter's free dim a producer.
+parameter (``x @ self.weight``) makes that parameter's free dim a producer. ``einsum`` generalises
+both: every letter is one channel space, tied across the operands that use it; a letter missing from the
+output is contracted (verify masks the first operand that carries it).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def linear(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str]) -> An
     x_ids = op.ids(x)
     op.unify(x_ids[-1], w[1])
     op.consume_param(w_key, 1)
+    op.foldable(w_key, 1, b_key, x, len(x_ids) - 1)
     if b_key is not None:
         op.unify(op.param(b_key)[0], out_ids)
     return tuple(x_ids[:-1]) + (out_ids,)
@@ -87,6 +90,72 @@ def _batch_dims(op: OpCall, a: Any, b: Any, a_ids: tuple, b_ids: tuple) -> tuple
             op.unify(sides[0], sides[1])
         dims.append(sides[0] if sides else None)
     return tuple(dims)
+
+
+def _einsum_operands(op: OpCall) -> tuple[str, list, Optional[int]]:
+    """The equation, the operands and the node-args index of the first one (None: a list argument)."""
+    equation = op.value(op.arg(0, "equation"))
+    rest = list(op.node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):  # aten.einsum(eq, [a, b])
+        return equation, list(rest[0]), None
+    return equation, rest, 1
+
+
+def _einsum_terms(equation: str, ndims: list[int]) -> tuple[list[str], str]:
+    """``"b h i d, b h j d -> b h i j"`` -> (["bhid", "bhjd"], "bhij"); implicit output as torch does."""
+    equation = equation.replace(" ", "")
+    if "..." in equation:
+        raise Unsupported("einsum with an ellipsis")
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        letters = "".join(terms)
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    if len(terms) != len(ndims) or any(len(t) != n or len(set(t)) != n for t, n in zip(terms, ndims)):
+        raise Unsupported(f"einsum {equation!r} with repeated letters in one operand")
+    return terms, out
+
+
+@rule(torch.einsum, aten.einsum)
+def einsum(op: OpCall) -> Any:
+    # einsum("bhid,bhjd->bhij", q, k): each letter is one channel space; letters left out are contracted
+    equation, operands, first = _einsum_operands(op)
+    terms, out = _einsum_terms(equation, [len(op.shape(x)) for x in operands])
+    letters: dict[str, Optional[torch.Tensor]] = {}
+    for letter in dict.fromkeys("".join(terms)):
+        uses = [(i, t.index(letter)) for i, t in enumerate(terms) if letter in t]
+        letters[letter] = _einsum_letter(op, operands, uses)
+        if letter not in out and letters[letter] is not None:
+            _einsum_contract(op, first, uses[0], letters[letter])
+    return tuple(letters[c] for c in out)
+
+
+def _einsum_contract(op: OpCall, first: Optional[int], use: tuple[int, int], ids: torch.Tensor) -> None:
+    # a contracted letter: verify masks the first operand that carries it
+    if first is None:  # verify masks node args, not items of a list argument
+        op.freeze(ids, "an einsum contraction over operands passed as a list")
+        return
+    op.consume_act(first + use[0], use[1], ids)
+
+
+def _einsum_letter(op: OpCall, operands: list, uses: list) -> Optional[torch.Tensor]:
+    """Tie every full-size use of a letter; a size-1 (broadcast) use freezes its single channel."""
+    size = max(op.shape(operands[i])[d] for i, d in uses)
+    arrays, fixed = [], False
+    for i, d in uses:
+        ids = op.ids(operands[i])[d]
+        if op.shape(operands[i])[d] != size:
+            op.freeze(ids, "a channel broadcast in an einsum")
+        elif ids is None:
+            fixed = True
+        else:
+            arrays.append(ids)
+    if fixed:
+        op.freeze(arrays, "an einsum letter over a fixed dim")
+        return None
+    for other in arrays[1:]:
+        op.unify(arrays[0], other)
+    return arrays[0] if arrays else None
 
 
 @resizer(nn.Linear)

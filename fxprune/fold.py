@@ -1,0 +1,96 @@
+"""``propagate_bias``: fold what a dropped channel still contributes into its consumers' biases.
+
+Pruning by default treats a dropped channel as contributing nothing (the zeroed-channel reference). With
+``propagate_bias=True`` the reference is the model whose dropped channels' producer weights are zeroed but
+whose biases stay — as torch.ao's pruner does with ``prune_bias=False`` — so each dropped channel carries
+a constant (its bias through BatchNorm and activations). One run of that reference records each consumer's
+input; the dropped channels' mean value times the consumer's weight columns is added to the consumer's
+bias. Exact for linear consumers and unpadded convs; a padded conv's border sees zeros instead of the
+constant, so the group is reported approximate. Consumers without a bias, or not a conv/linear (an RNN's
+recurrence), keep the default behaviour.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .analysis import Analysis, Foldable, tensor_at
+from .rewrite import Pruning, build_graph_module
+from .verify import reference_items
+
+
+def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
+    """The original graph with dropped channels' producer slices zeroed (biases kept)."""
+    pruning = Pruning(analysis, drop)
+    zeroed: dict[str, torch.Tensor] = {}
+    for producer in analysis.producers:
+        mask = pruning.kept(analysis.params[producer.key][producer.dim])
+        if mask is None or bool(mask.all()):
+            continue
+        tensor = zeroed.get(producer.key, analysis.tensor(producer.key)).detach().clone()
+        shape = [1] * tensor.dim()
+        shape[producer.dim] = -1
+        zeroed[producer.key] = tensor * mask.view(shape).to(tensor.dtype)
+    graph = copy.deepcopy(analysis.gm.graph)
+    return build_graph_module(analysis.gm, graph, reference_items(analysis.gm, graph, zeroed))
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = value.detach()
+        return value
+
+
+def fold_biases(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, inputs: tuple) -> None:
+    """Add dropped inputs' constant contributions to the pruned consumers' biases (in place: ``pruned``
+    is the new model rewrite just built, never the input)."""
+    pruning = Pruning(analysis, drop)
+    todo = [f for f in analysis.foldables if f.bias is not None and _dropped(pruning, analysis, f).any()]
+    if not todo:
+        return
+    recorder = _Recorder(constant_reference(analysis, drop), {f.input for f in todo})
+    with torch.no_grad():
+        recorder.run(*inputs)
+    for f in todo:
+        _fold(analysis, pruning, pruned, f, recorder.values[f.input])
+
+
+def folding_is_exact(analysis: Analysis, drop: torch.Tensor) -> bool:
+    """Exact when every consumer of a dropped channel is a foldable conv/linear with a bias and no
+    padding; any other consumer (a matmul, an RNN, a bias-less layer) sees the constant unanswered."""
+    pruning = Pruning(analysis, drop)
+    folded = {f.weight for f in analysis.foldables if f.bias is not None and f.exact}
+    for key, dim in analysis.param_sinks:
+        if key not in folded and not bool(pruning.kept(analysis.params[key][dim]).all()):
+            return False
+    return all(bool(pruning.kept(sink.ids).all()) for sink in analysis.act_sinks)
+
+
+def _dropped(pruning: Pruning, analysis: Analysis, f: Foldable) -> torch.Tensor:
+    return ~pruning.kept(analysis.params[f.weight][f.in_dim])
+
+
+def _fold(analysis: Analysis, pruning: Pruning, pruned: fx.GraphModule, f: Foldable,
+          value: torch.Tensor) -> None:
+    dropped = _dropped(pruning, analysis, f)
+    dims = [d for d in range(value.dim()) if d != f.channel_dim % value.dim()]
+    mean = value.double().mean(dim=dims) if dims else value.double()
+    weight = analysis.tensor(f.weight).detach().double().index_select(f.in_dim, dropped.nonzero().flatten())
+    shape = [1] * weight.dim()
+    shape[f.in_dim] = -1
+    per_out = 1 - f.in_dim  # conv/linear: out rows are dim 0; transposed conv: dim 1
+    contribution = (weight * mean[dropped].view(shape)).sum(dim=[d for d in range(weight.dim()) if d != per_out])
+    kept_out = pruning.kept(analysis.params[f.bias][0])
+    bias = tensor_at(pruned, f.bias)
+    with torch.no_grad():
+        bias.add_(contribution[kept_out].to(bias.dtype))
+
