@@ -24,12 +24,15 @@ def run_pure() -> Callable[..., PassResult]:
 
     def run(pass_: Callable, gm: fx.GraphModule) -> PassResult:
         state, code = _state(gm), gm.code
+        values = [(n.name, id(n.meta.get("val"))) for n in gm.graph.nodes]
         result = pass_(gm)
         assert isinstance(result, PassResult)
         after = gm.state_dict()
         assert gm.code == code, "the pass changed its input's code"
         assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state), \
             "the pass changed its input's tensors"
+        assert [(n.name, id(n.meta.get("val"))) for n in gm.graph.nodes] == values, \
+            "the pass changed its input's graph or traced values"
         assert result.graph_module is not gm
         assert not _storages(result.graph_module) & _storages(gm), "the output shares storage with the input"
         return result
