@@ -95,9 +95,12 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str) -> fx.GraphModule:
         return gm
     _refuse_training_batch_norm(model)
     try:
-        return torch.export.export(model, inputs).module()
+        gm = torch.export.export(model, inputs).module()
     except Exception as exc:
         raise CaptureError(_trace_failure(exc, "torch.export.export", "fx")) from exc
+    for module in gm.modules():  # export's module always says training=True; keep the model's mode
+        module.training = model.training
+    return gm
 
 
 def _trace_failure(exc: Exception, tracer: str, other: str) -> str:
