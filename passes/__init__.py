@@ -13,11 +13,15 @@ prune-channels     one-shot structured pruning (``fxprune.prune``) at a given sp
 apply-plan         re-apply a saved JSON plan (``fxprune.apply_plan``)
 fold-batchnorm     fold eval-mode BatchNorm into the conv / linear before it
 dead-channels      drop channels that no output depends on (sliced away, never read)
+mask-channels      soft pruning: mask the channels a prune would drop (explicit ``mul`` nodes)
+materialize        turn a masked graph into the physically smaller one
 =================  ==========================================================================
 """
 from .apply_plan import ApplyPlan
 from .dead_channels import DeadChannels
 from .fold_batchnorm import FoldBatchNorm
+from .mask_channels import MaskChannels
+from .materialize import Materialize
 from .prune_channels import PruneChannels
 
-__all__ = ["ApplyPlan", "DeadChannels", "FoldBatchNorm", "PruneChannels"]
+__all__ = ["ApplyPlan", "DeadChannels", "FoldBatchNorm", "MaskChannels", "Materialize", "PruneChannels"]
