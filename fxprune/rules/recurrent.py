@@ -22,6 +22,7 @@ export inserts) is resized by the rewriter. ``proj_size > 0`` and packed sequenc
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -66,7 +67,7 @@ def recurrent(op: OpCall, rec: Recurrence) -> Any:
     units = op.table.fresh(hidden)
     rows = units.repeat(rec.gates)
     x_ids = op.ids(rec.x)
-    op.freeze(list(x_ids[:-1]), "a recurrence mixes time steps")
+    op.freeze(list(x_ids[:-1]), "a recurrence mixes time steps (its batch and time dims stay)")
     feed = x_ids[-1]
     for layer in rec.layers:
         for cell in layer:
@@ -109,7 +110,7 @@ def _tie_initial_state(op: OpCall, hx: Any, units: torch.Tensor) -> None:
 
 def _result(op: OpCall, out_ids: Optional[torch.Tensor], units: torch.Tensor) -> Any:
     """The output carries ``out_ids`` on its last dim, every state tensor the units."""
-    leaves = iter(range(1 << 30))
+    leaves = itertools.count()
 
     def leaf(value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
