@@ -1,0 +1,353 @@
+"""The ``fxprune`` command: prune a model from the shell, or inspect its channel groups.
+
+    fxprune prune torchvision:resnet18 --sparsity 0.5 --input-shape 1,3,224,224 --out pruned/
+    fxprune inspect torchvision:resnet18 --input-shape 1,3,224,224
+
+``SPEC`` names the model: ``torchvision:NAME`` (random weights, ``torchvision.models.get_model``),
+``package.module:factory`` (imported and called with no arguments; it returns an ``nn.Module``,
+GraphModule or ExportedProgram) or a ``.pt2`` file from ``torch.export.save`` (loaded with
+:func:`fxprune.io.load_pt2`, which refuses archives that would be unpickled). Models run in eval mode on
+random inputs of ``--input-shape`` (repeat it for several inputs; a ``.pt2`` may use its own example
+inputs).
+
+``prune`` writes to ``--out``: the saved result (``plan.json``, ``model.safetensors``, ``module.py``, see
+:func:`fxprune.save`), ``summary.md`` (the table it prints) and ``widths.png`` (per-layer widths before and
+after). Every expected failure — a bad option, SPEC or shape, any :class:`fxprune.errors.FxPruneError` —
+prints one line ``fxprune: error: ...`` to stderr and exits 2; nothing is written then.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import __version__
+from .errors import FxPruneError
+
+CRITERIA = ("l1", "l2", "fpgm", "bn_scale", "random")  # taylor needs a loss and data: Python API only
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, like ours
+        self.exit(2, f"fxprune: error: {message} (see '{self.prog} --help')\n")
+
+
+# --- arguments ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fxprune", description="Structured pruning of PyTorch models as torch.fx "
+                                                 "graph rewrites.")
+    parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    prune = sub.add_parser("prune", help="prune a model and write the result, a summary and a chart",
+                           description="Prune SPEC and write the result, summary.md and widths.png to --out.")
+    _model_arguments(prune)
+    prune.add_argument("--out", required=True, type=Path, help="directory to write to (created)")
+    prune.add_argument("--sparsity", type=_sparsity, default=0.5, help="fraction of each group to drop "
+                                                                       "(default 0.5)")
+    prune.add_argument("--criterion", choices=CRITERIA, default="l1", help="importance (default l1)")
+    prune.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="PATTERN",
+                       help="keep whole every group a module matching PATTERN (fnmatch) produces")
+    prune.add_argument("--round-to", type=_positive, default=1, metavar="N",
+                       help="keep a multiple of N channels per group")
+    prune.add_argument("--global-ranking", action="store_true", help="rank units across groups")
+    prune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prune.add_argument("--no-chart", action="store_true", help="do not write widths.png (no matplotlib)")
+    inspect = sub.add_parser("inspect", help="print the channel groups and why any are frozen",
+                             description="Print SPEC's channel groups and why any are frozen, without "
+                                         "pruning.")
+    _model_arguments(inspect)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC", help="torchvision:NAME, package.module:factory or FILE.pt2")
+    parser.add_argument("--input-shape", type=_shape, action="append", metavar="N,C,H,W",
+                        help="shape of a random example input (repeat for several inputs)")
+    parser.add_argument("--capture", choices=("fx", "export"), default="fx",
+                        help="graph level: fx (symbolic_trace) or export (ATen); a .pt2 is export")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected positive integers separated by "
+                                         f"commas, like 1,3,224,224")
+    return dims
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"bad sparsity {text!r}: expected a number in [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+# --- SPEC -> model ---------------------------------------------------------------------------------
+def load_model(spec: str) -> Any:
+    """An eval-mode model (or ExportedProgram) from a SPEC string."""
+    if spec.endswith(".pt2"):
+        return _load_pt2(Path(spec))
+    source, sep, name = spec.partition(":")
+    if not sep or not source or not name:
+        raise CliError(f"bad SPEC {spec!r}: expected torchvision:NAME, package.module:factory or a .pt2 file")
+    model = _torchvision(name) if source == "torchvision" else _factory(source, name)
+    if isinstance(model, torch.export.ExportedProgram):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"SPEC {spec!r} returned {type(model).__name__}, not an nn.Module or ExportedProgram")
+    return model.eval()
+
+
+def _load_pt2(path: Path) -> torch.export.ExportedProgram:
+    from .io import load_pt2
+    if not path.is_file():
+        raise CliError(f"bad SPEC: no file {str(path)!r}")
+    return load_pt2(path)
+
+
+def _torchvision(name: str) -> torch.nn.Module:
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise CliError(f"SPEC torchvision:{name} needs torchvision installed") from exc
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except ValueError as exc:
+        raise CliError(f"bad SPEC: torchvision has no model {name!r} (see "
+                       f"torchvision.models.list_models())") from exc
+
+
+def _factory(module_name: str, attr: str) -> Any:
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"bad SPEC: cannot import {module_name!r}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"bad SPEC: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CliError(f"bad SPEC: {module_name}:{attr} is not callable")
+    try:
+        return obj()
+    except Exception as exc:  # the user's factory failed: name it
+        raise CliError(f"bad SPEC: {module_name}:{attr}() raised {type(exc).__name__}: {exc}") from exc
+
+
+def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+    """Random inputs of the given shapes, or a .pt2's own example inputs."""
+    if shapes:
+        generator = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(s, generator=generator) for s in shapes)
+    saved = getattr(model, "example_inputs", None) if isinstance(model, torch.export.ExportedProgram) else None
+    if saved and not saved[1] and saved[0]:
+        return tuple(saved[0])
+    raise CliError("--input-shape is required (e.g. --input-shape 1,3,224,224)")
+
+
+# --- prune ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Summary:
+    """What ``fxprune prune`` reports."""
+
+    groups: list[tuple[str, int, int, str]]
+    params: tuple[int, int]
+    macs: tuple[int, int]
+    verify: str
+
+    def markdown(self, title: str) -> str:
+        rows = [("group", "width", "note")]
+        rows += [(name, f"{before} → {after}", note) for name, before, after, note in self.groups]
+        lines = [f"# fxprune: {title}", "", *_table(rows), "",
+                 *_table([("", "before", "after", "ratio"),
+                          ("params", *_counts(*self.params)), ("MACs", *_counts(*self.macs))]),
+                 "", f"{self.verify}", ""]
+        return "\n".join(lines)
+
+
+def _counts(before: int, after: int) -> tuple[str, str, str]:
+    ratio = f"{after / before:.1%}" if before else "-"
+    return f"{before:,}", f"{after:,}", ratio
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return [fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows[1:])]
+
+
+def _group_rows(plan) -> list[tuple[str, int, int, str]]:
+    rows = []
+    for g in plan.groups:
+        note = "approximate" if not g.exact else ""
+        if g.frozen:
+            why = g.reasons[0] if g.reasons else "frozen"
+            note = f"{g.frozen} frozen: {why}" if g.frozen < g.size else f"frozen: {why}"
+        rows.append((g.name, g.size, g.kept, note))
+    return rows
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    _check_chart(args.no_chart)
+    torch.manual_seed(args.seed)
+    model = load_model(args.spec)
+    inputs = example_inputs(model, args.input_shape, args.seed)
+    bar = _bar(not args.no_progress)
+    try:
+        text = _prune_and_write(args, model, inputs, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(text)
+    print(f"wrote {args.out}/: plan.json model.safetensors module.py summary.md"
+          + ("" if args.no_chart else " widths.png"))
+    return 0
+
+
+def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -> str:
+    import fxprune
+    from .stats import count_macs, count_params
+    result = fxprune.prune(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
+                           capture=args.capture, ignore=tuple(args.ignore), round_to=args.round_to,
+                           global_ranking=args.global_ranking, seed=args.seed)
+    _advance(bar, "verify")
+    report = fxprune.verify(model, result, inputs)
+    _advance(bar, "count")
+    original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    summary = Summary(_group_rows(result.plan),
+                      (count_params(original), count_params(result.graph_module)),
+                      (count_macs(original, inputs), count_macs(result.graph_module, inputs)), str(report))
+    _advance(bar, "save")
+    out = fxprune.save(result, args.out)
+    text = summary.markdown(f"{args.spec}, sparsity {args.sparsity:g}, {args.criterion}, {result.level} level")
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    if not args.no_chart:
+        _advance(bar, "chart")
+        plot_widths(layer_widths(result), out / "widths.png", args.spec)
+    _advance(bar, "done")
+    return text
+
+
+def _bar(enabled: bool):
+    """The stage bar, on stderr when it is a terminal (``disable=None``), cleared when done."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=5, desc="fxprune", unit="stage", leave=False, file=sys.stderr, postfix="prune",
+                disable=None)
+
+
+def _advance(bar, stage: str) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix_str(stage)
+
+
+# --- the chart --------------------------------------------------------------------------------------
+def layer_widths(result) -> list[tuple[str, int, int]]:
+    """(layer, width before, width after) for every producer (a conv's or linear's output dim)."""
+    state = result.graph_module.state_dict()
+    rows = []
+    for producer in result.analysis.producers:
+        before = result.analysis.tensor(producer.key).shape[producer.dim]
+        after = state[producer.key].shape[producer.dim] if producer.key in state else before
+        label = producer.key[:-len(".weight")] if producer.key.endswith(".weight") else producer.key
+        rows.append((label, int(before), int(after)))
+    return rows
+
+
+def _check_chart(disabled: bool) -> None:
+    if disabled:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CliError("widths.png needs matplotlib: pip install 'fxprune[plot]', or pass --no-chart") from exc
+
+
+def plot_widths(rows: list[tuple[str, int, int]], path: Path, title: str) -> None:
+    """A bar chart of each layer's width before (grey) and after (blue) pruning."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [r[0] for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(min(4 + 0.35 * len(rows), 40), 4.5), dpi=100)
+    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, color="#bbbbbb", label="before")
+    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, color="#1f77b4", label="after")
+    ax.set_xticks(list(xs), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title(f"{title}: per-layer width")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+# --- inspect ------------------------------------------------------------------------------------------
+def run_inspect(args: argparse.Namespace) -> int:
+    import fxprune
+    torch.manual_seed(args.seed)
+    model = load_model(args.spec)
+    inputs = example_inputs(model, args.input_shape, args.seed)
+    analysis = fxprune.analyze(model, inputs, args.capture)
+    groups = analysis.groups
+    prunable = sum(g.prunable for g in groups)
+    print(f"{args.spec} ({analysis.level} level): {len(groups)} groups, {prunable} prunable")
+    rows = [("group", "units", "members", "state")]
+    for g in groups:
+        rows.append((g.name, str(g.size), str(len(g.members)), _state(g)))
+    print("\n".join(_table(rows)))
+    frozen = [g for g in groups if g.frozen_units]
+    for g in frozen:
+        print(f"{g.name}: {len(g.frozen_units)} of {g.size} units frozen: {'; '.join(g.reasons) or '?'}")
+    return 0
+
+
+def _state(group) -> str:
+    if not group.prunable:
+        return "frozen"
+    state = "exact" if group.exact else "approximate"
+    return f"{state}, {len(group.frozen_units)} frozen" if group.frozen_units else state
+
+
+# --- main -----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``fxprune`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run_prune(args) if args.command == "prune" else run_inspect(args)
+    except (CliError, FxPruneError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the error's text
+        print(f"fxprune: error: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `fxprune inspect ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
