@@ -146,14 +146,20 @@ def refuse_quantized(gm: fx.GraphModule) -> None:
 
 
 def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
-    """Record a fake value on every node (``node.meta['val']``).
+    """Record a fake value (shape, dtype, device) on every node: ``node.meta['val']``.
 
-    An eval-mode graph runs once for real under ``no_grad`` — one forward pass is far cheaper than
-    dispatching every op through fake tensors — and keeps only fake copies (shape, dtype, device) of
-    each value, freeing activations as it goes. A training-mode graph would update BatchNorm statistics
-    if run, so it is propagated with fake tensors instead.
+    First choice: run the graph on the ``meta`` device — shape functions only, no FLOPs, no activation
+    memory, and modules are called as shallow copies holding meta parameters, so nothing of the input
+    (BatchNorm statistics included) can change. Graphs that build real tensors inside or need data
+    (``.item()``) fall back to one ``no_grad`` run for real (eval mode) or fake tensors (training mode,
+    where a real forward would update BatchNorm statistics).
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        _MetaValues(gm, mode, _device_of(gm, inputs)).run(*[_to_meta(x) for x in inputs])
+        return
+    except Exception:  # an op without a meta kernel, or data-dependent: use a slower exact route
+        pass
     try:
         if _is_training(gm):
             fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
@@ -166,6 +172,56 @@ def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ExampleInputError(f"the model rejects example inputs of shapes {shapes}: "
                                 f"{type(exc).__name__}: {message}") from exc
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(value.to("meta"), value.requires_grad)
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _device_of(gm: fx.GraphModule, inputs: Sequence) -> torch.device:
+    for x in list(inputs) + list(gm.parameters()):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+class _MetaValues(fx.Interpreter):
+    """Runs the graph on meta tensors and records fake values on the model's device."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, device: torch.device):
+        super().__init__(gm)
+        self.mode, self.device = mode, device
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        n.meta["val"] = torch.utils._pytree.tree_map(self._fake, value)
+        return value
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return _to_meta(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return _meta_copy(self.fetch_attr(target))(*args, **kwargs)
+
+    def _fake(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            with self.mode:
+                return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=self.device)
+        return value
+
+
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``module`` (and its children) whose tensors live on the meta device."""
+    new = copy.copy(module)
+    new.__dict__ = dict(module.__dict__)
+    new._parameters = {k: None if v is None else _to_meta(v) for k, v in module._parameters.items()}
+    new._buffers = {k: None if v is None else _to_meta(v) for k, v in module._buffers.items()}
+    new._modules = {k: None if v is None else _meta_copy(v) for k, v in module._modules.items()}
+    if hasattr(new, "_flat_weights_names"):  # RNNs cache their weights in a list
+        new._flat_weights = [getattr(new, n, None) for n in new._flat_weights_names]
+    return new
 
 
 def _is_training(gm: fx.GraphModule) -> bool:

@@ -100,9 +100,9 @@ def _member_scores(analysis: Analysis, group: Group, lookup: dict[int, int], mem
 
 def _position_scores(rows: torch.Tensor, criterion: str) -> torch.Tensor:
     if criterion in ("l1", "bn_scale", "taylor"):
-        return rows.abs().sum(1, dtype=torch.float64)
+        return torch.linalg.vector_norm(rows, ord=1, dim=1).double()
     if criterion == "l2":
-        return rows.pow(2).sum(1, dtype=torch.float64).sqrt()
+        return torch.linalg.vector_norm(rows, ord=2, dim=1).double()
     if criterion == "fpgm":
         # distance to all other filters: the ones nearest the geometric median are the most replaceable
         rows = rows.double()
