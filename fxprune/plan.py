@@ -54,23 +54,29 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        """Parse a plan; anything but the plan's own JSON schema is refused."""
+        """Parse a plan; anything but the plan's own JSON schema is refused.
+
+        Types are checked, never coerced: an index or size must be a JSON integer in ``[0, 2**63)``
+        (not ``"1"``, ``1.5``, ``true`` or ``1e999``), a dim a string of digits, a group field of its
+        own type. Nesting too deep for the parser is refused like any other malformed text.
+        """
         try:
             data = json.loads(text)
-        except (TypeError, ValueError) as exc:
-            raise UnsafeFileError(f"not a JSON plan: {exc}") from exc
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise UnsafeFileError(f"not a JSON plan: {type(exc).__name__}: {str(exc)[:200]}") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UnsafeFileError(f"not an fxprune plan (expected format {FORMAT!r})")
+        unknown = sorted(set(data) - _PLAN_KEYS)
+        if unknown:
+            raise UnsafeFileError(f"malformed fxprune plan: unknown keys {unknown[:3]}")
         try:
-            kept = {str(k): {int(d): tuple(int(i) for i in v) for d, v in dims.items()}
-                    for k, dims in data["kept_indices"].items()}
-            shapes = {str(k): tuple(int(s) for s in v) for k, v in data["shapes"].items()}
-            groups = tuple(GroupSummary(str(g["name"]), int(g["size"]), int(g["kept"]), bool(g["exact"]),
-                                        int(g.get("frozen", 0)), tuple(str(r) for r in g.get("reasons", ())))
-                           for g in data.get("groups", ()))
-            options = {str(k): v for k, v in dict(data.get("options", {})).items()
+            kept = {_key(k): {_dim(d): _ints(v, f"kept_indices[{k!r}][{d!r}]") for d, v in _obj(dims, k).items()}
+                    for k, dims in _obj(data["kept_indices"], "kept_indices").items()}
+            shapes = {_key(k): _ints(v, f"shapes[{k!r}]") for k, v in _obj(data["shapes"], "shapes").items()}
+            groups = tuple(_group(g) for g in _list(data.get("groups", []), "groups"))
+            options = {str(k): v for k, v in _obj(data.get("options", {}), "options").items()
                        if isinstance(v, (str, int, float, bool, type(None), list, dict))}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise UnsafeFileError(f"malformed fxprune plan: {type(exc).__name__}: {exc}") from exc
         return cls(kept, shapes, groups, options)
 
@@ -93,3 +99,61 @@ class Plan:
 
 def _norm(kept: Mapping) -> dict:
     return {k: {int(d): tuple(v) for d, v in dims.items()} for k, dims in kept.items()}
+
+
+# --- the strict schema of from_json: check types, never coerce them ----------------------------------
+_MAX_INT = 2**63
+_PLAN_KEYS = {"format", "kept_indices", "shapes", "groups", "options"}
+
+
+def _obj(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"{where!s} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, where: str) -> list:
+    if not isinstance(value, list):
+        raise TypeError(f"{where!s} must be a JSON list, got {type(value).__name__}")
+    return value
+
+
+def _key(value: Any) -> str:
+    if not isinstance(value, str):  # json object keys are always strings; kept for clarity
+        raise TypeError(f"key {value!r} must be a string")
+    return value
+
+
+def _dim(value: str) -> int:
+    if not value.isdigit() or len(value) > 4:
+        raise ValueError(f"dim {value!r} must be a small non-negative integer written as a string")
+    return int(value)
+
+
+def _int(value: Any, where: str) -> int:
+    if type(value) is not int or not 0 <= value < _MAX_INT:
+        raise ValueError(f"{where} holds {str(value)[:40]!r} ({type(value).__name__}); expected an integer "
+                         f"in [0, 2**63)")
+    return value
+
+
+def _ints(value: Any, where: str) -> tuple[int, ...]:
+    return tuple(_int(i, where) for i in _list(value, where))
+
+
+_GROUP_FIELDS = {"name": str, "size": int, "kept": int, "exact": bool, "frozen": int, "reasons": list}
+
+
+def _group(g: Any) -> GroupSummary:
+    g = _obj(g, "a group")
+    unknown = sorted(set(g) - set(_GROUP_FIELDS))
+    if unknown:
+        raise ValueError(f"group has unknown fields {unknown[:3]}")
+    for name, kind in _GROUP_FIELDS.items():
+        if name in g and type(g[name]) is not kind:
+            raise TypeError(f"group field {name!r} must be {kind.__name__}, got {type(g[name]).__name__}")
+    reasons = tuple(g.get("reasons", ()))
+    if not all(isinstance(r, str) for r in reasons):
+        raise TypeError("group reasons must be strings")
+    return GroupSummary(g["name"], _int(g["size"], "group size"), _int(g["kept"], "group kept"), g["exact"],
+                        _int(g.get("frozen", 0), "group frozen"), reasons)
