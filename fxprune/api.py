@@ -127,7 +127,7 @@ def finish(analysis: Analysis, drop: torch.Tensor, inputs: tuple, propagate_bias
 
 def make_plan(analysis: Analysis, drop: torch.Tensor, options: Mapping[str, Any]) -> Plan:
     kept = Pruning(analysis, drop).param_kept()
-    kept_indices = {k: {d: tuple(int(i) for i in idx) for d, idx in dims.items()} for k, dims in kept.items()}
+    kept_indices = {k: {d: tuple(idx.tolist()) for d, idx in dims.items()} for k, dims in kept.items()}
     shapes = {k: tuple(analysis.tensor(k).shape) for k in kept}
     return Plan(kept_indices, shapes, _summaries(analysis, drop), dict(options))
 

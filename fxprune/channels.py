@@ -99,7 +99,21 @@ def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _components(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Union-find over edges (a[i], b[i]); returns the smallest id of each id's class."""
+    """Union-find over edges (a[i], b[i]); returns the smallest id of each id's class.
+
+    Only ids that appear in an edge take part (most ids, such as kernel dims, never do): they are
+    renumbered in increasing order, so "smallest local index" is still "smallest id".
+    """
+    root = torch.arange(n, dtype=torch.long)
+    if a.numel() == 0:
+        return root
+    touched, local = torch.unique(torch.cat([a, b]), return_inverse=True)
+    parent = _local_components(touched.numel(), local[: a.numel()], local[a.numel():])
+    root[touched] = touched[parent]
+    return root
+
+
+def _local_components(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     parent = torch.arange(n, dtype=torch.long)
     while True:
         parent = _compress(parent)
