@@ -71,6 +71,8 @@ def save(result: Any, directory: Union[str, os.PathLike]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         _write_atomic(out / name, data)
+    if PLAN_FILE not in files:  # a stale plan would not describe these tensors
+        (out / PLAN_FILE).unlink(missing_ok=True)
     return out
 
 
@@ -89,7 +91,10 @@ def tensors_bytes(gm: torch.nn.Module) -> bytes:
     state.update({k: named[k] for k in non_persistent})
     unique, aliases = _dedupe(state)
     metadata = {_META: json.dumps({"aliases": aliases, "non_persistent": non_persistent}, sort_keys=True)}
-    return save({k: v.detach().cpu().contiguous() for k, v in unique.items()}, metadata=metadata)
+    try:
+        return save({k: v.detach().cpu().contiguous() for k, v in unique.items()}, metadata=metadata)
+    except (ValueError, TypeError, RuntimeError) as exc:  # a dtype or tensor kind safetensors lacks
+        raise UnsupportedModelError(f"the pruned model's tensors cannot be written as safetensors: {exc}") from exc
 
 
 def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -573,8 +578,8 @@ def read_plan(path: Union[str, os.PathLike]) -> Plan:
 def parse_plan(text: str, where: str = "plan") -> Plan:
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise UnsafeFileError(f"{where} is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise UnsafeFileError(f"{where} is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from exc
     _check_plan(data, where)
     return Plan.from_json(text)
 

@@ -213,6 +213,7 @@ BAD_PLANS = {
     "kept_indices a list": lambda d: d.update({"kept_indices": []}),
     "not an object": lambda d: "[1, 2, 3]",
     "not JSON": lambda d: "cos\nsystem\n(S'echo pwned'\ntR.",
+    "nested too deep": lambda d: "[" * 100_000 + "]" * 100_000,
 }
 
 
