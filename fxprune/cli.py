@@ -173,7 +173,8 @@ def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed
 class Summary:
     """What ``fxprune prune`` reports."""
 
-    groups: list[tuple[str, int, int, str]]
+    groups: tuple[tuple[str, int, int, str], ...]
+    """(group, width before, width after, note) per group."""
     params: tuple[int, int]
     macs: tuple[int, int]
     verify: str
@@ -194,12 +195,17 @@ def _counts(before: int, after: int) -> tuple[str, str, str]:
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """An aligned Markdown table: readable in a terminal and in summary.md."""
+    rows = [tuple(c.replace("|", "\\|") for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return [fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows[1:])]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    return [line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])]
 
 
-def _group_rows(plan) -> list[tuple[str, int, int, str]]:
+def _group_rows(plan) -> tuple[tuple[str, int, int, str], ...]:
     rows = []
     for g in plan.groups:
         note = "approximate" if not g.exact else ""
@@ -207,7 +213,7 @@ def _group_rows(plan) -> list[tuple[str, int, int, str]]:
             why = g.reasons[0] if g.reasons else "frozen"
             note = f"{g.frozen} frozen: {why}" if g.frozen < g.size else f"frozen: {why}"
         rows.append((g.name, g.size, g.kept, note))
-    return rows
+    return tuple(rows)
 
 
 def run_prune(args: argparse.Namespace) -> int:
