@@ -33,9 +33,11 @@ class CheckReport:
 
 
 def _snapshot(model: Any) -> tuple[dict, str]:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()} if hasattr(model, "state_dict") else {}
-    code = getattr(model, "code", "")
-    return state, code
+    if isinstance(model, torch.export.ExportedProgram):  # state_dict is a property there
+        state, code = model.state_dict, str(model.graph)
+    else:
+        state, code = model.state_dict(), getattr(model, "code", "")
+    return {k: v.detach().clone() for k, v in state.items()}, code
 
 
 def _same_state(a: dict, b: dict) -> bool:

@@ -7,7 +7,7 @@ graph output) stay, and the group says why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,8 +82,19 @@ def build_groups(ctx: "Context", solution: Solution) -> tuple[Group, ...]:
         by_group.setdefault(_find(parent, index), []).append(index)
     units = [torch.cat([roots[i] for i in idx]).unique() for idx in by_group.values()]
     members = _members(ctx, solution, units)
-    return tuple(_make_group(ctx, solution, idx, u, m)
-                 for idx, u, m in zip(by_group.values(), units, members))
+    groups = [_make_group(ctx, solution, idx, u, m) for idx, u, m in zip(by_group.values(), units, members)]
+    return tuple(_unique_names(groups))
+
+
+def _unique_names(groups: list[Group]) -> list[Group]:
+    """A tied weight can produce two groups from one module (an embedding shared with the LM head):
+    the later ones get ``#2``, ``#3``... so a name identifies one group."""
+    seen: dict[str, int] = {}
+    out = []
+    for group in groups:
+        seen[group.name] = seen.get(group.name, 0) + 1
+        out.append(group if seen[group.name] == 1 else replace(group, name=f"{group.name}#{seen[group.name]}"))
+    return out
 
 
 def _make_group(ctx: "Context", solution: Solution, indices: list[int], units: torch.Tensor,

@@ -55,8 +55,8 @@ PASS_ATEN = tuple(getattr(aten, n) for n in (
     "detach", "detach_", "lift_fresh_copy", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square",
     "clamp", "clamp_", "clamp_min", "clamp_max", "sin", "cos", "erf", "sign", "reciprocal",
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "zero_",
-    "fill_", "nan_to_num", "log1p", "expm1", "exp2", "type_as", "relu6", "_assert_tensor_metadata",
-    "logical_not", "bitwise_not", "isnan", "isinf", "sigmoid_backward",
+    "fill_", "nan_to_num", "log1p", "expm1", "exp2", "type_as", "relu6",
+    "logical_not", "bitwise_not", "isnan", "isinf",
 ) if hasattr(aten, n))
 BINARY_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
                     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.pow,
@@ -88,6 +88,8 @@ def is_tensor(value: Any) -> bool:
 def broadcast(op: OpCall, args: list) -> Any:
     """Channel map of an element-wise result over ``args`` (literals are ignored)."""
     out_shape = op.shape(op.node)
+    numbers = [a for a in args if isinstance(a, fx.Node) and not is_tensor(a)]
+    op.freeze([op.ids(a) for a in numbers], "a channel count used in tensor arithmetic")
     inputs = [(op.ids(a), op.shape(a)) for a in args if is_tensor(a)]
     return tuple(_broadcast_dim(op, inputs, out_shape, d) for d in range(len(out_shape)))
 
@@ -122,6 +124,14 @@ def unary(op: OpCall) -> Any:
     if not is_tensor(x) or op.shape(x) != op.shape(op.node):
         return broadcast(op, [x])
     return op.ids(x)
+
+
+@rule(aten._assert_tensor_metadata)
+def assert_metadata(op: OpCall) -> Any:
+    # _assert_tensor_metadata(x, size, stride, dtype, ...): a size or stride check pins the channels
+    if op.arg(1, "size") is not None or op.arg(2, "stride") is not None:
+        op.freeze(op.ids(op.arg(0, "a")), "a tensor whose sizes are asserted")
+    return None
 
 
 @rule(*BINARY_FUNCTIONS, *BINARY_METHODS, *BINARY_ATEN)

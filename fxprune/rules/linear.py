@@ -161,3 +161,21 @@ def _einsum_letter(op: OpCall, operands: list, uses: list) -> Optional[torch.Ten
 @resizer(nn.Linear)
 def resize_linear(old: nn.Module, new: nn.Module, rw) -> None:
     new.out_features, new.in_features = new.weight.shape
+
+
+@rule(torch.addmm, "addmm", aten.addmm)
+def addmm(op: OpCall) -> Any:
+    # addmm(bias, a[n, k], b[k, m]) = bias + a @ b (HuggingFace's Conv1D, decomposed linears)
+    a, b = op.arg(1, "mat1"), op.arg(2, "mat2")
+    a_ids, b_ids = op.ids(a), _produce_loose(op, b, op.ids(b))
+    op.unify(a_ids[-1], b_ids[-2], f"contracted against a fixed dim at {op.where()}")
+    op.consume_act(1, 1, a_ids[-1])
+    out = (a_ids[0], b_ids[1])
+    bias = op.ids(op.arg(0, "input"))
+    if bias is not None:
+        for k in range(1, len(bias) + 1):
+            if op.shape(op.arg(0, "input"))[-k] == op.shape(op.node)[-k]:
+                op.unify(bias[-k], out[-k])
+            else:
+                op.freeze(bias[-k], "a channel broadcast across a channel dim")
+    return out
