@@ -60,6 +60,8 @@ def spelling_of(node: fx.Node, module: Optional[torch.nn.Module]) -> list[Any]:
 
 
 def lookup(node: fx.Node, module: Optional[torch.nn.Module]) -> Optional[Callable]:
+    if module is not None:
+        quantization.register_torchao()  # torchao's observer classes exist once torchao is imported
     return _lookup(RULES, node, module)
 
 
@@ -87,4 +89,5 @@ def _lookup(table: dict, node: fx.Node, module: Optional[torch.nn.Module]) -> Op
 
 
 # Importing the families fills the tables.
-from . import elementwise, conv, linear, norm, shape, pool, recurrent, attention, embedding  # noqa: E402,F401
+from . import elementwise, conv, linear, norm, shape, pool, recurrent, attention, embedding, torchvision_ops  # noqa: E402,F401,E501
+from . import quantization  # noqa: E402  (after conv and linear: QAT layers extend them)
