@@ -183,7 +183,10 @@ class OpCall:
         return self.ctx.param(key)
 
     def param_key(self, value: Any) -> Optional[str]:
-        """The state_dict key behind an argument that is a parameter (get_attr or module param)."""
+        """The state_dict key behind an argument that is a parameter: a get_attr, seen through the
+        fake-quantizers and folded-BatchNorm scalings QAT puts on weights (``rules.quantization``)."""
+        from .rules.quantization import weight_source  # the rule table imports this module
+        value = weight_source(value, self.ctx.gm)
         if isinstance(value, fx.Node) and value.op == "get_attr":
             return str(value.target)
         return None

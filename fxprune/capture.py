@@ -80,6 +80,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
     new.training = gm.training
+    new.meta = dict(getattr(gm, "meta", {}))  # e.g. prepare_fx / prepare_pt2e state, read by convert
     return new
 
 
@@ -214,6 +215,8 @@ class _MetaValues(fx.Interpreter):
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A shallow copy of ``module`` (and its children) whose tensors live on the meta device."""
+    if _is_quantizer(module):
+        return torch.nn.Identity()
     new = copy.copy(module)
     new.__dict__ = dict(module.__dict__)
     new._parameters = {k: None if v is None else _to_meta(v) for k, v in module._parameters.items()}
@@ -221,6 +224,25 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     new._modules = {k: None if v is None else _meta_copy(v) for k, v in module._modules.items()}
     if hasattr(new, "_flat_weights_names"):  # RNNs cache their weights in a list
         new._flat_weights = [getattr(new, n, None) for n in new._flat_weights_names]
+    return new
+
+
+def _is_quantizer(module: torch.nn.Module) -> bool:
+    """Observers and fake-quantizers propagate as the identity: same shape, and their statistics (a
+    prepared graph's state) must not move — nor can they run on meta or fake tensors (data-dependent)."""
+    from .rules.quantization import is_quantizer
+    return is_quantizer(module)
+
+
+def _value_only(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``, or a shallow copy whose quantizers (a QAT conv's ``weight_fake_quant``) are identities."""
+    if _is_quantizer(module):
+        return torch.nn.Identity()
+    if not any(_is_quantizer(m) for m in module.modules()):
+        return module
+    new = copy.copy(module)
+    new.__dict__ = dict(module.__dict__)
+    new._modules = {k: None if v is None else _value_only(v) for k, v in module._modules.items()}
     return new
 
 
@@ -234,7 +256,7 @@ class _FakeEvalProp(FakeTensorProp):
     ``BatchNorm.forward`` cannot bump the real ``num_batches_tracked`` of a training-mode model."""
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
+        module = _value_only(self.fetch_attr(target))
         if module.training:
             module = copy.copy(module)
             module.training = False
@@ -252,6 +274,9 @@ class _RecordValues(fx.Interpreter):
         value = super().run_node(n)
         n.meta["val"] = torch.utils._pytree.tree_map(self._fake, value)
         return value
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return _value_only(self.fetch_attr(target))(*args, **kwargs)
 
     def _fake(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):

@@ -203,6 +203,7 @@ def build_graph_module(old_gm: fx.GraphModule, graph: fx.Graph, items: dict) -> 
         if type(module) is torch.nn.Module:  # containers made here follow the root's mode
             module.training = old_gm.training
     gm.training = old_gm.training
+    gm.meta = dict(getattr(old_gm, "meta", {}))  # a prepared graph's quantization state (convert reads it)
     return gm
 
 
