@@ -81,12 +81,14 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Polic
     """Bool per channel id, true on the roots of dropped classes."""
     drop = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
     segments = _segments(analysis)
+    holding = _segments_of_units(segments)
     budgets = _global_budgets(analysis, scores, policy) if policy.global_ranking else {}
     for group in analysis.groups:
         if group.name not in scores:
             continue
         count = budgets.get(group.name, _drop_count(group, group_ratio(group, policy), policy))
-        for unit in _choose(group, scores[group.name], count, segments, policy.min_keep):
+        mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
+        for unit in _choose(group, scores[group.name], count, mine, policy.min_keep):
             drop[unit] = True
     return drop
 
@@ -101,17 +103,18 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _choose(group: Group, scores: torch.Tensor, count: int, segments: list, min_keep: int) -> list[int]:
-    """The ``count`` lowest-scoring free units, never emptying a segment below ``min_keep``.
+def _choose(group: Group, scores: torch.Tensor, count: int, mine: list, min_keep: int) -> list[int]:
+    """The ``count`` lowest-scoring free units, never emptying a segment (of ``mine``, the segments
+    holding any of the group's units, in segment order) below ``min_keep``.
 
     A first pass also keeps every segment (a tensor dim the group spans, like one half of a split)
     at least as full as the group's overall keep ratio, so a split's halves shrink alike; a second pass
     fills what remains of the budget with only ``min_keep`` as the bound.
     """
     frozen = set(group.frozen_units)
-    order = [group.units[i] for i in sorted(range(group.size), key=lambda i: (float(scores[i]), i))]
+    values = scores.tolist()  # one conversion, not one tensor index per comparison key
+    order = [group.units[i] for i in sorted(range(group.size), key=lambda i: (values[i], i))]
     order = [u for u in order if u not in frozen]
-    mine = [s for s in segments if not s.isdisjoint(group.units)]
     of_unit: dict[int, list[int]] = {}
     for index, segment in enumerate(mine):
         for unit in segment:
@@ -139,12 +142,22 @@ def _segments(analysis: Analysis) -> list[frozenset]:
     seen: dict[frozenset, None] = {}
     root = analysis.solution.root
     arrays = list(iter_arrays(list(analysis.env.values()))) + \
-        [ids for dims in analysis.params.values() for ids in dims]
-    for ids in arrays:
+        [ids for dims in analysis.params.values() for ids in dims if ids is not None]
+    distinct = {id(ids): ids for ids in arrays}  # pass-through ops hand on the same id tensor
+    for ids in distinct.values():
         valid = ids[ids >= 0]
         if valid.numel():
             seen.setdefault(frozenset(root[valid].unique().tolist()), None)
     return list(seen)
+
+
+def _segments_of_units(segments: list[frozenset]) -> dict[int, list[int]]:
+    """unit -> indices of the segments holding it (one pass, instead of testing every segment per group)."""
+    holding: dict[int, list[int]] = {}
+    for index, segment in enumerate(segments):
+        for unit in segment:
+            holding.setdefault(unit, []).append(index)
+    return holding
 
 
 def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict:
@@ -154,7 +167,7 @@ def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], poli
         if group.name in scores and group_ratio(group, policy) > 0:
             s = scores[group.name]
             norm = s / s.mean().clamp_min(1e-12)
-            entries += [(float(v), group.name, i) for i, v in enumerate(norm)]
+            entries += [(v, group.name, i) for i, v in enumerate(norm.tolist())]
     total = sum(g.size for g in analysis.groups if g.name in scores and group_ratio(g, policy) > 0)
     budget = math.floor(float(policy.sparsity) * total + 1e-9) if not isinstance(policy.sparsity, Mapping) else 0
     counts: dict[str, int] = {g.name: 0 for g in analysis.groups}
