@@ -82,13 +82,25 @@ class Context:
     param_sinks: list[tuple[str, int]] = field(default_factory=list)
     act_sinks: list[ActSink] = field(default_factory=list)
     foldables: list[Foldable] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Every parameter name seen -> its canonical name (see :meth:`canonical`)."""
+    _names: dict[int, str] = field(default_factory=dict)
 
     def param(self, key: str) -> TensorIds:
         """The channel map of a parameter or buffer, one fresh id per position the first time."""
+        key = self.canonical(key)
         if key not in self.params:
             shape = tensor_at(self.gm, key).shape
             self.params[key] = tuple(self.table.fresh(n) for n in shape)
         return self.params[key]
+
+    def canonical(self, key: str) -> str:
+        """The first name under which a tensor was seen: tied weights (an embedding shared with the
+        output layer) are one tensor to analysis, plan and rewrite."""
+        if key not in self.aliases:
+            tensor = tensor_at(self.gm, key)
+            self.aliases[key] = self._names.setdefault(id(tensor), key)
+        return self.aliases[key]
 
     def has_param(self, key: str) -> bool:
         return tensor_at(self.gm, key, missing_ok=True) is not None
@@ -108,6 +120,10 @@ class Analysis:
     act_sinks: list[ActSink]
     groups: tuple[Group, ...]
     foldables: list[Foldable] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def canonical(self, key: str) -> str:
+        return self.aliases.get(key, key)
 
     def tensor(self, key: str) -> torch.Tensor:
         return tensor_at(self.gm, key)
@@ -193,19 +209,22 @@ class OpCall:
 
     def produce(self, key: str, dim: int) -> torch.Tensor:
         """Declare that this param dim creates channels; returns their ids."""
-        self.ctx.producers.append(Producer(key, dim, self.node.name))
-        return self.ctx.param(key)[dim]
+        ids = self.ctx.param(key)[dim]
+        self.ctx.producers.append(Producer(self.ctx.canonical(key), dim, self.node.name))
+        return ids
 
     def consume_param(self, key: str, dim: int) -> None:
         """Declare that this param dim contracts over channels (verify zeroes its dropped slices)."""
-        self.ctx.param_sinks.append((key, dim))
+        self.ctx.param(key)
+        self.ctx.param_sinks.append((self.ctx.canonical(key), dim))
 
     def foldable(self, weight: str, in_dim: int, bias: Optional[str], x: Any, channel_dim: int,
                  exact: bool = True) -> None:
         """Declare a consumer whose bias can absorb dropped inputs' constants (``propagate_bias``)."""
         if isinstance(x, fx.Node):
-            self.ctx.foldables.append(Foldable(self.node.name, weight, in_dim, bias, x.name,
-                                               channel_dim, exact))
+            bias = None if bias is None else self.ctx.canonical(bias)
+            self.ctx.foldables.append(Foldable(self.node.name, self.ctx.canonical(weight), in_dim, bias,
+                                               x.name, channel_dim, exact))
 
     def consume_act(self, arg: int, dim: int, ids: Optional[torch.Tensor]) -> None:
         """Declare that input ``arg`` is contracted over ``dim`` (verify masks it)."""
@@ -285,7 +304,7 @@ def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOpt
     solution = ctx.table.solve()
     groups = build_groups(ctx, solution)
     return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,
-                    ctx.act_sinks, groups, ctx.foldables)
+                    ctx.act_sinks, groups, ctx.foldables, ctx.aliases)
 
 
 def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:

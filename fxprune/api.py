@@ -92,7 +92,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
     if criterion == "taylor" and (loss_fn is None or batch is None):
         raise InvalidOptionError("criterion 'taylor' needs loss_fn=(output, target) -> loss and "
                                  "batch=(inputs, target)")
-    bar = _stages(progress, 5)
+    bar = _stages(progress, 4)
     analysis = analyze(model, example_inputs, capture, prune_outputs=prune_outputs, split_axis=split_axis)
     _step(bar, "match")
     check_patterns(analysis.groups, policy)

@@ -109,6 +109,9 @@ def rewrite(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
     """The pruned GraphModule: a new graph, new tensors; ``analysis.gm`` is left as it was."""
     pruning = Pruning(analysis, drop)
     kept = pruning.param_kept()
+    for alias, name in analysis.aliases.items():  # tied weights: every name of the tensor is sliced alike
+        if name in kept:
+            kept[alias] = kept[name]
     old_gm = analysis.gm
     graph = copy.deepcopy(old_gm.graph)
     pairs = list(zip(old_gm.graph.nodes, graph.nodes))
@@ -141,14 +144,15 @@ def _changed_nodes(pruning: Pruning, pairs: list) -> set:
 def _new_attributes(gm: fx.GraphModule, pairs: list, kept: KeptIndices, pruning: Pruning) -> dict:
     """Every module and tensor the new graph refers to, rebuilt (sliced) or copied."""
     items: dict[str, Union[torch.nn.Module, torch.Tensor]] = {}
+    memo: dict[int, Any] = {}  # one copy per original object: tied weights stay tied
     for old, _ in pairs:
         if old.op == "call_module" and old.target not in items:
             module = gm.get_submodule(old.target)
-            items[old.target] = resize_module(module, str(old.target), kept, RewriteCall(pruning, old, old))
+            items[old.target] = resize_module(module, str(old.target), kept, RewriteCall(pruning, old, old), memo)
         elif old.op == "get_attr" and old.target not in items:
             value = _attr(gm, str(old.target))
-            items[old.target] = _slice_tensor(value, kept.get(str(old.target), {})) \
-                if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            items[old.target] = _slice_tensor(value, kept.get(str(old.target), {}), memo) \
+                if isinstance(value, torch.Tensor) else copy.deepcopy(value, memo)
     return items
 
 
@@ -159,7 +163,13 @@ def _attr(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-def _slice_tensor(value: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+def _slice_tensor(value: torch.Tensor, dims: dict[int, torch.Tensor], memo: dict) -> torch.Tensor:
+    if id(value) not in memo:
+        memo[id(value)] = _sliced(value, dims)
+    return memo[id(value)]
+
+
+def _sliced(value: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     out = value.detach()
     for dim, index in sorted(dims.items()):
         out = out.index_select(dim, index.to(out.device))
@@ -169,19 +179,19 @@ def _slice_tensor(value: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.T
     return out
 
 
-def resize_module(module: torch.nn.Module, prefix: str, kept: KeptIndices, rw: RewriteCall):
+def resize_module(module: torch.nn.Module, prefix: str, kept: KeptIndices, rw: RewriteCall, memo: dict):
     """A copy of ``module`` with every parameter and buffer sliced where the plan drops positions."""
     touched = any(k == prefix or k.startswith(prefix + ".") for k in kept)
     if not touched:
-        return copy.deepcopy(module)
+        return copy.deepcopy(module, memo)
     new = copy.copy(module)
     new.__dict__ = {k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
                     for k, v in module.__dict__.items()}
-    new._parameters = OrderedDict((n, None if p is None else _slice_tensor(p, kept.get(f"{prefix}.{n}", {})))
+    new._parameters = OrderedDict((n, None if p is None else _slice_tensor(p, kept.get(f"{prefix}.{n}", {}), memo))
                                   for n, p in module._parameters.items())
-    new._buffers = OrderedDict((n, None if b is None else _slice_tensor(b, kept.get(f"{prefix}.{n}", {})))
+    new._buffers = OrderedDict((n, None if b is None else _slice_tensor(b, kept.get(f"{prefix}.{n}", {}), memo))
                                for n, b in module._buffers.items())
-    new._modules = OrderedDict((n, None if c is None else resize_module(c, f"{prefix}.{n}", kept, rw))
+    new._modules = OrderedDict((n, None if c is None else resize_module(c, f"{prefix}.{n}", kept, rw, memo))
                                for n, c in module._modules.items())
     resizer = lookup_resizer(module)
     if resizer is None:

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from .analysis import Analysis
 from .errors import VerificationError
-from .rewrite import Pruning, build_graph_module, resize_module
+from .rewrite import Pruning, build_graph_module
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ def _zeroed_params(analysis: Analysis, pruning: Pruning) -> dict[str, torch.Tens
         shape[dim] = -1
         tensor = tensor * mask.view(shape).to(tensor.dtype)
         out[key] = tensor
+    for alias, name in analysis.aliases.items():  # tied weights: every name sees the zeroed tensor
+        if name in out:
+            out[alias] = out[name]
     return out
 
 
