@@ -10,10 +10,11 @@ from .api import PruneResult, analyze, apply_plan, prune, verify
 from .capture import capture
 from .groups import Group, Member
 from .io import load, save
+from .pipeline import Pass, Pipeline
 from .plan import Plan
 from .verify import VerifyReport
 
 __all__ = ["prune", "apply_plan", "verify", "analyze", "capture", "match", "Plan", "PruneResult",
            "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors",
-           "save", "load"]
+           "save", "load", "Pass", "Pipeline"]
 __version__ = "0.1.0"
