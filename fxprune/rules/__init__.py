@@ -35,15 +35,9 @@ def resizer(*module_types: type) -> Callable:
 def _register(table: dict, keys: tuple) -> Callable:
     def decorate(fn: Callable) -> Callable:
         for key in keys:
-            table[_key(key)] = fn
+            table[key] = fn
         return fn
     return decorate
-
-
-def _key(spelling: Any) -> Any:
-    if isinstance(spelling, torch._ops.OpOverloadPacket):
-        return spelling
-    return spelling
 
 
 def spelling_of(node: fx.Node, module: Optional[torch.nn.Module]) -> list[Any]:
