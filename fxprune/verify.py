@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .analysis import Analysis
+from .analysis import Analysis, meta_value
 from .errors import VerificationError
 from .rewrite import Pruning, build_graph_module
 
@@ -102,11 +102,11 @@ def _insert_masks(gm: fx.GraphModule, analysis: Analysis, pruning: Pruning) -> N
             continue
         node = nodes[sink.node]
         arg = node.args[sink.arg]
-        ndim = len(analysis.env[_old(analysis, arg)])
-        shape = [1] * ndim
+        like = meta_value(_old(analysis, arg))
+        shape = [1] * like.dim()
         shape[sink.dim] = -1
         name = f"_fxprune_mask_{i}"
-        gm.register_buffer(name, mask.view(shape).float())
+        gm.register_buffer(name, mask.view(shape).to(like.dtype).to(like.device))  # a bf16 model stays bf16
         with gm.graph.inserting_before(node):
             mask_node = gm.graph.get_attr(name)
             masked = gm.graph.call_function(torch.mul, (arg, mask_node))
