@@ -15,7 +15,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+import operator
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .errors import (CaptureError, ExampleInputError, InvalidOptionError, TrainingModeError,
@@ -204,13 +208,57 @@ class _MetaValues(fx.Interpreter):
         return _to_meta(super().get_attr(target, args, kwargs))
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return _meta_copy(self.fetch_attr(target))(*args, **kwargs)
+        module = self.fetch_attr(target)
+        if _keeps_shape(module) and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])  # the meta kernels of BN and activations are slow Python refs
+        return _meta_copy(module)(*args, **kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if _same_as_first(target, args, kwargs):
+            return torch.empty_like(args[0])
+        return super().call_function(target, args, kwargs)
 
     def _fake(self, value: Any) -> Any:
+        if type(value) is torch.Tensor and value.device.type == "meta":
+            return FakeTensor(self.mode, value.detach(), self.device)  # wraps the meta tensor: no dispatch
         if isinstance(value, torch.Tensor):
             with self.mode:
                 return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=self.device)
         return value
+
+
+# Shape shortcuts of the meta run: modules and functions whose output is shaped, typed and strided like
+# their one tensor input. Exact types only (a subclass may override forward); BatchNorm only in eval mode.
+_SHAPE_KEEPING_MODULES = frozenset((
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU, nn.GELU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d))
+_EVAL_BATCH_NORMS = frozenset((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+_UNARY = frozenset((torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh,
+                    F.leaky_relu, F.elu, F.mish, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.dropout))
+_BINARY = frozenset((operator.add, operator.mul, operator.sub, operator.iadd, torch.add, torch.mul, torch.sub))
+
+
+def _keeps_shape(module: torch.nn.Module) -> bool:
+    kind = type(module)
+    return kind in _SHAPE_KEEPING_MODULES or (kind in _EVAL_BATCH_NORMS and not module.training)
+
+
+def _same_as_first(target: Any, args: tuple, kwargs: dict) -> bool:
+    """A floating-point element-wise call whose output has its first argument's shape, dtype and device."""
+    if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        return False
+    try:
+        if target in _UNARY:
+            rest = list(args[1:]) + list(kwargs.values())
+            return not any(isinstance(a, torch.Tensor) for a in rest)
+        if target in _BINARY:
+            other = args[1] if len(args) == 2 else None
+            return not kwargs and isinstance(other, torch.Tensor) and other.shape == args[0].shape \
+                and other.dtype == args[0].dtype
+    except TypeError:  # an unhashable target
+        return False
+    return False
 
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
