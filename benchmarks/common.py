@@ -1,0 +1,124 @@
+"""What the benchmark scripts share: isolated runs, medians, ``results.json`` and Markdown tables.
+
+Every figure in ``benchmarks/*.md`` comes from a script in this folder and is kept in
+``benchmarks/results.json`` (one section per script, merged so a partial run updates only its rows).
+A measurement runs in a **fresh subprocess** (:func:`run_worker`) with a wall-clock timeout and a memory
+cap, so an out-of-memory or a hang is recorded as ``"oom"`` / ``"timeout"`` and the child's
+``ru_maxrss`` is its own peak. Threads are pinned (``torch.set_num_threads``) in every child: on a
+shared, loaded machine an unpinned intra-op pool can run ten times slower than one thread.
+
+``benchmarks/`` is not an installed package: scripts import this file with ``benchmarks/`` on
+``sys.path``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+
+
+def median(values: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(vals) if vals else None
+
+
+def limit_memory(mem_gb: float) -> None:
+    """Cap heap and anonymous mmaps (``RLIMIT_DATA``): tensor storage counts, CUDA's virtual reservations don't."""
+    limit = int(mem_gb * 1024**3)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def run_worker(script: Path, args: Sequence[str], timeout_s: float, mem_gb: float,
+               threads: int = 1) -> dict[str, Any]:
+    """Run ``python script --worker ARGS`` in a fresh process; its last JSON line, or a status record.
+
+    The child gets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``threads`` (set before torch starts its
+    pool), a ``timeout_s`` wall-clock limit and a ``mem_gb`` GiB ``RLIMIT_DATA`` cap.
+    """
+    cmd = [sys.executable, str(script), "--worker", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
+                              preexec_fn=lambda: limit_memory(mem_gb))
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "wall_s": round(time.perf_counter() - t0, 1)}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = proc.stderr[-3000:]
+    oom = "MemoryError" in tail or "can't allocate memory" in tail or "std::bad_alloc" in tail \
+        or proc.returncode in (-9, 137)
+    return {"status": "oom" if oom else "error", "returncode": proc.returncode, "stderr_tail": tail[-600:],
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import torch
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "threads": threads, "loadavg_at_start": list(os.getloadavg()),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import torchvision
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    try:
+        import torch_pruning
+        env["torch_pruning"] = torch_pruning.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def load_results() -> dict[str, Any]:
+    if RESULTS.exists():
+        return json.loads(RESULTS.read_text())
+    return {}
+
+
+def save_section(name: str, meta: dict[str, Any], rows: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``rows`` into ``results.json[name]`` (a row per key; newer rows replace older ones)."""
+    data = load_results()
+    section = data.setdefault(name, {"meta": {}, "rows": {}})
+    section["meta"] = meta
+    section["rows"].update(rows)
+    RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return section
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pin_threads(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def tensor_bytes(module: Any) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen.setdefault(id(t), t.numel() * t.element_size())
+    return sum(seen.values())
