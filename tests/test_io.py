@@ -121,7 +121,8 @@ def test_module_loads_without_fxprune_in_a_subprocess(saved, tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     with torch.no_grad():
         expected = result.graph_module(X)
-    assert torch.equal(load_file(tmp_path / "y.safetensors")["y"], expected)
+    # same weights and graph; another process may pick other CPU kernels (thread count), so not bitwise
+    torch.testing.assert_close(load_file(tmp_path / "y.safetensors")["y"], expected, rtol=1e-5, atol=1e-6)
     params = sum(p.numel() for p in result.graph_module.parameters())
     assert done.stdout.split() == [str(result.graph_module.training), str(params)]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import doctest
 
 import pytest
+import time
+
 import torch
 from torch import nn
 
@@ -115,6 +117,7 @@ def test_measure_sees_a_tensor_allocation() -> None:
     with measure(interval_s=0.001) as m:
         x = torch.ones(64, 1024, 1024)  # 256 MiB, touched
         x.add_(1)
+        time.sleep(0.05)  # hold it while the sampler thread (which needs the GIL) takes a reading
         del x
     assert m.wall_s > 0
     assert m.maxrss_mb >= m.maxrss_start_mb
