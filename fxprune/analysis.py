@@ -125,6 +125,13 @@ class Analysis:
     def canonical(self, key: str) -> str:
         return self.aliases.get(key, key)
 
+    def id_arrays(self) -> list[torch.Tensor]:
+        """Every distinct per-position id array: each tensor dim and parameter dim that has channels
+        (pass-through ops hand on the same array, so arrays are deduplicated by identity)."""
+        arrays = list(iter_arrays(list(self.env.values()))) + \
+            [ids for dims in self.params.values() for ids in dims if ids is not None]
+        return list({id(ids): ids for ids in arrays}.values())
+
     def tensor(self, key: str) -> torch.Tensor:
         return tensor_at(self.gm, key)
 

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .analysis import Analysis, iter_arrays
+from .analysis import Analysis
 from .errors import InvalidOptionError
 from .groups import Group
 
@@ -141,10 +141,7 @@ def _segments(analysis: Analysis) -> list[frozenset]:
     """The distinct sets of classes that some tensor dim holds: none may lose all its channels."""
     seen: dict[frozenset, None] = {}
     root = analysis.solution.root
-    arrays = list(iter_arrays(list(analysis.env.values()))) + \
-        [ids for dims in analysis.params.values() for ids in dims if ids is not None]
-    distinct = {id(ids): ids for ids in arrays}  # pass-through ops hand on the same id tensor
-    for ids in distinct.values():
+    for ids in analysis.id_arrays():
         valid = ids[ids >= 0]
         if valid.numel():
             seen.setdefault(frozenset(root[valid].unique().tolist()), None)

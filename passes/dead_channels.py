@@ -95,9 +95,7 @@ def dead_classes(analysis: Analysis) -> torch.Tensor:
 def _keep_one_per_dim(analysis: Analysis, drop: torch.Tensor) -> None:
     """Where a tensor dim would lose every channel, its first one stays."""
     root = analysis.solution.root
-    arrays = list(iter_arrays(list(analysis.env.values()))) + \
-        [ids for dims in analysis.params.values() for ids in dims if ids is not None]
-    for ids in arrays:
+    for ids in analysis.id_arrays():
         if ids.numel() and bool((ids >= 0).all()) and bool(drop[root[ids]].all()):
             drop[root[ids[0]]] = False
 
