@@ -33,7 +33,7 @@ def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule
         tensor = zeroed.get(producer.key, analysis.tensor(producer.key)).detach().clone()
         shape = [1] * tensor.dim()
         shape[producer.dim] = -1
-        zeroed[producer.key] = tensor * mask.view(shape).to(tensor.dtype)
+        zeroed[producer.key] = tensor * mask.view(shape).to(tensor.device, tensor.dtype)
     graph = copy.deepcopy(analysis.gm.graph)
     return build_graph_module(analysis.gm, graph, reference_items(analysis.gm, graph, zeroed))
 
@@ -84,13 +84,14 @@ def _fold(analysis: Analysis, pruning: Pruning, pruned: fx.GraphModule, f: Folda
     dropped = _dropped(pruning, analysis, f)
     dims = [d for d in range(value.dim()) if d != f.channel_dim % value.dim()]
     mean = value.double().mean(dim=dims) if dims else value.double()
-    weight = analysis.tensor(f.weight).detach().double().index_select(f.in_dim, dropped.nonzero().flatten())
+    weight = analysis.tensor(f.weight).detach().double()
+    weight = weight.index_select(f.in_dim, dropped.nonzero().flatten().to(weight.device))
     shape = [1] * weight.dim()
     shape[f.in_dim] = -1
     per_out = 1 - f.in_dim  # conv/linear: out rows are dim 0; transposed conv: dim 1
-    contribution = (weight * mean[dropped].view(shape)).sum(dim=[d for d in range(weight.dim()) if d != per_out])
+    contribution = (weight * mean[dropped.to(mean.device)].view(shape)).sum(dim=[d for d in range(weight.dim()) if d != per_out])
     kept_out = pruning.kept(analysis.params[f.bias][0])
     bias = tensor_at(pruned, f.bias)
     with torch.no_grad():
-        bias.add_(contribution[kept_out].to(bias.dtype))
+        bias.add_(contribution[kept_out.to(contribution.device)].to(bias.dtype))
 

@@ -90,7 +90,7 @@ def _member_scores(analysis: Analysis, group: Group, lookup: dict[int, int], mem
             raise InvalidOptionError("criterion 'taylor' needs loss_fn and batch")
         grad = gradients[member.key].detach().to(tensor.dtype)
         rows = rows * grad.movedim(member.dim, 0).reshape(rows.shape)
-    position = _position_scores(rows, criterion)
+    position = _position_scores(rows, criterion).cpu()  # one score per row: small, and on the CPU
     index = _unit_index(analysis, lookup, member.key, member.dim)
     valid = index >= 0
     out = torch.zeros(group.size, dtype=torch.float64)

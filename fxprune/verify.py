@@ -58,7 +58,7 @@ def _zeroed_params(analysis: Analysis, pruning: Pruning) -> dict[str, torch.Tens
         tensor = out.get(key, analysis.tensor(key)).detach().clone()
         shape = [1] * tensor.dim()
         shape[dim] = -1
-        tensor = tensor * mask.view(shape).to(tensor.dtype)
+        tensor = tensor * mask.view(shape).to(tensor.device, tensor.dtype)
         out[key] = tensor
     for alias, name in analysis.aliases.items():  # tied weights: every name sees the zeroed tensor
         if name in out:
