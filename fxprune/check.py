@@ -11,7 +11,6 @@ the plan survives JSON and re-applies to the same result.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch.utils._pytree as pytree
 from .api import PruneResult, apply_plan, prune, verify
 from .capture import as_inputs
 from .plan import Plan
-from .verify import VerifyReport
+from .verify import VerifyReport, eval_copy
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def _same_state(a: dict, b: dict) -> bool:
 
 
 def _outputs(model: Any, inputs: tuple) -> list[torch.Tensor]:
-    m = copy.deepcopy(model).eval() if getattr(model, "training", False) else model
+    m = eval_copy(model)  # training BatchNorm or observers would change the model by running it
     with torch.no_grad():
         return [t for t in pytree.tree_leaves(m(*inputs)) if isinstance(t, torch.Tensor)]
 

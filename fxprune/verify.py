@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from .analysis import Analysis, meta_value
 from .errors import VerificationError
 from .rewrite import Pruning, build_graph_module
+from .rules.quantization import is_quantizer
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,11 @@ def _outputs(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _eval_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """Running a training-mode model would update BatchNorm statistics: run an eval copy instead."""
-    return copy.deepcopy(model).eval() if model.training else model
+def eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """Running a training-mode model would update BatchNorm statistics, and running a prepared
+    (observed) graph its observers' statistics, in any mode: run an eval copy instead."""
+    stateful = model.training or any(is_quantizer(m) for m in model.modules())
+    return copy.deepcopy(model).eval() if stateful else model
 
 
 def output_masks(analysis: Analysis, drop: torch.Tensor) -> list[list[Optional[torch.Tensor]]]:
@@ -162,8 +165,8 @@ def compare(reference: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, 
             tolerance: Optional[float] = None,
             masks: Optional[list[list[Optional[torch.Tensor]]]] = None) -> VerifyReport:
     """Run both models; ``masks`` select the reference outputs' kept positions (pruned outputs)."""
-    ref_out = _outputs(_eval_copy(reference), inputs)
-    new_out = _outputs(_eval_copy(pruned), inputs)
+    ref_out = _outputs(eval_copy(reference), inputs)
+    new_out = _outputs(eval_copy(pruned), inputs)
     if masks is not None and len(masks) == len(ref_out):
         ref_out = [_keep(t, m) for t, m in zip(ref_out, masks)]
     if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out)):

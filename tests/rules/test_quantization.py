@@ -13,6 +13,7 @@ from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObser
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 import fxprune
+from fxprune.check import check_pruned
 from fxprune.errors import UnsupportedModelError
 
 X = torch.randn(4, 3, 8, 8)
@@ -137,3 +138,11 @@ def test_converted_graphs_are_refused(stage: str) -> None:
     converted = convert_fx(copy.deepcopy(prepared).eval())
     with pytest.raises(UnsupportedModelError, match="already quantized|converted"):
         fxprune.prune(converted, (X,), sparsity=0.5)
+
+
+def test_check_pruned_on_a_prepared_graph_keeps_its_observers_still() -> None:
+    prepared = _ptq()
+    before = _state(prepared)
+    check_pruned(prepared, (X,), sparsity=0.5)  # runs the input, verify and a second prune
+    after = prepared.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "running the prepared graph observed"
