@@ -130,6 +130,21 @@ def _binary_minmax(op: OpCall) -> Any:
     return nary(op)
 
 
+@rule(torch.linalg.vector_norm, aten.linalg_vector_norm, F.normalize)
+def vector_norm(op: OpCall) -> Any:
+    # vector_norm(x, ord, dim, keepdim) / normalize(x, p, dim): a norm over a channel dim freezes it
+    x = op.arg(0, "input")
+    x_ids = op.ids(x)
+    if op.node.target is F.normalize:
+        op.freeze(x_ids[op.value(op.arg(2, "dim", 1)) % len(x_ids)], "a norm over a channel dim")
+        return x_ids
+    dims = _reduced_dims(op, len(x_ids), op.value(op.arg(2, "dim")))
+    op.freeze([x_ids[d] for d in dims], "a norm over a channel dim")
+    keepdim = bool(op.value(op.arg(3, "keepdim", False)))
+    out = [None if d in dims else ids for d, ids in enumerate(x_ids)]
+    return tuple(out if keepdim else [ids for d, ids in enumerate(out) if d not in dims])
+
+
 @rule("softmax", "log_softmax", "cumsum", F.softmax, F.log_softmax, torch.softmax,
       torch.log_softmax, torch.cumsum, nn.Softmax, nn.LogSoftmax, aten.softmax, aten._softmax,
       aten.log_softmax, aten._log_softmax, aten.cumsum)

@@ -69,6 +69,13 @@ def _union(ids: Any) -> Optional[torch.Tensor]:
     return torch.cat(arrays) if arrays else None
 
 
+@rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", aten.new_zeros, aten.new_ones,
+      aten.new_empty, aten.new_full)
+def new_factory(op: OpCall) -> Any:
+    # x.new_zeros(size) -> a fresh tensor of literal size: no channels; x lends only dtype and device
+    return op.fixed()
+
+
 # --- reshape -----------------------------------------------------------------------------------
 VIEWS = ("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", torch.reshape,
          torch.flatten, torch.unflatten, nn.Flatten, nn.Unflatten, aten.view, aten.reshape,
@@ -295,6 +302,20 @@ def rewrite_expand(rw) -> None:
         1, "size", _view_sizes(rw, list(rw.arg(1, "size"))))
 
 
+@rule("roll", torch.roll, aten.roll)
+def roll(op: OpCall) -> Any:
+    # roll(x, shifts, dims): positions rotate along spatial dims (Swin's cyclic shift); channels pass
+    x_ids = op.ids(op.arg(0, "input"))
+    dims = op.value(op.arg(2, "dims"))
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims:  # a roll of the flattened tensor mixes every dim
+        op.freeze(list(x_ids), "a roll over the flattened tensor")
+        return op.fixed()
+    # a rotated channel dim would need a new shift once channels go: keep it whole
+    op.freeze([x_ids[d % len(x_ids)] for d in dims], "a roll along a channel dim")
+    return x_ids
+
+
 @rule("repeat", aten.repeat)
 def repeat(op: OpCall) -> Any:
     x_ids = op.ids(op.arg(0, "input"))
@@ -418,7 +439,7 @@ def getitem(op: OpCall) -> Any:
 def _index(op: OpCall, x_ids: tuple, shape: tuple, index: Any) -> Any:
     items = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, (fx.Node, torch.Tensor, list)) and not _is_int_node(op, i) for i in items):
-        raise Unsupported("indexing with a tensor")
+        return _tensor_index(op, x_ids, _expand_ellipsis(items, len(shape)))
     items = _expand_ellipsis(items, len(shape))
     out, d = [], 0
     for item in items:
@@ -432,6 +453,17 @@ def _index(op: OpCall, x_ids: tuple, shape: tuple, index: Any) -> Any:
             op.freeze(ids, "a single channel selected by index")
         d += 1
     return tuple(out + list(x_ids[d:]))
+
+
+def _tensor_index(op: OpCall, x_ids: tuple, items: list) -> Any:
+    # table[idx] with a tensor idx (other dims whole): the gathered dims lose their channels
+    plain = [isinstance(i, slice) and i == slice(None) for i in items]
+    if any(i is None for i in items) or not all(p or isinstance(i, fx.Node) for p, i in zip(plain, items)):
+        raise Unsupported("indexing that mixes tensors with slices, ints or None")
+    dims = [d for d, p in enumerate(plain) if not p]
+    if any(op.value(items[d]).dtype in (torch.bool, torch.uint8) for d in dims):
+        raise Unsupported("indexing with a boolean mask")
+    return _gather(op, list(x_ids), dims)
 
 
 def _is_int_node(op: OpCall, item: Any) -> bool:
@@ -489,6 +521,35 @@ def _remap_item(kept: Optional[torch.Tensor], item: Any, size: int) -> Any:
     if isinstance(item, slice):
         return slice(remap(kept, item.start, size), remap(kept, item.stop, size), item.step)
     return remap(kept, item, size)
+
+
+@rule(aten.index, aten.index_select, torch.index_select, "index_select")
+def index_tensor(op: OpCall) -> Any:
+    # x[idx] / index(x, [None, idx]): gathered dims lose their channels, the other dims pass
+    x_ids = list(op.ids(op.arg(0, "input")))
+    return _gather(op, x_ids, _gathered_dims(op, len(x_ids)))
+
+
+def _gather(op: OpCall, x_ids: list, indexed: list[int]) -> Any:
+    """Advanced indexing on ``indexed`` dims: their channels freeze, the index dims carry none."""
+    op.freeze([x_ids[d] for d in indexed], "channels gathered by a tensor index")
+    rest = len(x_ids) - len(indexed)
+    new = [None] * (len(op.shape(op.node)) - rest)  # the index tensors' broadcast dims
+    first, last = indexed[0], indexed[-1]
+    if last - first + 1 == len(indexed):  # adjacent indices replace their dims in place
+        return tuple(x_ids[:first] + new + x_ids[last + 1:])
+    return tuple(new + [i for d, i in enumerate(x_ids) if d not in indexed])
+
+
+def _gathered_dims(op: OpCall, ndim: int) -> list[int]:
+    if op.node.target in (aten.index_select, torch.index_select, "index_select") or \
+            getattr(op.node.target, "overloadpacket", None) is aten.index_select:
+        return [op.value(op.arg(1, "dim")) % ndim]
+    indices = list(op.arg(1, "indices"))
+    dims = [d for d, i in enumerate(indices) if i is not None]
+    if not dims or any(op.value(indices[d]).dtype in (torch.bool, torch.uint8) for d in dims):
+        raise Unsupported("indexing with a boolean mask")
+    return dims
 
 
 @rule(aten.slice, aten.slice_copy)

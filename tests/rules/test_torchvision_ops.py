@@ -102,3 +102,46 @@ def test_einsum_contraction_is_masked_by_verify():
     analysis = fxprune.analyze(EinsumAttention().eval(), (torch.randn(2, 5, 16),), "fx")
     sinks = [s for s in analysis.act_sinks if s.node.startswith("einsum")]
     assert [(s.node, s.arg, s.dim) for s in sinks] == [("einsum", 1, 3)]
+
+
+# --- the ATen spellings Swin decomposes into: roll, new_zeros, index, vector norms ----------------
+class RollGatherNorm(nn.Module):
+    """A cyclic shift over space, a mask from new_zeros, a gathered table, a normalised branch."""
+
+    def __init__(self, roll_channels: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.roll_channels = roll_channels
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.table = nn.Parameter(torch.randn(9, 8))
+        self.register_buffer("index", torch.tensor([0, 4, 8, 2]))
+        self.side = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = torch.roll(h, shifts=(1, 1) if not self.roll_channels else (1,), dims=(2, 3) if not
+                       self.roll_channels else (1,))
+        mask = h.new_zeros((4, 4))
+        bias = self.table[self.index].t().reshape(1, 8, 2, 2).repeat(1, 1, 2, 2)
+        n = torch.nn.functional.normalize(self.side(x), dim=1)
+        return self.head(h + bias + mask) + n.sum()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_roll_index_and_new_zeros_pass_channels(level):
+    x = image((1, 3, 4, 4))
+    report = check_pruned(RollGatherNorm().eval(), (x,), capture=level)
+    assert report.verify.exact
+    groups = {g.name: g for g in report.result.groups}
+    assert groups["conv"].prunable and not groups["conv"].frozen_units  # table's columns tied to it
+    assert report.result.graph_module.get_parameter("table").shape == (9, 4)
+    assert not groups["side"].prunable  # normalize over channels freezes them
+    assert any("a norm over a channel dim" in r for r in groups["side"].reasons)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_roll_along_channels_freezes_them(level):
+    analysis = fxprune.analyze(RollGatherNorm(roll_channels=True).eval(), (image((1, 3, 4, 4)),), level)
+    conv = next(g for g in analysis.groups if g.name == "conv")
+    assert not conv.prunable and any("a roll along a channel dim" in r for r in conv.reasons)
