@@ -1,0 +1,86 @@
+"""The torchvision classification zoo: every model prunes at 50% (L1, uniform, classifier kept) and
+keeps every promise (``check_pruned``), at the fx level and at the export level.
+
+- ``pytest -m zoo``: every model of ``torchvision.models.list_models(module=torchvision.models)`` at both
+  levels (what CI runs; about an hour on 2 cores). The zoo checks run, output shape, shrink, verify and
+  the input left untouched; the rerun/plan round trip (``deterministic``) is checked on the default subset.
+- default (``-m "not zoo"``): a handful of families at both levels with the full check, and a snapshot
+  of the pruned graph's normalized report for one model per family.
+
+Models and inputs come from ``benchmarks/zoo.py`` (random weights, eval mode, the smallest input each
+family takes), so the tests and ``benchmarks/zoo.md`` prune exactly the same thing.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torchvision
+
+from fxprune.check import check_pruned
+
+LEVELS = ("fx", "export")
+MODELS = torchvision.models.list_models(module=torchvision.models)
+DEFAULT = ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_0", "efficientnet_b0")
+#: Models that ``torch.fx.symbolic_trace`` cannot capture (the fx level does not apply): none today.
+NOT_FX_TRACEABLE: frozenset[str] = frozenset()
+SNAPSHOTS = {("resnet18", "fx"), ("mobilenet_v3_small", "fx"), ("shufflenet_v2_x0_5", "fx"),
+             ("shufflenet_v2_x0_5", "export"), ("squeezenet1_0", "fx"), ("densenet121", "fx")}
+
+
+def _zoo_script():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo.py"
+    spec = importlib.util.spec_from_file_location("fxprune_benchmarks_zoo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _zoo_script().build
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    """Each zoo model is large: drop it (and its pruned copies) before the next test starts."""
+    yield
+    gc.collect()
+
+
+def _check(name: str, level: str, deterministic: bool):
+    model, inputs = build(name)
+    report = check_pruned(model, inputs, capture=level, sparsity=0.5, criterion="l1",
+                          deterministic=deterministic)
+    assert report.params_after < 0.9 * report.params_before, "the model barely shrank"
+    return report
+
+
+def _cases(names, levels=LEVELS):
+    return [pytest.param(n, lv, id=f"{n}-{lv}") for n in names for lv in levels
+            if not (lv == "fx" and n in NOT_FX_TRACEABLE)]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name, level", _cases(MODELS))
+def test_zoo(name: str, level: str):
+    _check(name, level, deterministic=False)
+
+
+@pytest.mark.parametrize("name, level", _cases(DEFAULT))
+def test_default_subset(name: str, level: str, graph_snapshot):
+    report = _check(name, level, deterministic=True)
+    assert report.verify.exact
+    if (name, level) in SNAPSHOTS:
+        assert report.result.graph_module == graph_snapshot
+
+
+@pytest.mark.zoo
+def test_densenet121_snapshot(graph_snapshot):
+    report = _check("densenet121", "fx", deterministic=False)
+    assert report.result.graph_module == graph_snapshot
+
+
+def test_zoo_lists_every_model_once():
+    assert len(MODELS) == len(set(MODELS)) >= 80
+    assert set(DEFAULT) <= set(MODELS) and NOT_FX_TRACEABLE <= set(MODELS)
