@@ -28,15 +28,15 @@ class Pruning:
 
     def __init__(self, analysis: Analysis, drop: torch.Tensor):
         self.analysis, self.drop = analysis, drop
+        self._keep: Optional[torch.Tensor] = None
 
     def kept(self, ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Bool mask of kept positions (None for a dim without channels)."""
         if ids is None:
             return None
-        mask = torch.ones(ids.shape, dtype=torch.bool)
-        valid = ids >= 0
-        mask[valid] = ~self.drop[self.analysis.solution.root[ids[valid]]]
-        return mask
+        if self._keep is None:  # per id, once: kept unless its class is dropped; a trailing True for -1
+            self._keep = torch.cat([~self.drop[self.analysis.solution.root], torch.ones(1, dtype=torch.bool)])
+        return self._keep[ids.clamp(min=-1)]  # -1 (a fixed position) reads the trailing True
 
     def param_kept(self) -> KeptIndices:
         """{state_dict key: {dim: kept indices}} for every parameter dim that loses positions."""
@@ -145,10 +145,12 @@ def _new_attributes(gm: fx.GraphModule, pairs: list, kept: KeptIndices, pruning:
     """Every module and tensor the new graph refers to, rebuilt (sliced) or copied."""
     items: dict[str, Union[torch.nn.Module, torch.Tensor]] = {}
     memo: dict[int, Any] = {}  # one copy per original object: tied weights stay tied
+    owners = _owners(kept)
     for old, _ in pairs:
         if old.op == "call_module" and old.target not in items:
             module = gm.get_submodule(old.target)
-            items[old.target] = resize_module(module, str(old.target), kept, RewriteCall(pruning, old, old), memo)
+            items[old.target] = resize_module(module, str(old.target), kept, RewriteCall(pruning, old, old), memo,
+                                              owners)
         elif old.op == "get_attr" and old.target not in items:
             value = _attr(gm, str(old.target))
             items[old.target] = _slice_tensor(value, kept.get(str(old.target), {}), memo) \
@@ -179,10 +181,24 @@ def _sliced(value: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def resize_module(module: torch.nn.Module, prefix: str, kept: KeptIndices, rw: RewriteCall, memo: dict):
-    """A copy of ``module`` with every parameter and buffer sliced where the plan drops positions."""
-    touched = any(k == prefix or k.startswith(prefix + ".") for k in kept)
-    if not touched:
+def _owners(kept: KeptIndices) -> frozenset[str]:
+    """Every key of ``kept`` and every module path above one: the modules that have something to slice."""
+    out: set[str] = set()
+    for key in kept:
+        parts = key.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(out)
+
+
+def resize_module(module: torch.nn.Module, prefix: str, kept: KeptIndices, rw: RewriteCall, memo: dict,
+                  owners: Optional[frozenset[str]] = None):
+    """A copy of ``module`` with every parameter and buffer sliced where the plan drops positions.
+
+    ``owners`` (:func:`_owners` of ``kept``) is computed once by the caller; a lookup per module keeps
+    rewriting linear in the number of modules (scanning ``kept`` per module was quadratic).
+    """
+    owners = _owners(kept) if owners is None else owners
+    if prefix not in owners:
         return copy.deepcopy(module, memo)
     new = copy.copy(module)
     new.__dict__ = {k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
@@ -191,7 +207,7 @@ def resize_module(module: torch.nn.Module, prefix: str, kept: KeptIndices, rw: R
                                   for n, p in module._parameters.items())
     new._buffers = OrderedDict((n, None if b is None else _slice_tensor(b, kept.get(f"{prefix}.{n}", {}), memo))
                                for n, b in module._buffers.items())
-    new._modules = OrderedDict((n, None if c is None else resize_module(c, f"{prefix}.{n}", kept, rw, memo))
+    new._modules = OrderedDict((n, None if c is None else resize_module(c, f"{prefix}.{n}", kept, rw, memo, owners))
                                for n, c in module._modules.items())
     resizer = lookup_resizer(module)
     if resizer is None:
