@@ -219,7 +219,7 @@ def _target(row: dict) -> str:
 
 def _meta_line(meta: dict) -> str:
     env = meta.get("env", {})
-    return (f"{meta.get('date', '?')}, torch {env.get('torch', '?')}, Torch-Pruning {env.get('torch_pruning', '?')}, "
+    return (f"{meta.get('date', '?')}, commit {env.get('git', '?')}, torch {env.get('torch', '?')}, Torch-Pruning {env.get('torch_pruning', '?')}, "
             f"{env.get('threads', '?')} thread(s) of {env.get('cpu_count', '?')} CPUs, load average at start "
             f"{env.get('loadavg_at_start', ['?'])[0]}, {meta.get('runs', '?')} run(s)")
 

@@ -67,7 +67,7 @@ def environment(threads: int) -> dict[str, Any]:
     import torch
     env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "threads": threads, "loadavg_at_start": list(os.getloadavg()),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": _git_head()}
     try:
         import torchvision
         env["torchvision"] = torchvision.__version__
@@ -79,6 +79,18 @@ def environment(threads: int) -> dict[str, Any]:
     except ImportError:
         pass
     return env
+
+
+def _git_head() -> str:
+    """The checkout's commit (``+dirty`` when fxprune/ has uncommitted changes), or ``"?"``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxprune"], cwd=HERE.parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + ("+dirty" if dirty else "")
 
 
 def load_results() -> dict[str, Any]:

@@ -79,7 +79,7 @@ def img_block(draw, hw: int) -> tuple:
 
 @st.composite
 def seqvec_block(draw, kind: str) -> tuple:
-    options = ["linear", "linear", "act", "fact", "ln"] + (["lstm", "seqpool"] if kind == "seq" else ["bn"])
+    options = ["linear", "linear", "act", "fact", "ln"] + (["lstm", "lstm", "seqpool"] if kind == "seq" else ["bn"])
     name = draw(st.sampled_from(options))
     if name == "linear":
         return ("linear", draw(WIDTHS))
