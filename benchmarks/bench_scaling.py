@@ -134,12 +134,19 @@ def markdown(section: dict[str, Any]) -> str:
                 cells += [r.get("status", "—"), None, None]
         body.append(cells)
     lines.append(common.table(header, body))
+    runs = sorted({(t, r.get("date", "?"), r.get("git", "?")) for row in rows.values() for t, r in row.items()})
+    lines += ["", "Measured (tool, date, commit): " + "; ".join(f"{t} {d} {g}" for t, d, g in
+                                                           sorted({(t, d, g) for t, d, g in runs}))]
     lines += ["", "Flatness (max / min warm us/node over the blocks measured; target for fxprune <= 1.5):", ""]
     for t in tools:
         per = [rows[k][t]["warm_us_per_node"] for k in rows if rows[k].get(t, {}).get("status") == "ok"]
         if per:
             lines.append(f"- {t}: {max(per) / min(per):.2f} (min {min(per):.0f}, max {max(per):.0f} us/node, "
                          f"{len(per)} sizes)")
+            big = [rows[k][t]["warm_us_per_node"] for k in rows
+                   if int(k) >= 30 and rows[k].get(t, {}).get("status") == "ok"]
+            if big and len(big) < len(per):
+                lines.append(f"  - from 30 blocks up: {max(big) / min(big):.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          "--image", str(args.image), "--repeat", str(args.repeat),
                                                          "--threads", str(args.threads)],
                                         timeout, args.mem_gb, args.threads)
+                rec.update(date=time.strftime("%Y-%m-%d %H:%M"), git=common._git_head())
                 if rec.get("status") != "ok":
                     skip.add(tool)
                 rows[str(blocks)][tool] = rec
