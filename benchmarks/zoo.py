@@ -61,11 +61,18 @@ def zoo_models() -> list[str]:
 
 
 def build(name: str) -> tuple[Any, tuple]:
-    """A random-weight model in eval mode and its example input (both seeded)."""
+    """A random-weight model in eval mode and its example input (both seeded).
+
+    Weights that torchvision initialises to all zeros (ViT's classifier and class token) are drawn
+    from N(0, 0.02) instead: a zero classifier makes every output 0 and the verify check vacuous."""
     import torch
     import torchvision
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
+    with torch.no_grad():  # ViT zero-initialises its head (and class token): the output would be 0 and
+        for key, p in model.named_parameters():  # verify vacuous, so give such weights small values
+            if not key.endswith("bias") and bool((p == 0).all()):
+                p.normal_(0.0, 0.02)
     size = input_size(name)
     return model, (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),)
 
@@ -84,6 +91,19 @@ def fingerprint(model: Any) -> tuple[str, str]:
 def tensor_mb(model: Any) -> float:
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2 ** 20
+
+
+def macs(model: Any, inputs: tuple) -> int:
+    """MACs with nn.MultiheadAttention's eval fast path off: FlopCounterMode does not see inside
+    ``torch._native_multi_head_attention``, which would hide ViT's projections and attention."""
+    import torch
+    from fxprune.stats import count_macs
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return count_macs(model, inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def used_params(gm: Any) -> int:
@@ -122,13 +142,13 @@ def run_worker(name: str, level: str) -> dict[str, Any]:
     from fxprune.errors import CaptureError
     from fxprune.importance import score_groups
     from fxprune.select import Policy, select
-    from fxprune.stats import count_macs, count_params, current_rss_mb, measure
+    from fxprune.stats import count_params, current_rss_mb, measure
 
     torch.set_grad_enabled(False)
     model, inputs = build(name)
     record: dict[str, Any] = {"model": name, "level": level, "input": list(inputs[0].shape)}
     record["model_params"] = count_params(model)
-    record["macs_before"] = count_macs(model, inputs)
+    record["macs_before"] = macs(model, inputs)
     t0, c0 = time.perf_counter(), time.process_time()
     ref_shape = tuple(model(*inputs).shape)
     record.update(forward_s=time.perf_counter() - t0, forward_cpu_s=time.process_time() - c0)
@@ -159,7 +179,7 @@ def run_worker(name: str, level: str) -> dict[str, Any]:
     record["no_rule"] = no_rule_reasons(analysis)
     del scores
     record["params_after"] = used_params(pruned)
-    record["macs_after"] = count_macs(pruned, inputs)
+    record["macs_after"] = macs(pruned, inputs)
     new_shape = tuple(pruned(*inputs).shape)
     report = verify(model, PruneResult(pruned, plan, analysis, drop, inputs), inputs)
     record.update(verify_abs=report.max_abs_error, verify_rel=report.max_rel_error,
@@ -273,7 +293,7 @@ def table_row(r: dict[str, Any]) -> str:
     if r.get("status") not in ("ok", "FAIL"):
         return f"| {r['model']} | {r['level']} | {r['status']} | {r.get('error', '')[:120]} |" + " |" * 9
     ratio = r["params_after"] / r["params_before"]
-    macs = f"{_m(r['macs_before'], 1e9)} → {_m(r['macs_after'], 1e9)}"
+    macs = f"{_m(r['macs_before'])} → {_m(r['macs_after'])}"
     over = (r.get("maxrss_mb") or 0) - (r.get("rss_base_mb") or 0)
     err = f"{r['verify_rel']:.1e} {'exact' if r['exact'] else 'approx'}"
     status = r["status"] if r["status"] == "ok" else f"FAIL: {r.get('error', '')[:80]}"
@@ -283,7 +303,7 @@ def table_row(r: dict[str, Any]) -> str:
             f" {r.get('maxrss_mb', 0):.0f} (+{max(over, 0):.0f} / {r['tensor_mb']:.0f}) | {err} |")
 
 
-HEADER = ("| model | level | status | params M before → after (ratio) | GMACs before → after | forward s | capture s | match s "
+HEADER = ("| model | level | status | params M before → after (ratio) | MMACs before → after | forward s | capture s | match s "
           "| score+select s | rewrite s | prune s | peak RSS MB (+over base / tensors) | verify rel. error |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
