@@ -145,3 +145,31 @@ def test_roll_along_channels_freezes_them(level):
     analysis = fxprune.analyze(RollGatherNorm(roll_channels=True).eval(), (image((1, 3, 4, 4)),), level)
     conv = next(g for g in analysis.groups if g.name == "conv")
     assert not conv.prunable and any("a roll along a channel dim" in r for r in conv.reasons)
+
+
+class IndexSelect(nn.Module):
+    """index_select over rows (channels pass) or over channels (they freeze)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dim = dim
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(4 if dim == 1 else 8, 4, 1)
+        self.register_buffer("rows", torch.tensor([3, 0, 1, 1]))
+
+    def forward(self, x):
+        return self.head(self.conv(x).index_select(self.dim, self.rows))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_index_select_over_rows_passes_channels(level):
+    report = check_pruned(IndexSelect(2).eval(), (image((1, 3, 4, 4)),), capture=level)
+    assert report.result.graph_module.get_parameter("conv.weight").shape[0] == 4
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_index_select_over_channels_freezes_them(level):
+    analysis = fxprune.analyze(IndexSelect(1).eval(), (image((1, 3, 4, 4)),), level)
+    conv = next(g for g in analysis.groups if g.name == "conv")
+    assert not conv.prunable and any("gathered by a tensor index" in r for r in conv.reasons)
