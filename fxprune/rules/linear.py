@@ -5,7 +5,8 @@ columns. ``a @ b`` ties a's last dim to b's second-to-last (the contraction: ver
 positions), keeps a's rows and b's columns, and broadcasts batch dims. A matrix product with a loose
 parameter (``x @ self.weight``) makes that parameter's free dim a producer. ``einsum`` generalises
 both: every letter is one channel space, tied across the operands that use it; a letter missing from the
-output is contracted (verify masks the first operand that carries it).
+output is contracted (verify masks the first operand that carries it; export passes the operands as a
+list, so the mask goes before the permute that feeds one of them, or the letter freezes).
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import operator
 from typing import Any, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analysis import OpCall, Unsupported
+from ..analysis import ActSink, OpCall, Unsupported
 from . import resizer, rule
 
 aten = torch.ops.aten
@@ -126,16 +128,40 @@ def einsum(op: OpCall) -> Any:
         uses = [(i, t.index(letter)) for i, t in enumerate(terms) if letter in t]
         letters[letter] = _einsum_letter(op, operands, uses)
         if letter not in out and letters[letter] is not None:
-            _einsum_contract(op, first, uses[0], letters[letter])
+            _einsum_contract(op, operands, first, uses, letters[letter])
     return tuple(letters[c] for c in out)
 
 
-def _einsum_contract(op: OpCall, first: Optional[int], use: tuple[int, int], ids: torch.Tensor) -> None:
+def _einsum_contract(op: OpCall, operands: list, first: Optional[int], uses: list,
+                     ids: torch.Tensor) -> None:
     # a contracted letter: verify masks the first operand that carries it
-    if first is None:  # verify masks node args, not items of a list argument
-        op.freeze(ids, "an einsum contraction over operands passed as a list")
+    if first is not None:
+        i, d = uses[0]
+        op.consume_act(first + i, d, ids)
         return
-    op.consume_act(first + use[0], use[1], ids)
+    # aten.einsum(eq, [a, b]): verify masks node args, not list items, so mask the operand where a
+    # pure relayout (export's permute before the einsum) reads it
+    if not any(_mask_before_relayout(op, operands[i], d) for i, d in uses):
+        op.freeze(ids, "an einsum contraction over operands passed as a list")
+
+
+RELAYOUTS = ("permute", "transpose", "contiguous", "clone", torch.permute, torch.transpose, torch.clone,
+             aten.permute, aten.transpose, aten.contiguous, aten.clone)
+
+
+def _mask_before_relayout(op: OpCall, operand: Any, dim: int) -> bool:
+    """Record the mask on ``relayout(x) -> operand`` (its only use): masking x's matching dim zeroes
+    the same positions, since a relayout moves channels (the same id arrays) without mixing them."""
+    if not isinstance(operand, fx.Node) or len(operand.users) != 1 or \
+            getattr(operand.target, "overloadpacket", operand.target) not in RELAYOUTS:
+        return False
+    ids = op.ids(operand)[dim]
+    source = op.ids(operand.args[0]) if isinstance(operand.args[0], fx.Node) else None
+    matches = [k for k, s in enumerate(source or ()) if s is ids]
+    if len(matches) != 1:
+        return False
+    op.ctx.act_sinks.append(ActSink(operand.name, 0, matches[0], ids))
+    return True
 
 
 def _einsum_letter(op: OpCall, operands: list, uses: list) -> Optional[torch.Tensor]:

@@ -92,16 +92,34 @@ def test_einsum_attention_prunes_head_dims(level):
     report = check_pruned(EinsumAttention().eval(), (torch.randn(2, 5, 16),), capture=level)
     assert report.verify.exact
     kept = report.result.plan.kept_indices["qkv.weight"][0]
-    # fx: q, k and v head dims all shrink alike; export passes the operands as a list, which verify
-    # cannot mask, so q and k stay whole there and only v shrinks
-    q_kept = [i for i in kept if i < 16]
-    assert len(q_kept) == (8 if level == "fx" else 16) and len(kept) < 48
+    # q, k and v head dims all shrink alike (export passes the operands as a list: the mask of the
+    # contraction goes before the permute that feeds it)
+    assert len(kept) == 24 and len([i for i in kept if i < 16]) == 8
 
 
 def test_einsum_contraction_is_masked_by_verify():
     analysis = fxprune.analyze(EinsumAttention().eval(), (torch.randn(2, 5, 16),), "fx")
     sinks = [s for s in analysis.act_sinks if s.node.startswith("einsum")]
     assert [(s.node, s.arg, s.dim) for s in sinks] == [("einsum", 1, 3)]
+
+
+class ListEinsum(EinsumAttention):
+    """q and k reach the einsum through exp (not a relayout): their contraction cannot be masked."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, 2, 8).permute(0, 2, 1, 3) for t in (q, k, v))
+        weights = torch.einsum("bhid,bhjd->bhij", [q.exp(), k.exp()]).softmax(-1)
+        out = torch.einsum("bhij,bhjd->bhid", [weights, v]).permute(0, 2, 1, 3).reshape(b, n, c)
+        return self.head(self.merge(out) + x)
+
+
+def test_einsum_list_operands_without_relayout_freeze_the_contraction():
+    report = check_pruned(ListEinsum().eval(), (torch.randn(2, 5, 16),), capture="export")
+    kept = report.result.plan.kept_indices["qkv.weight"][0]
+    assert [i for i in kept if i < 32] == list(range(32))  # q and k whole
+    assert any("operands passed as a list" in r for g in report.result.groups for r in g.reasons)
 
 
 # --- the ATen spellings Swin decomposes into: roll, new_zeros, index, vector norms ----------------
