@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import time
 
 import torch
 from torch import nn
