@@ -61,12 +61,29 @@ def capture(model: Any, example_inputs: Any, level: str = "fx") -> Captured:
         gm, level = copy_graph_module(model), graph_level(model)
     elif isinstance(model, torch.nn.Module):
         gm = _trace(model, inputs, level)
+        if _export_values_complete(gm):  # torch.export just traced fake values on every node: reuse them
+            refuse_quantized(gm)
+            return Captured(gm, level, inputs)
     else:
         raise UnsupportedModelError(f"expected an nn.Module, GraphModule or ExportedProgram, got "
                                     f"{type(model).__name__}")
     refuse_quantized(gm)
     propagate_values(gm, inputs)
     return Captured(gm, level, inputs)
+
+
+def _export_values_complete(gm: fx.GraphModule) -> bool:
+    """True for a fresh ``torch.export`` graph whose nodes all carry export's fake values; its
+    ``_guards_fn`` call (input checks, returns None) gets ``None`` as its value."""
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    if graph_level(gm) != "export":
+        return False
+    for node in nodes:
+        if "val" not in node.meta and not (node.op == "call_module" and node.target == "_guards_fn"):
+            return False
+    for node in nodes:
+        node.meta.setdefault("val", None)
+    return True
 
 
 def graph_level(gm: fx.GraphModule) -> str:
