@@ -1,12 +1,19 @@
-"""Shared checks of the pass tests: every pass is pure (its input is left exactly as it was)."""
+"""Shared checks of the pass tests: every pass is pure (its input is left exactly as it was).
+
+Also makes ``pass_nets.py`` (the network several pass tests share), beside this file, importable.
+"""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _state(gm: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -14,25 +14,10 @@ from fxprune.passes import MaskChannels, Materialize, PruneChannels
 from fxprune.passes.mask_channels import PLAN_KEY, is_mask, masked_plan
 from fxprune.pipeline import Pipeline
 from fxprune.stats import count_params
+from pass_nets import ResidualNet as Net
 
 X = torch.randn(2, 3, 8, 8)
 LEVELS = ("fx", "export")
-
-
-class Net(nn.Module):
-    """conv-bn-relu, a residual block, a strided conv, a classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(y + self.bn2(self.conv2(y)))
-        return self.fc(torch.relu(self.conv3(y)).mean((2, 3)))
 
 
 class Attention(nn.Module):
