@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxprune
