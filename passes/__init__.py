@@ -1,4 +1,5 @@
-"""The pass library, installed as ``fxprune.passes``: one module per pass, named after it.
+"""The pass library, installed as ``fxprune.passes``: one module per pass, named after it (and
+``selection``, the options the two selecting passes share).
 
 Every pass is a frozen dataclass registered by its kebab-case name (see :mod:`fxprune.pipeline`), so it
 can be called directly, listed in ``torch.fx.passes.infra.pass_manager.PassManager(passes=[...])``, or

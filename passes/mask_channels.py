@@ -45,11 +45,13 @@ from fxprune.analysis import Analysis, meta_value
 from fxprune.api import analyze, drop_from_plan, make_plan
 from fxprune.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
-from fxprune.importance import CRITERIA, check_criterion, score_groups
-from fxprune.pipeline import Pass, example_inputs, refresh_values, register
+from fxprune.importance import score_groups
+from fxprune.pipeline import example_inputs, refresh_values, register
 from fxprune.plan import Plan
 from fxprune.rewrite import Pruning
-from fxprune.select import Policy, check_patterns, select
+from fxprune.select import check_patterns, select
+
+from .selection import SelectionOptions
 
 MASK_PREFIX = "fxprune_mask_"
 PLAN_KEY = "fxprune_plan"
@@ -182,40 +184,16 @@ def masked_plan(gm: fx.GraphModule) -> Optional[Plan]:
 # --- the pass -----------------------------------------------------------------------------------
 @register
 @dataclass(frozen=True)
-class MaskChannels(Pass):
+class MaskChannels(SelectionOptions):
     """Mask the channels :class:`~fxprune.passes.PruneChannels` would drop (or a plan names)."""
 
     name = "mask-channels"
 
-    sparsity: float = 0.5
-    """Fraction of each group's units to mask, in [0, 1)."""
-    criterion: str = "l1"
-    """Importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale`` or ``random``."""
-    reduce: str = "mean"
-    """How a unit's scores over several members combine: ``mean``, ``sum`` or ``max``."""
-    global_ranking: bool = False
-    """Rank the units of all groups together (scores normalised per group) instead of per group."""
-    round_to: int = 1
-    """Kept counts are rounded up to a multiple of this."""
-    min_keep: int = 1
-    """No group (and no tensor dim it spans) keeps fewer units than this."""
-    ignore: tuple[str, ...] = ()
-    """fnmatch patterns of module names whose groups are left whole."""
-    seed: int = 0
-    """Seed of the ``random`` criterion."""
-    split_axis: str = "largest"
-    """Which axis carries the channels when a view splits a channel dim (``largest`` or ``outer``)."""
     plan_json: str = ""
     """A saved plan to mask exactly (instead of selecting); the selection options must stay default."""
 
     def validate(self) -> None:
-        if self.criterion not in CRITERIA or self.criterion == "taylor":
-            raise InvalidOptionError(f"criterion {self.criterion!r} is not a mask-channels option; "
-                                     f"expected one of {[c for c in CRITERIA if c != 'taylor']}")
-        check_criterion(self.criterion, self.reduce)
-        self.policy()
-        if self.split_axis not in ("largest", "outer"):
-            raise InvalidOptionError(f"split_axis must be 'largest' or 'outer', got {self.split_axis!r}")
+        super().validate()
         if self.plan_json:
             self._check_plan_only()
 
@@ -233,9 +211,6 @@ class MaskChannels(Pass):
     def of(cls, plan: Plan) -> "MaskChannels":
         """The pass masking exactly what ``plan`` drops."""
         return cls(plan_json=plan.to_json(indent=None))
-
-    def policy(self) -> Policy:
-        return Policy(self.sparsity, self.global_ranking, self.round_to, self.min_keep, self.ignore)
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
         level = graph_level(gm)
