@@ -1,14 +1,16 @@
 """Capture: a model and example inputs become a GraphModule with a traced value on every node.
 
 ``"fx"`` uses ``torch.fx.symbolic_trace`` (layers stay ``call_module`` nodes, readable code, what
-``prepare_fx`` consumes); ``"export"`` uses ``torch.export.export(...).module()`` (ATen ops, parameters as
-``get_attr``, literal sizes in the graph). Values come from one ``no_grad`` forward pass of an eval-mode
-graph (fake copies are kept, activations freed as the pass goes) or, for a training-mode graph whose
-forward would update BatchNorm statistics, from fake tensors. A GraphModule or ExportedProgram is used as it is, at its own level.
+``prepare_fx`` consumes; transformer layers are traced into, see :class:`_Tracer`); ``"export"`` uses
+``torch.export.export(...).module()`` (ATen ops, parameters as ``get_attr``, literal sizes in the graph).
+Values come from a run on the ``meta`` device (see :func:`propagate_values`), or are the fake values a
+fresh ``torch.export`` graph already carries. A GraphModule or ExportedProgram is used as it is, at its
+own level.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import traceback
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -110,7 +112,7 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str) -> fx.GraphModule:
         raise InvalidOptionError(f"capture must be one of {LEVELS}, got {level!r}")
     if level == "fx":
         try:
-            gm = fx.symbolic_trace(model)
+            gm = _symbolic_trace(model)
         except Exception as exc:  # any tracer failure: name the line, suggest export
             raise CaptureError(_trace_failure(exc, "torch.fx.symbolic_trace", "export")) from exc
         gm.training = model.training
@@ -123,6 +125,73 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str) -> fx.GraphModule:
     for module in gm.modules():  # export's module always says training=True; keep the model's mode
         module.training = model.training
     return gm
+
+
+def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` that also traces into nn.Transformer{Encoder,Decoder}[Layer]."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+class _Tracer(fx.Tracer):
+    """fx's default tracer, except that transformer layers and stacks called without masks are traced
+    into (plain fx keeps every ``torch.nn`` module a leaf, so a whole encoder would be one opaque call
+    whose channels all freeze). Inside, their attention is an ``nn.MultiheadAttention`` leaf, their
+    feed-forward ``nn.Linear`` leaves: the ordinary rules prune heads and hidden units.
+
+    A layer's forward tests tensors in Python before its fused fast path; with the fast path switched
+    off while it is traced, that test short-circuits and the graph records the plain path, which
+    computes the same function. Stacks are traced as "each layer in turn, then the norm": their own
+    forward measures the sequence (control flow fx cannot trace), which only matters with masks. Any
+    mask, or an ``is_causal`` hint, keeps the module a leaf, as plain fx would.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._through: set[int] = set()
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return id(m) not in self._through and super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        sequences = _TRANSFORMER_SEQUENCES.get(type(m))
+        if sequences is None or not _without_masks(sequences, args, kwargs):
+            return super().call_module(m, forward, args, kwargs)
+        if type(m) in _TRANSFORMER_STACKS:
+            forward = functools.partial(_TRANSFORMER_STACKS[type(m)], m)
+        self._through.add(id(m))
+        fast_path = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast_path)
+            self._through.discard(id(m))
+
+
+def _without_masks(sequences: int, args: tuple, kwargs: dict) -> bool:
+    """Only the sequences (src; or tgt and memory) are given: every mask is None, every hint falsy."""
+    rest = list(args[sequences:]) + [v for k, v in kwargs.items() if k not in ("src", "tgt", "memory")]
+    return all(v is None or v is False for v in rest)
+
+
+def _encoder_stack(stack: nn.TransformerEncoder, src: Any, *_: Any, **__: Any) -> Any:
+    for layer in stack.layers:
+        src = layer(src)
+    return stack.norm(src) if stack.norm is not None else src
+
+
+def _decoder_stack(stack: nn.TransformerDecoder, tgt: Any, memory: Any, *_: Any, **__: Any) -> Any:
+    for layer in stack.layers:
+        tgt = layer(tgt, memory)
+    return stack.norm(tgt) if stack.norm is not None else tgt
+
+
+#: How many leading arguments are sequences (the rest are masks and hints).
+_TRANSFORMER_SEQUENCES = {nn.TransformerEncoderLayer: 1, nn.TransformerEncoder: 1,
+                          nn.TransformerDecoderLayer: 2, nn.TransformerDecoder: 2}
+_TRANSFORMER_STACKS = {nn.TransformerEncoder: _encoder_stack, nn.TransformerDecoder: _decoder_stack}
 
 
 def _trace_failure(exc: Exception, tracer: str, other: str) -> str:

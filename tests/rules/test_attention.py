@@ -210,3 +210,83 @@ def test_vision_transformer(prune_checked, level):
     if level == "fx":  # the residual stream is tied to the heads: 2 of 4 heads of 8 remain
         attn = gm.encoder.layers.encoder_layer_0.self_attention
         assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (16, 2, 8)
+
+
+# --- nn.Transformer layers: traced into at the fx level --------------------------------------------
+class Encoder(nn.Module):
+    """An nn.TransformerEncoder of two post-norm layers (4 heads of 4), mean-pooled into a head."""
+
+    def __init__(self, norm_first: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class EncoderDecoder(nn.Module):
+    """An encoder layer over ``memory`` and an nn.TransformerDecoder (with a final norm) over ``x``,
+    the decoder called with a causal mask when ``causal``."""
+
+    def __init__(self, causal: bool = False):
+        super().__init__()
+        self.causal = causal
+        self.embed, self.memory = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True,
+                                                  activation="gelu")
+        layer = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, 2, norm=nn.LayerNorm(16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, y):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
+        return self.head(self.decoder(self.embed(x), self.encoder(self.memory(y)), tgt_mask=mask).mean(1))
+
+
+def _called_modules(gm):
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def test_transformer_stacks_are_traced_into_at_fx():
+    gm = fxprune.capture(build(EncoderDecoder), (tokens(), tokens((2, 4, 6))), "fx").gm
+    called = _called_modules(gm)
+    assert not called & {"encoder", "decoder", "decoder.layers.0", "decoder.layers.1"}
+    assert {"encoder.self_attn", "decoder.layers.1.multihead_attn", "decoder.layers.0.linear2",
+            "decoder.norm"} <= called
+    assert torch.backends.mha.get_fastpath_enabled()  # switched off only while a layer is traced
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_prunes_feed_forward_exactly(prune_checked, norm_first):
+    # The residual stream (and the heads tied to it) is left whole, so only exact groups prune: the
+    # traced plain path equals the original model, which runs the fused fast path in eval mode.
+    report = prune_checked(build(Encoder, norm_first), tokens(), "fx", sparsity=0.5, ignore=("embed",),
+                           snapshot=not norm_first)
+    assert report.verify.exact and report.verify.max_abs_error < 1e-5
+    gm = report.result.graph_module
+    assert [gm.get_submodule(f"encoder.layers.{i}.linear1").out_features for i in (0, 1)] == [16, 16]
+
+
+def test_transformer_encoder_prunes_heads_and_the_stream():
+    report = check_pruned(build(Encoder), tokens(), sparsity=0.5)
+    attn = report.result.graph_module.get_submodule("encoder.layers.1.self_attn")
+    assert (attn.num_heads, attn.embed_dim) == (2, 8)
+    assert not report.verify.exact  # LayerNorm over a pruned stream: reported approximate
+
+
+def test_transformer_decoder_prunes_at_fx():
+    report = check_pruned(build(EncoderDecoder), (tokens(), tokens((2, 4, 6))), sparsity=0.5,
+                          ignore=("embed",))
+    gm = report.result.graph_module
+    assert gm.get_submodule("decoder.layers.0.linear1").out_features == 16
+    assert gm.get_submodule("encoder.linear1").out_features == 16
+
+
+def test_transformer_called_with_a_mask_stays_a_leaf():
+    analysis = fxprune.analyze(build(EncoderDecoder, True), (tokens(), tokens((2, 4, 6))))
+    assert "decoder" in _called_modules(analysis.gm)
+    group = next(g for g in analysis.groups if g.name == "embed")
+    assert not group.prunable and "no rule for module decoder" in group.reasons[0]
