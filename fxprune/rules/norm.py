@@ -23,7 +23,13 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 
 
 def _channel_dim(op: OpCall, x: Any) -> int:
-    return 1 if len(op.shape(x)) > 1 else 0
+    return _channel_dim_of(op.module, len(op.shape(x)))
+
+
+def _channel_dim_of(module: Any, ndim: int) -> int:
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # accepts unbatched (C, *spatial)
+        return 0 if ndim == module._get_no_batch_dim() else 1
+    return 1 if ndim > 1 else 0
 
 
 def per_channel(op: OpCall, x: Any, params: list) -> Any:
@@ -176,7 +182,8 @@ def prelu_function(op: OpCall) -> Any:
 
 @resizer(*BATCH_NORMS)
 def resize_batch_norm(old: nn.Module, new: nn.Module, rw) -> None:
-    new.num_features = rw.new_input_shape(0)[1 if len(rw.new_input_shape(0)) > 1 else 0]
+    shape = rw.new_input_shape(0)
+    new.num_features = shape[_channel_dim_of(old, len(shape))]
 
 
 @resizer(nn.LayerNorm, nn.RMSNorm)

@@ -1,12 +1,14 @@
 """Pooling, resampling, padding and reductions.
 
-Pooling and interpolation work per channel: the channel dim passes through, spatial dims carry none.
+Pooling, interpolation and padding work per channel: the leading dims (batch and channel, or only the
+channel of an unbatched input) pass through; the pooled or padded dims carry none (channels there freeze).
 A reduction over non-channel dims passes the channels on. A *sum* over a channel dim is a contraction —
 exact, and verify masks its input — while a mean, max, softmax or norm over a channel dim depends on
 how many channels there are, so it freezes them.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -21,14 +23,12 @@ aten = torch.ops.aten
 POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d,
-                nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-                nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-                nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ConstantPad1d,
-                nn.ConstantPad2d, nn.ConstantPad3d, nn.FractionalMaxPool2d)
+                nn.LPPool2d, nn.LPPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+                nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
 POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
                   F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d,
-                  F.lp_pool2d, F.interpolate, F.upsample, F.max_pool2d_with_indices,
+                  F.lp_pool2d, F.lp_pool3d, F.interpolate, F.upsample, F.max_pool2d_with_indices,
                   torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d)
 POOL_ATEN = tuple(getattr(aten, n) for n in (
     "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
@@ -36,42 +36,47 @@ POOL_ATEN = tuple(getattr(aten, n) for n in (
     "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
     "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
-    "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa",
-    "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
-    "replication_pad3d", "lp_pool1d", "lp_pool2d",
+    "upsample_trilinear3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
+    "lp_pool1d", "lp_pool2d", "lp_pool3d",
+) if hasattr(aten, n))  # not aten's fractional_max_pool: its random samples have a literal channel count
+PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+               nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+               nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
+               nn.CircularPad2d, nn.CircularPad3d)
+PAD_ATEN = tuple(getattr(aten, n) for n in (
+    "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+    "replication_pad1d", "replication_pad2d", "replication_pad3d", "_pad_circular",
 ) if hasattr(aten, n))
 
 
-def per_channel_spatial(op: OpCall, x: Any) -> Any:
-    """Channel dim (1) passes through; every other dim of the output carries no channel."""
-    channels = op.ids(x)[1]
-    out = op.out[0] if isinstance(op.out, (tuple, list)) else op.out
-    ids = tuple(channels if d == 1 else None for d in range(len(out.shape)))
+def _spatial_dims(op: OpCall, ndim: int) -> int:
+    """How many trailing dims the op pools or resamples: the ``Nd`` of its name, else all but (N, C)."""
+    name = type(op.module).__name__ if op.module is not None else str(getattr(op.node.target, "__name__",
+                                                                              op.node.target))
+    found = re.search(r"([123])d", name)
+    return int(found.group(1)) if found else ndim - 2
+
+
+@rule(*POOL_MODULES, *POOL_FUNCTIONS, *POOL_ATEN)
+def pool(op: OpCall) -> Any:
+    # pool(x[..., *spatial]): each leading dim (batch, channel; only channel when unbatched) passes
+    # through; positions along the pooled dims are mixed, so channels there freeze
+    x_ids = op.ids(op.arg(0, "input"))
+    lead = len(x_ids) - _spatial_dims(op, len(x_ids))
+    op.freeze(list(x_ids[lead:]), "pooling or resampling along a channel dim")
+    ids = tuple(x_ids[:lead]) + (None,) * (len(x_ids) - lead)
     if isinstance(op.out, (tuple, list)):  # max_pool with indices
         return tuple(ids for _ in op.out)
     return ids
 
 
-@rule(*POOL_MODULES, *POOL_FUNCTIONS, *POOL_ATEN)
-def pool(op: OpCall) -> Any:
-    # pool(x): per channel
-    x = op.arg(0, "input")
-    if len(op.shape(x)) < 3:
-        return _freeze_unbatched(op, x)
-    return per_channel_spatial(op, x)
-
-
-def _freeze_unbatched(op: OpCall, x: Any) -> Any:
-    op.freeze(op.ids(x), "pooling over an unbatched input")
-    return op.fixed()
-
-
-@rule(F.pad, aten.pad, aten.constant_pad_nd)
+@rule(F.pad, *PAD_MODULES, *PAD_ATEN)
 def pad(op: OpCall) -> Any:
     # pad(x, [l, r, t, b, ...]): padded dims are resized, so they must not carry channels
     x = op.arg(0, "input")
     x_ids = op.ids(x)
-    widths = list(op.value(op.arg(1, "pad")))
+    widths = op.module.padding if op.module is not None else op.value(op.arg(1, "pad"))
     padded = {len(x_ids) - 1 - i // 2 for i, w in enumerate(widths) if w != 0}
     op.freeze([x_ids[d] for d in padded], "padding along a channel dim")
     return tuple(None if d in padded else ids for d, ids in enumerate(x_ids))

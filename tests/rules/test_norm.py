@@ -59,6 +59,8 @@ CASES = {
     "batchnorm2d": (lambda: Norms(_stats(nn.BatchNorm2d(16))), (2, 3, 6, 6), True),
     "batchnorm3d": (lambda: Norms(_stats(nn.BatchNorm3d(16)), dims=3), (1, 3, 4, 4, 4), True),
     "instancenorm2d": (lambda: Norms(nn.InstanceNorm2d(16, affine=True)), (2, 3, 6, 6), True),
+    # unbatched (C, H, W): the channel is dim 0 here, and num_features follows it
+    "instancenorm2d_unbatched": (lambda: Norms(nn.InstanceNorm2d(16, affine=True)), (3, 6, 6), True),
     "groupnorm": (lambda: Norms(nn.GroupNorm(4, 16)), (2, 3, 6, 6), True),
     "groupnorm1": (lambda: Norms(nn.GroupNorm(1, 16)), (2, 3, 6, 6), False),
     "layernorm": (lambda: LayerNormMLP(nn.LayerNorm(16)), (4, 6), False),

@@ -65,6 +65,11 @@ CASES = {
     "maxpool3d": (lambda: Pools(3, nn.MaxPool3d(2)), (1, 2, 4, 4, 4)),
     "avgpool1d": (lambda: Pools(1, nn.AdaptiveAvgPool1d(3)), (2, 2, 8)),
     "upsample": (lambda: Pools(2, nn.Upsample(scale_factor=2)), (1, 2, 4, 4)),
+    "lppool3d": (lambda: Pools(3, nn.LPPool3d(2, 2)), (1, 2, 4, 4, 4)),
+    "reflection_pad3d": (lambda: Pools(3, nn.ReflectionPad3d(1)), (1, 2, 4, 4, 4)),
+    # unbatched (C, H, W): the channel is dim 0, the pooled or padded dims are the last two
+    "maxpool2d_unbatched": (lambda: Pools(2, nn.MaxPool2d(2)), (2, 8, 8)),
+    "circular_pad2d_unbatched": (lambda: Pools(2, nn.CircularPad2d(1)), (2, 8, 8)),
     "functional": (Functional, (1, 2, 8, 8)),
     "sum_over_channels": (SumOverChannels, (2, 2, 4, 4)),
 }
@@ -92,3 +97,20 @@ def test_mean_over_channels_freezes(level):
     analysis = fxprune.analyze(MeanOverChannels().eval(), torch.randn(1, 2, 4, 4), level)
     group = next(g for g in analysis.groups if g.name == "c1")
     assert not group.prunable and "mean" in group.reasons[0]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_pooling_over_a_channel_dim_freezes(level):
+    # a conv's channels moved onto a pooled dim: pooling mixes them, so they stay
+    class Moved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.fc = nn.Conv1d(2, 8, 1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(F.max_pool1d(self.c1(x).transpose(1, 2), 2))
+
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(Moved().eval(), torch.randn(1, 2, 6), level)
+    group = next(g for g in analysis.groups if g.name == "c1")
+    assert not group.prunable and "pooling or resampling along a channel dim" in group.reasons[0]
