@@ -106,7 +106,7 @@ def convolution(op: OpCall) -> Any:
 
 def _new_groups(rw, groups: int) -> int:
     """Whole groups are pruned: groups shrink in proportion to the output channels."""
-    c = 1 if len(rw.old_shape()) > 1 else 0
+    c = len(rw.old_shape()) - (len(rw.old_input_shape(1)) - 2) - 1  # 1 batched, 0 unbatched
     return groups * rw.new_shape()[c] // rw.old_shape()[c]
 
 

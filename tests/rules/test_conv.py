@@ -113,6 +113,9 @@ CASES = {
     "chain": (ConvChain, (1, 3, 8, 8)),
     "grouped": (Grouped, (1, 3, 8, 8)),
     "depthwise": (Depthwise, (1, 3, 8, 8)),
+    # unbatched (C, H, W): the channel is dim 0; groups shrink with it (a literal at the export level)
+    "grouped_unbatched": (Grouped, (3, 8, 8)),
+    "depthwise_unbatched": (Depthwise, (3, 8, 8)),
     "transposed": (Transposed, (1, 3, 8, 8)),
     "conv1d_prelu": (Conv1dPReLU, (2, 4, 10)),
     "conv3d": (Conv3d, (1, 2, 4, 4, 4)),
