@@ -83,5 +83,5 @@ def _lookup(table: dict, node: fx.Node, module: Optional[torch.nn.Module]) -> Op
 
 
 # Importing the families fills the tables.
-from . import elementwise, conv, linear, norm, shape, pool, recurrent, attention, embedding, torchvision_ops  # noqa: E402,F401,E501
+from . import elementwise, conv, linear, norm, shape, pool, recurrent, attention, embedding, torchvision_ops, shuffle  # noqa: E402,F401,E501
 from . import quantization  # noqa: E402  (after conv and linear: QAT layers extend them)
