@@ -141,6 +141,19 @@ def nary(op: OpCall) -> Any:
     return broadcast(op, args)
 
 
+@rule(nn.GLU, F.glu, aten.glu)
+def glu(op: OpCall) -> Any:
+    # glu(x, dim) = a * sigmoid(b), a and b the halves of dim: channels i and C/2 + i are one unit
+    x_ids = op.ids(op.arg(0, "input"))
+    dim = op.module.dim if op.module is not None else op.value(op.arg(1, "dim", -1))
+    d = dim % len(x_ids)
+    if x_ids[d] is None:
+        return x_ids
+    halves = x_ids[d].view(2, -1)
+    op.unify(halves[0], halves[1], f"the gated halves of a GLU at {op.where()}")
+    return tuple(halves[0] if i == d else ids for i, ids in enumerate(x_ids))
+
+
 def _torchvision_pass_through() -> tuple:
     try:
         from torchvision.ops import stochastic_depth

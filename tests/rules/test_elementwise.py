@@ -108,11 +108,31 @@ class LayerScale(nn.Module):
         return self.head(self.conv(x) * self.gamma + self.shift)
 
 
+class Gated(nn.Module):
+    """GLU over conv channels (a module) and over linear features (the function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.glu = nn.Conv2d(3, 8, 1), nn.GLU(dim=1)
+        self.fc1, self.fc2 = nn.Linear(4, 12), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(F.glu(self.fc1(self.glu(self.conv(x)).mean((2, 3)))))
+
+
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("case", [Residual, SqueezeExcite, LayerScale], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", [Residual, SqueezeExcite, LayerScale, Gated], ids=lambda c: c.__name__)
 def test_merges(prune_checked, case, level):
     torch.manual_seed(0)
-    prune_checked(case().eval(), torch.randn(2, 3, 6, 6), level)
+    report = prune_checked(case().eval(), torch.randn(2, 3, 6, 6), level)
+    assert report.verify.exact and report.verify.max_abs_error < 1e-5
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_glu_keeps_both_halves_of_a_unit(level):
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(Gated().eval(), torch.randn(1, 3, 6, 6), level)
+    assert {g.name: g.size for g in analysis.groups if g.prunable} == {"conv": 4, "fc1": 6}
 
 
 @pytest.mark.parametrize("level", LEVELS)
