@@ -72,10 +72,12 @@ def build_groups(ctx: "Context", solution: Solution) -> tuple[Group, ...]:
     """Connect producers that share a class; each connected set is one group."""
     roots = [solution.root[ctx.params[p.key][p.dim]] for p in ctx.producers]
     parent = list(range(len(roots)))
-    owner: dict[int, int] = {}
+    owner = torch.full((solution.root.numel(),), -1, dtype=torch.long)  # first producer of each class
     for index, r in enumerate(roots):
-        for c in r.unique().tolist():
-            other = owner.setdefault(c, index)
+        classes = r[r >= 0].unique()
+        seen = owner[classes]
+        owner[classes[seen < 0]] = index
+        for other in seen[seen >= 0].unique().tolist():  # producers met before: usually none or one
             _union(parent, index, other)
     by_group: dict[int, list[int]] = {}
     for index in range(len(roots)):
