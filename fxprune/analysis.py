@@ -156,6 +156,8 @@ class OpCall:
             return self.ctx.env.get(value)
         if isinstance(value, (list, tuple)):
             return type(value)(self.ids(v) for v in value)
+        if isinstance(value, dict):  # e.g. a graph output {"out": ..., "aux": ...}
+            return {k: self.ids(v) for k, v in value.items()}
         return None
 
     def shape(self, value: Any) -> tuple[int, ...]:
@@ -268,6 +270,9 @@ def iter_arrays(ids: Any) -> Iterator[torch.Tensor]:
         yield ids
     elif isinstance(ids, (list, tuple)):
         for item in ids:
+            yield from iter_arrays(item)
+    elif isinstance(ids, dict):
+        for item in ids.values():
             yield from iter_arrays(item)
 
 

@@ -114,7 +114,21 @@ class Video(nn.Module):
         return self.fc(F.adaptive_avg_pool3d(self.c2(self.c1(x)), 1).flatten(1))
 
 
+class TwoHeads(nn.Module):
+    """A dict output (as torchvision's segmentation models return): every entry is a fixed interface."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.out, self.aux = nn.Conv2d(16, 5, 1), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return {"out": F.interpolate(self.out(y), size=x.shape[-2:]), "aux": self.aux(y)}
+
+
 CASES = {
+    "two_heads": (TwoHeads, lambda: (torch.randn(1, 3, 8, 8),)),
     "se_resnext": (SEResNeXt, lambda: (torch.randn(2, 3, 8, 8),)),
     "unet": (UNet, lambda: (torch.randn(1, 3, 16, 16),)),
     "tcn_gru": (TCN, lambda: (torch.randn(2, 4, 20),)),
@@ -131,3 +145,16 @@ def test_architecture(case, level):
     model = factory().eval()
     report = check_pruned(model, inputs(), capture=level, sparsity=0.5)
     assert report.verify.exact and report.params_after < 0.75 * report.params_before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", LEVELS)
+def test_torchvision_segmentation_model(level):
+    # returns {"out": ...}: the channels reaching it stay (the fx level once pruned them: 5 -> 3 classes)
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None,
+                                         num_classes=5).eval()
+    report = check_pruned(model, torch.randn(1, 3, 64, 64), capture=level, sparsity=0.5)
+    assert report.verify.exact and report.params_after < 0.5 * report.params_before
