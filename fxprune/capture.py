@@ -278,7 +278,27 @@ def _device_of(gm: fx.GraphModule, inputs: Sequence) -> torch.device:
     return torch.device("cpu")
 
 
-class _MetaValues(fx.Interpreter):
+class MutableArgs:
+    """Interpreter mixin: ops get plain lists and dicts, as the generated code gives them. fx keeps node
+    arguments immutable, and some functions edit a list they are given (torchvision's 3-D shifted window
+    attention pads its ``window_size`` list in place)."""
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)  # type: ignore[misc]
+        return _mutable(args), _mutable(kwargs)
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
+class _MetaValues(MutableArgs, fx.Interpreter):
     """Runs the graph on meta tensors and records fake values on the model's device."""
 
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, device: torch.device):
@@ -385,7 +405,7 @@ def _is_training(gm: fx.GraphModule) -> bool:
                and not isinstance(m, fx.GraphModule))
 
 
-class _FakeEvalProp(FakeTensorProp):
+class _FakeEvalProp(MutableArgs, FakeTensorProp):
     """Fake propagation that calls eval-mode shallow copies of modules: shapes are the same, and
     ``BatchNorm.forward`` cannot bump the real ``num_batches_tracked`` of a training-mode model."""
 
@@ -397,7 +417,7 @@ class _FakeEvalProp(FakeTensorProp):
         return module(*args, **kwargs)
 
 
-class _RecordValues(fx.Interpreter):
+class _RecordValues(MutableArgs, fx.Interpreter):
     """Runs the graph and stores a fake copy of each node's value in its metadata."""
 
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):

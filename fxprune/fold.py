@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .analysis import Analysis, Foldable, tensor_at
+from .capture import MutableArgs
 from .rewrite import Pruning, build_graph_module
 from .verify import reference_items
 
@@ -38,7 +39,7 @@ def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule
     return build_graph_module(analysis.gm, graph, reference_items(analysis.gm, graph, zeroed))
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(MutableArgs, fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: set[str]):
         super().__init__(gm)
         self.wanted, self.values = wanted, {}

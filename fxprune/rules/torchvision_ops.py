@@ -1,4 +1,5 @@
-"""torchvision functions that ``torch.fx.wrap`` keeps whole in an fx graph: Swin's attention and friends.
+"""torchvision functions that ``torch.fx.wrap`` keeps whole in an fx graph: Swin's attention and friends
+(the image Swin v1/v2 and the video Swin3d).
 
 At the fx level ``symbolic_trace`` does not look inside a wrapped function, so each is one
 ``call_function`` node and needs its own rule; at the export level they decompose into ATen ops that the
@@ -23,12 +24,17 @@ from ..analysis import OpCall, Unsupported
 from . import rewriter, rule
 
 
-def _swin_functions() -> tuple[tuple, tuple, tuple]:
+def _swin_functions() -> tuple[tuple, tuple, tuple, tuple]:
+    """(attention, relative position bias, patch merging, attention taking a logit_scale): Swin v1/v2
+    and the video Swin3d, whose 3-D window attention takes the same arguments but no logit_scale."""
     try:
         from torchvision.models import swin_transformer as swin
+        from torchvision.models.video import swin_transformer as swin3d
     except ImportError:  # torchvision is optional
-        return (), (), ()
-    return (swin.shifted_window_attention,), (swin._get_relative_position_bias,), (swin._patch_merging_pad,)
+        return (), (), (), ()
+    return ((swin.shifted_window_attention, swin3d.shifted_window_attention_3d),
+            (swin._get_relative_position_bias, swin3d._get_relative_position_bias),
+            (swin._patch_merging_pad,), (swin.shifted_window_attention,))
 
 
 def _drop_block_functions() -> tuple:
@@ -39,7 +45,7 @@ def _drop_block_functions() -> tuple:
     return (drop_block2d, drop_block3d)
 
 
-SWIN_ATTENTION, SWIN_BIAS, SWIN_MERGE = _swin_functions()
+SWIN_ATTENTION, SWIN_BIAS, SWIN_MERGE, WITH_LOGIT_SCALE = _swin_functions()
 
 
 @rule(*SWIN_ATTENTION)
@@ -92,7 +98,7 @@ def _tie_per_head(op: OpCall, heads: torch.Tensor) -> None:
         op.freeze([bias_ids[d] for d in range(len(bias_ids)) if d != len(bias_ids) - 3],
                   "a relative position bias over token pairs")
         op.unify(bias_ids[-3], heads, f"a relative position bias without heads at {op.where()}")
-    key = _key(op, 11, "logit_scale")
+    key = _key(op, 11, "logit_scale") if op.node.target in WITH_LOGIT_SCALE else None
     if key is not None:
         op.unify(op.param(key)[0], heads)
 
@@ -106,7 +112,7 @@ def rewrite_shifted_window_attention(rw) -> None:
 
 @rule(*SWIN_BIAS)
 def relative_position_bias(op: OpCall) -> Any:
-    # bias(table[T, h], index[N*N], window) -> [1, h, N, N]: the table's columns are the heads
+    # bias(table[T, h], index, window) -> [1, h, N, N]: the table's columns are the heads
     table_ids = op.ids(op.arg(0, "relative_position_bias_table"))
     op.freeze(table_ids[0], "a relative position table gathered by index")
     return (None, table_ids[1], None, None)

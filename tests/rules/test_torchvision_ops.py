@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.swin_transformer import (PatchMerging, ShiftedWindowAttention,
                                                   ShiftedWindowAttentionV2)
+from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
 import fxprune
 from fxprune.check import check_pruned
@@ -81,6 +82,36 @@ def test_window_attention_v2_prunes_per_head_scale_and_bias_mlp_fx():
 def test_window_attention_export(attention):
     report = check_pruned(WindowBlock(attention).eval(), (image(),), capture="export")
     assert report.verify.exact
+
+
+class VideoWindowBlock(nn.Module):
+    """Swin3d's window attention (4 heads of 4, shifted in time and space) on a Conv3d stem."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv3d(3, 16, 1)
+        self.attn = ShiftedWindowAttention3d(16, [2, 4, 4], [1, 2, 2], num_heads=4)
+        self.merge = PatchMerging(16, norm_layer=nn.Identity)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.stem(x).permute(0, 2, 3, 4, 1)  # B, T, H, W, C
+        h = h + self.attn(h)
+        return self.head(self.merge(h).mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_video_window_attention_prunes_whole_heads(prune_checked, level):
+    # fx: one wrapped call (its list arguments are edited in place by the function: capture hands it
+    # plain lists); export: the decomposed ATen ops
+    report = prune_checked(VideoWindowBlock().eval(), image((1, 3, 4, 8, 8)), level, sparsity=0.5)
+    assert report.verify.exact and report.verify.max_abs_error < 1e-5
+    gm = report.result.graph_module
+    if level == "fx":
+        assert gm.get_parameter("attn.qkv.weight").shape == (24, 8)
+        call = next(n for n in gm.graph.nodes if "shifted_window_attention_3d" in str(n.target))
+        assert call.args[5] == 2
 
 
 def test_window_attention_unshifted_fx():
