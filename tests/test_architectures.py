@@ -147,14 +147,35 @@ def test_architecture(case, level):
     assert report.verify.exact and report.params_after < 0.75 * report.params_before
 
 
+TORCHVISION_BEYOND_CLASSIFICATION = {
+    # returns {"out": ...}: the channels reaching it stay (the fx level once pruned them: 5 -> 3 classes)
+    "lraspp_mobilenet_v3_large": (dict(weights_backbone=None), (1, 3, 64, 64), True),
+    "r3d_18": ({}, (1, 3, 4, 32, 32), True),
+    # 3-D window attention: a wrapped function at the fx level; LayerNorm on the residual stream
+    "swin3d_t": ({}, (1, 3, 4, 64, 64), False),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("level", LEVELS)
-def test_torchvision_segmentation_model(level):
-    # returns {"out": ...}: the channels reaching it stay (the fx level once pruned them: 5 -> 3 classes)
+@pytest.mark.parametrize("name", sorted(TORCHVISION_BEYOND_CLASSIFICATION))
+def test_torchvision_beyond_classification(name, level):
     import torchvision
 
+    kwargs, shape, exact = TORCHVISION_BEYOND_CLASSIFICATION[name]
     torch.manual_seed(0)
-    model = torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None, weights_backbone=None,
-                                         num_classes=5).eval()
-    report = check_pruned(model, torch.randn(1, 3, 64, 64), capture=level, sparsity=0.5)
+    model = torchvision.models.get_model(name, weights=None, num_classes=5, **kwargs).eval()
+    report = check_pruned(model, torch.randn(shape), capture=level, sparsity=0.5, deterministic=False)
+    assert report.verify.exact is exact and report.params_after < 0.5 * report.params_before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", LEVELS)
+def test_torchvision_quantizable_resnet(level):
+    # QuantStub / DeQuantStub and FloatFunctional's add: the float model before prepare prunes as is
+    from torchvision.models.quantization import resnet18
+
+    torch.manual_seed(0)
+    report = check_pruned(resnet18(weights=None, quantize=False).eval(), torch.randn(1, 3, 64, 64),
+                          capture=level, sparsity=0.5, deterministic=False)
     assert report.verify.exact and report.params_after < 0.5 * report.params_before

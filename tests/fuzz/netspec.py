@@ -31,6 +31,10 @@ Blocks (``img`` unless noted):
 ``("lstm", hidden, bidir)``     ``nn.LSTM(batch_first=True)`` (seq), output only
 ``("ln",)``                     ``LayerNorm`` on the last dim (vec or seq)
 ``("seqpool",)``                mean over time (seq) -> vec
+``("shuffle", groups)``         ``nn.ChannelShuffle`` (skipped unless groups divides the channels)
+``("pixel",)``                  ``PixelShuffle(2)`` then ``PixelUnshuffle(2)`` (channels a multiple of 4)
+``("glu",)``                    ``nn.GLU`` over the channels (img) or features (vec, seq); even widths
+``("encoder", heads)``          ``nn.TransformerEncoderLayer`` (seq; 1 head unless ``heads`` divides F)
 ==============================  ===================================================================
 """
 from __future__ import annotations
@@ -283,11 +287,33 @@ def _b_seqpool(state):
     return SeqPool()
 
 
+def _b_shuffle(state, groups):
+    return nn.ChannelShuffle(groups) if state.c % groups == 0 and state.c > groups else None
+
+
+def _b_pixel(state):
+    return nn.Sequential(nn.PixelShuffle(2), nn.PixelUnshuffle(2)) if state.c % 4 == 0 else None
+
+
+def _b_glu(state):
+    if state.c % 2:
+        return None
+    state.c //= 2
+    return nn.GLU(dim=1 if state.kind == "img" else -1)
+
+
+def _b_encoder(state, heads):
+    if state.kind != "seq":
+        return None
+    heads = heads if state.c % heads == 0 else 1
+    return nn.TransformerEncoderLayer(state.c, heads, 2 * state.c, dropout=0.0, batch_first=True)
+
+
 _IMG = {"conv": _b_conv, "bn": _b_bn, "act": _b_act, "fact": _b_fact, "pool": _b_pool, "res": _b_res,
         "se": _b_se, "cat": _b_cat, "split": _b_split, "permute": _b_permute, "flatten": _b_flatten,
-        "gap": _b_gap, "toseq": _b_toseq}
+        "gap": _b_gap, "toseq": _b_toseq, "shuffle": _b_shuffle, "pixel": _b_pixel, "glu": _b_glu}
 _SEQVEC = {"bn": _b_bn, "act": _b_act, "fact": _b_fact, "linear": _b_linear, "lstm": _b_lstm, "ln": _b_ln,
-           "seqpool": _b_seqpool}
+           "seqpool": _b_seqpool, "glu": _b_glu, "encoder": _b_encoder}
 
 
 def _head(state: _State) -> nn.Module:

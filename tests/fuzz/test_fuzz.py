@@ -2,7 +2,8 @@
 
 Hypothesis draws a network from the block DSL in ``netspec.py`` (conv, grouped and depthwise conv, BN,
 activations as modules and functions, pooling, residual adds, squeeze-excite gating, cat, split/chunk,
-channels-last permutes, flatten, LSTM, LayerNorm, Linear) and pruning options (sparsity, criterion,
+channels-last permutes, flatten, LSTM, LayerNorm, Linear, channel and pixel shuffles, GLU, transformer
+encoder layers) and pruning options (sparsity, criterion,
 ``round_to``, ``global_ranking``, ``min_keep``, capture level), then :func:`fxprune.check.check_pruned`
 asserts every promise: the input is untouched, the result runs and keeps its output shape, ``verify``
 passes, a rerun is byte-identical and the plan survives JSON and re-applies.
@@ -55,7 +56,7 @@ def branch_blocks() -> st.SearchStrategy:
 @st.composite
 def img_block(draw, hw: int) -> tuple:
     kind = draw(st.sampled_from(("conv", "conv", "bn", "act", "fact", "pool", "res", "se", "cat", "split",
-                                 "permute", "flatten", "gap", "toseq")))
+                                 "permute", "flatten", "gap", "toseq", "shuffle", "pixel", "glu")))
     if kind == "conv":
         return draw(conv_spec())
     if kind in ("act", "fact"):
@@ -72,6 +73,8 @@ def img_block(draw, hw: int) -> tuple:
         return ("split", draw(st.sampled_from(("chunk", "split"))))
     if kind == "permute":
         return ("permute", draw(WIDTHS))
+    if kind == "shuffle":
+        return ("shuffle", draw(st.sampled_from((2, 3))))
     if kind == "flatten" and hw > 4:  # keep the flattened width small
         return ("gap",)
     return (kind,)
@@ -79,7 +82,8 @@ def img_block(draw, hw: int) -> tuple:
 
 @st.composite
 def seqvec_block(draw, kind: str) -> tuple:
-    options = ["linear", "linear", "act", "fact", "ln"] + (["lstm", "lstm", "seqpool"] if kind == "seq" else ["bn"])
+    options = ["linear", "linear", "act", "fact", "ln", "glu"] + (
+        ["lstm", "lstm", "seqpool", "encoder"] if kind == "seq" else ["bn"])
     name = draw(st.sampled_from(options))
     if name == "linear":
         return ("linear", draw(WIDTHS))
@@ -87,6 +91,8 @@ def seqvec_block(draw, kind: str) -> tuple:
         return (name, draw(st.sampled_from(ACTIVATIONS)))
     if name == "lstm":
         return ("lstm", draw(st.integers(1, 6)), draw(st.booleans()))
+    if name == "encoder":
+        return ("encoder", draw(st.sampled_from((1, 2))))
     return (name,)
 
 
