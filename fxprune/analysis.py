@@ -331,6 +331,8 @@ def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:
         return None
     module = ctx.gm.get_submodule(node.target) if node.op == "call_module" else None
     op = OpCall(ctx, node, module)
+    if module is not None and (module._forward_hooks or module._forward_pre_hooks):
+        return _freeze_all(op, f"{describe_target(node)} has forward hooks, which fxprune cannot see into")
     rule = lookup(node, module)
     if rule is None:
         return _freeze_all(op, f"no rule for {describe_target(node)}")

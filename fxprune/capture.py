@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.nn.utils.weight_norm import WeightNorm  # the class (torch.nn.utils.weight_norm is a function)
 
 from .errors import (CaptureError, ExampleInputError, InvalidOptionError, TrainingModeError,
                      UnsupportedModelError)
@@ -116,6 +117,7 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str) -> fx.GraphModule:
         except Exception as exc:  # any tracer failure: name the line, suggest export
             raise CaptureError(_trace_failure(exc, "torch.fx.symbolic_trace", "export")) from exc
         gm.training = model.training
+        _refuse_lost_hooks(model, gm)
         return gm
     _refuse_training_batch_norm(model)
     try:
@@ -210,6 +212,34 @@ def _user_line(exc: Exception) -> str:
         return ""
     f = frames[-1]
     return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def _refuse_lost_hooks(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """symbolic_trace calls a traced-through module's ``forward``, not its hooks, so the graph would
+    compute something else; a parametrized layer (weight_norm, spectral_norm) or the old hook-based
+    weight_norm cannot be copied into the result. (A leaf with hooks keeps them: analysis freezes it.)"""
+    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for name, module in model.named_modules():
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            raise UnsupportedModelError(
+                f"module {name!r} ({type(module).__name__}) has parametrizations "
+                f"{sorted(module.parametrizations.keys())}: remove them first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations), or use capture='export', which "
+                f"keeps them and leaves those channels unpruned")
+        if any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values()):
+            raise UnsupportedModelError(
+                f"module {name!r} ({type(module).__name__}) uses the hook-based torch.nn.utils.weight_norm, "
+                f"whose computed weight cannot be copied: call torch.nn.utils.remove_weight_norm on it "
+                f"first, or use capture='export'")
+        if _has_hooks(module) and name not in leaves:
+            raise UnsupportedModelError(
+                f"module {name or type(module).__name__!r} has forward hooks that torch.fx.symbolic_trace "
+                f"drops when it traces through the module: remove them, or use capture='export', which "
+                f"runs them")
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _refuse_training_batch_norm(model: torch.nn.Module) -> None:

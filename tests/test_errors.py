@@ -72,6 +72,18 @@ def _quantized() -> nn.Module:
     return convert_fx(prepared)
 
 
+def _weight_normed() -> nn.Module:
+    model = _model()
+    torch.nn.utils.parametrizations.weight_norm(model.conv)
+    return model
+
+
+def _hooked() -> nn.Module:
+    model = _model()
+    model.register_forward_hook(lambda module, args, out: out * 2)  # on the root: traced through
+    return model
+
+
 def _apply(plan_json: str, model: nn.Module | None = None):
     return fxprune.apply_plan(model or _model(), fxprune.Plan.from_json(plan_json), X)
 
@@ -124,6 +136,10 @@ CASES = [
      r"already quantized"),
     ("BatchNorm in training mode at export", lambda m: fxprune.prune(m.train(), X, 0.5, capture="export"),
      errors.TrainingModeError, r"'bn'.*model\.eval\(\)"),
+    ("parametrized layer (weight_norm) at fx", lambda m: fxprune.prune(_weight_normed(), X, 0.5),
+     errors.UnsupportedModelError, r"'conv'.*parametrizations.*remove_parametrizations.*capture='export'"),
+    ("forward hook fx would drop", lambda m: fxprune.prune(_hooked(), X, 0.5), errors.UnsupportedModelError,
+     r"'Net' has forward hooks.*capture='export'"),
     ("bad split_axis", lambda m: fxprune.prune(m, X, 0.5, split_axis="middle"), errors.InvalidOptionError,
      r"'middle'"),
 ]

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from fxprune.check import check_pruned
 from fxprune.rules.elementwise import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES
 
 LEVELS = ("fx", "export")
@@ -183,3 +184,30 @@ def test_unknown_op_freezes_with_reason(level):
     assert not group.prunable and "no rule" in group.reasons[0] and "fft" in group.reasons[0]
     result = fxprune.prune(Unknown().eval(), torch.randn(1, 3, 4, 4), 0.5, capture=level)
     assert "conv.weight" not in result.plan.kept_indices
+
+
+class Hooked(nn.Module):
+    """A layer with a forward hook (per-channel gains fxprune cannot see) between two prunable ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mid, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+        self.mid.register_forward_hook(lambda m, args, out: out * torch.arange(1.0, 9.0).view(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(torch.relu(self.conv(x)))))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_hooked_layer_freezes_what_it_touches(level):
+    # fx: the hooked call_module freezes its input and output channels (its own weights stay whole);
+    # export: the hook is traced, and its constant gains freeze the output channels
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(Hooked().eval(), torch.randn(1, 3, 4, 4), level)
+    if level == "fx":
+        conv = next(g for g in analysis.groups if g.name == "conv")
+        assert not conv.prunable and "forward hooks" in conv.reasons[0]
+    mid = next((g for g in analysis.groups if g.name == "mid"), None)  # fx: never opened as a producer
+    assert mid is None or not mid.prunable
+    report = check_pruned(Hooked().eval(), torch.randn(2, 3, 4, 4), capture=level, expect_shrink=level == "export")
+    assert report.verify.exact
