@@ -319,11 +319,11 @@ class MutableArgs:
 
 
 def _mutable(value: Any) -> Any:
-    if isinstance(value, list):
+    if isinstance(value, list):  # fx's immutable_list is a list
         return [_mutable(v) for v in value]
-    if isinstance(value, tuple):
+    if type(value) is tuple:  # not a subclass: torch.Size, named tuples stay as they are
         return tuple(_mutable(v) for v in value)
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # and immutable_dict a dict
         return {k: _mutable(v) for k, v in value.items()}
     return value
 
