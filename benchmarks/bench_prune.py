@@ -51,9 +51,7 @@ MB = 1024.0 * 1024.0
 # --- the worker: one tool, one model, in this (fresh) process -------------------------------------------
 def build(name: str, image: int):
     import torch
-    import torchvision
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    model = common.random_model(name)
     x = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(1))
     return model, x
 

@@ -134,3 +134,19 @@ def tensor_bytes(module: Any) -> int:
     for t in list(module.parameters()) + list(module.buffers()):
         seen.setdefault(id(t), t.numel() * t.element_size())
     return sum(seen.values())
+
+
+def random_model(name: str) -> Any:
+    """torchvision model ``name`` with seeded random weights, in eval mode.
+
+    Weights torchvision initialises to all zeros (ViT's classifier and class token) are drawn from
+    N(0, 0.02) instead: a zero classifier makes every output 0 and the verify check vacuous."""
+    import torch
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if not key.endswith("bias") and bool((p == 0).all()):
+                p.normal_(0.0, 0.02)
+    return model

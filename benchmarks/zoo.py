@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
 LEVELS = ("fx", "export")
 SPARSITY = 0.5
 
@@ -61,18 +63,10 @@ def zoo_models() -> list[str]:
 
 
 def build(name: str) -> tuple[Any, tuple]:
-    """A random-weight model in eval mode and its example input (both seeded).
-
-    Weights that torchvision initialises to all zeros (ViT's classifier and class token) are drawn
-    from N(0, 0.02) instead: a zero classifier makes every output 0 and the verify check vacuous."""
+    """A random-weight model in eval mode (:func:`common.random_model`) and its example input (both
+    seeded)."""
     import torch
-    import torchvision
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    with torch.no_grad():  # ViT zero-initialises its head (and class token): the output would be 0 and
-        for key, p in model.named_parameters():  # verify vacuous, so give such weights small values
-            if not key.endswith("bias") and bool((p == 0).all()):
-                p.normal_(0.0, 0.02)
+    model = common.random_model(name)
     size = input_size(name)
     return model, (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),)
 
