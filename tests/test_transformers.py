@@ -25,7 +25,16 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-MODELS = {"bert": _bert, "gpt2": _gpt2}
+def _llama(kv_heads: int = 2):
+    """Rotary embeddings, RMSNorm, a gated SiLU MLP and grouped-query attention (2 kv heads for 4)."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=kv_heads, max_position_embeddings=16,
+                                      use_cache=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+MODELS = {"bert": _bert, "gpt2": _gpt2, "llama": _llama}
 
 
 @pytest.mark.slow
@@ -40,3 +49,17 @@ def test_transformers_model_prunes_at_export_level(name):
     assert any(size > kept for size, kept in pruned.values())
     if report.verify.exact:  # GPT-2's residual stream is pruned through LayerNorm: approximate, reported
         assert report.verify.max_abs_error < 1e-4
+
+
+@pytest.mark.slow
+def test_llama_prunes_rotary_pairs_and_mlp_exactly():
+    # q and k of every layer share the rotary frequencies (one inv_freq buffer): a unit is one frequency,
+    # i.e. the pair (i, i + d/2) of every q and k head; v/o head dims and the gated MLP prune per layer
+    torch.manual_seed(0)
+    report = check_pruned(_llama(), (torch.randint(0, 100, (2, 8)),), capture="export", sparsity=0.5)
+    assert report.verify.exact and report.verify.max_abs_error < 1e-4
+    gm = report.result.graph_module
+    assert gm.get_buffer("model.rotary_emb.inv_freq").shape == (2,)
+    assert gm.get_parameter("model.layers.1.self_attn.q_proj.weight").shape == (16, 32)  # 4 heads x 4
+    assert gm.get_parameter("model.layers.1.self_attn.k_proj.weight").shape == (8, 32)  # 2 kv heads x 4
+    assert gm.get_parameter("model.layers.0.mlp.gate_proj.weight").shape == (32, 32)
