@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.fx as fx
 
+from .capture import has_hooks
 from .channels import ChannelTable, Solution, TensorIds
 from .groups import Group, build_groups
 
@@ -331,7 +332,7 @@ def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:
         return None
     module = ctx.gm.get_submodule(node.target) if node.op == "call_module" else None
     op = OpCall(ctx, node, module)
-    if module is not None and (module._forward_hooks or module._forward_pre_hooks):
+    if module is not None and has_hooks(module):
         return _freeze_all(op, f"{describe_target(node)} has forward hooks, which fxprune cannot see into")
     rule = lookup(node, module)
     if rule is None:

@@ -231,14 +231,15 @@ def _refuse_lost_hooks(model: torch.nn.Module, gm: fx.GraphModule) -> None:
                 f"module {name!r} ({type(module).__name__}) uses the hook-based torch.nn.utils.weight_norm, "
                 f"whose computed weight cannot be copied: call torch.nn.utils.remove_weight_norm on it "
                 f"first, or use capture='export'")
-        if _has_hooks(module) and name not in leaves:
+        if has_hooks(module) and name not in leaves:
             raise UnsupportedModelError(
                 f"module {name or type(module).__name__!r} has forward hooks that torch.fx.symbolic_trace "
                 f"drops when it traces through the module: remove them, or use capture='export', which "
                 f"runs them")
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether a module runs forward hooks (fx keeps them on a leaf; analysis cannot see into them)."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
