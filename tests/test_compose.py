@@ -124,17 +124,22 @@ def _train_step(model: torch.nn.Module) -> None:
     opt.step()
 
 
+def _train_and_prune(prepared: torch.nn.Module) -> tuple:
+    """One QAT step, then prune (the prepared graph must stay as it was); the result and conv1's kept rows."""
+    _train_step(prepared)
+    before = _state(prepared)
+    result = fxprune.prune(prepared, (X,), sparsity=0.5)
+    assert _unchanged(before, prepared)
+    return result, list(result.plan.kept_indices["conv1.weight"][0])
+
+
 def test_qat_fx_prunes_trains_and_converts() -> None:
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
     prepared = prepare_qat_fx(copy.deepcopy(_model()).train(), get_default_qat_qconfig_mapping("x86"), (X,))
-    _train_step(prepared)
-    before = _state(prepared)
-    result = fxprune.prune(prepared, (X,), sparsity=0.5)
-    assert _unchanged(before, prepared)
+    result, kept = _train_and_prune(prepared)
     pruned = result.graph_module
-    kept = list(result.plan.kept_indices["conv1.weight"][0])
     fake_quant = pruned.conv1.weight_fake_quant  # per output channel
     assert torch.equal(fake_quant.scale, prepared.conv1.weight_fake_quant.scale[kept])
     assert pruned.conv1.bn.num_features == len(kept) == 32
@@ -151,12 +156,8 @@ def test_qat_pt2e_prunes_and_trains() -> None:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     prepared = prepare_qat_pt2e(torch.export.export(copy.deepcopy(_model()), (X,)).module(), _xnnpack(True))
-    _train_step(prepared)
-    before = _state(prepared)
-    result = fxprune.prune(prepared, (X,), sparsity=0.5)
-    assert _unchanged(before, prepared)
+    result, kept = _train_and_prune(prepared)
     pruned = result.graph_module
-    kept = list(result.plan.kept_indices["conv1.weight"][0])
     conv1_fq = next(n.target for n in prepared.graph.nodes if n.op == "call_module"
                     and any(u.target == torch.ops.aten.conv2d.default and u.args[1] is n for u in n.users))
     old, new = prepared.get_submodule(conv1_fq), pruned.get_submodule(conv1_fq)
