@@ -191,13 +191,12 @@ def _owners(kept: KeptIndices) -> frozenset[str]:
 
 
 def resize_module(module: torch.nn.Module, prefix: str, kept: KeptIndices, rw: RewriteCall, memo: dict,
-                  owners: Optional[frozenset[str]] = None):
+                  owners: frozenset[str]):
     """A copy of ``module`` with every parameter and buffer sliced where the plan drops positions.
 
     ``owners`` (:func:`_owners` of ``kept``) is computed once by the caller; a lookup per module keeps
     rewriting linear in the number of modules (scanning ``kept`` per module was quadratic).
     """
-    owners = _owners(kept) if owners is None else owners
     if prefix not in owners:
         return copy.deepcopy(module, memo)
     new = copy.copy(module)

@@ -32,7 +32,7 @@ def conv(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str], groups:
     if w_key is None:
         raise Unsupported("a conv whose weight is computed in the graph")
     x_ids, w = op.ids(x), op.param(w_key)
-    c = len(op.shape(x)) - (len(w) - 2) - 1  # channel dim: 1 batched, 0 unbatched
+    c = _channel_dim(len(op.shape(x)), len(w))
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     if transposed and groups != 1:
         raise Unsupported("a grouped transposed conv")
@@ -46,6 +46,11 @@ def conv(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str], groups:
     if b_key is not None:
         op.unify(op.param(b_key)[0], out_ids)
     return tuple(out_ids if d == c else None for d in range(len(op.shape(op.node))))
+
+
+def _channel_dim(ndim: int, weight_ndim: int) -> int:
+    """The channel dim of a conv's input or output: 1 batched, 0 unbatched (the rest are kernel dims)."""
+    return ndim - (weight_ndim - 2) - 1
 
 
 def _padded(op: OpCall) -> bool:
@@ -106,7 +111,7 @@ def convolution(op: OpCall) -> Any:
 
 def _new_groups(rw, groups: int) -> int:
     """Whole groups are pruned: groups shrink in proportion to the output channels."""
-    c = len(rw.old_shape()) - (len(rw.old_input_shape(1)) - 2) - 1  # 1 batched, 0 unbatched
+    c = _channel_dim(len(rw.old_shape()), len(rw.old_input_shape(1)))
     return groups * rw.new_shape()[c] // rw.old_shape()[c]
 
 
