@@ -35,6 +35,21 @@ class Functional(nn.Module):
         return self.c2(y)
 
 
+class Resampled(nn.Module):
+    """The other resampling modes, each its own ATen op at the export level."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest-exact") + \
+            F.interpolate(y, scale_factor=2.0, mode="bicubic", antialias=True) + \
+            F.interpolate(y, scale_factor=2.0, mode="bilinear", antialias=True)
+        return self.c2(y)
+
+
 class SumOverChannels(nn.Module):
     def __init__(self):
         super().__init__()
@@ -71,6 +86,7 @@ CASES = {
     "maxpool2d_unbatched": (lambda: Pools(2, nn.MaxPool2d(2)), (2, 8, 8)),
     "circular_pad2d_unbatched": (lambda: Pools(2, nn.CircularPad2d(1)), (2, 8, 8)),
     "functional": (Functional, (1, 2, 8, 8)),
+    "resampled": (Resampled, (1, 2, 8, 8)),
     "sum_over_channels": (SumOverChannels, (2, 2, 4, 4)),
 }
 
