@@ -166,7 +166,10 @@ def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], poli
             norm = s / s.mean().clamp_min(1e-12)
             entries += [(v, group.name, i) for i, v in enumerate(norm.tolist())]
     total = sum(g.size for g in analysis.groups if g.name in scores and group_ratio(g, policy) > 0)
-    budget = math.floor(float(policy.sparsity) * total + 1e-9) if not isinstance(policy.sparsity, Mapping) else 0
+    if isinstance(policy.sparsity, Mapping):  # the mapping's groups share the drops it asks for in all
+        budget = sum(math.floor(group_ratio(g, policy) * g.size + 1e-9) for g in analysis.groups if g.name in scores)
+    else:
+        budget = math.floor(float(policy.sparsity) * total + 1e-9)
     counts: dict[str, int] = {g.name: 0 for g in analysis.groups}
     sizes = {g.name: g.size - max(policy.min_keep, len(g.frozen_units)) for g in analysis.groups}
     for _, name, _ in sorted(entries):
