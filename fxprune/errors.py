@@ -18,8 +18,17 @@ class CaptureError(FxPruneError, RuntimeError):
     """The model could not be captured as a graph at the requested level."""
 
 
+class DynamicShapesError(CaptureError, ValueError):
+    """``torch.export`` rejected the ``dynamic_shapes`` asked for (the message names the dim)."""
+
+
 class ExampleInputError(FxPruneError, ValueError):
     """The example inputs were rejected by the model."""
+
+
+class PrunedGraphError(FxPruneError, RuntimeError):
+    """The rewritten graph fails on example inputs the original ran: a bug in one of fxprune's rules
+    (the message names the failing node), never the user's inputs. Nothing is returned."""
 
 
 class PlanMismatchError(FxPruneError, ValueError):
@@ -42,5 +51,19 @@ class PipelineError(FxPruneError, ValueError):
     """A pipeline spec is malformed, names an unknown pass, or a pass failed."""
 
 
+class CalibrationError(FxPruneError, ValueError):
+    """Calibration data is unusable: no batches, a batch the model rejects or of another shape than
+    the example inputs (the message names the batch index)."""
+
+
+class NonFiniteActivationError(CalibrationError):
+    """A calibration batch produced NaN or infinite activations (the message names the node)."""
+
+
 class UnsafeFileError(FxPruneError, ValueError):
     """A file would need unpickling or code execution to load; fxprune refuses it."""
+
+
+class RuleTableError(FxPruneError, RuntimeError):
+    """The rule table is inconsistent — a spelling claimed by two op families, or a node whose sizes
+    changed that no rewrite covers. A bug in fxprune (or in a user's rule), never in the model."""

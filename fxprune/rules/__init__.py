@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from ..errors import RuleTableError
+
 RULES: dict[Any, Callable] = {}
 REWRITERS: dict[Any, Callable] = {}
 RESIZERS: dict[type, Callable] = {}
@@ -34,10 +36,20 @@ def resizer(*module_types: type) -> Callable:
 
 def _register(table: dict, keys: tuple) -> Callable:
     def decorate(fn: Callable) -> Callable:
+        taken = [key for key in keys if key in table and table[key] is not fn]
+        if taken:  # checked before anything is added: a refused registration leaves the table as it was
+            raise RuleTableError(f"{fn.__module__}.{fn.__qualname__}: {_spelled(taken[0])} is already handled by "
+                                 f"{table[taken[0]].__module__}.{table[taken[0]].__qualname__}")
         for key in keys:
             table[key] = fn
         return fn
     return decorate
+
+
+def _spelled(key: Any) -> str:
+    if isinstance(key, str):
+        return f"method .{key}()"
+    return getattr(key, "__qualname__", None) or str(key)
 
 
 def spelling_of(node: fx.Node, module: Optional[torch.nn.Module]) -> list[Any]:

@@ -39,7 +39,9 @@ PASS_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_drop
                   torch.sqrt, torch.rsqrt, torch.square, torch.clone, torch.clamp, torch.clip,
                   torch.sin, torch.cos, torch.erf, torch.zeros_like, torch.ones_like, torch.empty_like,
                   torch.full_like, torch.rand_like, torch.randn_like, torch.nan_to_num, torch.detach,
-                  operator.neg, torch.sign, torch.reciprocal, torch.exp2, torch.log1p, torch.expm1)
+                  torch.sign, torch.reciprocal, torch.exp2, torch.log1p, torch.expm1)
+# Python's arithmetic operators (operator.add, .neg, .eq...) also compute sizes (``C // heads``): they
+# belong to shape.py's shape_query, which hands tensor operands back to ``nary``.
 PASS_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg",
                 "sqrt", "rsqrt", "square", "clone", "contiguous", "float", "half", "bfloat16", "double",
                 "to", "type", "type_as", "detach", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
@@ -58,14 +60,12 @@ PASS_ATEN = tuple(getattr(aten, n) for n in (
     "fill_", "nan_to_num", "log1p", "expm1", "exp2", "type_as", "relu6",
     "logical_not", "bitwise_not", "isnan", "isinf",
 ) if hasattr(aten, n))
-BINARY_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
-                    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.pow,
-                    operator.mod, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
+BINARY_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                    torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
                     torch.maximum, torch.minimum, torch.where, torch.pow, torch.addcmul, torch.lerp,
                     torch.masked_fill, torch.eq, torch.ne, torch.lt, torch.gt, torch.le, torch.ge,
                     torch.fmod, torch.remainder, torch.atan2, torch.hypot, torch.logical_and,
-                    torch.logical_or, operator.and_, operator.or_, operator.eq, operator.ne,
-                    operator.lt, operator.gt, operator.le, operator.ge, operator.rshift, operator.lshift)
+                    torch.logical_or, operator.and_, operator.or_, operator.rshift, operator.lshift)
 BINARY_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "pow_",
                   "masked_fill", "masked_fill_", "where", "maximum", "minimum", "addcmul", "lerp",
                   "eq", "ne", "lt", "gt", "le", "ge", "fmod", "remainder", "__and__", "__or__",
