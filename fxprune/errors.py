@@ -67,3 +67,13 @@ class UnsafeFileError(FxPruneError, ValueError):
 class RuleTableError(FxPruneError, RuntimeError):
     """The rule table is inconsistent — a spelling claimed by two op families, or a node whose sizes
     changed that no rewrite covers. A bug in fxprune (or in a user's rule), never in the model."""
+
+
+class MissingExtraError(FxPruneError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install
+    (``pip install 'fxprune[executorch]'``)."""
+
+
+class DeployError(FxPruneError, RuntimeError):
+    """A pruned model could not be written for a runtime (ExecuTorch, ONNX Runtime): the message names
+    the target and the stage that failed (export, quantize, lower)."""
