@@ -77,8 +77,11 @@ def group_ratio(group: Group, policy: Policy) -> float:
     return max(ratios) if ratios else 0.0
 
 
-def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> torch.Tensor:
-    """Bool per channel id, true on the roots of dropped classes."""
+def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
+           counts: Optional[Mapping[str, int]] = None) -> torch.Tensor:
+    """Bool per channel id, true on the roots of dropped classes. ``counts`` ({group name: units to
+    drop}) overrides the policy's count for those groups (an adapter that imposes one width per layer
+    kind, such as :mod:`fxprune.hf`)."""
     drop = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
     segments = _segments(analysis)
     holding = _segments_of_units(segments)
@@ -87,6 +90,7 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Polic
         if group.name not in scores:
             continue
         count = budgets.get(group.name, _drop_count(group, group_ratio(group, policy), policy))
+        count = counts.get(group.name, count) if counts else count
         mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
         for unit in _choose(group, scores[group.name], count, mine, policy.min_keep):
             drop[unit] = True
