@@ -7,6 +7,7 @@
 from . import errors
 from .analysis import Analysis, AnalysisOptions, match
 from .api import PruneResult, analyze, apply_plan, prune, verify
+from .calibration import Calibration
 from .capture import capture
 from .groups import Group, Member
 from .io import load, save
@@ -16,5 +17,5 @@ from .verify import VerifyReport
 
 __all__ = ["prune", "apply_plan", "verify", "analyze", "capture", "match", "Plan", "PruneResult",
            "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors",
-           "save", "load", "Pass", "Pipeline"]
+           "save", "load", "Pass", "Pipeline", "Calibration"]
 __version__ = "0.1.0"

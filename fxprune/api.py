@@ -21,7 +21,7 @@ from .analysis import Analysis, AnalysisOptions, match
 from .capture import Captured, as_inputs, capture as capture_graph, propagate_values
 from .errors import InvalidOptionError, PlanMismatchError
 from .fold import constant_reference, fold_biases, folding_is_exact
-from .importance import Criterion, check_criterion, score_groups, taylor_gradients
+from .importance import Criterion, check_criterion, check_data, gather_evidence, score_groups
 from .plan import GroupSummary, Plan
 from .rewrite import Pruning, rewrite
 from .select import Policy, Sparsity, check_patterns, select
@@ -73,7 +73,8 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
           capture: str = "fx", *, reduce: str = "mean", global_ranking: bool = False,
           round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (),
           prune_outputs: bool = False, propagate_bias: bool = False, seed: int = 0, loss_fn: Optional[Callable] = None,
-          batch: Optional[tuple] = None, split_axis: str = "largest",
+          batch: Optional[tuple] = None, calibration: Any = None, normalize: str = "mean",
+          min_keep_ratio: float = 0.0, split_axis: str = "largest",
           progress: bool = False) -> PruneResult:
     """Prune ``model`` and return a new, smaller GraphModule; ``model`` is never modified.
 
@@ -81,23 +82,27 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
         model: an ``nn.Module``, a ``GraphModule`` (used as it is) or an ``ExportedProgram``.
         example_inputs: a tensor or tuple of tensors the model accepts.
         sparsity: fraction of each group's units to drop, or ``{module pattern: ratio}``.
-        criterion: ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"``, ``"random"``, ``"taylor"`` or a
-            callable ``(group, tensors) -> scores``.
+        criterion: a name from ``fxprune.importance.CRITERIA`` (``"l1"``, ``"group_magnitude"``,
+            ``"wanda"``, ``"flap"``, ``"taylor"``, ...) or a callable ``(group, tensors) -> scores``.
+        calibration: batches for the data-aware criteria (``activation``, ``wanda``, ``flap``,
+            ``taylor``, ``hessian``): any iterable of batches, or ``fxprune.Calibration(data,
+            inputs=..., target=..., max_batches=...)`` to say which part of a batch is the input.
+        normalize: how ``global_ranking`` compares groups: ``"mean"``, ``"none"``, ``"max"``,
+            ``"standardize"`` (FLAP's adaptive ratios) or ``"lamp"``.
+        min_keep_ratio: every group keeps at least this fraction of its units.
         capture: ``"fx"`` (symbolic_trace) or ``"export"`` (torch.export, ATen level).
         propagate_bias: fold each dropped channel's constant part (its bias through BN and
             activations) into the consumers' biases, like torch.ao's ``prune_bias=False``.
     """
-    policy = Policy(sparsity, global_ranking, round_to, min_keep, tuple(ignore))
+    policy = Policy(sparsity, global_ranking, round_to, min_keep, tuple(ignore), normalize, min_keep_ratio)
     check_criterion(criterion, reduce)
-    if criterion == "taylor" and (loss_fn is None or batch is None):
-        raise InvalidOptionError("criterion 'taylor' needs loss_fn=(output, target) -> loss and "
-                                 "batch=(inputs, target)")
+    check_data(criterion, calibration, loss_fn, batch)
     bar = _stages(progress, 4)
     analysis = analyze(model, example_inputs, capture, prune_outputs=prune_outputs, split_axis=split_axis)
     _step(bar, "match")
     check_patterns(analysis.groups, policy)
-    gradients = taylor_gradients(analysis.gm, loss_fn, batch) if criterion == "taylor" else None
-    scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, gradients)
+    evidence = gather_evidence(analysis, criterion, calibration, loss_fn, batch, progress)
+    scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, evidence=evidence)
     _step(bar, "score")
     drop = select(analysis, scores, policy)
     options = {"sparsity": sparsity if not isinstance(sparsity, Mapping) else dict(sparsity),
@@ -105,6 +110,10 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
                "capture": analysis.level, "global_ranking": global_ranking, "round_to": round_to,
                "min_keep": min_keep, "ignore": list(ignore), "prune_outputs": prune_outputs,
                "split_axis": split_axis, "propagate_bias": propagate_bias}
+    if global_ranking:
+        options["normalize"] = normalize
+    if min_keep_ratio:
+        options["min_keep_ratio"] = min_keep_ratio
     plan = make_plan(analysis, drop, options)
     _step(bar, "select")
     gm = finish(analysis, drop, as_inputs(example_inputs), propagate_bias)

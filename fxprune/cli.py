@@ -29,8 +29,7 @@ import torch
 
 from . import __version__
 from .errors import FxPruneError
-
-CRITERIA = ("l1", "l2", "fpgm", "bn_scale", "random")  # taylor needs a loss and data: Python API only
+from .importance import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA
 
 
 class CliError(Exception):
@@ -54,7 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, type=Path, help="directory to write to (created)")
     prune.add_argument("--sparsity", type=_sparsity, default=0.5, help="fraction of each group to drop "
                                                                        "(default 0.5)")
-    prune.add_argument("--criterion", choices=CRITERIA, default="l1", help="importance (default l1)")
+    prune.add_argument("--criterion", choices=CRITERIA, default="l1",
+                       help=f"importance (default l1); {', '.join(DATA_CRITERIA)} read --calibration")
+    prune.add_argument("--calibration", type=Path, metavar="FILE.safetensors",
+                       help="calibration data: tensors 'input' (or 'input_0', 'input_1', ...) whose rows are "
+                            "samples, and for taylor/hessian 'target' (class indices, cross-entropy loss)")
+    prune.add_argument("--calibration-batch-size", type=_positive, default=32, metavar="N",
+                       help="rows per calibration batch (default 32)")
+    prune.add_argument("--max-batches", type=_positive, default=None, metavar="N",
+                       help="read at most N calibration batches")
     prune.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="PATTERN",
                        help="keep whole every group a module matching PATTERN (fnmatch) produces")
     prune.add_argument("--round-to", type=_positive, default=1, metavar="N",
@@ -236,9 +243,11 @@ def run_prune(args: argparse.Namespace) -> int:
 def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -> str:
     import fxprune
     from .stats import count_macs, count_params
+    calibration, loss_fn = calibration_data(args)
     result = fxprune.prune(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
                            capture=args.capture, ignore=tuple(args.ignore), round_to=args.round_to,
-                           global_ranking=args.global_ranking, seed=args.seed)
+                           global_ranking=args.global_ranking, seed=args.seed, calibration=calibration,
+                           loss_fn=loss_fn)
     _advance(bar, "verify")
     report = fxprune.verify(model, result, inputs)
     _advance(bar, "count")
@@ -255,6 +264,36 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
         plot_widths(layer_widths(result), out / "widths.png", args.spec)
     _advance(bar, "done")
     return text
+
+
+def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(Calibration, loss_fn)`` from ``--calibration`` (a safetensors file: nothing is unpickled)."""
+    if args.calibration is None:
+        if args.criterion in DATA_CRITERIA:
+            raise CliError(f"criterion {args.criterion!r} reads calibration data: pass --calibration "
+                           f"FILE.safetensors")
+        return None, None
+    from safetensors.torch import load_file
+    from .calibration import Calibration
+    if not args.calibration.is_file():
+        raise CliError(f"bad --calibration: no file {str(args.calibration)!r}")
+    try:
+        tensors = load_file(str(args.calibration))
+    except Exception as exc:
+        raise CliError(f"bad --calibration {str(args.calibration)!r}: not a safetensors file ({exc})") from exc
+    names = ["input"] if "input" in tensors else [f"input_{i}" for i in range(len(tensors))
+                                                  if f"input_{i}" in tensors]
+    if not names:
+        raise CliError(f"bad --calibration: no tensor 'input' or 'input_0' (it has {sorted(tensors)})")
+    columns = [tensors[n] for n in names] + ([tensors["target"]] if "target" in tensors else [])
+    size = args.calibration_batch_size
+    batches = [tuple(c[i:i + size] for c in columns) for i in range(0, columns[0].shape[0], size)]
+    loss_fn = torch.nn.functional.cross_entropy if args.criterion in GRADIENT_CRITERIA else None
+    if loss_fn is not None and "target" not in tensors:
+        raise CliError(f"criterion {args.criterion!r} needs a 'target' tensor in --calibration")
+    inputs = tuple(range(len(names)))
+    return Calibration(batches, inputs=inputs, target=-1 if "target" in tensors else None,
+                       max_batches=args.max_batches), loss_fn
 
 
 def _bar(enabled: bool):

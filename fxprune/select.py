@@ -3,7 +3,14 @@
 Per group, the lowest-scoring units go first (ties broken by unit order, so selection is deterministic)
 until the group's ratio is met, subject to ``min_keep`` (never below, per group and per tensor dim the
 group spans: a channel-split half never empties), ``round_to`` (kept counts a multiple of N) and frozen
-units. ``global_ranking`` ranks units of all groups together on scores normalised by each group's mean.
+units. ``global_ranking`` ranks units of all groups together on scores normalised per group
+(``normalize``: ``mean`` by default, ``none``, ``max``, ``standardize`` or ``lamp``), which gives each
+group its own ratio — FLAP's adaptive per-layer ratios with ``normalize="standardize"`` — bounded
+below by ``min_keep_ratio`` (the fraction of its units every group keeps) and ``min_keep``.
+
+>>> policy = Policy(0.5, global_ranking=True, normalize="standardize", min_keep_ratio=0.2)
+>>> adaptive_ratios(analysis, scores, policy)                     # doctest: +SKIP
+{'conv1': 0.25, 'layer1.0.conv1': 0.625, ...}
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from .errors import InvalidOptionError
 from .groups import Group
 
 Sparsity = Union[float, Mapping[str, float]]
+#: How scores are made comparable across groups for global ranking.
+NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
 
 
 @dataclass(frozen=True)
@@ -30,9 +39,18 @@ class Policy:
     round_to: int = 1
     min_keep: int = 1
     ignore: tuple[str, ...] = field(default_factory=tuple)
+    normalize: str = "mean"
+    """How ``global_ranking`` makes groups' scores comparable (one of :data:`NORMALIZATIONS`)."""
+    min_keep_ratio: float = 0.0
+    """Every group keeps at least this fraction of its units (bounds adaptive ratios)."""
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
+        if self.normalize not in NORMALIZATIONS:
+            raise InvalidOptionError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if isinstance(self.min_keep_ratio, bool) or not isinstance(self.min_keep_ratio, (int, float)) \
+                or not 0 <= self.min_keep_ratio <= 1:
+            raise InvalidOptionError(f"min_keep_ratio must be a float in [0, 1], got {self.min_keep_ratio!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise InvalidOptionError(f"round_to must be a positive int, got {self.round_to!r}")
         if not isinstance(self.min_keep, int) or self.min_keep < 1:
@@ -89,7 +107,8 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Polic
     for group in analysis.groups:
         if group.name not in scores:
             continue
-        count = budgets.get(group.name, _drop_count(group, group_ratio(group, policy), policy))
+        ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
+        count = _drop_count(group, ratio, policy)  # global shares too get round_to and the bounds
         count = counts.get(group.name, count) if counts else count
         mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
         for unit in _choose(group, scores[group.name], count, mine, policy.min_keep):
@@ -99,7 +118,7 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Polic
 
 def _drop_count(group: Group, ratio: float, policy: Policy) -> int:
     keep = group.size - math.floor(ratio * group.size + 1e-9)
-    keep = min(group.size, max(policy.min_keep, _round_up(keep, policy.round_to)))
+    keep = min(group.size, max(policy.min_keep, _min_keep_of(group, policy), _round_up(keep, policy.round_to)))
     return max(0, group.size - max(keep, len(group.frozen_units)))
 
 
@@ -162,12 +181,11 @@ def _segments_of_units(segments: list[frozenset]) -> dict[int, list[int]]:
 
 
 def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict:
-    """Rank all units together on mean-normalised scores; each group's share of the drops."""
+    """Rank all units together on normalised scores; each group's share of the drops."""
     entries = []
     for group in analysis.groups:
         if group.name in scores and group_ratio(group, policy) > 0:
-            s = scores[group.name]
-            norm = s / s.mean().clamp_min(1e-12)
+            norm = normalize_scores(scores[group.name], policy.normalize)
             entries += [(v, group.name, i) for i, v in enumerate(norm.tolist())]
     total = sum(g.size for g in analysis.groups if g.name in scores and group_ratio(g, policy) > 0)
     if isinstance(policy.sparsity, Mapping):  # the mapping's groups share the drops it asks for in all
@@ -175,7 +193,8 @@ def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], poli
     else:
         budget = math.floor(float(policy.sparsity) * total + 1e-9)
     counts: dict[str, int] = {g.name: 0 for g in analysis.groups}
-    sizes = {g.name: g.size - max(policy.min_keep, len(g.frozen_units)) for g in analysis.groups}
+    sizes = {g.name: g.size - max(policy.min_keep, _min_keep_of(g, policy), len(g.frozen_units))
+             for g in analysis.groups}
     for _, name, _ in sorted(entries):
         if budget == 0:
             break
@@ -183,3 +202,45 @@ def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], poli
             counts[name] += 1
             budget -= 1
     return counts
+
+
+def _min_keep_of(group: Group, policy: Policy) -> int:
+    return math.ceil(policy.min_keep_ratio * group.size - 1e-9)
+
+
+def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """One group's scores on a scale comparable across groups (order within the group unchanged).
+
+    ``lamp``: each score over the sum of the scores at least as large (LAMP, Lee et al. 2021), so a
+    group's least important unit always scores lowest against the whole group.
+
+    >>> normalize_scores(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), "lamp")
+    tensor([0.1667, 0.4000, 1.0000], dtype=torch.float64)
+    """
+    s = scores.double()
+    if how == "none":
+        return s
+    if how == "mean":
+        return s / s.mean().clamp_min(1e-12)
+    if how == "max":
+        return s / s.max().clamp_min(1e-12)
+    if how == "standardize":
+        return (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-12)
+    if how == "lamp":
+        order = torch.argsort(s, descending=True, stable=True)
+        lamp = torch.empty_like(s)
+        lamp[order] = s[order] / torch.cumsum(s[order], 0).clamp_min(1e-12)
+        return lamp
+    raise InvalidOptionError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
+
+
+def adaptive_ratios(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict[str, float]:
+    """The fraction of its units each scored group loses under ``policy`` (global ranking gives each
+    group its own; ``round_to`` and the keep bounds applied)."""
+    budgets = _global_budgets(analysis, scores, policy) if policy.global_ranking else {}
+    out = {}
+    for group in analysis.groups:
+        if group.name in scores:
+            ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
+            out[group.name] = _drop_count(group, ratio, policy) / group.size
+    return out

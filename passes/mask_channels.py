@@ -45,7 +45,6 @@ from fxprune.analysis import Analysis, meta_value
 from fxprune.api import analyze, drop_from_plan, make_plan
 from fxprune.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
-from fxprune.importance import score_groups
 from fxprune.pipeline import example_inputs, refresh_values, register
 from fxprune.plan import Plan
 from fxprune.rewrite import Pruning
@@ -232,7 +231,7 @@ class MaskChannels(SelectionOptions):
             drop = drop_from_plan(analysis, plan)
             return drop, make_plan(analysis, drop, plan.options)
         check_patterns(analysis.groups, self.policy())
-        scores = score_groups(analysis, analysis.groups, self.criterion, self.reduce, self.seed)
+        scores = self.scores(analysis)
         if prior is not None:
             scores = _rank_below(analysis, scores, drop_from_plan(analysis, prior))
         drop = select(analysis, scores, self.policy())

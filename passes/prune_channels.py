@@ -4,8 +4,9 @@ The pass is :func:`fxprune.prune` with its options as typed fields: capture (of 
 at its own level), match, score, select, rewrite. It is *one-shot*: it prunes the graph it is given
 once; running it again (``PassManager(steps=2)``, or twice in a pipeline) prunes the result again.
 The example inputs are zeros shaped like the placeholders' traced values (only shapes matter to the
-magnitude criteria); ``criterion="taylor"`` needs a loss and a batch, so it is not an option here —
-call :func:`fxprune.prune` directly for it.
+magnitude criteria; the activation criteria read calibration data, bound with ``with_calibration``
+or given to the pipeline). ``taylor`` and ``hessian`` need a loss function, so they are not options
+here: call :func:`fxprune.prune` directly for them.
 """
 from __future__ import annotations
 
@@ -37,4 +38,5 @@ class PruneChannels(SelectionOptions):
                      capture=graph_level(gm), reduce=self.reduce, global_ranking=self.global_ranking,
                      round_to=self.round_to, min_keep=self.min_keep, ignore=self.ignore,
                      prune_outputs=self.prune_outputs, seed=self.seed,
-                     split_axis=self.split_axis).graph_module
+                     split_axis=self.split_axis, calibration=self.calibration,
+                     normalize=self.normalize, min_keep_ratio=self.min_keep_ratio).graph_module

@@ -5,15 +5,23 @@ names, defaults, docs and checks the same in both.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+
+from fxprune.analysis import Analysis
 from fxprune.errors import InvalidOptionError
-from fxprune.importance import CRITERIA, check_criterion
+from fxprune.importance import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA, check_criterion, \
+    gather_evidence, score_groups
 from fxprune.pipeline import Pass
 from fxprune.select import Policy
 
-#: Criteria a pass can use: ``taylor`` needs a loss and a batch, which a pass does not have.
-PASS_CRITERIA = tuple(c for c in CRITERIA if c != "taylor")
+#: Criteria a pass can use: ``taylor`` and ``hessian`` need a loss function, which a pass option
+#: cannot hold (use :func:`fxprune.prune` with ``loss_fn=``). The activation criteria read the
+#: calibration data a pipeline is run with: ``pipeline(gm, calibration=loader)``.
+PASS_CRITERIA = tuple(c for c in CRITERIA if c not in GRADIENT_CRITERIA)
 
 
 @dataclass(frozen=True)
@@ -23,7 +31,8 @@ class SelectionOptions(Pass):
     sparsity: float = 0.5
     """Fraction of each group's units to drop, in [0, 1)."""
     criterion: str = "l1"
-    """Importance: ``l1``, ``l2``, ``fpgm``, ``bn_scale`` or ``random``."""
+    """Importance: a name from :data:`PASS_CRITERIA` (``activation``, ``wanda`` and ``flap`` read
+    calibration data: bind it with :meth:`with_calibration`, or run the pipeline with it)."""
     reduce: str = "mean"
     """How a unit's scores over several members combine: ``mean``, ``sum`` or ``max``."""
     global_ranking: bool = False
@@ -38,6 +47,34 @@ class SelectionOptions(Pass):
     """Seed of the ``random`` criterion."""
     split_axis: str = "largest"
     """Which axis carries the channels when a view splits a channel dim (``largest`` or ``outer``)."""
+    normalize: str = "mean"
+    """How global ranking compares groups: ``mean``, ``none``, ``max``, ``standardize`` or ``lamp``."""
+    min_keep_ratio: float = 0.0
+    """Every group keeps at least this fraction of its units."""
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        """True when the criterion reads activations: the pass then needs calibration data."""
+        return self.criterion in DATA_CRITERIA
+
+    @property
+    def calibration(self) -> Any:
+        """The calibration data bound with :meth:`with_calibration` (None if none)."""
+        return getattr(self, "_calibration", None)
+
+    def with_calibration(self, calibration: Any, source: Any = None) -> "SelectionOptions":
+        """This pass with ``calibration`` batches bound (not an option: data is given at run time).
+
+        >>> PruneChannels(sparsity=0.5, criterion="wanda").with_calibration(loader)(gm)  # doctest: +SKIP
+        """
+        bound = dataclasses.replace(self)
+        object.__setattr__(bound, "_calibration", calibration)
+        return bound
+
+    def scores(self, analysis: Analysis) -> dict[str, torch.Tensor]:
+        """Each prunable group's scores under these options (reading the bound calibration data)."""
+        evidence = gather_evidence(analysis, self.criterion, self.calibration)
+        return score_groups(analysis, analysis.groups, self.criterion, self.reduce, self.seed, evidence=evidence)
 
     def validate(self) -> None:
         if self.criterion not in PASS_CRITERIA:
@@ -50,4 +87,5 @@ class SelectionOptions(Pass):
 
     def policy(self) -> Policy:
         """The selection policy these options describe (checks sparsity, round_to, min_keep, ignore)."""
-        return Policy(self.sparsity, self.global_ranking, self.round_to, self.min_keep, self.ignore)
+        return Policy(self.sparsity, self.global_ranking, self.round_to, self.min_keep, self.ignore,
+                      self.normalize, self.min_keep_ratio)

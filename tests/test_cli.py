@@ -169,8 +169,8 @@ ERRORS = {
                      r"bad sparsity '1.5'"),
     "pattern matching nothing": (["prune", "cli_models:small", "--input-shape", "1,3,8,8", "--ignore", "zz*"],
                                  r"pattern 'zz\*' matches no prunable module"),
-    "unknown criterion": (["prune", "cli_models:small", "--input-shape", "1,3,8,8", "--criterion", "taylor"],
-                          r"invalid choice: 'taylor'"),
+    "unknown criterion": (["prune", "cli_models:small", "--input-shape", "1,3,8,8", "--criterion", "l3"],
+                          r"invalid choice: 'l3'"),
     "missing .pt2": (["inspect", "nowhere.pt2"], r"no file 'nowhere.pt2'"),
     "unknown command": (["shrink", "x"], r"invalid choice: 'shrink'"),
 }
