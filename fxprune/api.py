@@ -19,10 +19,11 @@ import torch.fx as fx
 
 from .analysis import Analysis, AnalysisOptions, match
 from .capture import Captured, as_inputs, capture as capture_graph, propagate_values
-from .errors import InvalidOptionError, PlanMismatchError
+from .errors import CalibrationError, InvalidOptionError, PlanMismatchError
 from .fold import constant_reference, fold_biases, folding_is_exact
 from .importance import Criterion, check_criterion, check_data, gather_evidence, score_groups
 from .plan import GroupSummary, Plan
+from .recovery import recover as recover_model, recovery_steps
 from .rewrite import Pruning, rewrite
 from .select import Policy, Sparsity, check_patterns, select
 from .verify import VerifyReport, compare, output_masks, reference_model
@@ -37,6 +38,10 @@ class PruneResult:
     analysis: Analysis
     drop: torch.Tensor
     example_inputs: tuple
+    recovery: tuple = ()
+    """The :class:`~fxprune.recovery.RecoveryReport` of each ``recover=`` step (per-layer fit errors)."""
+    structural: Optional[fx.GraphModule] = None
+    """With ``recover=``: the pruned model before recovery, what :func:`verify` checks."""
 
     @property
     def level(self) -> str:
@@ -75,7 +80,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
           prune_outputs: bool = False, propagate_bias: bool = False, seed: int = 0, loss_fn: Optional[Callable] = None,
           batch: Optional[tuple] = None, calibration: Any = None, normalize: str = "mean",
           min_keep_ratio: float = 0.0, split_axis: str = "largest",
-          progress: bool = False) -> PruneResult:
+          progress: bool = False, recover: Sequence[str] = ()) -> PruneResult:
     """Prune ``model`` and return a new, smaller GraphModule; ``model`` is never modified.
 
     Args:
@@ -93,10 +98,15 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
         capture: ``"fx"`` (symbolic_trace) or ``"export"`` (torch.export, ATen level).
         propagate_bias: fold each dropped channel's constant part (its bias through BN and
             activations) into the consumers' biases, like torch.ao's ``prune_bias=False``.
+        recover: recovery steps run on ``calibration`` after pruning, in order (see
+            :mod:`fxprune.recovery`): ``"compensate-bias"`` (or ``"bias"``), ``"reconstruct"``,
+            ``"recalibrate-batchnorm"`` (or ``"batchnorm"``). ``result.recovery`` reports each layer's
+            fit; :func:`verify` checks the structural pruning before recovery.
     """
     policy = Policy(sparsity, global_ranking, round_to, min_keep, tuple(ignore), normalize, min_keep_ratio)
     check_criterion(criterion, reduce)
     check_data(criterion, calibration, loss_fn, batch)
+    steps = check_recovery(recover, calibration)
     bar = _stages(progress, 4)
     analysis = analyze(model, example_inputs, capture, prune_outputs=prune_outputs, split_axis=split_axis)
     _step(bar, "match")
@@ -120,7 +130,20 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
     _step(bar, "rewrite")
     if bar is not None:
         bar.close()
-    return PruneResult(gm, plan, analysis, drop, as_inputs(example_inputs))
+    if not steps:
+        return PruneResult(gm, plan, analysis, drop, as_inputs(example_inputs))
+    recovered, reports = recover_model(analysis, drop, gm, calibration, steps, progress=progress)
+    propagate_values(recovered, as_inputs(example_inputs))
+    return PruneResult(recovered, plan, analysis, drop, as_inputs(example_inputs), reports, gm)
+
+
+def check_recovery(recover: Any, calibration: Any) -> tuple[str, ...]:
+    """``recover=`` as step names; recovery without calibration data is refused before any work."""
+    steps = recovery_steps(recover)
+    if steps and calibration is None:
+        raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration=loader "
+                               f"(any iterable of batches)")
+    return steps
 
 
 def finish(analysis: Analysis, drop: torch.Tensor, inputs: tuple, propagate_bias: bool = False
@@ -221,7 +244,8 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
         exact = exact and folding_is_exact(analysis, drop)
     else:
         reference = reference_model(analysis, drop)
-    report = compare(reference, result.graph_module, inputs, exact, tolerance, masks)
+    pruned = result.structural if result.structural is not None else result.graph_module  # before recovery
+    report = compare(reference, pruned, inputs, exact, tolerance, masks)
     if raise_on_failure and not report.passed:
         from .errors import VerificationError
         raise VerificationError(str(report))

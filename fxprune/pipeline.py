@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .errors import InvalidOptionError, PipelineError
+from .errors import CalibrationError, InvalidOptionError, PipelineError
 
 __all__ = ["Pass", "PassResult", "Pipeline", "register", "registered_passes", "example_inputs",
            "refresh_values", "graph_changed"]
@@ -52,6 +52,8 @@ Hook = Callable[["Pass", fx.GraphModule, fx.GraphModule], None]
 _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _WORD = re.compile(r'[^\s,{}\[\]="]+')  # a name, or a value written without quotes
 PASSES: dict[str, type["Pass"]] = {}
+#: ``gm.meta`` key where a pruning pass records its plan (JSON), so recovery can map layers back.
+PRUNED_PLAN_KEY = "fxprune_pruned_plan"
 
 
 # --- the pass contract --------------------------------------------------------------------------
@@ -65,6 +67,13 @@ class Pass(PassBase):
     """
 
     name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+    """True for passes that read calibration data (bound with :meth:`with_calibration`)."""
+
+    def with_calibration(self, calibration: Any, source: Any = None) -> "Pass":
+        """This pass with run-time data bound: ``calibration`` batches and ``source``, the graph the
+        last pruning pass received. Passes that read no data return themselves."""
+        return self
 
     def __post_init__(self) -> None:
         types = _field_types(type(self))
@@ -371,17 +380,23 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self.passes)
 
-    def __call__(self, gm: fx.GraphModule, hook: Optional[Hook] = None) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, hook: Optional[Hook] = None, calibration: Any = None) -> PassResult:
         """Run every pass; ``hook(pass_, before, after)`` sees each step. A failure names the pass
         and the passes that ran before it (the original error is the ``__cause__``). An empty
-        pipeline returns its input, unmodified."""
-        modified = False
+        pipeline returns its input, unmodified. ``calibration`` (any iterable of batches) is handed
+        to the passes that read data (recovery), with the graph the last pruning pass received."""
+        needy = [str(p) for p in self.passes if p.needs_calibration]
+        if needy and calibration is None:
+            raise CalibrationError(f"pass {needy[0]!r} needs calibration data: pipeline(gm, calibration=loader)")
+        modified, source = False, gm
         for index, p in enumerate(self.passes):
             before = gm
             try:
-                result = p(before)
+                result = p.with_calibration(calibration, source)(before) if p.needs_calibration else p(before)
             except Exception as exc:
                 raise self._failure(index, exc) from exc
+            if result.graph_module.meta.get(PRUNED_PLAN_KEY) != getattr(before, "meta", {}).get(PRUNED_PLAN_KEY):
+                source = before  # a pruning pass ran: recovery compares with its input
             gm, modified = result.graph_module, modified or result.modified
             if hook is not None:
                 hook(p, before, gm)
@@ -424,6 +439,12 @@ def example_inputs(gm: fx.GraphModule) -> tuple:
     for shapes, so zeros of the same shape, dtype and device stand in for the example inputs.
     """
     return tuple(_zeros_like(n, _traced_value(n)) for n in gm.graph.find_nodes(op="placeholder"))
+
+
+def record_plan(gm: fx.GraphModule, plan: Any) -> fx.GraphModule:
+    """Record on ``gm`` (a pruning pass's own new output) the plan that pruned it."""
+    gm.meta[PRUNED_PLAN_KEY] = plan.to_json(indent=None)
+    return gm
 
 
 def refresh_values(gm: fx.GraphModule) -> fx.GraphModule:

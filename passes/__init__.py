@@ -7,22 +7,32 @@ named in a pipeline spec::
 
     Pipeline.parse("fold-batchnorm,prune-channels{sparsity=0.5},dead-channels")
 
-=================  ==========================================================================
-name               what it does
-=================  ==========================================================================
-prune-channels     one-shot structured pruning (``fxprune.prune``) at a given sparsity
-apply-plan         re-apply a saved JSON plan (``fxprune.apply_plan``)
-fold-batchnorm     fold eval-mode BatchNorm into the conv / linear before it
-dead-channels      drop channels that no output depends on (sliced away, never read)
-mask-channels      soft pruning: mask the channels a prune would drop (explicit ``mul`` nodes)
-materialize        turn a masked graph into the physically smaller one
-=================  ==========================================================================
+=====================  ==========================================================================
+name                   what it does
+=====================  ==========================================================================
+prune-channels         one-shot structured pruning (``fxprune.prune``) at a given sparsity
+apply-plan             re-apply a saved JSON plan (``fxprune.apply_plan``)
+fold-batchnorm         fold eval-mode BatchNorm into the conv / linear before it
+dead-channels          drop channels that no output depends on (sliced away, never read)
+mask-channels          soft pruning: mask the channels a prune would drop (explicit ``mul`` nodes)
+materialize            turn a masked graph into the physically smaller one
+recalibrate-batchnorm  re-measure BatchNorm running statistics on calibration data
+compensate-bias        add dropped channels' mean contributions to their consumers' biases
+reconstruct            refit consumers of dropped channels to the original's outputs (least squares)
+=====================  ==========================================================================
+
+The three recovery passes read calibration data given when the pipeline runs:
+``Pipeline.parse("prune-channels{sparsity=0.5},reconstruct")(gm, calibration=loader)``.
 """
 from .apply_plan import ApplyPlan
+from .compensate_bias import CompensateBias
 from .dead_channels import DeadChannels
 from .fold_batchnorm import FoldBatchNorm
 from .mask_channels import MaskChannels
 from .materialize import Materialize
 from .prune_channels import PruneChannels
+from .recalibrate_batchnorm import RecalibrateBatchNorm
+from .reconstruct import Reconstruct
 
-__all__ = ["ApplyPlan", "DeadChannels", "FoldBatchNorm", "MaskChannels", "Materialize", "PruneChannels"]
+__all__ = ["ApplyPlan", "CompensateBias", "DeadChannels", "FoldBatchNorm", "MaskChannels", "Materialize",
+           "PruneChannels", "RecalibrateBatchNorm", "Reconstruct"]

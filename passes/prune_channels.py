@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from fxprune.api import prune
 from fxprune.capture import graph_level
-from fxprune.pipeline import example_inputs, register
+from fxprune.pipeline import example_inputs, record_plan, register
 
 from .selection import SelectionOptions
 
@@ -34,9 +34,10 @@ class PruneChannels(SelectionOptions):
     """Also prune channels that reach a graph output (changes the output shape)."""
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        return prune(gm, example_inputs(gm), sparsity=self.sparsity, criterion=self.criterion,
-                     capture=graph_level(gm), reduce=self.reduce, global_ranking=self.global_ranking,
-                     round_to=self.round_to, min_keep=self.min_keep, ignore=self.ignore,
-                     prune_outputs=self.prune_outputs, seed=self.seed,
-                     split_axis=self.split_axis, calibration=self.calibration,
-                     normalize=self.normalize, min_keep_ratio=self.min_keep_ratio).graph_module
+        result = prune(gm, example_inputs(gm), sparsity=self.sparsity, criterion=self.criterion,
+                       capture=graph_level(gm), reduce=self.reduce, global_ranking=self.global_ranking,
+                       round_to=self.round_to, min_keep=self.min_keep, ignore=self.ignore,
+                       prune_outputs=self.prune_outputs, seed=self.seed,
+                       split_axis=self.split_axis, calibration=self.calibration,
+                       normalize=self.normalize, min_keep_ratio=self.min_keep_ratio)
+        return record_plan(result.graph_module, result.plan)  # what recovery passes map layers with
