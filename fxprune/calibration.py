@@ -303,6 +303,7 @@ class _Watcher(MutableArgs, fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, watched: set[str], observe: Callable[[fx.Node, Any], None]):
         super().__init__(gm)
         self.watched, self.observe = watched, observe
+        self.extra_traceback = False  # errors keep their one-line message
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)

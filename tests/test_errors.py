@@ -142,6 +142,16 @@ CASES = [
      r"'Net' has forward hooks.*capture='export'"),
     ("bad split_axis", lambda m: fxprune.prune(m, X, 0.5, split_axis="middle"), errors.InvalidOptionError,
      r"'middle'"),
+    ("data criterion without calibration", lambda m: fxprune.prune(m, X, 0.5, criterion="wanda"),
+     errors.InvalidOptionError, r"'wanda'.*calibration="),
+    ("empty calibration", lambda m: fxprune.prune(m, X, 0.5, criterion="wanda", calibration=[]),
+     errors.CalibrationError, r"no batches"),
+    ("calibration batch of another shape", lambda m: fxprune.prune(
+        m, X, 0.5, criterion="activation", calibration=[X, torch.randn(1, 3, 7, 7)]), errors.CalibrationError,
+     r"batch 1 input 0 has shape \(1, 3, 7, 7\)"),
+    ("non-finite calibration activations", lambda m: fxprune.prune(
+        m, X, 0.5, criterion="flap", calibration=[torch.full_like(X, float("inf"))]),
+     errors.NonFiniteActivationError, r"batch 0 gives non-finite values at node"),
 ]
 
 
