@@ -14,6 +14,7 @@ from .io import load, save
 from .pipeline import Pass, Pipeline
 from .plan import Plan
 from .verify import VerifyReport
+from . import passes  # noqa: E402,F401  (last: the pass library registers itself with the pipeline)
 
 __all__ = ["prune", "apply_plan", "verify", "analyze", "capture", "match", "Plan", "PruneResult",
            "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors",

@@ -10,16 +10,18 @@ consumers whose inputs verify zeroes) and exposes the user-facing ``groups``.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
 
 from .capture import has_hooks
 from .channels import ChannelTable, Solution, TensorIds
+from .graph import describe_target, fixed_like, has_value, iter_arrays, meta_value, tensor_at  # noqa: F401,E501
 from .groups import Group, build_groups
+from .predicates import weight_source
 
 
 class Unsupported(Exception):
@@ -37,7 +39,7 @@ class AnalysisOptions:
     head dims and shuffle-group widths; ``"outer"`` prunes whole heads)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Producer:
     """A parameter dim whose slices create channels (a conv's output rows): the scores' source."""
 
@@ -46,7 +48,7 @@ class Producer:
     node: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActSink:
     """An activation consumed by a contraction (matmul, sum): verify masks its dropped positions."""
 
@@ -56,7 +58,7 @@ class ActSink:
     ids: torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class Foldable:
     """A conv/linear whose dropped inputs' constant part can be folded into its bias."""
 
@@ -103,25 +105,33 @@ class Context:
             self.aliases[key] = self._names.setdefault(id(tensor), key)
         return self.aliases[key]
 
-    def has_param(self, key: str) -> bool:
-        return tensor_at(self.gm, key, missing_ok=True) is not None
 
-
-@dataclass
+@dataclass(frozen=True)
 class Analysis:
-    """The result of :func:`match`: channel classes, groups and what rewrite and verify need."""
+    """The result of :func:`match`: channel classes, groups and what rewrite and verify need.
+
+    Immutable: sequences are stored as tuples and mappings as read-only views (``MappingProxyType``),
+    whatever the constructor was given, so no later stage can change what another one reads.
+    """
 
     gm: fx.GraphModule
     level: str
-    env: dict[fx.Node, Any]
-    params: dict[str, TensorIds]
+    env: Mapping[fx.Node, Any]
+    params: Mapping[str, TensorIds]
     solution: Solution
-    producers: list[Producer]
-    param_sinks: list[tuple[str, int]]
-    act_sinks: list[ActSink]
+    producers: tuple[Producer, ...]
+    param_sinks: tuple[tuple[str, int], ...]
+    act_sinks: tuple[ActSink, ...]
     groups: tuple[Group, ...]
-    foldables: list[Foldable] = field(default_factory=list)
-    aliases: dict[str, str] = field(default_factory=dict)
+    foldables: tuple[Foldable, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            elif isinstance(value, dict):
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
 
     def canonical(self, key: str) -> str:
         return self.aliases.get(key, key)
@@ -201,17 +211,9 @@ class OpCall:
     def param(self, key: str) -> TensorIds:
         return self.ctx.param(key)
 
-    def module_param(self, name: str) -> Optional[TensorIds]:
-        """A parameter of this call_module node's module, by its local name (None if absent)."""
-        key = f"{self.node.target}.{name}"
-        if getattr(self.module, name, None) is None:
-            return None
-        return self.ctx.param(key)
-
     def param_key(self, value: Any) -> Optional[str]:
         """The state_dict key behind an argument that is a parameter: a get_attr, seen through the
         fake-quantizers and folded-BatchNorm scalings QAT puts on weights (``rules.quantization``)."""
-        from .rules.quantization import weight_source  # the rule table imports this module
         value = weight_source(value, self.ctx.gm)
         if isinstance(value, fx.Node) and value.op == "get_attr":
             return str(value.target)
@@ -246,66 +248,6 @@ class OpCall:
         return fixed_like(self.out if value is None else value)
 
 
-# --- helpers shared by rules -------------------------------------------------------------------
-def meta_value(node: fx.Node) -> Any:
-    if "val" in node.meta:
-        return node.meta["val"]
-    if "tensor_meta" in node.meta:
-        return node.meta["tensor_meta"]
-    if "example_value" in node.meta:
-        return node.meta["example_value"]
-    raise KeyError(f"node {node.name!r} has no traced value; was the graph captured by fxprune.capture?")
-
-
-def fixed_like(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) or hasattr(value, "shape") and hasattr(value, "dtype"):
-        return (None,) * len(value.shape)
-    if isinstance(value, (list, tuple)):
-        return tuple(fixed_like(v) for v in value)
-    return None
-
-
-def iter_arrays(ids: Any) -> Iterator[torch.Tensor]:
-    """Every id array inside a (nested) channel map."""
-    if isinstance(ids, torch.Tensor):
-        yield ids
-    elif isinstance(ids, (list, tuple)):
-        for item in ids:
-            yield from iter_arrays(item)
-    elif isinstance(ids, dict):
-        for item in ids.values():
-            yield from iter_arrays(item)
-
-
-def describe_target(node: fx.Node) -> str:
-    target = node.target
-    if node.op == "call_module":
-        return f"module {target}"
-    if node.op == "call_method":
-        return f"method .{target}()"
-    name = getattr(target, "__name__", None) or str(target)
-    module = getattr(target, "__module__", "") or ""
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)
-    return f"{module}.{name}" if module and module not in ("_operator", "builtins") else name
-
-
-def tensor_at(gm: torch.nn.Module, key: str, missing_ok: bool = False) -> Optional[torch.Tensor]:
-    owner, _, name = key.rpartition(".")
-    try:
-        module = gm.get_submodule(owner) if owner else gm
-    except AttributeError:
-        if missing_ok:
-            return None
-        raise
-    value = getattr(module, name, None)
-    if isinstance(value, torch.Tensor):
-        return value
-    if missing_ok:
-        return None
-    raise AttributeError(f"no tensor {key!r} in the graph module")
-
-
 # --- the walk ----------------------------------------------------------------------------------
 def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOptions()) -> Analysis:
     """Propagate channel ids through ``gm`` (which must carry traced values, see capture)."""
@@ -315,14 +257,14 @@ def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOpt
     for node in gm.graph.nodes:
         ctx.env[node] = _visit(ctx, node, lookup)
     solution = ctx.table.solve()
-    groups = build_groups(ctx, solution)
+    groups = build_groups(ctx.params, ctx.producers, solution)
     return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,
                     ctx.act_sinks, groups, ctx.foldables, ctx.aliases)
 
 
 def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:
     if node.op == "placeholder":
-        return fixed_like(meta_value(node)) if _has_value(node) else None
+        return fixed_like(meta_value(node)) if has_value(node) else None
     if node.op == "get_attr":
         return _visit_get_attr(ctx, node)
     if node.op == "output":
@@ -352,11 +294,6 @@ def _freeze_all(op: OpCall, reason: str) -> Any:
     """The conservative default: every channel in every input stays; outputs carry none."""
     op.freeze(op.ids(list(op.node.args)), reason)
     op.freeze(op.ids(list(op.node.kwargs.values())), reason)
-    return op.fixed() if _has_value(op.node) else None
+    return op.fixed() if has_value(op.node) else None
 
 
-def _has_value(node: fx.Node) -> bool:
-    return any(k in node.meta for k in ("val", "tensor_meta", "example_value"))
-
-
-GETITEM = operator.getitem

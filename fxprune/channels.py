@@ -17,7 +17,8 @@ no channel (batch, spatial, an input's features), else an int64 tensor of ids, o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -25,14 +26,17 @@ import torch
 TensorIds = tuple[Optional[torch.Tensor], ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Solution:
     """Equivalence classes of ids: ``root[id]`` is the smallest id of its class."""
 
     root: torch.Tensor
     frozen: torch.Tensor  # bool per id, true on roots of frozen classes
     approximate: torch.Tensor  # bool per id, true on roots of approximate classes
-    reasons: dict[int, str]  # root -> first reason it was frozen
+    reasons: Mapping[int, str]  # root -> first reason it was frozen (read-only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
 
     def classes(self, ids: torch.Tensor) -> torch.Tensor:
         """Class of each position (-1 stays -1)."""

@@ -8,14 +8,11 @@ graph output) stay, and the group says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from .channels import Solution
-
-if TYPE_CHECKING:
-    from .analysis import Context
+from .channels import Solution, TensorIds
 
 
 @dataclass(frozen=True)
@@ -68,9 +65,14 @@ class Group:
         return f"Group({self.name!r}, {self.size} units, {len(self.members)} members, {state})"
 
 
-def build_groups(ctx: "Context", solution: Solution) -> tuple[Group, ...]:
-    """Connect producers that share a class; each connected set is one group."""
-    roots = [solution.root[ctx.params[p.key][p.dim]] for p in ctx.producers]
+def build_groups(params: Mapping[str, TensorIds], producers: Sequence[Any],
+                 solution: Solution) -> tuple[Group, ...]:
+    """Connect producers that share a class; each connected set is one group.
+
+    ``params``: every parameter's channel map; ``producers``: the parameter dims that create channels
+    (``.key``, ``.dim``, in graph order: the first names its group); ``solution``: the solved classes.
+    """
+    roots = [solution.root[params[p.key][p.dim]] for p in producers]
     parent = list(range(len(roots)))
     owner = torch.full((solution.root.numel(),), -1, dtype=torch.long)  # first producer of each class
     for index, r in enumerate(roots):
@@ -83,8 +85,8 @@ def build_groups(ctx: "Context", solution: Solution) -> tuple[Group, ...]:
     for index in range(len(roots)):
         by_group.setdefault(_find(parent, index), []).append(index)
     units = [torch.cat([roots[i] for i in idx]).unique() for idx in by_group.values()]
-    members = _members(ctx, solution, units)
-    groups = [_make_group(ctx, solution, idx, u, m) for idx, u, m in zip(by_group.values(), units, members)]
+    members = _members(params, solution, units)
+    groups = [_make_group(producers, solution, idx, u, m) for idx, u, m in zip(by_group.values(), units, members)]
     return tuple(_unique_names(groups))
 
 
@@ -99,12 +101,12 @@ def _unique_names(groups: list[Group]) -> list[Group]:
     return out
 
 
-def _make_group(ctx: "Context", solution: Solution, indices: list[int], units: torch.Tensor,
+def _make_group(producers: Sequence[Any], solution: Solution, indices: list[int], units: torch.Tensor,
                 members: list[tuple[str, int]]) -> Group:
     frozen = units[solution.frozen[units]]
-    produced = {(ctx.producers[i].key, ctx.producers[i].dim) for i in indices}
+    produced = {(producers[i].key, producers[i].dim) for i in indices}
     reasons = tuple(dict.fromkeys(solution.reasons[r] for r in frozen.tolist() if r in solution.reasons))
-    first = ctx.producers[indices[0]].key
+    first = producers[indices[0]].key
     return Group(
         name=first.rsplit(".", 1)[0] if "." in first else first,
         units=tuple(units.tolist()),
@@ -115,13 +117,14 @@ def _make_group(ctx: "Context", solution: Solution, indices: list[int], units: t
     )
 
 
-def _members(ctx: "Context", solution: Solution, units: list[torch.Tensor]) -> list[list[tuple[str, int]]]:
+def _members(params: Mapping[str, TensorIds], solution: Solution,
+             units: list[torch.Tensor]) -> list[list[tuple[str, int]]]:
     """For each group, the parameter dims holding any of its units (one pass over all parameters)."""
     group_of = torch.full((solution.root.numel(),), -1, dtype=torch.long)
     for g, u in enumerate(units):
         group_of[u] = g
     out: list[list[tuple[str, int]]] = [[] for _ in units]
-    for key, dims in ctx.params.items():
+    for key, dims in params.items():
         for dim, ids in enumerate(dims):
             for g in group_of[solution.root[ids]].unique().tolist():
                 if g >= 0:

@@ -146,8 +146,8 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    """Every registered pass by name (the library in ``fxprune.passes`` included)."""
-    import fxprune.passes  # noqa: F401  (registers the library; it imports this module)
+    """Every registered pass by name (the library in ``fxprune.passes`` included: importing fxprune
+    imports it, and its modules register themselves)."""
     return dict(PASSES)
 
 

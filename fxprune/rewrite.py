@@ -16,11 +16,13 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from .analysis import Analysis, iter_arrays, meta_value
+from .analysis import Analysis
+from .graph import carry_over, get_path, iter_arrays, meta_value
 from .rules import lookup_resizer, lookup_rewriter
-from .rules.elementwise import is_tensor
+from .predicates import is_tensor
 
 KeptIndices = dict[str, dict[int, torch.Tensor]]
+CALLS = ("call_function", "call_method", "call_module")
 
 
 class Pruning:
@@ -117,11 +119,11 @@ def rewrite(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
     pairs = list(zip(old_gm.graph.nodes, graph.nodes))
     changed = _changed_nodes(pruning, pairs)
     for old, new in pairs:
-        if old in changed:
+        if old in changed and old.op in CALLS:  # raises if no op family owns a changed node
             rewriter = lookup_rewriter(old, _module(old_gm, old))
             if rewriter is not None:
                 rewriter(RewriteCall(pruning, old, new))
-    items = _new_attributes(old_gm, pairs, kept, pruning)
+    items = _new_attributes(old_gm, pairs, kept, pruning, changed)
     gm = build_graph_module(old_gm, graph, items)
     return gm
 
@@ -131,38 +133,42 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.nn.Module]:
 
 
 def _changed_nodes(pruning: Pruning, pairs: list) -> set:
-    """Nodes whose output or any input changes size."""
+    """Nodes whose output or any input changes size; a number measured from a pruned dim
+    (``C = x.shape[-1]``) changes too, so the views it sizes get their literal rewritten."""
     changed_values = set()
     for old, _ in pairs:
         if any(True for _ in iter_arrays(pruning.analysis.env.get(old))):
-            if pruning.new_shape(old) != _shape(meta_value(old), None, pruning):
+            if pruning.new_shape(old) != _shape(meta_value(old), None, pruning) or _stale_number(pruning, old):
                 changed_values.add(old)
     return {old for old, _ in pairs
             if old in changed_values or any(i in changed_values for i in old.all_input_nodes)}
 
 
-def _new_attributes(gm: fx.GraphModule, pairs: list, kept: KeptIndices, pruning: Pruning) -> dict:
+def _stale_number(pruning: Pruning, node: fx.Node) -> bool:
+    """A number (or shape) that measures dropped positions: smaller at run time after pruning."""
+    if isinstance(meta_value(node), torch.Tensor):
+        return False
+    return any(not bool(pruning.kept(ids).all()) for ids in iter_arrays(pruning.analysis.env.get(node)))
+
+
+def _new_attributes(gm: fx.GraphModule, pairs: list, kept: KeptIndices, pruning: Pruning, changed: set) -> dict:
     """Every module and tensor the new graph refers to, rebuilt (sliced) or copied."""
     items: dict[str, Union[torch.nn.Module, torch.Tensor]] = {}
     memo: dict[int, Any] = {}  # one copy per original object: tied weights stay tied
-    owners = _owners(kept)
+    # a module with nothing to slice can still hold sizes (nn.Unflatten, a LayerNorm without affine)
+    sized = {str(n.target) for n in changed
+             if n.op == "call_module" and lookup_resizer(gm.get_submodule(n.target)) is not None}
+    owners = _owners(kept) | sized
     for old, _ in pairs:
         if old.op == "call_module" and old.target not in items:
             module = gm.get_submodule(old.target)
             items[old.target] = resize_module(module, str(old.target), kept, RewriteCall(pruning, old, old), memo,
                                               owners)
         elif old.op == "get_attr" and old.target not in items:
-            value = _attr(gm, str(old.target))
+            value = get_path(gm, str(old.target))
             items[old.target] = _slice_tensor(value, kept.get(str(old.target), {}), memo) \
                 if isinstance(value, torch.Tensor) else copy.deepcopy(value, memo)
     return items
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _slice_tensor(value: torch.Tensor, dims: dict[int, torch.Tensor], memo: dict) -> torch.Tensor:
@@ -220,15 +226,10 @@ def build_graph_module(old_gm: fx.GraphModule, graph: fx.Graph, items: dict) -> 
     root = torch.nn.Module()
     for target in sorted(items, key=lambda t: (not isinstance(items[t], torch.nn.Module), t.count("."), t)):
         _assign(root, target, items[target], old_gm)
-    gm = fx.GraphModule(root, graph, class_name=type(old_gm).__name__)
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(old_gm, attr):
-            setattr(gm, attr, getattr(old_gm, attr))
+    gm = carry_over(old_gm, fx.GraphModule(root, graph, class_name=type(old_gm).__name__))
     for module in gm.modules():
         if type(module) is torch.nn.Module:  # containers made here follow the root's mode
             module.training = old_gm.training
-    gm.training = old_gm.training
-    gm.meta = dict(getattr(old_gm, "meta", {}))  # a prepared graph's quantization state (convert reads it)
     return gm
 
 

@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from .analysis import Analysis, meta_value
 from .errors import VerificationError
 from .rewrite import Pruning, build_graph_module
-from .rules.quantization import is_quantizer
+from .predicates import is_quantizer
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from fxprune.analysis import Analysis, iter_arrays
 from fxprune.api import analyze
 from fxprune.pipeline import Pass, example_inputs, refresh_values, register
 from fxprune.rewrite import rewrite
-from fxprune.rules.elementwise import is_tensor
+from fxprune.predicates import is_tensor
 
 aten = torch.ops.aten
 

@@ -45,6 +45,7 @@ from fxprune.analysis import Analysis, meta_value
 from fxprune.api import analyze, drop_from_plan, make_plan
 from fxprune.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
+from fxprune.graph import copy_graph_module
 from fxprune.pipeline import example_inputs, refresh_values, register
 from fxprune.plan import Plan
 from fxprune.rewrite import Pruning
@@ -162,11 +163,8 @@ def strip_masks(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
         if not mask.users:
             graph.erase_node(mask)
-    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(out, attr, getattr(gm, attr))
-    out.training = gm.training
+    out = copy_graph_module(gm, graph)  # keeps gm.meta (a prepared graph's quantization state)...
+    out.meta.pop(PLAN_KEY, None)  # ...but not the plan of the masks it no longer has
     return out
 
 

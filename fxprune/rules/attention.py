@@ -29,13 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall, Unsupported
-from . import resizer, rewriter, rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
 
 # --- nn.MultiheadAttention ---------------------------------------------------------------------
-@rule(nn.MultiheadAttention)
 def multihead_attention(op: OpCall) -> Any:
     # mha(q, k, v) -> (out[..., E], weights): head i = in_proj rows p*E+i*d+j, out_proj cols i*d+j
     m = op.module
@@ -95,7 +94,6 @@ def _output_used(node: fx.Node, index: int) -> bool:
     return False
 
 
-@resizer(nn.MultiheadAttention)
 def resize_multihead_attention(old: nn.Module, new: nn.Module, rw) -> None:
     new.embed_dim = new.kdim = new.vdim = new.in_proj_weight.shape[1]
     new.num_heads = new.embed_dim // old.head_dim
@@ -108,7 +106,6 @@ SDPA_VARIANTS = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_
                  aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention)
 
 
-@rule(*SDPA, *SDPA_VARIANTS)
 def scaled_dot_product_attention(op: OpCall) -> Any:
     # sdpa(q[..., L, E], k[..., S, E], v[..., S, Ev]) -> [..., L, Ev]: q·k contracted, v carried
     q, k, v = (op.arg(i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
@@ -169,7 +166,6 @@ def _side_output(op: OpCall, value: Any, out_ids: tuple) -> Any:
     return op.fixed(value)
 
 
-@rewriter(*SDPA, *SDPA_VARIANTS)
 def rewrite_sdpa_scale(rw) -> None:
     """The default scale is 1/sqrt(E): keep the original one when E shrinks."""
     old_e, new_e = rw.old_input_shape(0)[-1], rw.new_input_shape(0)[-1]
@@ -189,3 +185,11 @@ def _scale(node: fx.Node) -> Any:
 
 
 __all__ = ["multihead_attention", "scaled_dot_product_attention"]
+
+
+FAMILY = register(OpFamily("attention", (
+    # mha(q, k, v) -> (out[..., E], weights): head i = in_proj rows p*E+i*d+j, out_proj cols i*d+j
+    OpRule((nn.MultiheadAttention,), multihead_attention, rewrite=None, resize=resize_multihead_attention),
+    # sdpa(q[..., L, E], k[..., S, E], v[..., S, Ev]) -> [..., L, Ev]: q·k contracted, v carried
+    OpRule((*SDPA, *SDPA_VARIANTS), scaled_dot_product_attention, rewrite=rewrite_sdpa_scale),
+)))

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall, Unsupported
-from . import resizer, rewriter, rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -71,14 +71,12 @@ def _tie_groups(op: OpCall, x_ids: Any, out_ids: torch.Tensor, groups: int) -> N
     op.unify(x_ids, unit.repeat_interleave(x_ids.numel() // groups))
 
 
-@rule(*CONV_MODULES)
 def conv_module(op: OpCall) -> Any:
     m = op.module
     bias = f"{op.node.target}.bias" if m.bias is not None else None
     return conv(op, op.arg(0, "input"), f"{op.node.target}.weight", bias, m.groups, False)
 
 
-@rule(*TRANSPOSED_MODULES)
 def conv_transpose_module(op: OpCall) -> Any:
     m = op.module
     if len(op.node.args) > 1 or op.node.kwargs.get("output_size") is not None:
@@ -87,21 +85,18 @@ def conv_transpose_module(op: OpCall) -> Any:
     return conv(op, op.arg(0, "input"), f"{op.node.target}.weight", bias, m.groups, True)
 
 
-@rule(*CONV_FUNCTIONS)
 def conv_function(op: OpCall) -> Any:
     # conv2d(input, weight, bias, stride, padding, dilation, groups)
     return conv(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
                 op.param_key(op.arg(2, "bias")), op.value(op.arg(6, "groups", 1)), False)
 
 
-@rule(*TRANSPOSED_FUNCTIONS)
 def conv_transpose_function(op: OpCall) -> Any:
     # conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
     return conv(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
                 op.param_key(op.arg(2, "bias")), op.value(op.arg(6, "groups", 1)), True)
 
 
-@rule(aten.convolution, aten._convolution)
 def convolution(op: OpCall) -> Any:
     # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     return conv(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
@@ -109,35 +104,44 @@ def convolution(op: OpCall) -> Any:
                 bool(op.value(op.arg(6, "transposed"))))
 
 
-def _new_groups(rw, groups: int) -> int:
-    """Whole groups are pruned: groups shrink in proportion to the output channels."""
-    c = _channel_dim(len(rw.old_shape()), len(rw.old_input_shape(1)))
-    return groups * rw.new_shape()[c] // rw.old_shape()[c]
+def pruned_groups(groups: int, old_channels: int, new_channels: int) -> int:
+    """The group count after pruning: whole groups go, so the group width stays and the count shrinks
+    with the output channels. The one formula both levels use (module resize and graph rewrite)."""
+    return groups if groups == 1 else new_channels // (old_channels // groups)
 
 
-@rewriter(*CONV_FUNCTIONS, *TRANSPOSED_FUNCTIONS)
-def rewrite_conv_function(rw) -> None:
-    groups = rw.arg(6, "groups", 1)
-    if groups != 1:
-        rw.set_arg(6, "groups", _new_groups(rw, groups))
+def _groups_at(position: int):
+    """The rewrite of a functional conv whose ``groups`` literal is argument ``position``."""
+
+    def rewrite_groups(rw) -> None:
+        groups = rw.arg(position, "groups", 1)
+        if groups != 1:
+            c = _channel_dim(len(rw.old_shape()), len(rw.old_input_shape(1)))
+            rw.set_arg(position, "groups", pruned_groups(groups, rw.old_shape()[c], rw.new_shape()[c]))
+
+    return rewrite_groups
 
 
-@rewriter(aten.convolution, aten._convolution)
-def rewrite_convolution(rw) -> None:
-    groups = rw.arg(8, "groups", 1)
-    if groups != 1:
-        rw.set_arg(8, "groups", _new_groups(rw, groups))
+rewrite_conv_function = _groups_at(6)  # conv2d(input, weight, bias, stride, padding, dilation, groups)
+rewrite_convolution = _groups_at(8)  # convolution(input, ..., transposed, output_padding, groups)
 
 
-@resizer(*CONV_MODULES)
 def resize_conv(old: nn.Module, new: nn.Module, rw) -> None:
-    out_per_group = old.out_channels // old.groups
     new.out_channels = new.weight.shape[0]
-    new.groups = new.out_channels // out_per_group if old.groups > 1 else 1
+    new.groups = pruned_groups(old.groups, old.out_channels, new.out_channels)
     new.in_channels = new.weight.shape[1] * new.groups
 
 
-@resizer(*TRANSPOSED_MODULES)
 def resize_conv_transpose(old: nn.Module, new: nn.Module, rw) -> None:
     new.in_channels = new.weight.shape[0]
     new.out_channels = new.weight.shape[1] * new.groups
+
+
+FAMILY = register(OpFamily("conv", (
+    # conv(x) -> y: W's rows produce the channels, its columns consume x's; groups couple in and out
+    OpRule(CONV_MODULES, conv_module, rewrite=None, resize=resize_conv),
+    OpRule(TRANSPOSED_MODULES, conv_transpose_module, rewrite=None, resize=resize_conv_transpose),
+    OpRule(CONV_FUNCTIONS, conv_function, rewrite=rewrite_conv_function),
+    OpRule(TRANSPOSED_FUNCTIONS, conv_transpose_function, rewrite=rewrite_conv_function),
+    OpRule((aten.convolution, aten._convolution), convolution, rewrite=rewrite_convolution),
+)))

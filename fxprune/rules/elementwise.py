@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import torch.fx as fx
 
 from ..analysis import OpCall
-from . import rule
+from ..predicates import is_tensor
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -78,13 +79,6 @@ BINARY_ATEN = tuple(getattr(aten, n) for n in (
 ) if hasattr(aten, n))
 
 
-def is_tensor(value: Any) -> bool:
-    if not isinstance(value, fx.Node):
-        return False
-    val = value.meta.get("val", value.meta.get("example_value"))
-    return isinstance(val, torch.Tensor)
-
-
 def broadcast(op: OpCall, args: list) -> Any:
     """Channel map of an element-wise result over ``args`` (literals are ignored)."""
     out_shape = op.shape(op.node)
@@ -114,8 +108,6 @@ def _broadcast_dim(op: OpCall, inputs: list, out_shape: tuple, d: int) -> Any:
     return arrays[0] if arrays else None
 
 
-@rule(*ACTIVATION_MODULES, *PASS_MODULES, *ACTIVATION_FUNCTIONS, *PASS_FUNCTIONS, *PASS_METHODS,
-      *PASS_ATEN)
 def unary(op: OpCall) -> Any:
     # f(x) -> f(x): channels pass through
     x = op.arg(0, "input")
@@ -126,7 +118,6 @@ def unary(op: OpCall) -> Any:
     return op.ids(x)
 
 
-@rule(aten._assert_tensor_metadata)
 def assert_metadata(op: OpCall) -> Any:
     # _assert_tensor_metadata(x, size, stride, dtype, ...): a size or stride check pins the channels
     if op.arg(1, "size") is not None or op.arg(2, "stride") is not None:
@@ -134,14 +125,12 @@ def assert_metadata(op: OpCall) -> Any:
     return None
 
 
-@rule(*BINARY_FUNCTIONS, *BINARY_METHODS, *BINARY_ATEN)
 def nary(op: OpCall) -> Any:
     # a + b, a * gate, where(c, a, b): tie channels position by position
     args = list(op.node.args) + list(op.node.kwargs.values())
     return broadcast(op, args)
 
 
-@rule(nn.GLU, F.glu, aten.glu)
 def glu(op: OpCall) -> Any:
     # glu(x, dim) = a * sigmoid(b), a and b the halves of dim: channels i and C/2 + i are one unit
     x_ids = op.ids(op.arg(0, "input"))
@@ -164,7 +153,21 @@ def _torchvision_pass_through() -> tuple:
     return (stochastic_depth, StochasticDepth)
 
 
-@rule(*_torchvision_pass_through())
 def stochastic_depth(op: OpCall) -> Any:
     # stochastic_depth(x, p, mode, training): scales whole samples or rows, never mixes channels
     return op.ids(op.arg(0, "input"))
+
+
+FAMILY = register(OpFamily("elementwise", (
+    # f(x) -> f(x): channels pass through
+    OpRule((*ACTIVATION_MODULES, *PASS_MODULES, *ACTIVATION_FUNCTIONS, *PASS_FUNCTIONS, *PASS_METHODS,
+           *PASS_ATEN), unary, rewrite=None),
+    # _assert_tensor_metadata(x, size, stride, dtype, ...): a size or stride check pins the channels
+    OpRule((aten._assert_tensor_metadata,), assert_metadata, rewrite=None),
+    # a + b, a * gate, where(c, a, b): tie channels position by position
+    OpRule((*BINARY_FUNCTIONS, *BINARY_METHODS, *BINARY_ATEN), nary, rewrite=None),
+    # glu(x, dim) = a * sigmoid(b), a and b the halves of dim: channels i and C/2 + i are one unit
+    OpRule((nn.GLU, F.glu, aten.glu), glu, rewrite=None),
+    # stochastic_depth(x, p, mode, training): scales whole samples or rows, never mixes channels
+    OpRule(_torchvision_pass_through(), stochastic_depth, rewrite=None),
+)))

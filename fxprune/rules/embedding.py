@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall, Unsupported
-from . import resizer, rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -22,12 +22,10 @@ def embedding(op: OpCall, indices: Any, w_key: Optional[str]) -> Any:
     return tuple(out_ids if d == n - 1 else None for d in range(n))
 
 
-@rule(nn.Embedding, nn.EmbeddingBag)
 def embedding_module(op: OpCall) -> Any:
     return embedding(op, op.arg(0, "input"), f"{op.node.target}.weight")
 
 
-@rule(F.embedding, aten.embedding)
 def embedding_function(op: OpCall) -> Any:
     # F.embedding(input, weight); aten.embedding(weight, indices)
     is_aten = isinstance(op.node.target, torch._ops.OpOverload)
@@ -35,7 +33,6 @@ def embedding_function(op: OpCall) -> Any:
     return embedding(op, None, op.param_key(weight))
 
 
-@rule(F.embedding_bag, aten._embedding_bag, aten.embedding_bag)
 def embedding_bag_function(op: OpCall) -> Any:
     is_aten = isinstance(op.node.target, torch._ops.OpOverload)
     weight = op.arg(0, "weight") if is_aten else op.arg(1, "weight")
@@ -48,6 +45,13 @@ def embedding_bag_function(op: OpCall) -> Any:
     return (None, out_ids)
 
 
-@resizer(nn.Embedding, nn.EmbeddingBag)
 def resize_embedding(old: nn.Module, new: nn.Module, rw) -> None:
     new.embedding_dim = new.weight.shape[1]
+
+
+FAMILY = register(OpFamily("embedding", (
+    OpRule((nn.Embedding, nn.EmbeddingBag), embedding_module, rewrite=None, resize=resize_embedding),
+    # F.embedding(input, weight); aten.embedding(weight, indices)
+    OpRule((F.embedding, aten.embedding), embedding_function, rewrite=None),
+    OpRule((F.embedding_bag, aten._embedding_bag, aten.embedding_bag), embedding_bag_function, rewrite=None),
+)))

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import ActSink, OpCall, Unsupported
-from . import resizer, rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -38,21 +38,17 @@ def linear(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str]) -> An
     return tuple(x_ids[:-1]) + (out_ids,)
 
 
-@rule(nn.Linear)
 def linear_module(op: OpCall) -> Any:
     bias = f"{op.node.target}.bias" if op.module.bias is not None else None
     return linear(op, op.arg(0, "input"), f"{op.node.target}.weight", bias)
 
 
-@rule(F.linear, aten.linear)
 def linear_function(op: OpCall) -> Any:
     # linear(input, weight, bias)
     return linear(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
                   op.param_key(op.arg(2, "bias")))
 
 
-@rule(operator.matmul, torch.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm", "__matmul__",
-      aten.matmul, aten.mm, aten.bmm)
 def matmul(op: OpCall) -> Any:
     # a[..., n, k] @ b[..., k, m] -> [..., n, m]
     a, b = op.arg(0, "input"), op.arg(1, "other")
@@ -118,7 +114,6 @@ def _einsum_terms(equation: str, ndims: list[int]) -> tuple[list[str], str]:
     return terms, out
 
 
-@rule(torch.einsum, aten.einsum)
 def einsum(op: OpCall) -> Any:
     # einsum("bhid,bhjd->bhij", q, k): each letter is one channel space; letters left out are contracted
     equation, operands, first = _einsum_operands(op)
@@ -184,12 +179,10 @@ def _einsum_letter(op: OpCall, operands: list, uses: list) -> Optional[torch.Ten
     return arrays[0] if arrays else None
 
 
-@resizer(nn.Linear)
 def resize_linear(old: nn.Module, new: nn.Module, rw) -> None:
     new.out_features, new.in_features = new.weight.shape
 
 
-@rule(torch.addmm, "addmm", aten.addmm)
 def addmm(op: OpCall) -> Any:
     # addmm(bias, a[n, k], b[k, m]) = bias + a @ b (HuggingFace's Conv1D, decomposed linears)
     a, b = op.arg(1, "mat1"), op.arg(2, "mat2")
@@ -205,3 +198,17 @@ def addmm(op: OpCall) -> Any:
             else:
                 op.freeze(bias[-k], "a channel broadcast across a channel dim")
     return out
+
+
+FAMILY = register(OpFamily("linear", (
+    OpRule((nn.Linear,), linear_module, rewrite=None, resize=resize_linear),
+    # linear(input, weight, bias)
+    OpRule((F.linear, aten.linear), linear_function, rewrite=None),
+    # a[..., n, k] @ b[..., k, m] -> [..., n, m]
+    OpRule((operator.matmul, torch.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm", "__matmul__",
+           aten.matmul, aten.mm, aten.bmm), matmul, rewrite=None),
+    # einsum("bhid,bhjd->bhij", q, k): each letter is one channel space; letters left out are contracted
+    OpRule((torch.einsum, aten.einsum), einsum, rewrite=None),
+    # addmm(bias, a[n, k], b[k, m]) = bias + a @ b (HuggingFace's Conv1D, decomposed linears)
+    OpRule((torch.addmm, "addmm", aten.addmm), addmm, rewrite=None),
+)))

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall, Unsupported
-from . import resizer, rewriter, rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -47,13 +47,11 @@ def _module_params(op: OpCall, names: tuple[str, ...]) -> list[str]:
     return [f"{op.node.target}.{n}" for n in names if getattr(op.module, n, None) is not None]
 
 
-@rule(*BATCH_NORMS)
 def batch_norm_module(op: OpCall) -> Any:
     names = ("weight", "bias", "running_mean", "running_var")
     return per_channel(op, op.arg(0, "input"), _module_params(op, names))
 
 
-@rule(F.batch_norm, F.instance_norm)
 def batch_norm_function(op: OpCall) -> Any:
     # batch_norm(input, running_mean, running_var, weight, bias, ...)
     params = [op.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
@@ -61,9 +59,6 @@ def batch_norm_function(op: OpCall) -> Any:
     return per_channel(op, op.arg(0, "input"), params)
 
 
-@rule(aten.batch_norm, aten.instance_norm, aten._native_batch_norm_legit_no_training,
-      aten._native_batch_norm_legit, aten.native_batch_norm, aten._batch_norm_with_update,
-      aten._batch_norm_no_update, aten.cudnn_batch_norm, aten._native_batch_norm_legit_functional)
 def batch_norm_aten(op: OpCall) -> Any:
     # batch_norm(input, weight, bias, running_mean, running_var, ...); some overloads return tuples
     params = [op.arg(i) for i in range(1, 5)]
@@ -87,13 +82,11 @@ def layer_norm(op: OpCall, x: Any, ndims: int, params: list) -> Any:
     return x_ids
 
 
-@rule(nn.LayerNorm, nn.RMSNorm)
 def layer_norm_module(op: OpCall) -> Any:
     ndims = len(op.module.normalized_shape)
     return layer_norm(op, op.arg(0, "input"), ndims, _module_params(op, ("weight", "bias")))
 
 
-@rule(F.layer_norm, F.rms_norm, aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
 def layer_norm_function(op: OpCall) -> Any:
     # layer_norm(input, normalized_shape, weight, bias, eps)
     ndims = len(op.value(op.arg(1, "normalized_shape")))
@@ -103,7 +96,6 @@ def layer_norm_function(op: OpCall) -> Any:
     return out
 
 
-@rewriter(F.layer_norm, F.rms_norm, aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
 def rewrite_layer_norm(rw) -> None:
     ndims = len(rw.arg(1, "normalized_shape"))
     rw.set_arg(1, "normalized_shape", list(rw.new_input_shape(0)[-ndims:]))
@@ -121,20 +113,17 @@ def group_norm(op: OpCall, x: Any, groups: int, params: list) -> Any:
     return per_channel(op, x, params)
 
 
-@rule(nn.GroupNorm)
 def group_norm_module(op: OpCall) -> Any:
     params = _module_params(op, ("weight", "bias"))
     return group_norm(op, op.arg(0, "input"), op.module.num_groups, params)
 
 
-@rule(F.group_norm, aten.group_norm)
 def group_norm_function(op: OpCall) -> Any:
     # group_norm(input, num_groups, weight, bias, eps)
     params = [op.arg(2, "weight"), op.arg(3, "bias")]
     return group_norm(op, op.arg(0, "input"), op.value(op.arg(1, "num_groups")), params)
 
 
-@rule(aten.native_group_norm)
 def native_group_norm(op: OpCall) -> Any:
     # native_group_norm(input, weight, bias, N, C, HxW, group, eps) -> (out, mean, rstd)
     out = group_norm(op, op.arg(0), op.value(op.arg(6)), [op.arg(1), op.arg(2)])
@@ -145,13 +134,11 @@ def _scaled_groups(rw, groups: int, c_old: int, c_new: int) -> int:
     return groups * c_new // c_old if groups > 1 else 1
 
 
-@rewriter(F.group_norm, aten.group_norm)
 def rewrite_group_norm(rw) -> None:
     c_old, c_new = rw.old_input_shape(0)[1], rw.new_input_shape(0)[1]
     rw.set_arg(1, "num_groups", _scaled_groups(rw, rw.arg(1, "num_groups"), c_old, c_new))
 
 
-@rewriter(aten.native_group_norm)
 def rewrite_native_group_norm(rw) -> None:
     c_old, c_new = rw.old_input_shape(0)[1], rw.new_input_shape(0)[1]
     rw.set_arg(4, "C", c_new)
@@ -165,7 +152,6 @@ def prelu(op: OpCall, x: Any, w: Any) -> Any:
     return per_channel(op, x, [w])
 
 
-@rule(nn.PReLU)
 def prelu_module(op: OpCall) -> Any:
     x = op.arg(0, "input")
     if op.module.num_parameters == 1:
@@ -175,32 +161,50 @@ def prelu_module(op: OpCall) -> Any:
     return x_ids
 
 
-@rule(F.prelu, torch.prelu, aten.prelu, aten._prelu_kernel)
 def prelu_function(op: OpCall) -> Any:
     return prelu(op, op.arg(0, "input"), op.arg(1, "weight"))
 
 
-@resizer(*BATCH_NORMS)
 def resize_batch_norm(old: nn.Module, new: nn.Module, rw) -> None:
     shape = rw.new_input_shape(0)
     new.num_features = shape[_channel_dim_of(old, len(shape))]
 
 
-@resizer(nn.LayerNorm, nn.RMSNorm)
 def resize_layer_norm(old: nn.Module, new: nn.Module, rw) -> None:
     ndims = len(old.normalized_shape)
     new.normalized_shape = tuple(rw.new_input_shape(0)[-ndims:])
 
 
-@resizer(nn.GroupNorm)
 def resize_group_norm(old: nn.Module, new: nn.Module, rw) -> None:
     new.num_channels = rw.new_input_shape(0)[1]
     new.num_groups = _scaled_groups(rw, old.num_groups, old.num_channels, new.num_channels)
 
 
-@resizer(nn.PReLU)
 def resize_prelu(old: nn.Module, new: nn.Module, rw) -> None:
     new.num_parameters = new.weight.numel()
 
 
 __all__ = ["per_channel", "layer_norm", "group_norm", "Unsupported"]
+
+
+FAMILY = register(OpFamily("norm", (
+    OpRule(BATCH_NORMS, batch_norm_module, rewrite=None, resize=resize_batch_norm),
+    # batch_norm(input, running_mean, running_var, weight, bias, ...)
+    OpRule((F.batch_norm, F.instance_norm), batch_norm_function, rewrite=None),
+    # batch_norm(input, weight, bias, running_mean, running_var, ...); some overloads return tuples
+    OpRule((aten.batch_norm, aten.instance_norm, aten._native_batch_norm_legit_no_training,
+           aten._native_batch_norm_legit, aten.native_batch_norm, aten._batch_norm_with_update,
+           aten._batch_norm_no_update, aten.cudnn_batch_norm, aten._native_batch_norm_legit_functional),
+           batch_norm_aten, rewrite=None),
+    OpRule((nn.LayerNorm, nn.RMSNorm), layer_norm_module, rewrite=None, resize=resize_layer_norm),
+    # layer_norm(input, normalized_shape, weight, bias, eps) / rms_norm(input, normalized_shape, weight, eps)
+    OpRule((F.layer_norm, F.rms_norm, aten.layer_norm, aten.native_layer_norm, aten.rms_norm),
+           layer_norm_function, rewrite=rewrite_layer_norm),
+    OpRule((nn.GroupNorm,), group_norm_module, rewrite=None, resize=resize_group_norm),
+    # group_norm(input, num_groups, weight, bias, eps)
+    OpRule((F.group_norm, aten.group_norm), group_norm_function, rewrite=rewrite_group_norm),
+    # native_group_norm(input, weight, bias, N, C, HxW, group, eps) -> (out, mean, rstd)
+    OpRule((aten.native_group_norm,), native_group_norm, rewrite=rewrite_native_group_norm),
+    OpRule((nn.PReLU,), prelu_module, rewrite=None, resize=resize_prelu),
+    OpRule((F.prelu, torch.prelu, aten.prelu, aten._prelu_kernel), prelu_function, rewrite=None),
+)))

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall
-from . import rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -58,7 +58,6 @@ def _spatial_dims(op: OpCall, ndim: int) -> int:
     return int(found.group(1)) if found else ndim - 2
 
 
-@rule(*POOL_MODULES, *POOL_FUNCTIONS, *POOL_ATEN)
 def pool(op: OpCall) -> Any:
     # pool(x[..., *spatial]): each leading dim (batch, channel; only channel when unbatched) passes
     # through; positions along the pooled dims are mixed, so channels there freeze
@@ -71,7 +70,6 @@ def pool(op: OpCall) -> Any:
     return ids
 
 
-@rule(F.pad, *PAD_MODULES, *PAD_ATEN)
 def pad(op: OpCall) -> Any:
     # pad(x, [l, r, t, b, ...]): padded dims are resized, so they must not carry channels
     x = op.arg(0, "input")
@@ -111,17 +109,11 @@ def reduction(op: OpCall, exact: bool) -> Any:
     return result
 
 
-@rule("sum", torch.sum, aten.sum)
 def sum_(op: OpCall) -> Any:
     # x.sum(dim): exact over channels
     return reduction(op, exact=True)
 
 
-@rule("mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "argmax",
-      "argmin", "all", "any", torch.mean, torch.amax, torch.amin, torch.std, torch.var,
-      torch.logsumexp, torch.prod, torch.argmax, torch.argmin, torch.max, torch.min,
-      aten.mean, aten.amax, aten.amin, aten.std, aten.var, aten.logsumexp, aten.prod,
-      aten.argmax, aten.argmin, aten.max, aten.min, aten.var_mean, aten.std_mean)
 def statistic(op: OpCall) -> Any:
     # x.mean(dim): over a channel dim the result depends on how many channels there are
     if not isinstance(op.out, (torch.Tensor, tuple, list)) or (
@@ -135,7 +127,6 @@ def _binary_minmax(op: OpCall) -> Any:
     return nary(op)
 
 
-@rule(torch.linalg.vector_norm, aten.linalg_vector_norm, F.normalize)
 def vector_norm(op: OpCall) -> Any:
     # vector_norm(x, ord, dim, keepdim) / normalize(x, p, dim): a norm over a channel dim freezes it
     x = op.arg(0, "input")
@@ -150,9 +141,6 @@ def vector_norm(op: OpCall) -> Any:
     return tuple(out if keepdim else [ids for d, ids in enumerate(out) if d not in dims])
 
 
-@rule("softmax", "log_softmax", "cumsum", F.softmax, F.log_softmax, torch.softmax,
-      torch.log_softmax, torch.cumsum, nn.Softmax, nn.LogSoftmax, aten.softmax, aten._softmax,
-      aten.log_softmax, aten._log_softmax, aten.cumsum)
 def softmax(op: OpCall) -> Any:
     # softmax(x, dim): normalises along dim, so channels on that dim must stay
     x = op.arg(0, "input")
@@ -161,3 +149,25 @@ def softmax(op: OpCall) -> Any:
     dim = dim if dim is not None else len(x_ids) - 1
     op.freeze(x_ids[dim % len(x_ids)], "a softmax/cumsum along a channel dim")
     return x_ids
+
+
+FAMILY = register(OpFamily("pool", (
+    # pool(x[..., *spatial]): each leading dim (batch, channel; only channel when unbatched) passes
+    OpRule((*POOL_MODULES, *POOL_FUNCTIONS, *POOL_ATEN), pool, rewrite=None),
+    # pad(x, [l, r, t, b, ...]): padded dims are resized, so they must not carry channels
+    OpRule((F.pad, *PAD_MODULES, *PAD_ATEN), pad, rewrite=None),
+    # x.sum(dim): exact over channels
+    OpRule(("sum", torch.sum, aten.sum), sum_, rewrite=None),
+    # x.mean(dim): over a channel dim the result depends on how many channels there are
+    OpRule(("mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "argmax",
+           "argmin", "all", "any", torch.mean, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
+           torch.prod, torch.argmax, torch.argmin, torch.max, torch.min, aten.mean, aten.amax, aten.amin,
+           aten.std, aten.var, aten.logsumexp, aten.prod, aten.argmax, aten.argmin, aten.max, aten.min,
+           aten.var_mean, aten.std_mean), statistic, rewrite=None),
+    # vector_norm(x, ord, dim, keepdim) / normalize(x, p, dim): a norm over a channel dim freezes it
+    OpRule((torch.linalg.vector_norm, aten.linalg_vector_norm, F.normalize), vector_norm, rewrite=None),
+    # softmax(x, dim): normalises along dim, so channels on that dim must stay
+    OpRule(("softmax", "log_softmax", "cumsum", F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+           torch.cumsum, nn.Softmax, nn.LogSoftmax, aten.softmax, aten._softmax, aten.log_softmax,
+           aten._log_softmax, aten.cumsum), softmax, rewrite=None),
+)))

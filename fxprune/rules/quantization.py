@@ -31,8 +31,6 @@ torchao's observer classes do not derive from torch.ao's; they are registered on
 """
 from __future__ import annotations
 
-import operator
-import sys
 from typing import Any, Optional
 
 import torch
@@ -45,7 +43,8 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
 from ..analysis import OpCall, Unsupported
-from . import RESIZERS, RULES, resizer, rule
+from ..predicates import is_quantizer, torchao_quantizers, weight_source  # noqa: F401  (also imported from here)
+from .registry import OpFamily, OpRule, owner, register, register_late
 from .conv import CONV_MODULES, conv
 from .elementwise import ACTIVATION_MODULES, PASS_MODULES
 from .linear import linear
@@ -54,8 +53,6 @@ aten = torch.ops.aten
 
 OBSERVERS: tuple[type, ...] = (ObserverBase,)
 FAKE_QUANTIZERS: tuple[type, ...] = (FakeQuantizeBase,)
-TORCHAO = {"torchao.quantization.pt2e.observer": "ObserverBase",
-           "torchao.quantization.pt2e.fake_quantize": "FakeQuantizeBase"}
 PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)
 STATE = ("min_val", "max_val", "scale", "zero_point")
 """The per-channel state of torch.ao's and torchao's observers and fake-quantizers."""
@@ -63,29 +60,22 @@ QAT_LAYERS = (nnqat.Conv1d, nnqat.Conv2d, nnqat.Conv3d, nnqat.Linear, nnqat.Embe
               nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d,
               nniqat.ConvBnReLU3d, nniqat.LinearBn1d)
 BN_STATE = ("weight", "bias", "running_mean", "running_var")
-# scaling a weight by a broadcast factor (QAT's folded BatchNorm: w * (gamma / sigma)) keeps its channels
-SCALES = (aten.mul.Tensor, aten.div.Tensor, torch.mul, torch.div, operator.mul, operator.truediv)
 
 
-def is_quantizer(module: Any) -> bool:
-    """An observer or a fake-quantizer, torch.ao's or (once imported) torchao's."""
-    register_torchao()
-    return isinstance(module, OBSERVERS + FAKE_QUANTIZERS)
-
-
+@register_late
 def register_torchao() -> None:
     """Add torchao's observer and fake-quantizer bases to the rule table, if torchao is loaded."""
     global OBSERVERS, FAKE_QUANTIZERS
-    for name, attr in TORCHAO.items():
-        cls = getattr(sys.modules.get(name), attr, None)
-        if cls is None or cls in RULES:
+    for attr, cls in torchao_quantizers().items():
+        if owner(cls) is not None:
             continue
         if attr == "ObserverBase":
             OBSERVERS += (cls,)
         else:
             FAKE_QUANTIZERS += (cls,)
-        rule(cls)(observer)
-        resizer(cls)(resize_nothing)
+        register(OpFamily(f"quantization (torchao {attr})", (
+            OpRule((cls,), observer, rewrite=None, resize=resize_nothing),
+        )))
 
 
 def per_channel_axis(module: nn.Module, ndim: int) -> Optional[int]:
@@ -106,32 +96,7 @@ def tie_state(op: OpCall, prefix: str, module: nn.Module, ids: Optional[torch.Te
             op.unify(ids, op.param(f"{prefix}.{name}")[0])
 
 
-def weight_source(node: Any, gm: fx.GraphModule) -> Any:
-    """The ``get_attr`` a weight argument is read from, through quantizers and broadcast scaling
-    (``fake_quant(w * (gamma / sigma))`` after ``prepare_qat_pt2e``); else ``node`` itself."""
-    while isinstance(node, fx.Node) and node.op != "get_attr":
-        if node.op == "call_module" and is_quantizer(gm.get_submodule(node.target)):
-            node = node.args[0]
-        elif node.op == "call_function" and node.target in SCALES and _scales(node):
-            node = node.args[0]
-        else:
-            return node
-    return node
-
-
-def _scales(node: fx.Node) -> bool:
-    """``a * s`` or ``a / s`` where ``s`` broadcasts to ``a``'s shape (fewer elements, same rank)."""
-    a, s = node.args[0], node.args[1]
-    if not (isinstance(a, fx.Node) and isinstance(s, fx.Node)):
-        return False
-    va, vs = a.meta.get("val"), s.meta.get("val")
-    if not (isinstance(va, torch.Tensor) and isinstance(vs, torch.Tensor)) or va.dim() != vs.dim():
-        return False
-    return all(b in (1, n) for b, n in zip(vs.shape, va.shape)) and vs.numel() < va.numel()
-
-
 # --- observers and fake-quantizers --------------------------------------------------------------
-@rule(*OBSERVERS, *FAKE_QUANTIZERS)
 def observer(op: OpCall) -> Any:
     # observe(x) / fake_quant(x) -> x; per-channel state follows ch_axis
     x = op.arg(0, "x", op.node.kwargs.get("X"))
@@ -154,7 +119,6 @@ def _is_weight(op: OpCall, x: Any) -> bool:
 
 
 # --- QAT layers -------------------------------------------------------------------------------
-@rule(*QAT_LAYERS)
 def qat_layer(op: OpCall) -> Any:
     # qat conv/linear(x) -> the float layer; weight_fake_quant and a fused bn follow the weight's rows
     out = float_rule(op.module)(op)
@@ -175,14 +139,13 @@ def qat_layer(op: OpCall) -> Any:
 def float_rule(module: nn.Module) -> Any:
     """The rule of the float layer a QAT layer extends (``nn.Conv2d`` for ``nnqat.Conv2d``)."""
     for cls in type(module).__mro__:
-        found = RULES.get(cls)
-        if found is not None and found not in (qat_layer, fused_module):
-            return found
+        found = owner(cls)
+        if found is not None and found.analyze not in (qat_layer, fused_module):
+            return found.analyze
     raise Unsupported(f"no float layer rule for {type(module).__name__}")
 
 
 # --- fused modules (prepare_fx) ----------------------------------------------------------------
-@rule(nni._FusedModule)
 def fused_module(op: OpCall) -> Any:
     # Sequential(layer, bn?, activation?) -> the layer's rule, bn tied to its channels, activations pass
     module, target = op.module, str(op.node.target)
@@ -221,7 +184,6 @@ def _fused_child(op: OpCall, prefix: str, child: nn.Module, ids: Any) -> None:
 
 
 # --- resizers ---------------------------------------------------------------------------------
-@resizer(*OBSERVERS, *FAKE_QUANTIZERS)
 def resize_nothing(old: nn.Module, new: nn.Module, rw: Any) -> None:
     """Observers hold no size attribute: their state tensors were sliced."""
 
@@ -235,23 +197,31 @@ def _fix_batch_norms(new: nn.Module) -> None:
             child.num_features = child.weight.numel()
 
 
-@resizer(nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.LinearBn1d)
 def resize_qat_with_bn(old: nn.Module, new: nn.Module, rw: Any) -> None:
     float_resizer(old)(old, new, rw)
     _fix_batch_norms(new)
 
 
-@resizer(nni._FusedModule)
 def resize_fused(old: nn.Module, new: nn.Module, rw: Any) -> None:
     _fix_batch_norms(new)
 
 
 def float_resizer(module: nn.Module) -> Any:
     for cls in type(module).__mro__[1:]:
-        found = RESIZERS.get(cls)
-        if found is not None and found not in (resize_qat_with_bn, resize_fused):
-            return found
+        found = owner(cls)
+        if found is not None and found.resize not in (None, resize_qat_with_bn, resize_fused):
+            return found.resize
     raise AssertionError(f"no float layer resizer for {type(module).__name__}")
 
 
+WITH_BN = (nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.LinearBn1d)
+FAMILY = register(OpFamily("quantization", (
+    # observe(x) / fake_quant(x) -> x: channels pass; per-channel state follows ch_axis
+    OpRule(OBSERVERS + FAKE_QUANTIZERS, observer, rewrite=None, resize=resize_nothing),
+    # qat layer(x) -> its float layer; a fused bn follows the weight's rows
+    OpRule(WITH_BN, qat_layer, rewrite=None, resize=resize_qat_with_bn),
+    OpRule(tuple(c for c in QAT_LAYERS if c not in WITH_BN), qat_layer, rewrite=None),
+    # Sequential(layer, bn?, activation?) -> the layer's rule
+    OpRule((nni._FusedModule,), fused_module, rewrite=None, resize=resize_fused),
+)))
 register_torchao()

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..analysis import OpCall, Unsupported
-from . import resizer, rewriter, rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -167,7 +167,6 @@ def _is_recurrent(node: fx.Node) -> bool:
 
 
 # --- spellings -----------------------------------------------------------------------------------
-@rule(nn.RNNBase)
 def recurrent_module(op: OpCall) -> Any:
     # nn.LSTM(x, (h0, c0)) / nn.GRU(x, h0) / nn.RNN(x, h0)
     m = op.module
@@ -182,7 +181,6 @@ def recurrent_module(op: OpCall) -> Any:
                                      op.arg(0, "input"), _hx(op.node)))
 
 
-@rule(*ATEN_MODES)
 def recurrent_aten(op: OpCall) -> Any:
     # lstm.input(x, [h0, c0], params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
     if op.node.target._overloadname != "input":
@@ -210,7 +208,6 @@ def _recurrence(keys: Sequence[str], per: int, layers: int, bidirectional: bool,
 
 
 # --- rewrite -------------------------------------------------------------------------------------
-@rewriter(nn.RNNBase, *ATEN_MODES)
 def rewrite_zero_state(rw) -> None:
     """A zero initial state built in the graph gets the new hidden size as its last literal."""
     hidden = _new_hidden(rw)
@@ -241,7 +238,6 @@ def _set_last_size(node: fx.Node, size: int) -> None:
     node.args = tuple(args)
 
 
-@resizer(nn.RNNBase)
 def resize_recurrent(old: nn.Module, new: nn.Module, rw) -> None:
     new.input_size = new.weight_ih_l0.shape[1]
     new.hidden_size = new.weight_hh_l0.shape[1]
@@ -249,3 +245,11 @@ def resize_recurrent(old: nn.Module, new: nn.Module, rw) -> None:
 
 
 __all__ = ["recurrent", "zero_state", "Recurrence", "Cell"]
+
+
+FAMILY = register(OpFamily("recurrent", (
+    # nn.LSTM(x, (h0, c0)) / nn.GRU(x, h0) / nn.RNN(x, h0)
+    OpRule((nn.RNNBase,), recurrent_module, rewrite=rewrite_zero_state, resize=resize_recurrent),
+    # lstm.input(x, [h0, c0], params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    OpRule(tuple(ATEN_MODES), recurrent_aten, rewrite=rewrite_zero_state),
+)))

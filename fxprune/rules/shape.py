@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.fx as fx
 
 from ..analysis import OpCall, Unsupported, iter_arrays
-from . import resizer, rewriter, rule
-from .elementwise import is_tensor
+from ..predicates import is_tensor
+from .elementwise import nary
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -33,15 +34,9 @@ SIZE_QUERIES = ("size", "numel", "nelement", builtins.getattr, builtins.len, tor
                 aten.sym_size, aten.sym_numel)
 
 
-@rule("size", "dim", "numel", "nelement", "ndimension", "get_device", "element_size", "data_ptr",
-      builtins.getattr, builtins.len, torch.numel, aten.sym_size, aten.sym_numel, aten.sym_stride,
-      aten.sym_storage_offset, operator.floordiv, operator.mul, operator.add, operator.sub,
-      operator.truediv, operator.pow, operator.mod, operator.neg, operator.eq, operator.ne,
-      operator.lt, operator.le, operator.gt, operator.ge)
 def shape_query(op: OpCall) -> Any:
     # x.size(1), x.shape, numbers computed from them: no channels, but they remember what they measure
     if isinstance(op.out, torch.Tensor):
-        from .elementwise import nary
         numbers = [a for a in op.node.args if isinstance(a, fx.Node) and not is_tensor(a)]
         op.freeze([op.ids(a) for a in numbers], "a channel count used in tensor arithmetic")
         return nary(op)
@@ -69,20 +64,20 @@ def _union(ids: Any) -> Optional[torch.Tensor]:
     return torch.cat(arrays) if arrays else None
 
 
-@rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", aten.new_zeros, aten.new_ones,
-      aten.new_empty, aten.new_full)
 def new_factory(op: OpCall) -> Any:
     # x.new_zeros(size) -> a fresh tensor of literal size: no channels; x lends only dtype and device
     return op.fixed()
 
 
 # --- reshape -----------------------------------------------------------------------------------
-VIEWS = ("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", torch.reshape,
-         torch.flatten, torch.unflatten, nn.Flatten, nn.Unflatten, aten.view, aten.reshape,
-         aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_copy, aten._reshape_alias)
+VIEW_METHODS = ("view", "reshape")
+VIEW_FUNCTIONS = (torch.reshape, aten.view, aten.reshape, aten._unsafe_view, aten.view_copy)
+UNFLATTENS = ("unflatten", torch.unflatten, aten.unflatten)
+SIZELESS_VIEWS = ("flatten", "view_as", "reshape_as", torch.flatten, nn.Flatten, aten.flatten)
+"""Views whose arguments hold no size (start/end dims, another tensor): nothing to rewrite."""
+VIEWS = VIEW_METHODS + VIEW_FUNCTIONS + UNFLATTENS + SIZELESS_VIEWS + (nn.Unflatten, aten._reshape_alias)
 
 
-@rule(*VIEWS)
 def reshape(op: OpCall) -> Any:
     x = op.arg(0, "input")
     in_shape, out_shape = op.shape(x), op.shape(op.node)
@@ -175,7 +170,33 @@ def _stale_size(size: Any, old: Any, shrinks: bool, env: dict) -> bool:
     return isinstance(size, fx.Node) and (shrinks or measures)
 
 
-@rewriter("view", "reshape")
+def reshape_alias(op: OpCall) -> Any:
+    # _reshape_alias(x, size, stride): a reshape, when x and the strides are contiguous (the rewrite
+    # recomputes contiguous strides for the new sizes; any other stride pattern would need x's layout)
+    if not _contiguous(op.value(op.arg(0, "input"))) or \
+            list(op.value(op.arg(2, "stride"))) != _contiguous_strides(op.shape(op.node)):
+        raise Unsupported("a _reshape_alias with non-contiguous strides")
+    return reshape(op)
+
+
+def _contiguous_strides(shape: tuple) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return strides[::-1]
+
+
+def _contiguous(value: Any) -> bool:
+    stride = value.stride() if callable(value.stride) else value.stride
+    return list(stride) == _contiguous_strides(tuple(value.shape))
+
+
+def rewrite_reshape_alias(rw) -> None:
+    rw.set_arg(1, "size", _view_sizes(rw, list(rw.arg(1, "size")), list(rw.old_node.args[1])))
+    rw.set_arg(2, "stride", _contiguous_strides(tuple(rw.new_shape())))
+
+
 def rewrite_view_method(rw) -> None:
     args, old = list(rw.node.args[1:]), list(rw.old_node.args[1:])
     if len(args) == 1 and isinstance(args[0], (list, tuple)):
@@ -187,14 +208,12 @@ def rewrite_view_method(rw) -> None:
                                            list(rw.old_node.kwargs["shape"])))
 
 
-@rewriter(torch.reshape, aten.view, aten.reshape, aten._unsafe_view, aten.view_copy)
 def rewrite_view_function(rw) -> None:
     name = "shape" if rw.node.target is torch.reshape else "size"
     old = rw.old_node.args[1] if len(rw.old_node.args) > 1 else rw.old_node.kwargs[name]
     rw.set_arg(1, name, _view_sizes(rw, list(rw.arg(1, name)), list(old)))
 
 
-@rewriter("unflatten", torch.unflatten, aten.unflatten)
 def rewrite_unflatten(rw) -> None:
     dim = rw.arg(1, "dim")
     sizes = list(rw.arg(2, "sizes"))
@@ -203,7 +222,6 @@ def rewrite_unflatten(rw) -> None:
     rw.set_arg(2, "sizes", [n if s != -1 else s for s, n in zip(sizes, new)])
 
 
-@resizer(nn.Unflatten)
 def resize_unflatten(old: nn.Module, new: nn.Module, rw) -> None:
     dim = old.dim % len(rw.old_input_shape(0))
     new.unflattened_size = tuple(rw.new_shape()[dim: dim + len(old.unflattened_size)])
@@ -219,15 +237,12 @@ def _perm_of(op: OpCall) -> list[int]:
     return list(args)
 
 
-@rule("permute", torch.permute, aten.permute)
 def permute(op: OpCall) -> Any:
     x_ids = op.ids(op.arg(0, "input"))
     perm = [p % len(x_ids) for p in _perm_of(op)]
     return tuple(x_ids[p] for p in perm)
 
 
-@rule("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, aten.transpose,
-      aten.swapaxes)
 def transpose(op: OpCall) -> Any:
     x_ids = list(op.ids(op.arg(0, "input")))
     d0, d1 = (op.value(op.arg(i)) % len(x_ids) for i in (1, 2))
@@ -235,12 +250,10 @@ def transpose(op: OpCall) -> Any:
     return tuple(x_ids)
 
 
-@rule("t", torch.t, aten.t, aten.numpy_T)
 def t(op: OpCall) -> Any:
     return tuple(reversed(op.ids(op.arg(0, "input"))))
 
 
-@rule("movedim", "moveaxis", torch.movedim, torch.moveaxis, aten.movedim)
 def movedim(op: OpCall) -> Any:
     x_ids = op.ids(op.arg(0, "input"))
     src, dst = op.value(op.arg(1, "source")), op.value(op.arg(2, "destination"))
@@ -256,14 +269,12 @@ def movedim(op: OpCall) -> Any:
     return tuple(x_ids[o if o is not None else next(it)] for o in order)
 
 
-@rule("unsqueeze", torch.unsqueeze, aten.unsqueeze)
 def unsqueeze(op: OpCall) -> Any:
     x_ids = list(op.ids(op.arg(0, "input")))
     d = op.value(op.arg(1, "dim")) % (len(x_ids) + 1)
     return tuple(x_ids[:d] + [None] + x_ids[d:])
 
 
-@rule("squeeze", torch.squeeze, aten.squeeze)
 def squeeze(op: OpCall) -> Any:
     x = op.arg(0, "input")
     x_ids, shape = op.ids(x), op.shape(x)
@@ -276,8 +287,6 @@ def squeeze(op: OpCall) -> Any:
     return tuple(ids for d, ids in enumerate(x_ids) if d not in gone)
 
 
-@rule("expand", "expand_as", "broadcast_to", torch.broadcast_to, aten.expand, aten.expand_copy,
-      aten.broadcast_to)
 def expand(op: OpCall) -> Any:
     # x[1, C, 1, 1].expand(N, C, H, W): expanded dims carry no channel
     x = op.arg(0, "input")
@@ -295,14 +304,11 @@ def expand(op: OpCall) -> Any:
     return tuple(result)
 
 
-@rewriter("expand", "broadcast_to", torch.broadcast_to, aten.expand, aten.expand_copy,
-          aten.broadcast_to)
 def rewrite_expand(rw) -> None:
     rewrite_view_method(rw) if rw.node.op == "call_method" else rw.set_arg(
         1, "size", _view_sizes(rw, list(rw.arg(1, "size"))))
 
 
-@rule("roll", torch.roll, aten.roll)
 def roll(op: OpCall) -> Any:
     # roll(x, shifts, dims): positions rotate along spatial dims (Swin's cyclic shift); channels pass
     x_ids = op.ids(op.arg(0, "input"))
@@ -316,7 +322,6 @@ def roll(op: OpCall) -> Any:
     return x_ids
 
 
-@rule("repeat", aten.repeat)
 def repeat(op: OpCall) -> Any:
     x_ids = op.ids(op.arg(0, "input"))
     reps = op.node.args[1:]
@@ -327,7 +332,6 @@ def repeat(op: OpCall) -> Any:
 
 
 # --- concatenation -----------------------------------------------------------------------------
-@rule(torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat, aten.concatenate)
 def cat(op: OpCall) -> Any:
     # cat([a, b], dim): offsets map exactly; every other dim ties position by position
     tensors = list(op.arg(0, "tensors"))
@@ -351,7 +355,6 @@ def _tie_all(op: OpCall, arrays: list) -> Any:
     return arrays[0]
 
 
-@rule(torch.stack, aten.stack)
 def stack(op: OpCall) -> Any:
     tensors = list(op.arg(0, "tensors"))
     ids = [op.ids(t) for t in tensors]
@@ -378,9 +381,6 @@ def _pieces(op: OpCall, dim: int) -> Any:
     return tuple(out)
 
 
-@rule("split", "chunk", "tensor_split", "split_with_sizes", torch.split, torch.chunk,
-      torch.tensor_split, aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split,
-      aten.split_copy, aten.split_with_sizes_copy)
 def split(op: OpCall) -> Any:
     if op.node.target in ("tensor_split", torch.tensor_split, aten.tensor_split):
         raise Unsupported("tensor_split")
@@ -388,8 +388,6 @@ def split(op: OpCall) -> Any:
     return _pieces(op, dim)
 
 
-@rewriter("split", "chunk", "split_with_sizes", torch.split, torch.chunk, aten.split,
-          aten.split_with_sizes, aten.chunk, aten.split_copy, aten.split_with_sizes_copy)
 def rewrite_split(rw) -> None:
     dim = rw.arg(2, "dim", 0)
     dim %= len(rw.old_input_shape(0))
@@ -415,7 +413,6 @@ def _still_a_chunk(rw, sizes: list[int]) -> bool:
     return is_chunk and len(set(sizes)) == 1
 
 
-@rule("unbind", torch.unbind, aten.unbind)
 def unbind(op: OpCall) -> Any:
     x = op.arg(0, "input")
     x_ids = op.ids(x)
@@ -424,7 +421,6 @@ def unbind(op: OpCall) -> Any:
     return tuple(tuple(i for d, i in enumerate(x_ids) if d != dim) for _ in op.out)
 
 
-@rule(operator.getitem)
 def getitem(op: OpCall) -> Any:
     x, index = op.node.args
     if not is_tensor(x):
@@ -497,7 +493,6 @@ def remap(kept: torch.Tensor, position: Optional[int], size: int) -> Optional[in
     return int(kept[:position].sum())
 
 
-@rewriter(operator.getitem)
 def rewrite_getitem(rw) -> None:
     x, index = rw.node.args
     if not isinstance(rw.old_node.args[0], fx.Node) or not rw.is_tensor(rw.old_node.args[0]):
@@ -523,7 +518,6 @@ def _remap_item(kept: Optional[torch.Tensor], item: Any, size: int) -> Any:
     return remap(kept, item, size)
 
 
-@rule(aten.index, aten.index_select, torch.index_select, "index_select")
 def index_tensor(op: OpCall) -> Any:
     # x[idx] / index(x, [None, idx]): gathered dims lose their channels, the other dims pass
     x_ids = list(op.ids(op.arg(0, "input")))
@@ -552,7 +546,6 @@ def _gathered_dims(op: OpCall, ndim: int) -> list[int]:
     return dims
 
 
-@rule(aten.slice, aten.slice_copy)
 def aten_slice(op: OpCall) -> Any:
     # slice(x, dim, start, end, step)
     x = op.arg(0)
@@ -564,7 +557,6 @@ def aten_slice(op: OpCall) -> Any:
     return tuple(x_ids)
 
 
-@rewriter(aten.slice, aten.slice_copy)
 def rewrite_aten_slice(rw) -> None:
     dim = rw.arg(1, "dim", 0) % len(rw.old_input_shape(0))
     kept = rw.kept_positions(0, dim)
@@ -577,7 +569,6 @@ def rewrite_aten_slice(rw) -> None:
             rw.set_arg(i, name, remap(kept, min(value, size) if value > 0 else value, size))
 
 
-@rule("narrow", torch.narrow, aten.narrow)
 def narrow(op: OpCall) -> Any:
     x = op.arg(0, "input")
     x_ids = list(op.ids(x))
@@ -587,7 +578,6 @@ def narrow(op: OpCall) -> Any:
     return tuple(x_ids)
 
 
-@rewriter("narrow", torch.narrow, aten.narrow)
 def rewrite_narrow(rw) -> None:
     dim = rw.arg(1, "dim") % len(rw.old_input_shape(0))
     kept = rw.kept_positions(0, dim)
@@ -600,7 +590,6 @@ def rewrite_narrow(rw) -> None:
     rw.set_arg(3, "length", remap(kept, start + length, size) - new_start)
 
 
-@rule("select", torch.select, aten.select)
 def select(op: OpCall) -> Any:
     x = op.arg(0, "input")
     x_ids = list(op.ids(x))
@@ -609,9 +598,61 @@ def select(op: OpCall) -> Any:
     return tuple(x_ids[:dim] + x_ids[dim + 1:])
 
 
-@rewriter("select", torch.select, aten.select)
 def rewrite_select(rw) -> None:
     dim = rw.arg(1, "dim") % len(rw.old_input_shape(0))
     kept = rw.kept_positions(0, dim)
     if kept is not None and not bool(kept.all()):
         rw.set_arg(2, "index", remap(kept, rw.arg(2, "index"), rw.old_input_shape(0)[dim]))
+
+
+FAMILY = register(OpFamily("shape", (
+    # x.size(1), x.shape, numbers computed from them: no channels, but they remember what they measure
+    OpRule(("size", "dim", "numel", "nelement", "ndimension", "get_device", "element_size", "data_ptr",
+           builtins.getattr, builtins.len, torch.numel, aten.sym_size, aten.sym_numel, aten.sym_stride,
+           aten.sym_storage_offset, operator.floordiv, operator.mul, operator.add, operator.sub,
+           operator.truediv, operator.pow, operator.mod, operator.neg, operator.eq, operator.ne, operator.lt,
+           operator.le, operator.gt, operator.ge), shape_query, rewrite=None),
+    # x.new_zeros(size) -> a fresh tensor of literal size: no channels; x lends only dtype and device
+    OpRule(("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", aten.new_zeros, aten.new_ones,
+           aten.new_empty, aten.new_full), new_factory, rewrite=None),
+    # x.view(n, -1), reshape, flatten, unflatten: factor groups map a channel to a block, heads or a grid
+    OpRule(VIEW_METHODS, reshape, rewrite=rewrite_view_method),
+    OpRule(VIEW_FUNCTIONS, reshape, rewrite=rewrite_view_function),
+    OpRule(UNFLATTENS, reshape, rewrite=rewrite_unflatten),
+    OpRule((nn.Unflatten,), reshape, rewrite=None, resize=resize_unflatten),
+    OpRule(SIZELESS_VIEWS, reshape, rewrite=None),
+    # _reshape_alias(x, size, stride): a view with explicit (contiguous) strides
+    OpRule((aten._reshape_alias,), reshape_alias, rewrite=rewrite_reshape_alias),
+    OpRule(("permute", torch.permute, aten.permute), permute, rewrite=None),
+    OpRule(("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, aten.transpose,
+           aten.swapaxes), transpose, rewrite=None),
+    OpRule(("t", torch.t, aten.t, aten.numpy_T), t, rewrite=None),
+    OpRule(("movedim", "moveaxis", torch.movedim, torch.moveaxis, aten.movedim), movedim, rewrite=None),
+    OpRule(("unsqueeze", torch.unsqueeze, aten.unsqueeze), unsqueeze, rewrite=None),
+    OpRule(("squeeze", torch.squeeze, aten.squeeze), squeeze, rewrite=None),
+    # x[1, C, 1, 1].expand(N, C, H, W): expanded dims carry no channel
+    OpRule(("expand", "broadcast_to", torch.broadcast_to, aten.expand, aten.expand_copy, aten.broadcast_to),
+           expand,
+           rewrite=rewrite_expand),
+    OpRule(("expand_as",), expand, rewrite=None),
+    # roll(x, shifts, dims): positions rotate along spatial dims (Swin's cyclic shift); channels pass
+    OpRule(("roll", torch.roll, aten.roll), roll, rewrite=None),
+    OpRule(("repeat", aten.repeat), repeat, rewrite=None),
+    # cat([a, b], dim): offsets map exactly; every other dim ties position by position
+    OpRule((torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat, aten.concatenate), cat,
+           rewrite=None),
+    OpRule((torch.stack, aten.stack), stack, rewrite=None),
+    # split(x, sizes, dim) / chunk(x, n, dim): pieces map offsets exactly; the rewrite recomputes the sizes
+    OpRule(("split", "chunk", "split_with_sizes", torch.split, torch.chunk, aten.split, aten.split_with_sizes,
+           aten.chunk,
+            aten.split_copy, aten.split_with_sizes_copy), split, rewrite=rewrite_split),
+    OpRule(("tensor_split", torch.tensor_split, aten.tensor_split), split, rewrite=None),  # refused by split
+    OpRule(("unbind", torch.unbind, aten.unbind), unbind, rewrite=None),
+    OpRule((operator.getitem,), getitem, rewrite=rewrite_getitem),
+    # x[idx] / index(x, [None, idx]): gathered dims lose their channels, the other dims pass
+    OpRule((aten.index, aten.index_select, torch.index_select, "index_select"), index_tensor, rewrite=None),
+    # slice(x, dim, start, end, step)
+    OpRule((aten.slice, aten.slice_copy), aten_slice, rewrite=rewrite_aten_slice),
+    OpRule(("narrow", torch.narrow, aten.narrow), narrow, rewrite=rewrite_narrow),
+    OpRule(("select", torch.select, aten.select), select, rewrite=rewrite_select),
+)))

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall
-from . import rule
+from .registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 
@@ -35,8 +35,6 @@ def _with_channels(op: OpCall, x_ids: tuple, channels: Any) -> tuple:
     return tuple(x_ids[:-3]) + (channels, None, None)
 
 
-@rule(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, aten.channel_shuffle,
-      aten.native_channel_shuffle)
 def channel_shuffle(op: OpCall) -> Any:
     # channel_shuffle(x, g): local index i of every group is one unit; positions are permuted
     x_ids = op.ids(op.arg(0, "input"))
@@ -50,7 +48,6 @@ def channel_shuffle(op: OpCall) -> Any:
     return tuple(rows.t().reshape(-1) if d == c else ids for d, ids in enumerate(x_ids))
 
 
-@rule(nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle, aten.pixel_shuffle)
 def pixel_shuffle(op: OpCall) -> Any:
     # pixel_shuffle(x[..., C*r*r, H, W], r): each block of r*r channels is one output channel
     x_ids = op.ids(op.arg(0, "input"))
@@ -63,10 +60,22 @@ def pixel_shuffle(op: OpCall) -> Any:
     return _with_channels(op, x_ids, unit)
 
 
-@rule(nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle, aten.pixel_unshuffle)
 def pixel_unshuffle(op: OpCall) -> Any:
     # pixel_unshuffle(x[..., C, H*r, W*r], r): channel c becomes r*r positions that share its id
     x_ids = op.ids(op.arg(0, "input"))
     block = _factor(op, "downscale_factor", 1) ** 2
     channels = x_ids[-3]
     return _with_channels(op, x_ids, None if channels is None else channels.repeat_interleave(block))
+
+
+FAMILY = register(OpFamily("shuffle", (
+    # channel_shuffle(x, g): local index i of every group is one unit; positions are permuted
+    OpRule((nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, aten.channel_shuffle,
+           aten.native_channel_shuffle), channel_shuffle, rewrite=None),
+    # pixel_shuffle(x[..., C*r*r, H, W], r): each block of r*r channels is one output channel
+    OpRule((nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle, aten.pixel_shuffle), pixel_shuffle,
+           rewrite=None),
+    # pixel_unshuffle(x[..., C, H*r, W*r], r): channel c becomes r*r positions that share its id
+    OpRule((nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle, aten.pixel_unshuffle),
+           pixel_unshuffle, rewrite=None),
+)))

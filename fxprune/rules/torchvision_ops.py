@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from ..analysis import OpCall, Unsupported
-from . import rewriter, rule
+from .registry import OpFamily, OpRule, register
 
 
 def _swin_functions() -> tuple[tuple, tuple, tuple, tuple]:
@@ -48,7 +48,6 @@ def _drop_block_functions() -> tuple:
 SWIN_ATTENTION, SWIN_BIAS, SWIN_MERGE, WITH_LOGIT_SCALE = _swin_functions()
 
 
-@rule(*SWIN_ATTENTION)
 def shifted_window_attention(op: OpCall) -> Any:
     # swin attention(x[..., h*d]) -> [..., h*d]: head i = qkv rows p*C+i*d+j, proj rows/cols i*d+j
     x = op.arg(0, "input")
@@ -103,14 +102,12 @@ def _tie_per_head(op: OpCall, heads: torch.Tensor) -> None:
         op.unify(op.param(key)[0], heads)
 
 
-@rewriter(*SWIN_ATTENTION)
 def rewrite_shifted_window_attention(rw) -> None:
     old, new = rw.old_input_shape(0)[-1], rw.new_input_shape(0)[-1]
     heads = rw.arg(5, "num_heads")
     rw.set_arg(5, "num_heads", new // (old // heads))
 
 
-@rule(*SWIN_BIAS)
 def relative_position_bias(op: OpCall) -> Any:
     # bias(table[T, h], index, window) -> [1, h, N, N]: the table's columns are the heads
     table_ids = op.ids(op.arg(0, "relative_position_bias_table"))
@@ -118,7 +115,6 @@ def relative_position_bias(op: OpCall) -> Any:
     return (None, table_ids[1], None, None)
 
 
-@rule(*SWIN_MERGE)
 def patch_merging_pad(op: OpCall) -> Any:
     # merge(x[..., H, W, C]) -> [..., H/2, W/2, 4C]: the four 2x2 neighbours concatenated on channels
     x_ids = op.ids(op.arg(0, "x"))
@@ -127,10 +123,21 @@ def patch_merging_pad(op: OpCall) -> Any:
     return (None,) * (len(x_ids) - 1) + (channels,)
 
 
-@rule(*_drop_block_functions())
 def drop_block(op: OpCall) -> Any:
     # drop_block2d(x, p, block_size): zeroes spatial blocks per sample and channel; channels pass
     return op.ids(op.arg(0, "input"))
 
 
 __all__ = ["shifted_window_attention", "relative_position_bias", "patch_merging_pad", "drop_block"]
+
+
+FAMILY = register(OpFamily("torchvision_ops", (
+    # swin attention(x[..., h*d]) -> [..., h*d]: head i = qkv rows p*C+i*d+j, proj rows/cols i*d+j
+    OpRule(SWIN_ATTENTION, shifted_window_attention, rewrite=rewrite_shifted_window_attention),
+    # bias(table[T, h], index, window) -> [1, h, N, N]: the table's columns are the heads
+    OpRule(SWIN_BIAS, relative_position_bias, rewrite=None),
+    # merge(x[..., H, W, C]) -> [..., H/2, W/2, 4C]: the four 2x2 neighbours concatenated on channels
+    OpRule(SWIN_MERGE, patch_merging_pad, rewrite=None),
+    # drop_block2d(x, p, block_size): zeroes spatial blocks per sample and channel; channels pass
+    OpRule(_drop_block_functions(), drop_block, rewrite=None),
+)))
