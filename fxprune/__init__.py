@@ -5,6 +5,7 @@
 >>> result.graph_module, result.plan                                               # doctest: +SKIP
 """
 from . import errors
+from . import rules  # noqa: F401  (every op family registers itself; analysis looks them up in fxprune.registry)
 from .analysis import Analysis, AnalysisOptions, match
 from .api import PruneResult, analyze, apply_plan, prune, verify
 from .calibration import Calibration

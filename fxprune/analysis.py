@@ -22,6 +22,7 @@ from .channels import ChannelTable, Solution, TensorIds
 from .graph import describe_target, fixed_like, has_value, iter_arrays, meta_value, tensor_at  # noqa: F401,E501
 from .groups import Group, build_groups
 from .predicates import weight_source
+from .registry import lookup_analyze
 
 
 class Unsupported(Exception):
@@ -251,11 +252,9 @@ class OpCall:
 # --- the walk ----------------------------------------------------------------------------------
 def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOptions()) -> Analysis:
     """Propagate channel ids through ``gm`` (which must carry traced values, see capture)."""
-    from .rules import lookup  # the table imports this module
-
     ctx = Context(gm, options)
     for node in gm.graph.nodes:
-        ctx.env[node] = _visit(ctx, node, lookup)
+        ctx.env[node] = _visit(ctx, node, lookup_analyze)
     solution = ctx.table.solve()
     groups = build_groups(ctx.params, ctx.producers, solution)
     return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,

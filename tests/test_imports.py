@@ -46,6 +46,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 else node.module or ""
             base = base.rstrip(".")
             found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
+    if path.name == "__init__.py" and "pkgutil.iter_modules" in path.read_text():  # fxprune.rules imports
+        found.update(m for m in modules if m.rpartition(".")[0] == name)     # every module of its package
     return {m for m in found if m in modules and m != name}
 
 
@@ -96,7 +98,12 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) == []
 
 
+def test_the_rule_package_counts_as_importing_every_family():
+    modules = _modules()
+    assert {"fxprune.rules.conv", "fxprune.rules.shape"} <= _imports("fxprune.rules", modules["fxprune.rules"], modules)
+
+
 def test_the_shared_helpers_are_leaves():
     modules = _modules()
-    for leaf in ("fxprune.predicates", "fxprune.rules.registry", "fxprune.channels"):
+    for leaf in ("fxprune.predicates", "fxprune.registry", "fxprune.channels", "fxprune.graph"):
         assert _imports(leaf, modules[leaf], modules) <= {"fxprune.errors"}, leaf

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from fxprune import rules
 from fxprune.check import check_pruned
 from fxprune.errors import RuleTableError
-from fxprune.rules import conv, elementwise, registry, shape
-from fxprune.rules.registry import OpFamily, OpRule
+from fxprune import registry
+from fxprune.registry import OpFamily, OpRule
+from fxprune.rules import conv, elementwise, shape
 
 LEVELS = ("fx", "export")
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..analysis import OpCall
 from ..predicates import is_tensor
-from .registry import OpFamily, OpRule, register
+from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall, Unsupported
-from .registry import OpFamily, OpRule, register
+from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 

@@ -44,7 +44,7 @@ from torch.ao.quantization.observer import ObserverBase
 
 from ..analysis import OpCall, Unsupported
 from ..predicates import is_quantizer, torchao_quantizers, weight_source  # noqa: F401  (also imported from here)
-from .registry import OpFamily, OpRule, owner, register, register_late
+from ..registry import OpFamily, OpRule, owner, register, register_late
 from .conv import CONV_MODULES, conv
 from .elementwise import ACTIVATION_MODULES, PASS_MODULES
 from .linear import linear

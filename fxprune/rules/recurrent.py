@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..analysis import OpCall, Unsupported
-from .registry import OpFamily, OpRule, register
+from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 

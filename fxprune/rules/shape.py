@@ -20,7 +20,7 @@ import torch.fx as fx
 from ..analysis import OpCall, Unsupported, iter_arrays
 from ..predicates import is_tensor
 from .elementwise import nary
-from .registry import OpFamily, OpRule, register
+from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis import OpCall
-from .registry import OpFamily, OpRule, register
+from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten
 

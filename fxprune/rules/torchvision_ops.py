@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from ..analysis import OpCall, Unsupported
-from .registry import OpFamily, OpRule, register
+from ..registry import OpFamily, OpRule, register
 
 
 def _swin_functions() -> tuple[tuple, tuple, tuple, tuple]:

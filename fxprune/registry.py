@@ -17,9 +17,12 @@ An :class:`OpFamily` is one value per family, registered once, in the spirit of 
 A spelling belongs to one family: registering it twice raises :class:`~fxprune.errors.RuleTableError`
 at import, and so does rewriting a node whose sizes changed when no family owns it.
 
+A leaf module (it imports only :mod:`fxprune.errors`): analysis looks rules up here, and the families
+in ``fxprune.rules`` (which ``fxprune`` imports) register here, so neither imports the other.
+
 Example — a family in its own file under ``fxprune/rules/`` (imported by ``fxprune.rules``)::
 
-    from .registry import OpFamily, OpRule, register
+    from ..registry import OpFamily, OpRule, register
 
     def softsign_like(op):
         # f(x) -> f(x): channels pass through
@@ -37,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..errors import RuleTableError
+from .errors import RuleTableError
 
 Analyze = Callable[[Any], Any]
 """``(OpCall) -> channel map`` (``fxprune.opcall.OpCall``)."""
@@ -162,6 +165,12 @@ def lookup_rule(node: fx.Node, module: Optional[torch.nn.Module]) -> Optional[Op
         if found is not None:
             return found
     return None
+
+
+def lookup_analyze(node: fx.Node, module: Optional[torch.nn.Module]) -> Optional[Analyze]:
+    """The analysis rule of a node (None: no family owns it, the node freezes its channels)."""
+    found = lookup_rule(node, module)
+    return None if found is None else found.analyze
 
 
 def lookup_rewrite(node: fx.Node, module: Optional[torch.nn.Module]) -> Optional[Rewrite]:
