@@ -66,11 +66,11 @@ def _step(bar, name: str) -> None:
 
 
 def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outputs: bool = False,
-            split_axis: str = "largest") -> Analysis:
+            split_axis: str = "largest", dynamic_shapes: Any = "auto") -> Analysis:
     """Capture and match only: the groups, and why any are frozen (what ``fxprune inspect`` prints)."""
     if split_axis not in ("largest", "outer"):
         raise InvalidOptionError(f"split_axis must be 'largest' or 'outer', got {split_axis!r}")
-    captured = capture_graph(model, example_inputs, capture)
+    captured = capture_graph(model, example_inputs, capture, dynamic_shapes)
     return match(captured.gm, captured.level, AnalysisOptions(prune_outputs, split_axis))
 
 
@@ -80,7 +80,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
           prune_outputs: bool = False, propagate_bias: bool = False, seed: int = 0, loss_fn: Optional[Callable] = None,
           batch: Optional[tuple] = None, calibration: Any = None, normalize: str = "mean",
           min_keep_ratio: float = 0.0, split_axis: str = "largest",
-          progress: bool = False, recover: Sequence[str] = ()) -> PruneResult:
+          progress: bool = False, recover: Sequence[str] = (), dynamic_shapes: Any = "auto") -> PruneResult:
     """Prune ``model`` and return a new, smaller GraphModule; ``model`` is never modified.
 
     Args:
@@ -102,13 +102,16 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
             :mod:`fxprune.recovery`): ``"compensate-bias"`` (or ``"bias"``), ``"reconstruct"``,
             ``"recalibrate-batchnorm"`` (or ``"batchnorm"``). ``result.recovery`` reports each layer's
             fit; :func:`verify` checks the structural pruning before recovery.
+        dynamic_shapes: export level: ``"auto"`` (dynamic batch, and sequence for token inputs),
+            ``None`` (the example's sizes only) or a ``torch.export`` spec.
     """
     policy = Policy(sparsity, global_ranking, round_to, min_keep, tuple(ignore), normalize, min_keep_ratio)
     check_criterion(criterion, reduce)
     check_data(criterion, calibration, loss_fn, batch)
     steps = check_recovery(recover, calibration)
     bar = _stages(progress, 4)
-    analysis = analyze(model, example_inputs, capture, prune_outputs=prune_outputs, split_axis=split_axis)
+    analysis = analyze(model, example_inputs, capture, prune_outputs=prune_outputs, split_axis=split_axis,
+                       dynamic_shapes=dynamic_shapes)
     _step(bar, "match")
     check_patterns(analysis.groups, policy)
     evidence = gather_evidence(analysis, criterion, calibration, loss_fn, batch, progress)

@@ -6,14 +6,20 @@
 Values come from a run on the ``meta`` device (see :func:`propagate_values`), or are the fake values a
 fresh ``torch.export`` graph already carries. A GraphModule or ExportedProgram is used as it is, at its
 own level.
+
+At the export level the result is not specialised to the example's sizes: by default the batch dim of
+every tensor input, and the sequence dim of token inputs (integer tensors of 2 dims), are exported as
+dynamic (see :func:`default_dynamic_shapes`); ``dynamic_shapes=`` passes the user's own spec to
+``torch.export``, ``None`` exports static shapes. An ExportedProgram keeps its own.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import traceback
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,12 +31,14 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.utils.weight_norm import WeightNorm  # the class (torch.nn.utils.weight_norm is a function)
 
-from .graph import copy_graph_module
-from .errors import (CaptureError, ExampleInputError, InvalidOptionError, TrainingModeError,
-                     UnsupportedModelError)
+from .errors import (CaptureError, DynamicShapesError, ExampleInputError, InvalidOptionError,
+                     PrunedGraphError, TrainingModeError, UnsupportedModelError)
 
 LEVELS = ("fx", "export")
 _BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+AUTO = "auto"
+"""``dynamic_shapes`` default: a dynamic batch (and sequence for token inputs), see
+:func:`default_dynamic_shapes`."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,11 @@ def as_inputs(example_inputs: Any) -> tuple:
                             f"{type(example_inputs).__name__}")
 
 
-def capture(model: Any, example_inputs: Any, level: str = "fx") -> Captured:
+def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: Any = AUTO) -> Captured:
     """Trace ``model`` at ``level`` and propagate fake values through every node.
+
+    ``dynamic_shapes`` (export level): ``"auto"`` (a dynamic batch, and sequence for token inputs),
+    ``None`` (static), or a spec for ``torch.export.export``.
 
     >>> cap = capture(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))  # doctest: +SKIP
     >>> cap.level, cap.gm.graph.find_nodes(op="call_module")[0].target              # doctest: +SKIP
@@ -64,7 +75,7 @@ def capture(model: Any, example_inputs: Any, level: str = "fx") -> Captured:
     elif isinstance(model, fx.GraphModule):
         gm, level = copy_graph_module(model), graph_level(model)
     elif isinstance(model, torch.nn.Module):
-        gm = _trace(model, inputs, level)
+        gm = _trace(model, inputs, level, dynamic_shapes)
         if _export_values_complete(gm):  # torch.export just traced fake values on every node: reuse them
             refuse_quantized(gm)
             return Captured(gm, level, inputs)
@@ -80,7 +91,7 @@ def _export_values_complete(gm: fx.GraphModule) -> bool:
     """True for a fresh ``torch.export`` graph whose nodes all carry export's fake values; its
     ``_guards_fn`` call (input checks, returns None) gets ``None`` as its value."""
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    if graph_level(gm) != "export":
+    if graph_level(gm) != "export" or _symbolic(nodes):  # rules read concrete sizes: propagate them
         return False
     for node in nodes:
         if "val" not in node.meta and not (node.op == "call_module" and node.target == "_guards_fn"):
@@ -88,6 +99,15 @@ def _export_values_complete(gm: fx.GraphModule) -> bool:
     for node in nodes:
         node.meta.setdefault("val", None)
     return True
+
+
+def _symbolic(nodes: list[fx.Node]) -> bool:
+    for node in nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.SymInt) or isinstance(value, torch.Tensor) and \
+                any(isinstance(s, torch.SymInt) for s in value.shape):
+            return True
+    return False
 
 
 def graph_level(gm: fx.GraphModule) -> str:
@@ -98,7 +118,18 @@ def graph_level(gm: fx.GraphModule) -> str:
     return "fx"
 
 
-def _trace(model: torch.nn.Module, inputs: tuple, level: str) -> fx.GraphModule:
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph (metadata may be rewritten) sharing the input's tensors."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    new.training = gm.training
+    new.meta = dict(getattr(gm, "meta", {}))  # e.g. prepare_fx / prepare_pt2e state, read by convert
+    return new
+
+
+def _trace(model: torch.nn.Module, inputs: tuple, level: str, dynamic_shapes: Any = AUTO) -> fx.GraphModule:
     if level not in LEVELS:
         raise InvalidOptionError(f"capture must be one of {LEVELS}, got {level!r}")
     if level == "fx":
@@ -110,13 +141,119 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str) -> fx.GraphModule:
         _refuse_lost_hooks(model, gm)
         return gm
     _refuse_training_batch_norm(model)
-    try:
-        gm = torch.export.export(model, inputs).module()
-    except Exception as exc:
-        raise CaptureError(_trace_failure(exc, "torch.export.export", "fx")) from exc
+    gm = export(model, inputs, dynamic_shapes).module()
     for module in gm.modules():  # export's module always says training=True; keep the model's mode
         module.training = model.training
     return gm
+
+
+def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) -> torch.export.ExportedProgram:
+    """``torch.export.export`` with fxprune's errors. The ``"auto"`` spec falls back, with a warning, to a
+    dynamic batch alone and then to static shapes for a model that specialises them (a LLaMA whose
+    sequence is bounded by its position table); a user's own spec that export rejects is an error."""
+    if dynamic_shapes != AUTO:
+        try:
+            return _export(model, inputs, dynamic_shapes)
+        except Exception as exc:
+            if dynamic_shapes is None or not _is_shape_failure(exc):
+                raise CaptureError(_trace_failure(exc, "torch.export.export", "fx")) from exc
+            raise DynamicShapesError(_dynamic_failure(exc, dynamic_shapes)) from exc
+    full = default_dynamic_shapes(inputs)
+    attempts = [full] + ([_batch_only(full)] if _batch_only(full) is not None else []) + [None]
+    for spec, fallback in zip(attempts, attempts[1:] + [None]):
+        try:
+            return _export(model, inputs, spec)
+        except Exception as exc:  # what export rejects is dropped, with a warning; other failures raise
+            if spec is None or not _is_shape_failure(exc):
+                raise CaptureError(_trace_failure(exc, "torch.export.export", "fx")) from exc
+            kept = "only a dynamic batch" if fallback is not None else \
+                f"only the example's sizes {[tuple(x.shape) for x in _tensors(inputs)]}"
+            warnings.warn(f"torch.export rejected a dynamic {_dim_names(spec, exc)}, so the graph accepts "
+                          f"{kept}: {_first_line(exc)}", stacklevel=4)
+    raise AssertionError("unreachable: the static attempt returns or raises")
+
+
+def _export(model: torch.nn.Module, inputs: tuple, spec: Any) -> torch.export.ExportedProgram:
+    # export specialises a dynamic dim whose example size is 0 or 1 (its 0/1 rule); the size-oblivious
+    # mode traces it like any other size
+    import torch.fx.experimental._config as fx_config
+    oblivious = spec is not None and any(s in (0, 1) for x in _tensors(inputs) for s in x.shape)
+    with fx_config.patch(backed_size_oblivious=oblivious):
+        return torch.export.export(model, inputs, dynamic_shapes=spec)
+
+
+def default_dynamic_shapes(inputs: tuple) -> Any:
+    """The default export spec: a dynamic batch on dim 0 of every tensor input (one ``Dim`` per distinct
+    example batch size), and a dynamic sequence on dim 1 of every integer input of 2 dims (token ids,
+    attention masks); ``None`` when no input is a tensor with a dim.
+
+    >>> default_dynamic_shapes((torch.zeros(2, 8, dtype=torch.long),))   # doctest: +SKIP
+    ({0: Dim('batch', min=1), 1: Dim('seq', min=1)},)
+    """
+    dims: dict[tuple[str, int], Any] = {}
+
+    def dim(kind: str, size: int) -> Any:
+        if (kind, size) not in dims:
+            count = sum(k == kind for k, _ in dims)
+            dims[kind, size] = torch.export.Dim(kind if count == 0 else f"{kind}{count}", min=1)
+        return dims[kind, size]
+
+    def spec_of(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        spec = {0: dim("batch", int(x.shape[0]))}
+        if x.dim() == 2 and not x.is_floating_point() and not x.is_complex():
+            spec[1] = dim("seq", int(x.shape[1]))
+        return spec
+
+    spec = tuple(spec_of(x) for x in inputs)
+    return spec if dims else None
+
+
+def _batch_only(spec: Any) -> Any:
+    """The default spec without its sequence dims (None when nothing would be left to try)."""
+    if spec is None or not any(s is not None and 1 in s for s in spec):
+        return None
+    return tuple(None if s is None else {0: s[0]} for s in spec)
+
+
+def _tensors(inputs: tuple) -> list[torch.Tensor]:
+    return [x for x in inputs if isinstance(x, torch.Tensor)]
+
+
+def _is_shape_failure(exc: Exception) -> bool:
+    """A failure caused by the dynamic dims (a constraint violation, a dim specialised to a constant)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "data-dependent" in text:  # control flow on values: no shape spec helps
+        return False
+    return any(k in text for k in ("Constraints violated", "specialized", "dynamic_shapes", "dim hint",
+                                   "ConstraintViolation", "inferred ranges"))
+
+
+def _dim_names(spec: Any, exc: Exception) -> str:
+    names = sorted({d.__name__ for d in _spec_dims(spec) if hasattr(d, "__name__")})
+    named = [n for n in names if n in str(exc)]
+    return "/".join(named or names) + " dim"
+
+
+def _spec_dims(spec: Any) -> list:
+    if isinstance(spec, dict):
+        return [d for v in spec.values() for d in _spec_dims(v)]
+    if isinstance(spec, (list, tuple)):
+        return [d for v in spec for d in _spec_dims(v)]
+    return [] if spec is None else [spec]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _dynamic_failure(exc: Exception, spec: Any) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("- ")]
+    detail = " ".join(lines[:2]) or _first_line(exc)
+    return (f"torch.export rejected dynamic_shapes for the {_dim_names(spec, exc)}: {detail[:400]} "
+            f"Mark that dim static (or give it the range export suggests), or pass dynamic_shapes=None.")
 
 
 def _symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
@@ -257,8 +394,11 @@ def refuse_quantized(gm: fx.GraphModule) -> None:
                 f"to int8; prune before convert")
 
 
-def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
+def propagate_values(gm: fx.GraphModule, inputs: Sequence, rewritten: bool = False) -> None:
     """Record a fake value (shape, dtype, device) on every node: ``node.meta['val']``.
+
+    A graph that fails raises :class:`ExampleInputError`, or :class:`PrunedGraphError` when it is
+    fxprune's own output (``rewritten``: the original ran on these inputs); both name the node.
 
     First choice: run the graph on the ``meta`` device — shape functions only, no FLOPs, no activation
     memory, and modules are called as shallow copies holding meta parameters, so nothing of the input
@@ -272,18 +412,51 @@ def propagate_values(gm: fx.GraphModule, inputs: Sequence) -> None:
         return
     except Exception:  # an op without a meta kernel, or data-dependent: use a slower exact route
         pass
+    interpreter: Any = None
     try:
         if _is_training(gm):
             fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-            _FakeEvalProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+            interpreter = _FakeEvalProp(gm, mode)
+            interpreter.propagate_dont_convert_inputs(*fake_inputs)
         else:
+            interpreter = _RecordValues(gm, mode)
             with torch.no_grad():
-                _RecordValues(gm, mode).run(*inputs)
+                interpreter.run(*inputs)
     except Exception as exc:
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExampleInputError(f"the model rejects example inputs of shapes {shapes}: "
-                                f"{type(exc).__name__}: {message}") from exc
+        raise _run_failure(exc, inputs, getattr(interpreter, "failed", None), rewritten) from exc
+
+
+def _run_failure(exc: Exception, inputs: Sequence, node: Optional[fx.Node], rewritten: bool) -> Exception:
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    at = f" at node {node.name!r} ({_target_name(node)})" if node is not None else ""
+    if rewritten:
+        return PrunedGraphError(f"the pruned graph fails{at} on example inputs of shapes {shapes} that the "
+                                f"original ran: {type(exc).__name__}: {message}. This is a bug in fxprune's "
+                                f"rules, not in the model or its inputs; please report it")
+    return ExampleInputError(f"the model rejects example inputs of shapes {shapes}{at}: "
+                             f"{type(exc).__name__}: {message}")
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return getattr(node.target, "__name__", None) or str(node.target)
+
+
+class _NamesFailure:
+    """Interpreter mixin: remembers the node that raised, for the error message."""
+
+    failed: Optional[fx.Node] = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            return super().run_node(n)  # type: ignore[misc]
+        except Exception:
+            self.failed = n
+            raise
 
 
 def _to_meta(value: Any) -> Any:
@@ -405,7 +578,7 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 def _is_quantizer(module: torch.nn.Module) -> bool:
     """Observers and fake-quantizers propagate as the identity: same shape, and their statistics (a
     prepared graph's state) must not move — nor can they run on meta or fake tensors (data-dependent)."""
-    from .predicates import is_quantizer  # a leaf module: no cycle (capture is imported by analysis)
+    from .rules.quantization import is_quantizer
     return is_quantizer(module)
 
 
@@ -426,7 +599,7 @@ def _is_training(gm: fx.GraphModule) -> bool:
                and not isinstance(m, fx.GraphModule))
 
 
-class _FakeEvalProp(MutableArgs, FakeTensorProp):
+class _FakeEvalProp(_NamesFailure, MutableArgs, FakeTensorProp):
     """Fake propagation that calls eval-mode shallow copies of modules: shapes are the same, and
     ``BatchNorm.forward`` cannot bump the real ``num_batches_tracked`` of a training-mode model."""
 
@@ -438,7 +611,7 @@ class _FakeEvalProp(MutableArgs, FakeTensorProp):
         return module(*args, **kwargs)
 
 
-class _RecordValues(MutableArgs, fx.Interpreter):
+class _RecordValues(_NamesFailure, MutableArgs, fx.Interpreter):
     """Runs the graph and stores a fake copy of each node's value in its metadata."""
 
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):

@@ -22,6 +22,10 @@ class DynamicShapesError(CaptureError, ValueError):
     """``torch.export`` rejected the ``dynamic_shapes`` asked for (the message names the dim)."""
 
 
+class DynamicShapesError(CaptureError, ValueError):
+    """``torch.export`` rejected the ``dynamic_shapes`` asked for (the message names the dim)."""
+
+
 class ExampleInputError(FxPruneError, ValueError):
     """The example inputs were rejected by the model."""
 
@@ -33,6 +37,11 @@ class PrunedGraphError(FxPruneError, RuntimeError):
 
 class PlanMismatchError(FxPruneError, ValueError):
     """A plan does not fit the model it is applied to (missing names, indices out of range, sizes)."""
+
+
+class ConfigMismatchError(PlanMismatchError):
+    """A plan that a model's config cannot hold (per-layer widths, parts of heads): the message names
+    the layer, the widths and the option that fixes it (``fxprune.hf``)."""
 
 
 class UnsupportedModelError(FxPruneError, TypeError):
