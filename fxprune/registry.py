@@ -121,6 +121,22 @@ def run_late_hooks() -> None:
         hook()
 
 
+_AFTER_RULE: list[Callable[[Any, Analyze], None]] = []
+
+
+def register_after_rule(check: Callable[[Any, Analyze], None]) -> Callable[[Any, Analyze], None]:
+    """Run ``check(op, analyze)`` after every rule that returned (not after one that raised
+    ``Unsupported``): a fact that spans families, such as sizes read from a tensor's shape, written once
+    in the family it belongs to instead of in the walk."""
+    _AFTER_RULE.append(check)
+    return check
+
+
+def run_after_rule(op: Any, analyze: Analyze) -> None:
+    for check in _AFTER_RULE:
+        check(op, analyze)
+
+
 def owner(spelling: Any) -> Optional[OpRule]:
     """The rule registered for exactly this spelling (no base-class search)."""
     return _OWNER.get(spelling)

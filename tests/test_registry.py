@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fxprune import rules
 from fxprune.check import check_pruned
 from fxprune.errors import RuleTableError
+import fxprune
 from fxprune import registry
 from fxprune.registry import OpFamily, OpRule
 from fxprune.rules import conv, elementwise, shape
@@ -129,3 +130,14 @@ def test_a_module_without_parameters_still_gets_its_resize():
     gm = report.result.graph_module
     assert gm.conv.out_channels == 4 and gm.unflat.unflattened_size == (4, 16)
     assert report.verify.exact and report.verify.max_abs_error < 1e-5
+
+
+def test_an_after_rule_check_sees_every_node_a_rule_handled():
+    seen = []
+    check = registry.register_after_rule(lambda op, analyze: seen.append((op.node.name, analyze)))
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+        fxprune.analyze(model, (torch.randn(1, 3, 4, 4),), capture="fx")
+    finally:
+        registry._AFTER_RULE.remove(check)
+    assert ("_0", conv.conv_module) in seen and ("_1", elementwise.unary) in seen
