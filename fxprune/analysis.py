@@ -22,7 +22,7 @@ from .channels import ChannelTable, Solution, TensorIds
 from .graph import describe_target, fixed_like, has_value, iter_arrays, meta_value, tensor_at  # noqa: F401,E501
 from .groups import Group, build_groups
 from .predicates import weight_source
-from .registry import lookup_analyze
+from .registry import lookup_analyze, run_after_rule
 
 
 class Unsupported(Exception):
@@ -279,9 +279,11 @@ def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:
     if rule is None:
         return _freeze_all(op, f"no rule for {describe_target(node)}")
     try:
-        return rule(op)
+        out = rule(op)
     except Unsupported as exc:
         return _freeze_all(op, str(exc))
+    run_after_rule(op, rule)  # rules.shape's freeze_read_sizes
+    return out
 
 
 def _visit_get_attr(ctx: Context, node: fx.Node) -> Any:

@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.utils.weight_norm import WeightNorm  # the class (torch.nn.utils.weight_norm is a function)
 
+from .graph import copy_graph_module
 from .errors import (CaptureError, DynamicShapesError, ExampleInputError, InvalidOptionError,
                      PrunedGraphError, TrainingModeError, UnsupportedModelError)
 
@@ -116,17 +117,6 @@ def graph_level(gm: fx.GraphModule) -> str:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             return "export"
     return "fx"
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule with its own graph (metadata may be rewritten) sharing the input's tensors."""
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(gm, attr):
-            setattr(new, attr, getattr(gm, attr))
-    new.training = gm.training
-    new.meta = dict(getattr(gm, "meta", {}))  # e.g. prepare_fx / prepare_pt2e state, read by convert
-    return new
 
 
 def _trace(model: torch.nn.Module, inputs: tuple, level: str, dynamic_shapes: Any = AUTO) -> fx.GraphModule:
@@ -578,7 +568,7 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 def _is_quantizer(module: torch.nn.Module) -> bool:
     """Observers and fake-quantizers propagate as the identity: same shape, and their statistics (a
     prepared graph's state) must not move — nor can they run on meta or fake tensors (data-dependent)."""
-    from .rules.quantization import is_quantizer
+    from .predicates import is_quantizer  # a leaf module: no cycle (capture is imported by analysis)
     return is_quantizer(module)
 
 
