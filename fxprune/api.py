@@ -22,6 +22,7 @@ from .capture import Captured, as_inputs, capture as capture_graph, propagate_va
 from .errors import CalibrationError, InvalidOptionError, PlanMismatchError
 from .fold import constant_reference, fold_biases, folding_is_exact
 from .importance import Criterion, check_criterion, check_data, gather_evidence, score_groups
+from .gaps import ungrouped
 from .plan import GroupSummary, Plan
 from .recovery import recover as recover_model, recovery_steps
 from .rewrite import Pruning, rewrite
@@ -164,7 +165,7 @@ def make_plan(analysis: Analysis, drop: torch.Tensor, options: Mapping[str, Any]
     kept = Pruning(analysis, drop).param_kept()
     kept_indices = {k: {d: tuple(idx.tolist()) for d, idx in dims.items()} for k, dims in kept.items()}
     shapes = {k: tuple(analysis.tensor(k).shape) for k in kept}
-    return Plan(kept_indices, shapes, _summaries(analysis, drop), dict(options))
+    return Plan(kept_indices, shapes, _summaries(analysis, drop), dict(options), ungrouped(analysis))
 
 
 def _summaries(analysis: Analysis, drop: torch.Tensor) -> tuple[GroupSummary, ...]:

@@ -40,6 +40,9 @@ class Plan:
     groups: tuple[GroupSummary, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
     """The options that produced the plan (informative)."""
+    ungrouped: Mapping[str, str] = field(default_factory=dict)
+    """Every tensor the graph reads that is in no group, with the reason (``fxprune.gaps``): no tensor
+    is left alone silently."""
 
     def to_json(self, indent: int | None = 1) -> str:
         data = {
@@ -49,6 +52,7 @@ class Plan:
             "shapes": {k: list(v) for k, v in sorted(self.shapes.items())},
             "groups": [g.__dict__ | {"reasons": list(g.reasons)} for g in self.groups],
             "options": dict(self.options),
+            "ungrouped": dict(sorted(self.ungrouped.items())),
         }
         return json.dumps(data, indent=indent, sort_keys=False)
 
@@ -76,9 +80,11 @@ class Plan:
             groups = tuple(_group(g) for g in _list(data.get("groups", []), "groups"))
             options = {str(k): v for k, v in _obj(data.get("options", {}), "options").items()
                        if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+            ungrouped = {_key(k): _str(v, f"ungrouped[{k!r}]")
+                         for k, v in _obj(data.get("ungrouped", {}), "ungrouped").items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise UnsafeFileError(f"malformed fxprune plan: {type(exc).__name__}: {exc}") from exc
-        return cls(kept, shapes, groups, options)
+        return cls(kept, shapes, groups, options, ungrouped)
 
     def __str__(self) -> str:
         lines = [f"Plan: {len(self.kept_indices)} tensors shrink"]
@@ -86,15 +92,30 @@ class Plan:
             note = "" if g.exact else " (approximate)"
             frozen = f", {g.frozen} frozen" if g.frozen else ""
             lines.append(f"  {g.name}: {g.size} -> {g.kept}{frozen}{note}")
-        return "\n".join(lines)
+        return "\n".join(lines + ungrouped_lines(self.ungrouped))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):
             return NotImplemented
         return (_norm(self.kept_indices) == _norm(other.kept_indices) and dict(self.shapes) == dict(other.shapes)
-                and self.groups == other.groups and dict(self.options) == dict(other.options))
+                and self.groups == other.groups and dict(self.options) == dict(other.options)
+                and dict(self.ungrouped) == dict(other.ungrouped))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def ungrouped_lines(ungrouped: Mapping[str, str], examples: int = 3) -> list[str]:
+    """The tensors in no group, one line per reason with a few names (the plan's JSON has them all)."""
+    if not ungrouped:
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in ungrouped.items():
+        by_reason.setdefault(reason, []).append(name)
+    lines = [f"{len(ungrouped)} tensors in no group (kept as they are):"]
+    for reason, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
+        more = f" and {len(names) - examples} more" if len(names) > examples else ""
+        lines.append(f"  {len(names)} x {reason}: {', '.join(names[:examples])}{more}")
+    return lines
 
 
 def _norm(kept: Mapping) -> dict:
@@ -103,7 +124,7 @@ def _norm(kept: Mapping) -> dict:
 
 # --- the strict schema of from_json: check types, never coerce them ----------------------------------
 _MAX_INT = 2**63
-_PLAN_KEYS = {"format", "kept_indices", "shapes", "groups", "options"}
+_PLAN_KEYS = {"format", "kept_indices", "shapes", "groups", "options", "ungrouped"}
 
 
 def _obj(value: Any, where: str) -> dict:
@@ -121,6 +142,12 @@ def _list(value: Any, where: str) -> list:
 def _key(value: Any) -> str:
     if not isinstance(value, str):  # json object keys are always strings; kept for clarity
         raise TypeError(f"key {value!r} must be a string")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a string, got {type(value).__name__}")
     return value
 
 

@@ -45,12 +45,8 @@ def linear_module(op: OpCall) -> Any:
 
 def linear_function(op: OpCall) -> Any:
     # linear(input, weight, bias)
-    bias = op.arg(2, "bias")
-    out = linear(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")), op.param_key(bias))
-    if isinstance(bias, fx.Node) and op.param_key(bias) is None:
-        # a bias computed in the graph (BEiT's cat(q_bias, k_bias, v_bias)): its entries are the rows'
-        op.unify(op.ids(bias)[-1], out[-1])
-    return out
+    return linear(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
+                  op.param_key(op.arg(2, "bias")))
 
 
 def matmul(op: OpCall) -> Any:
@@ -59,20 +55,38 @@ def matmul(op: OpCall) -> Any:
     a_ids, b_ids = op.ids(a), op.ids(b)
     if len(a_ids) < 2 or len(b_ids) < 2:
         raise Unsupported("a matrix-vector product")
-    b_ids = _produce_loose(op, b, b_ids)
+    produce_loose(op, b, len(b_ids) - 1)
+    produce_loose(op, a, len(a_ids) - 2)  # w[expert_ids] @ x: stacked experts' rows (rules.moe)
     op.unify(a_ids[-1], b_ids[-2], f"contracted against a fixed dim at {op.where()}")
     op.consume_act(0, len(a_ids) - 1, a_ids[-1])
     batch = _batch_dims(op, a, b, a_ids, b_ids)
     return batch + (a_ids[-2], b_ids[-1])
 
 
-def _produce_loose(op: OpCall, b: Any, b_ids: tuple) -> tuple:
-    """``x @ self.weight``: the parameter's columns create channels."""
-    key = op.param_key(b)
-    if key is None:
-        return b_ids
-    op.produce(key, len(b_ids) - 1)
-    return b_ids
+SEE_THROUGH = (aten.t, aten.numpy_T, aten.transpose, aten.permute, aten.alias, aten.detach, aten.to,
+               aten._to_copy, aten.index, aten.index_select, "t", "transpose", "permute", "to", "detach",
+               "index_select", torch.t, torch.transpose, torch.permute, torch.index_select, operator.getitem)
+"""Ops through which a parameter is still "loose": they move, cast or gather its slices without mixing
+them (``self.weight.T``, Falcon's ``x @ self.weight.T``; ``w[expert_ids]``, stacked experts)."""
+
+
+def produce_loose(op: OpCall, value: Any, dim: int) -> None:
+    """``x @ self.weight`` (or ``self.weight.T``, ``w[expert_ids]``): the parameter dim that is ``value``'s
+    dim ``dim`` creates channels. Found by following ``SEE_THROUGH`` ops back to the parameter, then by
+    identity of the id array (those ops hand on the parameter's own arrays)."""
+    ids = op.ids(value)
+    ids = ids[dim] if isinstance(ids, tuple) and -len(ids) <= dim < len(ids) else None
+    node = value
+    while ids is not None and isinstance(node, fx.Node):
+        key = op.param_key(node)
+        if key is not None:
+            dims = [d for d, a in enumerate(op.param(key)) if a is ids]
+            if len(dims) == 1:
+                op.produce(key, dims[0])
+            return
+        if getattr(node.target, "overloadpacket", node.target) not in SEE_THROUGH or not node.args:
+            return
+        node = node.args[0]
 
 
 def _batch_dims(op: OpCall, a: Any, b: Any, a_ids: tuple, b_ids: tuple) -> tuple:
@@ -190,7 +204,8 @@ def resize_linear(old: nn.Module, new: nn.Module, rw) -> None:
 def addmm(op: OpCall) -> Any:
     # addmm(bias, a[n, k], b[k, m]) = bias + a @ b (HuggingFace's Conv1D, decomposed linears)
     a, b = op.arg(1, "mat1"), op.arg(2, "mat2")
-    a_ids, b_ids = op.ids(a), _produce_loose(op, b, op.ids(b))
+    a_ids, b_ids = op.ids(a), op.ids(b)
+    produce_loose(op, b, len(b_ids) - 1)
     op.unify(a_ids[-1], b_ids[-2], f"contracted against a fixed dim at {op.where()}")
     op.consume_act(1, 1, a_ids[-1])
     out = (a_ids[0], b_ids[1])

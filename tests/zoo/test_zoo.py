@@ -2,8 +2,8 @@
 keeps every promise (``check_pruned``), at the fx level and at the export level.
 
 - ``pytest -m zoo``: every model of ``torchvision.models.list_models(module=torchvision.models)`` at both
-  levels (what CI runs; about an hour on 2 cores). The zoo checks run, output shape, shrink, verify and
-  the input left untouched; the rerun/plan round trip (``deterministic``) is checked on the default subset.
+  levels (what CI runs; about an hour on 2 cores). The zoo checks run, output shape, shrink, verify, no
+  silent gap (``fxprune.gaps.silent_gaps``) and the input left untouched; the rerun/plan round trip (``deterministic``) is checked on the default subset.
 - default (``-m "not zoo"``): a handful of families at both levels with the full check, and a snapshot
   of the pruned graph's normalized report for one model per family.
 
@@ -20,6 +20,7 @@ import pytest
 import torchvision
 
 from fxprune.check import check_pruned
+from fxprune.gaps import silent_gaps
 
 LEVELS = ("fx", "export")
 MODELS = torchvision.models.list_models(module=torchvision.models)
@@ -53,6 +54,8 @@ def _check(name: str, level: str, deterministic: bool):
     report = check_pruned(model, inputs, capture=level, sparsity=0.5, criterion="l1",
                           deterministic=deterministic)
     assert report.params_after < 0.9 * report.params_before, "the model barely shrank"
+    gaps = silent_gaps(report.result.analysis)  # every tensor read: in a group, or listed with its reason
+    assert not gaps, f"silent gaps: {gaps}"
     return report
 
 
