@@ -45,8 +45,12 @@ def linear_module(op: OpCall) -> Any:
 
 def linear_function(op: OpCall) -> Any:
     # linear(input, weight, bias)
-    return linear(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")),
-                  op.param_key(op.arg(2, "bias")))
+    bias = op.arg(2, "bias")
+    out = linear(op, op.arg(0, "input"), op.param_key(op.arg(1, "weight")), op.param_key(bias))
+    if isinstance(bias, fx.Node) and op.param_key(bias) is None:
+        # a bias computed in the graph (BEiT's cat(q_bias, k_bias, v_bias)): its entries are the rows'
+        op.unify(op.ids(bias)[-1], out[-1])
+    return out
 
 
 def matmul(op: OpCall) -> Any:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from ..analysis import OpCall, Unsupported, iter_arrays
 from ..predicates import is_tensor
 from .elementwise import nary
-from ..registry import OpFamily, OpRule, register
+from ..registry import OpFamily, OpRule, register, register_after_rule
 
 aten = torch.ops.aten
 
@@ -67,6 +67,18 @@ def _union(ids: Any) -> Optional[torch.Tensor]:
 def new_factory(op: OpCall) -> Any:
     # x.new_zeros(size) -> a fresh tensor of literal size: no channels; x lends only dtype and device
     return op.fixed()
+
+
+@register_after_rule
+def freeze_read_sizes(op: OpCall, rule: Any) -> None:
+    """A number measured from a channel dim (``B, N, C = x.shape``, ``C // heads``) is recomputed at run
+    time from the pruned tensor, so only ops that read it exactly may take it: shape arithmetic (it
+    carries what the number measures on), views and expand (their rewriters put the pruned literal in
+    place of a stale size) and items of a shape tuple. Any other op freezes the dims it measures."""
+    if rule in (shape_query, reshape, expand) or (rule is getitem and not is_tensor(op.node.args[0])):
+        return
+    numbers = [a for a in op.node.all_input_nodes if not is_tensor(a)]
+    op.freeze([op.ids(a) for a in numbers], "a size read from the tensor's shape at run time")
 
 
 # --- reshape -----------------------------------------------------------------------------------
