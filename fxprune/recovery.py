@@ -38,7 +38,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -50,7 +50,6 @@ from .calibration import (GramSite, Site, Sums, as_calibration, check_batch, che
                           split_batch)
 from .capture import MutableArgs, graph_level
 from .errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
-from .pipeline import PRUNED_PLAN_KEY, Pass, example_inputs
 from .rewrite import Pruning
 
 aten = torch.ops.aten
@@ -446,16 +445,28 @@ def _fit_moments(original: fx.GraphModule, pruned: fx.GraphModule, fit: _Fit, ca
     for index, inputs in calibration_chunks(pruned, calibration):
         y = values_at(original, inputs, {site.node}, index)[site.node]
         x = values_at(pruned, inputs, {site.input}, index)[site.input]
-        rows = gram_features(x.double(), site)
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        target = y.double().movedim(fit.out_dim, -1).reshape(-1, y.shape[fit.out_dim])
+        rows = gram_features(x, site)
+        target = y.movedim(fit.out_dim, -1).reshape(-1, y.shape[fit.out_dim])
         if fit.kept_out is not None:
             target = target[:, fit.kept_out.to(target.device)]
-        sums.add("gram", rows.T @ rows)
-        sums.add("cross", rows.T @ target)
-        sums.add("yy", (target * target).sum())
+        del x, y
+        for start in range(0, rows.shape[0], _ROWS):  # float64 copies of a slice of rows at a time
+            _add_moments(sums, rows[start:start + _ROWS].double(), target[start:start + _ROWS].double())
         seen.add(index)
     return sums.all_reduce(), len(seen)
+
+
+_ROWS = 4096
+"""Rows of a batch converted to float64 at once: bounds the temporaries beside the Gram matrix."""
+
+
+def _add_moments(sums: Sums, rows: torch.Tensor, target: torch.Tensor) -> None:
+    """``[X 1]ᵀ[X 1]`` and ``[X 1]ᵀY`` without building ``[X 1]``: the ones column is the row sums."""
+    n = torch.tensor([[float(rows.shape[0])]], dtype=rows.dtype, device=rows.device)
+    col = rows.sum(0, keepdim=True)
+    sums.add("gram", torch.cat([torch.cat([rows.T @ rows, col.T], 1), torch.cat([col, n], 1)], 0))
+    sums.add("cross", torch.cat([rows.T @ target, target.sum(0, keepdim=True)], 0))
+    sums.add("yy", (target * target).sum())
 
 
 def _refit(gm: fx.GraphModule, level: str, fit: _Fit, node: fx.Node, sums: Sums, ridge: float
@@ -521,73 +532,3 @@ def recover(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, cali
             pruned, report = reconstruct(analysis, drop, pruned, calibration, ridge, progress)
         reports.append(report)
     return pruned, tuple(reports)
-
-
-# --- the passes' shared base --------------------------------------------------------------------
-@dataclass(frozen=True)
-class RecoveryPass(Pass):
-    """Base of the recovery passes (not registered itself): options are typed fields as for any pass;
-    the calibration data, and for the passes that compare with the original model the graph before
-    pruning (``source``), are bound when the pass runs — by ``Pipeline(...)(gm, calibration=loader)``,
-    which hands each recovery pass the graph that the last pruning pass received, or directly::
-
-        ReconstructPass().with_calibration(loader, source=original_gm)(pruned_gm)
-
-    A bound pass equals and prints as the unbound one (the data is not an option). Each run returns a
-    new GraphModule whose ``meta["fxprune_recovery"]`` lists the reports of every recovery pass so far.
-    """
-
-    needs_calibration: ClassVar[bool] = True
-    needs_source: ClassVar[bool] = True
-
-    def with_calibration(self, calibration: Any, source: Any = None) -> "RecoveryPass":
-        """This pass with its run-time data bound: ``calibration`` (any iterable of batches, or a
-        :class:`~fxprune.calibration.Calibration`) and ``source`` (the GraphModule before pruning, or
-        the :class:`~fxprune.api.PruneResult`)."""
-        bound = copy.copy(self)
-        object.__setattr__(bound, "_bound", (calibration, source))
-        return bound
-
-    def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        return self.run(gm)[0]
-
-    def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, RecoveryReport]:
-        """The new GraphModule and the report of what changed."""
-        calibration, source = self.__dict__.get("_bound", (None, None))
-        if calibration is None:
-            raise CalibrationError(f"pass {self.name!r} needs calibration data: run the pipeline as "
-                                   f"pipeline(gm, calibration=loader), or bind it with "
-                                   f"{type(self).__name__}(...).with_calibration(loader, source=...)")
-        analysis, drop = _source(self, source, gm) if self.needs_source else (None, None)
-        new, report = self.recover(gm, calibration, analysis, drop)
-        new.meta[REPORTS_KEY] = tuple(gm.meta.get(REPORTS_KEY, ())) + (report,)
-        return new, report
-
-    def recover(self, gm: fx.GraphModule, calibration: Any, analysis: Optional[Analysis],
-                drop: Optional[torch.Tensor]) -> tuple[fx.GraphModule, RecoveryReport]:
-        raise NotImplementedError
-
-
-REPORTS_KEY = "fxprune_recovery"
-
-
-def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analysis, torch.Tensor]:
-    """The original model's analysis and the dropped classes, from a PruneResult or from the graph
-    before pruning plus the plan the pruning pass recorded on ``pruned``."""
-    from .api import PruneResult, analyze, drop_from_plan
-    from .plan import Plan
-    if isinstance(source, PruneResult):
-        return source.analysis, source.drop
-    if not isinstance(source, fx.GraphModule):
-        raise InvalidOptionError(f"pass {p.name!r} compares with the model before pruning: give it as "
-                                 f"source= (a GraphModule or a PruneResult), got {type(source).__name__}; "
-                                 f"in a pipeline, put a pruning pass (prune-channels, apply-plan) before it")
-    text = pruned.meta.get(PRUNED_PLAN_KEY)
-    if text is None:
-        raise InvalidOptionError(f"pass {p.name!r}: the graph carries no pruning plan "
-                                 f"(meta[{PRUNED_PLAN_KEY!r}]); run prune-channels or apply-plan before it")
-    plan = Plan.from_json(text)
-    analysis = analyze(source, example_inputs(source), graph_level(source),
-                       prune_outputs=bool(plan.options.get("prune_outputs", False)),
-                       split_axis=str(plan.options.get("split_axis", "largest")))
-    return analysis, drop_from_plan(analysis, plan)

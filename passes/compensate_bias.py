@@ -23,7 +23,9 @@ from typing import Any
 import torch.fx as fx
 
 from fxprune.pipeline import register
-from fxprune.recovery import RecoveryPass, compensate_bias
+from fxprune.recovery import compensate_bias
+
+from .recovery_data import RecoveryPass
 
 
 @register

@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 import torch.fx as fx
 
 from fxprune.pipeline import register
-from fxprune.recovery import RecoveryPass, recalibrate_batchnorm
+from fxprune.recovery import recalibrate_batchnorm
+
+from .recovery_data import RecoveryPass
 
 
 @register

@@ -24,7 +24,9 @@ from typing import Any
 import torch.fx as fx
 
 from fxprune.pipeline import register
-from fxprune.recovery import RecoveryPass, check_ridge, reconstruct
+from fxprune.recovery import check_ridge, reconstruct
+
+from .recovery_data import RecoveryPass
 
 
 @register
