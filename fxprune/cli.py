@@ -29,7 +29,9 @@ import torch
 
 from . import __version__
 from .errors import FxPruneError
+from .gaps import ungrouped
 from .importance import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA
+from .plan import ungrouped_lines
 
 
 class CliError(Exception):
@@ -185,6 +187,8 @@ class Summary:
     params: tuple[int, int]
     macs: tuple[int, int]
     verify: str
+    ungrouped: tuple[str, ...] = ()
+    """The plan's tensors in no group, one line per reason (``fxprune.plan.ungrouped_lines``)."""
 
     def markdown(self, title: str) -> str:
         rows = [("group", "width", "note")]
@@ -193,6 +197,8 @@ class Summary:
                  *_table([("", "before", "after", "ratio"),
                           ("params", *_counts(*self.params)), ("MACs", *_counts(*self.macs))]),
                  "", f"{self.verify}", ""]
+        if self.ungrouped:
+            lines += [*self.ungrouped, ""]
         return "\n".join(lines)
 
 
@@ -254,7 +260,8 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
     original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     summary = Summary(_group_rows(result.plan),
                       (count_params(original), count_params(result.graph_module)),
-                      (count_macs(original, inputs), count_macs(result.graph_module, inputs)), str(report))
+                      (count_macs(original, inputs), count_macs(result.graph_module, inputs)), str(report),
+                      tuple(ungrouped_lines(result.plan.ungrouped)))
     _advance(bar, "save")
     out = fxprune.save(result, args.out)
     text = summary.markdown(f"{args.spec}, sparsity {args.sparsity:g}, {args.criterion}, {result.level} level")
@@ -366,6 +373,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     for g in groups:
         rows.append((g.name, str(g.size), str(len(g.members)), _state(g)))
     print("\n".join(_table(rows)))
+    for line in ungrouped_lines(ungrouped(analysis)):
+        print(line)
     frozen = [g for g in groups if g.frozen_units]
     for g in frozen:
         print(f"{g.name}: {len(g.frozen_units)} of {g.size} units frozen: {'; '.join(g.reasons) or '?'}")

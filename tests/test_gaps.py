@@ -8,10 +8,14 @@ same assertion inside ``tests/zoo/test_zoo.py``'s own runs.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import fxprune
+from fxprune.cli import main
+from fxprune.errors import UnsafeFileError
 from fxprune.gaps import DIM_GAP, silent_gaps, ungrouped
 from fxprune.rules import linear as linear_rules
 
@@ -181,3 +185,34 @@ def test_the_plan_lists_the_ungrouped_tensors_and_keeps_them_through_json():
     assert fxprune.Plan.from_json(result.plan.to_json()) == result.plan
     text = str(result.plan)
     assert "in no group" in text and all(name in text for name in list(result.plan.ungrouped)[:1])
+
+
+def test_an_ungrouped_entry_outside_the_schema_is_refused():
+    plan = fxprune.Plan({}, {}, ungrouped={"bn.num_batches_tracked": "a scalar"})
+    assert fxprune.Plan.from_json(plan.to_json()) == plan
+    data = json.loads(plan.to_json())
+    for bad in ({"bn.num_batches_tracked": 1}, ["bn.num_batches_tracked"], {"x": None}):
+        with pytest.raises(UnsafeFileError, match="ungrouped|JSON object"):
+            fxprune.Plan.from_json(json.dumps({**data, "ungrouped": bad}))
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+def small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+"""
+
+
+def test_the_cli_summary_and_plan_list_the_ungrouped_tensors(tmp_path, monkeypatch, capsys):
+    (tmp_path / "gap_models.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "pruned"
+    assert main(["prune", "gap_models:small", "--input-shape", "1,3,8,8", "--criterion", "l1", "--no-chart",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = "1 tensors in no group (kept as they are):\n  1 x a scalar: 1.num_batches_tracked"
+    assert line in printed and line in (out / "summary.md").read_text()
+    assert json.loads((out / "plan.json").read_text())["ungrouped"] == {"1.num_batches_tracked": "a scalar"}
