@@ -21,7 +21,7 @@ from .analysis import Analysis, AnalysisOptions, match
 from .capture import Captured, as_inputs, capture as capture_graph, propagate_values
 from .errors import CalibrationError, InvalidOptionError, PlanMismatchError
 from .fold import constant_reference, fold_biases, folding_is_exact
-from .importance import Criterion, check_criterion, check_data, gather_evidence, score_groups
+from .importance import DEFAULT_CRITERION, Criterion, check_criterion, check_data, gather_evidence, score_groups
 from .gaps import ungrouped
 from .plan import GroupSummary, Plan
 from .recovery import recover as recover_model, recovery_steps
@@ -75,7 +75,7 @@ def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outpu
     return match(captured.gm, captured.level, AnalysisOptions(prune_outputs, split_axis))
 
 
-def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: Criterion = "l1",
+def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: Criterion = DEFAULT_CRITERION,
           capture: str = "fx", *, reduce: str = "mean", global_ranking: bool = False,
           round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (),
           prune_outputs: bool = False, propagate_bias: bool = False, seed: int = 0, loss_fn: Optional[Callable] = None,

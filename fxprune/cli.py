@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .errors import FxPruneError
 from .gaps import ungrouped
-from .importance import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA
+from .importance import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA
 from .plan import ungrouped_lines
 
 
@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, type=Path, help="directory to write to (created)")
     prune.add_argument("--sparsity", type=_sparsity, default=0.5, help="fraction of each group to drop "
                                                                        "(default 0.5)")
-    prune.add_argument("--criterion", choices=CRITERIA, default="l1",
-                       help=f"importance (default l1); {', '.join(DATA_CRITERIA)} read --calibration")
+    prune.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
+                       help=f"importance (default {DEFAULT_CRITERION}); {', '.join(DATA_CRITERIA)} read --calibration")
     prune.add_argument("--calibration", type=Path, metavar="FILE.safetensors",
                        help="calibration data: tensors 'input' (or 'input_0', 'input_1', ...) whose rows are "
                             "samples, and for taylor/hessian 'target' (class indices, cross-entropy loss)")

@@ -44,6 +44,9 @@ GRADIENT_CRITERIA = ("taylor", "hessian")
 CRITERIA = WEIGHT_CRITERIA + ACTIVATION_CRITERIA + GRADIENT_CRITERIA
 #: Criteria that need calibration data.
 DATA_CRITERIA = ACTIVATION_CRITERIA + GRADIENT_CRITERIA
+#: What ``prune``, the passes and the CLI use unless told otherwise: it keeps the most accuracy of the
+#: weight criteria in ``benchmarks/bench_quality.md`` (a unit's whole group votes, not its producers).
+DEFAULT_CRITERION = "group_magnitude"
 REDUCTIONS = ("mean", "sum", "max")
 
 
@@ -140,8 +143,9 @@ def _scored_members(analysis: Analysis, group: Group, criterion: str) -> list:
                   and analysis.tensor(m.key).dim() == 1]
         if scales:
             return scales
-    if criterion == "group_magnitude":
-        return [m for m in group.members if _is_weight(analysis, m.key)]
+    if criterion == "group_magnitude":  # every weight member; a group of buffers only: its producers
+        return [m for m in group.members if _is_weight(analysis, m.key)] or \
+            [m for m in group.members if m.producer]
     return [m for m in group.members if m.producer]
 
 

@@ -13,8 +13,8 @@ import torch
 
 from fxprune.analysis import Analysis
 from fxprune.errors import InvalidOptionError
-from fxprune.importance import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA, check_criterion, \
-    gather_evidence, score_groups
+from fxprune.importance import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA, \
+    check_criterion, gather_evidence, score_groups
 from fxprune.pipeline import Pass
 from fxprune.select import Policy
 
@@ -30,7 +30,7 @@ class SelectionOptions(Pass):
 
     sparsity: float = 0.5
     """Fraction of each group's units to drop, in [0, 1)."""
-    criterion: str = "l1"
+    criterion: str = DEFAULT_CRITERION
     """Importance: a name from :data:`PASS_CRITERIA` (``activation``, ``wanda`` and ``flap`` read
     calibration data: bind it with :meth:`with_calibration`, or run the pipeline with it)."""
     reduce: str = "mean"

@@ -73,7 +73,7 @@ def test_prune_writes_table_model_and_chart(capsys, tmp_path, factory) -> None:
     assert (out / "summary.md").read_text() in stdout
     assert (out / "widths.png").read_bytes().startswith(PNG)
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["options"]["sparsity"] == 0.5 and plan["options"]["criterion"] == "l1"
+    assert plan["options"]["sparsity"] == 0.5 and plan["options"]["criterion"] == "group_magnitude"
     import cli_models
     again = fxprune.load(out, cli_models.small().eval(), (torch.randn(2, 3, 8, 8),))
     assert again.graph_module.get_submodule("0").out_channels == 8
