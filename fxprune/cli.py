@@ -8,7 +8,9 @@
 GraphModule or ExportedProgram) or a ``.pt2`` file from ``torch.export.save`` (loaded with
 :func:`fxprune.io.load_pt2`, which refuses archives that would be unpickled). Models run in eval mode on
 random inputs of ``--input-shape`` (repeat it for several inputs; a ``.pt2`` may use its own example
-inputs).
+inputs). ``hf:PATH_OR_CONFIG`` is a HuggingFace model directory or ``config.json`` (see
+:mod:`fxprune.hf_cli`): it is pruned by :mod:`fxprune.hf` and ``--out`` becomes a directory that
+``from_pretrained`` loads.
 
 ``prune`` writes to ``--out``: the saved result (``plan.json``, ``model.safetensors``, ``module.py``, see
 :func:`fxprune.save`), ``summary.md`` (the table it prints) and ``widths.png`` (per-layer widths before and
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC", help="torchvision:NAME, package.module:factory or FILE.pt2")
+    parser.add_argument("spec", metavar="SPEC", help="torchvision:NAME, package.module:factory, FILE.pt2 or "
+                                                     "hf:PATH_OR_CONFIG (a HuggingFace model directory)")
     parser.add_argument("--input-shape", type=_shape, action="append", metavar="N,C,H,W",
                         help="shape of a random example input (repeat for several inputs)")
     parser.add_argument("--capture", choices=("fx", "export"), default="fx",
@@ -122,6 +125,9 @@ def load_model(spec: str) -> Any:
     source, sep, name = spec.partition(":")
     if not sep or not source or not name:
         raise CliError(f"bad SPEC {spec!r}: expected torchvision:NAME, package.module:factory or a .pt2 file")
+    if source == "hf":
+        from .hf_cli import load
+        return load(name)
     model = _torchvision(name) if source == "torchvision" else _factory(source, name)
     if isinstance(model, torch.export.ExportedProgram):
         return model
@@ -168,6 +174,9 @@ def _factory(module_name: str, attr: str) -> Any:
 
 def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of the given shapes, or a .pt2's own example inputs."""
+    if _is_hf(model):
+        from .hf_cli import example_inputs as hf_inputs
+        return hf_inputs(model, shapes, seed)
     if shapes:
         generator = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(s, generator=generator) for s in shapes)
@@ -241,6 +250,10 @@ def run_prune(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(text)
+    if _is_hf(model):
+        from .hf_cli import FILES
+        print(f"wrote {args.out}/: {FILES}")
+        return 0
     print(f"wrote {args.out}/: plan.json model.safetensors module.py summary.md"
           + ("" if args.no_chart else " widths.png"))
     return 0
@@ -249,6 +262,9 @@ def run_prune(args: argparse.Namespace) -> int:
 def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -> str:
     import fxprune
     from .stats import count_macs, count_params
+    if _is_hf(model):  # a PreTrainedModel in, a PreTrainedModel out (fxprune.hf)
+        from .hf_cli import prune_and_write
+        return prune_and_write(args, model, inputs)
     calibration, loss_fn = calibration_data(args)
     result = fxprune.prune(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
                            capture=args.capture, ignore=tuple(args.ignore), round_to=args.round_to,
@@ -301,6 +317,11 @@ def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
     inputs = tuple(range(len(names)))
     return Calibration(batches, inputs=inputs, target=-1 if "target" in tensors else None,
                        max_batches=args.max_batches), loss_fn
+
+
+def _is_hf(model: Any) -> bool:
+    transformers = sys.modules.get("transformers")  # loaded by an hf: SPEC or a factory returning one
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _bar(enabled: bool):

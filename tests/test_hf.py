@@ -1,0 +1,218 @@
+"""fxprune.hf: a PreTrainedModel in, a PreTrainedModel of the same class out, for nine families (tiny
+random configs, offline). Each pruned model computes what the pruned graph computes at other batch sizes
+and sequence lengths than the example, round-trips through save_pretrained / from_pretrained with equal
+logits, and (decoders) generates; its config holds the plan (one width per kind, whole heads, GQA's
+ratio, head_dim unchanged)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import ConfigMismatchError, DynamicShapesError, UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+import fxprune.hf  # noqa: E402  (needs transformers)
+
+T = transformers
+VOCAB = 100
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+FAMILIES = {
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**DECODER)),
+    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**DECODER)),
+    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**DECODER, head_dim=8)),  # QK-norm
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**DECODER)),
+    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER)),  # fused qkv_proj / gate_up_proj
+    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**DECODER, head_dim=8)),
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                   n_positions=64, bos_token_id=1, eos_token_id=2)),
+    "bert": lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, max_position_embeddings=64, **ENCODER)),
+    "vit": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_labels=3,
+                                                           **ENCODER)),
+}
+DECODERS = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2"}
+#: Families whose residual stream prunes (through LayerNorm); with head_dim derived from
+#: hidden_size / num_attention_heads, hidden_size follows the kept heads.
+HIDDEN_PRUNES = {"gpt2", "bert", "vit"}
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    return FAMILIES[name]().eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _pruned(name: str):
+    """A family's model and its default prune (shared by the tests that read it: each prune exports)."""
+    model = _model(name)
+    return model, fxprune.hf.prune_with_result(model, _inputs(name, 2, 8), sparsity=0.5)
+
+
+def _inputs(name: str, batch: int, length: int) -> tuple:
+    generator = torch.Generator().manual_seed(batch * 100 + length)
+    if name == "vit":
+        return (torch.randn(batch, 3, 16, 16, generator=generator),)
+    return (torch.randint(3, VOCAB, (batch, length), generator=generator),)
+
+
+def _logits(model, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(*inputs, **({"use_cache": False} if "use_cache" in model.forward.__code__.co_varnames
+                                else {}))
+    return out.logits
+
+
+def _config_counts(config) -> dict:
+    fields = ("hidden_size", "intermediate_size", "n_inner", "num_attention_heads", "num_key_value_heads")
+    return {f: getattr(config, f, None) for f in fields}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_round_trips(name, tmp_path):
+    model, result = _pruned(name)
+    pruned = result.model
+    assert type(pruned) is type(model)
+    fresh = _model(name).state_dict()  # the same seed: the input was not touched
+    assert all(torch.equal(fresh[k], v) for k, v in model.state_dict().items())
+    assert pruned.num_parameters() < model.num_parameters()
+    old, new = _config_counts(model.config), _config_counts(pruned.config)
+    assert new["num_attention_heads"] == old["num_attention_heads"] // 2
+    if name in HIDDEN_PRUNES:
+        assert new["hidden_size"] == old["hidden_size"] // 2
+    if old["num_key_value_heads"] is not None and name not in HIDDEN_PRUNES:
+        assert new["num_key_value_heads"] == old["num_key_value_heads"] // 2  # GQA ratio 2 kept
+        assert pruned.config.head_dim == 8  # written where the config would derive it (Qwen2, Phi-3)
+    # other batch sizes and lengths than the example: HF's forward equals the pruned graph's
+    for batch, length in ((1, 5), (3, 11)):
+        inputs = _inputs(name, batch, length)
+        graph_logits = result.result.graph_module(*inputs).logits
+        torch.testing.assert_close(_logits(pruned, inputs), graph_logits, rtol=1e-4, atol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert _config_counts(loaded.config) == new
+    assert loaded.config.fxprune["changes"] == pruned.config.fxprune["changes"]
+    inputs = _inputs(name, 3, 11)
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(pruned, inputs), rtol=0, atol=0)
+    if name in DECODERS:
+        prompt = _inputs(name, 1, 4)[0]
+        generated = loaded.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert generated.shape == (1, 8) and torch.equal(generated[:, :4], prompt)
+        again = pruned.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(generated, again)
+
+
+@pytest.mark.slow
+def test_llama_policy_keeps_whole_heads_and_rotary():
+    model, result = _pruned("llama")
+    state = result.model.state_dict()
+    # 1 of 2 kv heads, with its 2 query heads (the GQA ratio); head_dim 8 and rotary frequencies kept
+    assert state["model.layers.0.self_attn.q_proj.weight"].shape == (16, 32)
+    assert state["model.layers.0.self_attn.k_proj.weight"].shape == (8, 32)
+    assert state["model.layers.0.self_attn.o_proj.weight"].shape == (32, 16)
+    assert state["model.layers.1.mlp.down_proj.weight"].shape == (32, 32)
+    assert torch.equal(result.model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    kept = result.plan.kept_indices["model.layers.0.self_attn.k_proj.weight"][0]
+    assert kept in (tuple(range(8)), tuple(range(8, 16)))  # one whole kv head
+    notes = result.plan.options["hf"]["constraints"]
+    assert "whole heads, head_dim and rotary frequencies unchanged" in notes["model.layers.0.self_attn.q_proj"]
+    assert "a config holds one intermediate_size" in notes["model.layers.0.mlp.gate_proj"]
+
+
+@pytest.mark.slow
+def test_per_layer_ratios_become_one_width_or_a_typed_error():
+    model = _model("llama")
+    inputs = _inputs("llama", 2, 8)
+    ratios = {"model.layers.0.mlp.*": 0.5}  # layer 0 asks for 32 of 64, layer 1 for all 64
+    pruned = fxprune.hf.prune(model, inputs, sparsity=ratios)
+    assert pruned.config.intermediate_size == 48  # the mean of the widths asked, in every layer
+    notes = pruned.config.fxprune["constraints"]["model.layers.1.mlp.gate_proj"]
+    assert "the mean of the per-layer widths asked, [32, 64]" in notes
+    with pytest.raises(ConfigMismatchError, match=r"intermediate_size would differ between layers "
+                                                  r"\(model.layers.0.mlp.gate_proj: 32, model.layers.1."
+                                                  r"mlp.gate_proj: 64.*hf_compatible=True"):
+        fxprune.hf.prune(model, inputs, sparsity=ratios, hf_compatible=False)
+
+
+@pytest.mark.slow
+def test_unconstrained_head_dims_are_refused():
+    # without the policy the export level prunes rotary pairs inside every head: no config holds that
+    with pytest.raises(ConfigMismatchError, match="a width no field of the config holds"):
+        fxprune.hf.prune(_model("llama"), _inputs("llama", 2, 8), sparsity=0.5, hf_compatible=False)
+
+
+@pytest.mark.slow
+def test_shared_indices_are_the_same_in_every_layer():
+    result = fxprune.hf.prune_with_result(_model("llama"), _inputs("llama", 2, 8), sparsity=0.5,
+                                          layer_indices="shared")
+    kept = result.plan.kept_indices
+    assert kept["model.layers.0.mlp.up_proj.weight"] == kept["model.layers.1.mlp.up_proj.weight"]
+    own = _pruned("llama")[1].plan.kept_indices
+    assert own["model.layers.0.mlp.up_proj.weight"] != own["model.layers.1.mlp.up_proj.weight"]
+
+
+class _NoSmallerMLP(T.LlamaForCausalLM):
+    """A class whose constructor only accepts its original width: from_config cannot rebuild it."""
+
+    def __init__(self, config):
+        if config.intermediate_size != 64:
+            raise ValueError(f"intermediate_size must be 64, got {config.intermediate_size}")
+        super().__init__(config)
+
+
+@pytest.mark.slow
+def test_a_class_from_config_cannot_rebuild_is_a_typed_error():
+    torch.manual_seed(0)
+    model = _NoSmallerMLP(T.LlamaConfig(**DECODER)).eval()
+    with pytest.raises(UnsupportedModelError, match="_NoSmallerMLP.from_config could not rebuild.*"
+                                                    "intermediate_size must be 64, got 32"):
+        fxprune.hf.prune(model, _inputs("llama", 2, 8), sparsity=0.5)
+
+
+@pytest.mark.slow
+def test_dynamic_shapes_export_rejects_name_the_dim():
+    # ViT checks the image size against its config: a dynamic height is specialised by export
+    height = torch.export.Dim("height", min=8, max=64)
+    spec = ({0: torch.export.Dim("batch", min=1), 2: height},)
+    with pytest.raises(DynamicShapesError, match="height"):
+        fxprune.hf.prune(_model("vit"), _inputs("vit", 2, 8), sparsity=0.5, dynamic_shapes=spec)
+
+
+def test_not_a_pretrained_model_and_training_mode_are_refused():
+    with pytest.raises(UnsupportedModelError, match="PreTrainedModel, got Linear"):
+        fxprune.hf.prune(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**DECODER))  # constructed in training mode
+    with pytest.raises(fxprune.errors.TrainingModeError, match="model.eval()"):
+        fxprune.hf.prune(model, _inputs("llama", 2, 8))
+
+
+@pytest.mark.slow
+def test_cli_writes_a_directory_from_pretrained_loads(tmp_path):
+    from fxprune.cli import main
+    source, out = tmp_path / "tiny", tmp_path / "pruned"
+    _model("llama").save_pretrained(source)
+    argv = ["prune", f"hf:{source}", "--input-shape", "2,8", "--sparsity", "0.5", "--out", str(out),
+            "--no-progress", "--no-chart"]
+    assert main(argv) == 0
+    loaded = T.LlamaForCausalLM.from_pretrained(out).eval()
+    assert (loaded.config.intermediate_size, loaded.config.num_key_value_heads) == (32, 1)
+    plan = fxprune.Plan.from_json((out / "plan.json").read_text())
+    kept = plan.kept_indices
+    assert len(kept["model.layers.0.mlp.up_proj.weight"][0]) == 32
+    assert kept["model.layers.0.mlp.up_proj.weight"] == kept["model.layers.0.mlp.gate_proj.weight"]
+    assert "intermediate_size   | 64     | 32" in (out / "summary.md").read_text()
+
+
+def test_cli_bad_hf_spec_is_one_line(tmp_path, capsys):
+    from fxprune.cli import main
+    assert main(["prune", f"hf:{tmp_path / 'missing'}", "--input-shape", "2,8", "--out",
+                 str(tmp_path / "out"), "--no-progress", "--no-chart"]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
