@@ -45,7 +45,21 @@ def conv(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str], groups:
         _tie_groups(op, x_ids[c], out_ids, groups)
     if b_key is not None:
         op.unify(op.param(b_key)[0], out_ids)
-    return tuple(out_ids if d == c else None for d in range(len(op.shape(op.node))))
+    return tuple(out_ids if d == c else _other_dim(op, x, x_ids, w, c, d) for d in range(len(op.shape(op.node))))
+
+
+def _other_dim(op: OpCall, x: Any, x_ids: tuple, w: tuple, c: int, d: int) -> Optional[torch.Tensor]:
+    """A batch or spatial dim that carries channels (CoaT stacks class tokens and convolves across
+    them: its Conv1d's length is the channels): they pass where each output position reads the same
+    input position alone (the batch; a kernel of 1 that keeps the size), and freeze elsewhere."""
+    ids = x_ids[d]
+    if ids is None:
+        return None
+    kernel = 1 if d < c else w[1 + d - c].numel()  # the weight's kernel size along this dim
+    if kernel == 1 and op.shape(x)[d] == op.shape(op.node)[d]:
+        return ids
+    op.freeze(ids, "channels on a conv's spatial dim")
+    return None
 
 
 def _channel_dim(ndim: int, weight_ndim: int) -> int:
