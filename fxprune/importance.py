@@ -23,6 +23,7 @@ columns: ``wanda`` and ``flap`` then read its producers' outputs and rows instea
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -173,8 +174,17 @@ def _index_of(analysis: Analysis, lookup: dict[int, int], ids: torch.Tensor) -> 
     return torch.tensor([lookup.get(r, -1) for r in roots], dtype=torch.long)
 
 
+#: Norm order per position of the criteria that read one tensor's slices (no copy: reduced in place).
+_NORMS = {"l1": 1, "bn_scale": 1, "l2": 2, "group_magnitude": 2}
+
+
 def _member_scores(analysis: Analysis, group: Group, lookup: dict[int, int], member: Any,
                    criterion: str, gradients: Optional[dict]) -> torch.Tensor:
+    if criterion in _NORMS:
+        position = _slice_norms(analysis.tensor(member.key).detach(), member.dim, _NORMS[criterion])
+        if criterion == "group_magnitude":
+            position = position * position  # Σw² per slice
+        return _to_units(position.cpu(), _unit_index(analysis, lookup, member.key, member.dim), group.size)
     rows = _rows(analysis, member.key, member.dim)
     if criterion in GRADIENT_CRITERIA:
         if gradients is None or member.key not in gradients:
@@ -183,6 +193,18 @@ def _member_scores(analysis: Analysis, group: Group, lookup: dict[int, int], mem
         rows = rows * grad if criterion == "taylor" else rows * rows * grad  # hessian: w² · F
     position = _position_scores(rows, criterion).cpu()  # one score per row: small, and on the CPU
     return _to_units(position, _unit_index(analysis, lookup, member.key, member.dim), group.size)
+
+
+def _slice_norms(tensor: torch.Tensor, dim: int, order: int) -> torch.Tensor:
+    """The ``order``-norm (1 or 2) of each slice of ``tensor`` along ``dim`` (float64). Viewed as
+    (outer, dim, inner) and summed inner first: contiguous reductions, many times faster on the CPU
+    than one reduction over the scattered dims of a consumer's input columns."""
+    tensor = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+    shape = tensor.shape
+    blocks = tensor.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+    power = blocks.abs() if order == 1 else blocks.square()
+    total = power.sum(2).sum(0).double()
+    return total if order == 1 else total.sqrt()
 
 
 def _rows(analysis: Analysis, key: str, dim: int) -> torch.Tensor:
