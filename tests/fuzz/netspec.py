@@ -332,6 +332,22 @@ def _randomise(model: nn.Module, seed: int) -> None:
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
+def prunable_width(spec: Spec) -> int | None:
+    """The width of the first top-level plain conv whose output reaches another plain conv through
+    BatchNorm and activations only (per-channel ops), or None. Those channels meet nothing but that
+    conv's input contraction, so they are a prunable group by construction, whatever the rules say."""
+    blocks = list(spec[1])
+    for i, block in enumerate(blocks):
+        if block[0] != "conv" or block[3] != 1:
+            continue
+        for nxt in blocks[i + 1:]:
+            if nxt[0] == "conv" and nxt[3] == 1:
+                return int(block[1])
+            if nxt[0] not in ("bn", "act", "fact"):
+                break
+    return None
+
+
 def build(spec: Spec, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """The network of ``spec`` (seeded weights, eval mode) and one example input batch."""
     in_channels, blocks = spec

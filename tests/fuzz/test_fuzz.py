@@ -18,6 +18,7 @@ draws fresh examples and can log every one (JSON lines)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxprune.check import check_pruned
-from netspec import ACTIVATIONS, SIZE, build
+from netspec import ACTIVATIONS, SIZE, build, prunable_width
 
 CI_EXAMPLES = 25
 EXAMPLES = int(os.environ.get("FXPRUNE_FUZZ_EXAMPLES", CI_EXAMPLES))
@@ -101,6 +102,8 @@ def networks(draw) -> tuple:
     """``(in_channels, blocks)``: up to 6 top-level blocks, each fitting the kind the previous left."""
     channels = draw(st.integers(1, 4))
     blocks: list[tuple] = []
+    if draw(st.booleans()):  # half the networks open with a group prunable by construction
+        blocks += [("conv", draw(st.integers(2, 12)), 3, 1), ("conv", draw(WIDTHS), 1, 1)]
     kind, hw = "img", SIZE
     for _ in range(draw(st.integers(1, 6))):
         block = draw(img_block(hw)) if kind == "img" else draw(seqvec_block(kind))
@@ -132,9 +135,26 @@ def _log(spec: tuple, opts: dict, outcome: str, seconds: float) -> None:
 
 
 def check_network(spec: tuple, opts: dict) -> None:
-    """Build ``spec`` and assert every promise of pruning it with ``opts`` (what regressions call)."""
+    """Build ``spec`` and assert every promise of pruning it with ``opts`` (what regressions call).
+
+    A network with a group prunable by construction (:func:`netspec.prunable_width`) must show it as
+    prunable, and must shrink whenever a uniform policy's count drops a unit of it; a change that froze
+    everything fails here."""
     model, inputs = build(spec)
-    check_pruned(model, inputs, expect_shrink=False, **opts)
+    width = prunable_width(spec)
+    shrinks = width is not None and not opts.get("global_ranking") and _kept(width, opts) < width
+    report = check_pruned(model, inputs, expect_shrink=shrinks, **opts)
+    if width is not None:
+        assert any(g.prunable for g in report.result.groups), report.result.groups
+
+
+def _kept(units: int, opts: dict) -> int:
+    """How many of a group's ``units`` a uniform policy keeps (no frozen units): what fxprune.select does,
+    written out so that the expectation does not come from the code under test."""
+    keep = units - math.floor(opts.get("sparsity", 0.5) * units + 1e-9)
+    round_to = opts.get("round_to", 1)
+    keep = -(-keep // round_to) * round_to
+    return min(units, max(opts.get("min_keep", 1), keep))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG_RUN, print_blob=True,

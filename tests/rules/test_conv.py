@@ -139,8 +139,13 @@ def test_grouped_conv_prunes_whole_groups(level):
     assert group.size == 4  # one unit per conv group: a's 16 outputs and g's 32, 4 groups of (4 + 8)
     kept = result.plan.kept_indices
     assert len(kept["g.weight"][0]) == 16 and len(kept["a.weight"][0]) == 8
+    gm = result.graph_module
+    assert gm.get_parameter("g.weight").shape[:2] == (16, 4)  # 2 groups of 4 input channels
     if level == "fx":
-        assert result.graph_module.g.groups == 2 and result.graph_module.g.in_channels == 8
+        assert gm.g.groups == 2 and gm.g.in_channels == 8
+    else:  # the group count is the 7th argument of aten.conv2d
+        assert [n.args[6] for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default
+                and n.args[1].target == "g.weight"] == [2]
 
 
 @pytest.mark.parametrize("level", LEVELS)

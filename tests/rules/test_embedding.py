@@ -56,5 +56,7 @@ def test_embedding_dim_is_the_producer(level):
     torch.manual_seed(0)
     result = fxprune.prune(TokenMLP().eval(), torch.randint(0, 20, (3, 5)), 0.5, capture=level)
     assert result.plan.kept_indices["emb.weight"][1] == result.plan.kept_indices["fc.weight"][1]
+    gm = result.graph_module
+    assert gm.get_parameter("emb.weight").shape == (20, 6)  # both levels
     if level == "fx":
-        assert result.graph_module.emb.embedding_dim == 6
+        assert gm.emb.embedding_dim == 6

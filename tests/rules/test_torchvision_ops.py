@@ -108,10 +108,14 @@ def test_video_window_attention_prunes_whole_heads(prune_checked, level):
     report = prune_checked(VideoWindowBlock().eval(), image((1, 3, 4, 8, 8)), level, sparsity=0.5)
     assert report.verify.exact and report.verify.max_abs_error < 1e-5
     gm = report.result.graph_module
-    if level == "fx":
-        assert gm.get_parameter("attn.qkv.weight").shape == (24, 8)
+    assert gm.get_parameter("attn.qkv.weight").shape == (24, 8)
+    if level == "fx":  # whole heads: the wrapped call's num_heads is 2 of 4
         call = next(n for n in gm.graph.nodes if "shifted_window_attention_3d" in str(n.target))
         assert call.args[5] == 2
+    else:  # head dims: the reshape of qkv's output into (3, heads, head dim) holds 4 heads of 2
+        qkv = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default
+                   and n.args[1].target == "attn.qkv.weight")
+        assert [list(u.args[1])[-3:] for u in qkv.users] == [[3, 4, 2]]
 
 
 def test_window_attention_unshifted_fx():
