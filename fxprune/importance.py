@@ -349,17 +349,18 @@ def accumulated_gradients(gm: torch.nn.Module, loss_fn: Callable, calibration: A
 def fisher_diagonal(gm: torch.nn.Module, loss_fn: Callable, calibration: Any, progress: bool = False,
                     chunk_size: int = 16) -> dict[str, torch.Tensor]:
     """The diagonal empirical Fisher ``Σ_i (∂l_i/∂w)²``: per-sample gradients with ``torch.func.vmap``
-    (each sample a batch of one; ``chunk_size`` samples at a time bound the memory)."""
+    (``chunk_size`` samples at a time bound the memory). Each sample runs as a batch of one, or, in a
+    graph specialised to batch size ``b``, as ``b`` copies of itself (an eval-mode model treats rows
+    independently, so a mean loss over the copies is the sample's own loss)."""
     from .calibration import fixed_batch_size
-    if fixed_batch_size(gm) not in (None, 1):
-        raise InvalidOptionError(f"criterion 'hessian' runs one sample at a time, and this export-level "
-                                 f"graph is specialised to batch size {fixed_batch_size(gm)}: capture it "
-                                 f"with a dynamic batch dim or an example batch of 1")
+    copies = fixed_batch_size(gm) or 1
     params, loss = _functional(gm, loss_fn)
 
+    def tile(x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0).expand(copies, *x.shape)
+
     def sample_loss(p: dict, inputs: tuple, target: Any) -> torch.Tensor:
-        one = tuple(x.unsqueeze(0) for x in inputs)
-        return loss(p, one, target.unsqueeze(0) if isinstance(target, torch.Tensor) else target)
+        return loss(p, tuple(tile(x) for x in inputs), tile(target) if isinstance(target, torch.Tensor) else target)
 
     def squared(inputs: tuple, target: Any) -> dict:
         in_dims = (None, 0, 0 if isinstance(target, torch.Tensor) else None)

@@ -149,6 +149,19 @@ def test_hessian_is_the_per_sample_fisher(capture: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
 
 
+def test_hessian_in_a_graph_specialised_to_a_batch_size() -> None:
+    """An export graph fixed at batch 4 runs each sample as 4 copies of itself: the same Fisher."""
+    from fxprune.calibration import fixed_batch_size
+    loader = _loader(2)
+    one = fxprune.analyze(_net(), (X,), "export", dynamic_shapes=None)
+    four = fxprune.analyze(_net(), (loader[0][0],), "export", dynamic_shapes=None)
+    assert (fixed_batch_size(one.gm), fixed_batch_size(four.gm)) == (1, 4)
+    a, b = (score_groups(g, g.groups, "hessian", evidence=gather_evidence(g, "hessian", loader, F.cross_entropy))
+            for g in (one, four))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-12)
+
+
 def test_both_levels_score_alike() -> None:
     loader = _loader(2)
     for criterion in ("activation", "wanda", "flap", "group_magnitude"):
