@@ -232,6 +232,16 @@ def test_a_gradient_criterion_without_a_loss_names_loss_fn(criterion: str) -> No
         fxprune.prune(_net(), (X,), 0.5, criterion, calibration=_loader(1))
 
 
+def test_calibration_says_which_part_of_a_batch_is_the_input() -> None:
+    loader = _loader(3)
+    dicts = [{"labels": y, "pixels": x} for x, y in loader]
+    plain = fxprune.prune(_net(), (X,), 0.5, "wanda", calibration=[x for x, _ in loader[:2]])
+    picked = fxprune.prune(_net(), (X,), 0.5, "wanda", calibration=Calibration(dicts, inputs="pixels", max_batches=2))
+    assert picked.plan.kept_indices == plain.plan.kept_indices
+    everything = fxprune.prune(_net(), (X,), 0.5, "wanda", calibration=Calibration(dicts, inputs="pixels"))
+    assert everything.plan.kept_indices != plain.plan.kept_indices  # the third batch counts when not bounded
+
+
 def test_passes_read_calibration_bound_or_given_to_the_pipeline() -> None:
     gm = fxprune.capture(_net(), (X,), "fx").gm
     loader = _loader(2)
