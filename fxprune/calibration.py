@@ -464,6 +464,7 @@ def collect(gm: fx.GraphModule, calibration: Any, sites: Sequence[Site] = (),
     sums.all_reduce()
     if sums[":batches"].item() == 0:
         raise empty_error(as_calibration(calibration).data)
+    sums.values = {k: v.cpu() for k, v in sums.values.items()}  # small, and read beside CPU scores
     return Statistics(sums, {s.node: s for s in sites}, {g.node: g for g in grams},
                       int(sums[":batches"].item()))
 
