@@ -45,8 +45,8 @@ GRADIENT_CRITERIA = ("taylor", "hessian")
 CRITERIA = WEIGHT_CRITERIA + ACTIVATION_CRITERIA + GRADIENT_CRITERIA
 #: Criteria that need calibration data.
 DATA_CRITERIA = ACTIVATION_CRITERIA + GRADIENT_CRITERIA
-#: What ``prune``, the passes and the CLI use unless told otherwise: it keeps the most accuracy of the
-#: weight criteria in ``benchmarks/bench_quality.md`` (a unit's whole group votes, not its producers).
+#: What ``prune``, the passes and the CLI use unless told otherwise: a unit's whole group votes, not its
+#: producers alone, which keeps far more accuracy than ``l1`` on ``benchmarks/bench_quality.py``'s CNN.
 DEFAULT_CRITERION = "group_magnitude"
 REDUCTIONS = ("mean", "sum", "max")
 
