@@ -85,9 +85,20 @@ def freeze_read_sizes(op: OpCall, rule: Any) -> None:
 VIEW_METHODS = ("view", "reshape")
 VIEW_FUNCTIONS = (torch.reshape, aten.view, aten.reshape, aten._unsafe_view, aten.view_copy)
 UNFLATTENS = ("unflatten", torch.unflatten, aten.unflatten)
-SIZELESS_VIEWS = ("flatten", "view_as", "reshape_as", torch.flatten, nn.Flatten, aten.flatten)
-"""Views whose arguments hold no size (start/end dims, another tensor): nothing to rewrite."""
-VIEWS = VIEW_METHODS + VIEW_FUNCTIONS + UNFLATTENS + SIZELESS_VIEWS + (nn.Unflatten, aten._reshape_alias)
+SIZELESS_VIEWS = ("flatten", torch.flatten, nn.Flatten, aten.flatten)
+"""Views whose arguments hold no size (start/end dims): nothing to rewrite."""
+AS_VIEWS = ("view_as", "reshape_as", aten.view_as, aten.reshape_as)
+"""Views to another tensor's shape: no size to rewrite, but the result's dims are that tensor's."""
+VIEWS = VIEW_METHODS + VIEW_FUNCTIONS + UNFLATTENS + SIZELESS_VIEWS + AS_VIEWS + (nn.Unflatten, aten._reshape_alias)
+
+
+def reshape_as(op: OpCall) -> Any:
+    # x.reshape_as(other): x's channels land on the dims of other (LeViT's BatchNorm over flattened
+    # tokens, reshaped back as its input), so each output dim is tied to other's dim
+    out = reshape(op)
+    for ids, other in zip(out, op.ids(op.arg(1, "other"))):
+        op.unify(ids, other, f"reshaped as a tensor without those channels at {op.where()}")
+    return out
 
 
 def reshape(op: OpCall) -> Any:
@@ -633,6 +644,7 @@ FAMILY = register(OpFamily("shape", (
     OpRule(UNFLATTENS, reshape, rewrite=rewrite_unflatten),
     OpRule((nn.Unflatten,), reshape, rewrite=None, resize=resize_unflatten),
     OpRule(SIZELESS_VIEWS, reshape, rewrite=None),
+    OpRule(AS_VIEWS, reshape_as, rewrite=None),
     # _reshape_alias(x, size, stride): a view with explicit (contiguous) strides
     OpRule((aten._reshape_alias,), reshape_alias, rewrite=rewrite_reshape_alias),
     OpRule(("permute", torch.permute, aten.permute), permute, rewrite=None),

@@ -89,3 +89,37 @@ def test_a_pruned_graph_that_fails_is_fxprunes_error_naming_the_node():
         propagate_values(broken, (x,), rewritten=True)
     with pytest.raises(ExampleInputError, match=r"rejects example inputs of shapes \[\(2, 6\)\] at node '_2'"):
         propagate_values(broken, (x,))
+
+
+class LinearNorm(nn.Module):
+    """LeViT's LinearNorm: a BatchNorm1d over the flattened tokens, reshaped back as its input."""
+
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.linear = nn.Linear(inputs, outputs, bias=False)
+        self.bn = nn.BatchNorm1d(outputs)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = LinearNorm(6, 16), LinearNorm(16, 4)
+
+    def forward(self, x):
+        return self.ln2(nn.functional.hardswish(self.ln1(x)))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_reshape_as_ties_dims_to_the_other_tensor(prune_checked, level):
+    torch.manual_seed(0)
+    model = LeViTMLP().eval()
+    with torch.no_grad():
+        for bn in (model.ln1.bn, model.ln2.bn):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 1.5)
+    report = prune_checked(model, torch.randn(2, 5, 6), level, sparsity=0.5)
+    assert report.verify.exact and report.verify.max_abs_error < 1e-5
+    assert len(report.result.plan.kept_indices["ln1.linear.weight"][0]) == 8
