@@ -60,6 +60,22 @@ class ActSink:
 
 
 @dataclass(frozen=True)
+class NormSite:
+    """A statistic over channels (LayerNorm, RMSNorm, GroupNorm, a mean or variance): verify's reference
+    recomputes it over the kept positions only, as ``kept_only(x, keep, *args)`` (``keep``: 1 at kept
+    positions, shaped to broadcast against ``x``)."""
+
+    node: str
+    dims: tuple[int, ...]
+    """The dims of ``x`` the statistic runs over that carry channels."""
+    ids: tuple[torch.Tensor, ...]
+    """Their channel ids, one array per dim of ``dims``."""
+    kept_only: Callable
+    args: tuple
+    """``x`` then what ``kept_only`` takes after ``keep``: nodes, literals, or a ``str`` naming a parameter."""
+
+
+@dataclass(frozen=True)
 class Foldable:
     """A conv/linear whose dropped inputs' constant part can be folded into its bias."""
 
@@ -86,6 +102,7 @@ class Context:
     param_sinks: list[tuple[str, int]] = field(default_factory=list)
     act_sinks: list[ActSink] = field(default_factory=list)
     foldables: list[Foldable] = field(default_factory=list)
+    norm_sites: list[NormSite] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     """Every parameter name seen -> its canonical name (see :meth:`canonical`)."""
     _names: dict[int, str] = field(default_factory=dict)
@@ -126,6 +143,7 @@ class Analysis:
     groups: tuple[Group, ...]
     foldables: tuple[Foldable, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
+    norm_sites: tuple[NormSite, ...] = ()
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -244,6 +262,18 @@ class OpCall:
         if ids is not None:
             self.ctx.act_sinks.append(ActSink(self.node.name, arg, dim, ids))
 
+    def normalizes(self, kept_only: Callable, x: Any, dims: Any, *args: Any) -> None:
+        """Declare that this node computes a statistic of ``x`` over ``dims`` (LayerNorm, a mean...):
+        verify's reference runs ``kept_only(x, keep, *args)`` in its place, the statistic over kept
+        positions only. Dims without channels are left out; nothing is recorded if none has any."""
+        x_ids = self.ids(x)
+        if not isinstance(x, fx.Node) or not isinstance(x_ids, tuple):
+            return
+        dims = tuple(sorted({d % len(x_ids) for d in dims if x_ids[d % len(x_ids)] is not None}))
+        if dims:
+            self.ctx.norm_sites.append(NormSite(self.node.name, dims, tuple(x_ids[d] for d in dims),
+                                                kept_only, (x, *args)))
+
     def fixed(self, value: Any = None) -> Any:
         """A channel map with no channel on any dim, shaped like ``value`` (default: the output)."""
         return fixed_like(self.out if value is None else value)
@@ -258,7 +288,7 @@ def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOpt
     solution = ctx.table.solve()
     groups = build_groups(ctx.params, ctx.producers, solution)
     return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,
-                    ctx.act_sinks, groups, ctx.foldables, ctx.aliases)
+                    ctx.act_sinks, groups, ctx.foldables, ctx.aliases, tuple(ctx.norm_sites))
 
 
 def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from .analysis import Analysis, AnalysisOptions, match
 from .capture import Captured, as_inputs, capture as capture_graph, propagate_values
 from .errors import CalibrationError, InvalidOptionError, PlanMismatchError
-from .fold import constant_reference, fold_biases, folding_is_exact
+from .fold import constant_reference, fold_biases, folded_biases, folding_is_exact
 from .importance import DEFAULT_CRITERION, Criterion, check_criterion, check_data, gather_evidence, score_groups
 from .gaps import ungrouped
 from .plan import GroupSummary, Plan
@@ -238,18 +238,22 @@ def _dropped_positions(key: str, dim: int, kept: Sequence[int], size: int) -> to
 
 def verify(model: Any, result: PruneResult, example_inputs: Any = None,
            tolerance: Optional[float] = None, raise_on_failure: bool = False) -> VerifyReport:
-    """Compare ``result`` with ``model`` whose dropped channels are zeroed at their consumers."""
+    """Compare ``result`` with ``model`` whose dropped channels contribute nothing and whose norms'
+    statistics run over the kept channels only (see :mod:`fxprune.verify`); the report also gives the
+    drift from the unmasked original."""
     inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
     analysis, drop = result.analysis, result.drop
     exact = not bool(analysis.solution.approximate[drop.nonzero().flatten()].any()) if drop.any() else True
     masks = output_masks(analysis, drop) if result.plan.options.get("prune_outputs") else None
-    if result.plan.options.get("propagate_bias"):
+    if result.plan.options.get("propagate_bias") and folding_is_exact(analysis, drop):
         reference = constant_reference(analysis, drop)
-        exact = exact and folding_is_exact(analysis, drop)
+    elif result.plan.options.get("propagate_bias"):  # a padded consumer: the biases are the fold's own
+        reference = reference_model(analysis, drop, folded_biases(analysis, drop, result.example_inputs))
+        exact = False
     else:
         reference = reference_model(analysis, drop)
     pruned = result.structural if result.structural is not None else result.graph_module  # before recovery
-    report = compare(reference, pruned, inputs, exact, tolerance, masks)
+    report = compare(reference, pruned, inputs, exact, tolerance, masks, original=analysis.gm)
     if raise_on_failure and not report.passed:
         from .errors import VerificationError
         raise VerificationError(str(report))

@@ -5,9 +5,10 @@
 True
 
 It prunes, then asserts: the input model's state_dict and code are untouched; the result runs and keeps
-the output shapes; it has fewer parameters (when something was prunable); ``verify`` passes (exact groups
-to float tolerance; approximate ones reported); a second run gives byte-identical code and tensors; and
-the plan survives JSON and re-applies to the same result.
+the output shapes; it has fewer parameters (when something was prunable); ``verify`` passes — the pruned
+model equals the reference (dropped channels contribute nothing, norms' statistics over kept channels) to
+float tolerance, for every model, LayerNorm-family ones included; a second run gives byte-identical code
+and tensors; and the plan survives JSON and re-applies to the same result.
 """
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ input; the dropped channels' mean value times the consumer's weight columns is a
 bias. Exact for linear consumers and unpadded convs; a padded conv's border sees zeros instead of the
 constant, so the group is reported approximate. Consumers without a bias, or not a conv/linear (an RNN's
 recurrence), keep the default behaviour.
+
+Verify's side: where folding is exact, the reference is that constant-carrying model (its norms' statistics
+over kept positions, as in :mod:`fxprune.verify`); where it is not, the reference is the zeroed-channel one
+whose folded consumers' biases absorb the contribution measured on the prune's example inputs
+(:func:`folded_biases`), so the whole model is still checked exactly.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch.fx as fx
 from .analysis import Analysis, Foldable, tensor_at
 from .capture import MutableArgs
 from .rewrite import Pruning, build_graph_module
-from .verify import reference_items
+from .verify import kept_statistics, reference_items
 
 
 def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
@@ -36,7 +41,19 @@ def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule
         shape[producer.dim] = -1
         zeroed[producer.key] = tensor * mask.view(shape).to(tensor.device, tensor.dtype)
     graph = copy.deepcopy(analysis.gm.graph)
-    return build_graph_module(analysis.gm, graph, reference_items(analysis.gm, graph, zeroed))
+    gm = build_graph_module(analysis.gm, graph, reference_items(analysis.gm, graph, zeroed))
+    kept_statistics(gm, analysis, pruning)
+    return gm
+
+
+def folded_biases(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict[str, torch.Tensor]:
+    """Each folded consumer's original bias plus the dropped inputs' contribution measured on ``inputs``
+    (full size): the biases the zeroed-channel reference needs to stand for a folded model."""
+    out = {}
+    for key, contribution in _contributions(analysis, drop, inputs).items():
+        bias = analysis.tensor(key).detach()
+        out[key] = bias + contribution.to(bias.device, bias.dtype)
+    return out
 
 
 class _Recorder(MutableArgs, fx.Interpreter):
@@ -55,14 +72,28 @@ def fold_biases(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, 
     """Add dropped inputs' constant contributions to the pruned consumers' biases (in place: ``pruned``
     is the new model rewrite just built, never the input)."""
     pruning = Pruning(analysis, drop)
+    for key, contribution in _contributions(analysis, drop, inputs).items():
+        kept_out = pruning.kept(analysis.params[key][0])
+        bias = tensor_at(pruned, key)
+        with torch.no_grad():
+            bias.add_(contribution[kept_out.to(contribution.device)].to(bias.dtype))
+
+
+def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict[str, torch.Tensor]:
+    """{consumer bias key: what its dropped inputs' constants add to each output row}, summed over the
+    consumer's calls, measured by one run of :func:`constant_reference`."""
+    pruning = Pruning(analysis, drop)
     todo = [f for f in analysis.foldables if f.bias is not None and _dropped(pruning, analysis, f).any()]
     if not todo:
-        return
+        return {}
     recorder = _Recorder(constant_reference(analysis, drop), {f.input for f in todo})
     with torch.no_grad():
         recorder.run(*inputs)
+    out: dict[str, torch.Tensor] = {}
     for f in todo:
-        _fold(analysis, pruning, pruned, f, recorder.values[f.input])
+        contribution = _contribution(analysis, pruning, f, recorder.values[f.input])
+        out[f.bias] = out[f.bias] + contribution if f.bias in out else contribution
+    return out
 
 
 def folding_is_exact(analysis: Analysis, drop: torch.Tensor) -> bool:
@@ -80,8 +111,7 @@ def _dropped(pruning: Pruning, analysis: Analysis, f: Foldable) -> torch.Tensor:
     return ~pruning.kept(analysis.params[f.weight][f.in_dim])
 
 
-def _fold(analysis: Analysis, pruning: Pruning, pruned: fx.GraphModule, f: Foldable,
-          value: torch.Tensor) -> None:
+def _contribution(analysis: Analysis, pruning: Pruning, f: Foldable, value: torch.Tensor) -> torch.Tensor:
     dropped = _dropped(pruning, analysis, f)
     dims = [d for d in range(value.dim()) if d != f.channel_dim % value.dim()]
     mean = value.double().mean(dim=dims) if dims else value.double()
@@ -90,9 +120,5 @@ def _fold(analysis: Analysis, pruning: Pruning, pruned: fx.GraphModule, f: Folda
     shape = [1] * weight.dim()
     shape[f.in_dim] = -1
     per_out = 1 - f.in_dim  # conv/linear: out rows are dim 0; transposed conv: dim 1
-    contribution = (weight * mean[dropped.to(mean.device)].view(shape)).sum(dim=[d for d in range(weight.dim()) if d != per_out])
-    kept_out = pruning.kept(analysis.params[f.bias][0])
-    bias = tensor_at(pruned, f.bias)
-    with torch.no_grad():
-        bias.add_(contribution[kept_out.to(contribution.device)].to(bias.dtype))
+    return (weight * mean[dropped.to(mean.device)].view(shape)).sum(dim=[d for d in range(weight.dim()) if d != per_out])
 

@@ -3,8 +3,22 @@
 The reference is built from the *original* graph, not the pruned one: every consumer that contracts over
 channels gets its dropped inputs zeroed — parameter consumers (conv/linear input columns, RNN recurrent
 columns) by zeroing those weight slices, activation contractions (``q @ k``, ``sum``) by a mask multiplied
-into the graph. Both models run on the same inputs; groups marked approximate (LayerNorm statistics) are
-reported, not failed.
+into the graph — and every normalisation computes its statistics over the kept positions only: each site
+the rules recorded (``analysis.norm_sites``: LayerNorm, RMSNorm, GroupNorm, ``F.normalize``, a mean or
+variance over a pruned dim — at the export level HF's RMSNorm is ``pow``/``mean``/``rsqrt`` and its
+``mean`` is the site) is replaced by its kept-only counterpart (:mod:`fxprune.kept_only`). The pruned
+model must equal that reference to float tolerance, for every model. Both run in eval mode with the
+observers of fake-quantizers frozen (as at inference: each applies its stored scale, element-wise).
+
+Beside the verdict the report gives the *drift*: how far the pruned outputs are from the unmasked
+original's — what pruning changed, for information. ``exact`` says whether the reference is the plain
+zeroed-channel original (True) or also recomputed some statistic over kept positions (False: a dropped
+channel reached a LayerNorm-family statistic or an activation fake-quantizer's range); either way
+``passed`` holds only when the pruned model equals the reference.
+
+>>> report = fxprune.verify(model, result, (x,))      # doctest: +SKIP
+>>> print(report)                                    # doctest: +SKIP
+verify passed: max abs error 2.4e-07 (approximate, tol 0.0001); drift from the original 0.31 (rel 0.052)
 """
 from __future__ import annotations
 
@@ -16,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .analysis import Analysis, meta_value
+from .analysis import Analysis, NormSite, meta_value
 from .errors import VerificationError
 from .rewrite import Pruning, build_graph_module
 from .predicates import is_quantizer
@@ -27,27 +41,81 @@ class VerifyReport:
     """The outcome of :func:`verify`."""
 
     max_abs_error: float
+    """Largest absolute difference between the pruned outputs and the reference's."""
     max_rel_error: float
+    """``max_abs_error`` over the reference outputs' largest magnitude."""
     exact: bool
-    """False when some dropped channel passes a channel-mixing op (approximate by nature)."""
+    """True when the reference is the plain zeroed-channel original; False when it also recomputes some
+    statistic over the kept positions (a dropped channel reaches a LayerNorm-family norm, a mean over
+    channels, an activation fake-quantizer's range; or, with ``propagate_bias``, a padded consumer the
+    folded constant cannot reach exactly). ``passed`` is checked against the reference either way."""
     passed: bool
+    """The pruned model equals the reference to ``tolerance`` (relative or absolute)."""
     tolerance: float
+    max_abs_drift: float = 0.0
+    """Information: largest absolute difference from the unmasked original's outputs."""
+    max_rel_drift: float = 0.0
+    """``max_abs_drift`` over the original outputs' largest magnitude."""
 
     def __str__(self) -> str:
         kind = "exact" if self.exact else "approximate"
         verdict = "passed" if self.passed else "FAILED"
-        return f"verify {verdict}: max abs error {self.max_abs_error:.3g} ({kind}, tol {self.tolerance:g})"
+        return (f"verify {verdict}: max abs error {self.max_abs_error:.3g} ({kind}, tol {self.tolerance:g}); "
+                f"drift from the original {self.max_abs_drift:.3g} (rel {self.max_rel_drift:.3g})")
 
 
-def reference_model(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
-    """The original graph with every dropped channel's consumer inputs zeroed."""
+def reference_model(analysis: Analysis, drop: torch.Tensor,
+                    replaced: Optional[dict[str, torch.Tensor]] = None) -> fx.GraphModule:
+    """The original graph with every dropped channel's consumer inputs zeroed and every normalisation's
+    statistics over kept positions only; ``replaced`` swaps in other tensors (folded biases)."""
     pruning = Pruning(analysis, drop)
-    zeroed = _zeroed_params(analysis, pruning)
+    zeroed = {**_zeroed_params(analysis, pruning), **(replaced or {})}
     graph = copy.deepcopy(analysis.gm.graph)
     items = reference_items(analysis.gm, graph, zeroed)
     gm = build_graph_module(analysis.gm, graph, items)
     _insert_masks(gm, analysis, pruning)
+    kept_statistics(gm, analysis, pruning)
     return gm
+
+
+def kept_statistics(gm: fx.GraphModule, analysis: Analysis, pruning: Pruning) -> None:
+    """Replace, in ``gm`` (a copy of ``analysis.gm``), every norm site that sees a dropped position by
+    its kept-only counterpart (in place: ``gm`` is the reference being built)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, site in enumerate(analysis.norm_sites):
+        keep = _keep_mask(site, pruning)
+        if keep is None:
+            continue
+        node, name = nodes[site.node], f"_fxprune_keep_{i}"
+        gm.register_buffer(name, keep)
+        with gm.graph.inserting_before(node):
+            args = [_reference_arg(gm, nodes, a) for a in site.args]
+            kept = gm.graph.call_function(site.kept_only, (args[0], gm.graph.get_attr(name), *args[1:]))
+        node.replace_all_uses_with(kept)
+        gm.graph.erase_node(node)
+        nodes[site.node] = kept  # a later site may read this one's output (a norm of a norm's output)
+    gm.recompile()
+
+
+def _keep_mask(site: NormSite, pruning: Pruning) -> Optional[torch.Tensor]:
+    """1 at kept, 0 at dropped positions of the site's dims, broadcastable to ``x`` (None: all kept)."""
+    masks = [pruning.kept(ids) for ids in site.ids]
+    if all(bool(m.all()) for m in masks):
+        return None
+    like = meta_value(site.args[0])
+    keep = torch.ones([1] * len(like.shape), dtype=like.dtype, device=like.device)
+    for dim, mask in zip(site.dims, masks):
+        shape = [1] * len(like.shape)
+        shape[dim] = -1
+        keep = keep * mask.view(shape).to(like.dtype).to(like.device)
+    return keep
+
+
+def _reference_arg(gm: fx.GraphModule, nodes: dict[str, fx.Node], value: Any) -> Any:
+    """A site's argument in the reference graph: its node there, or a parameter named by its key."""
+    if isinstance(value, str):
+        return gm.graph.get_attr(value)
+    return fx.node.map_arg(value, lambda n: nodes[n.name])
 
 
 def _zeroed_params(analysis: Analysis, pruning: Pruning) -> dict[str, torch.Tensor]:
@@ -132,9 +200,15 @@ def _outputs(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
 
 def eval_copy(model: torch.nn.Module) -> torch.nn.Module:
     """Running a training-mode model would update BatchNorm statistics, and running a prepared
-    (observed) graph its observers' statistics, in any mode: run an eval copy instead."""
-    stateful = model.training or any(is_quantizer(m) for m in model.modules())
-    return copy.deepcopy(model).eval() if stateful else model
+    (observed) graph its observers' statistics, in any mode: run an eval copy instead, its
+    fake-quantizers' observers frozen (each then applies its stored scale, as at inference)."""
+    if not (model.training or any(is_quantizer(m) for m in model.modules())):
+        return model
+    frozen = copy.deepcopy(model).eval()
+    for module in frozen.modules():
+        if is_quantizer(module) and callable(getattr(module, "disable_observer", None)):
+            module.disable_observer()
+    return frozen
 
 
 def output_masks(analysis: Analysis, drop: torch.Tensor) -> list[list[Optional[torch.Tensor]]]:
@@ -163,22 +237,36 @@ def _keep(tensor: torch.Tensor, masks: list[Optional[torch.Tensor]]) -> torch.Te
 
 def compare(reference: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, exact: bool,
             tolerance: Optional[float] = None,
-            masks: Optional[list[list[Optional[torch.Tensor]]]] = None) -> VerifyReport:
-    """Run both models; ``masks`` select the reference outputs' kept positions (pruned outputs)."""
-    ref_out = _outputs(eval_copy(reference), inputs)
+            masks: Optional[list[list[Optional[torch.Tensor]]]] = None,
+            original: Optional[torch.nn.Module] = None) -> VerifyReport:
+    """Run both models; ``masks`` select the reference outputs' kept positions (pruned outputs);
+    ``original`` (the unmasked model) gives the drift, for information."""
+    ref_out = _kept_outputs(reference, inputs, masks)
     new_out = _outputs(eval_copy(pruned), inputs)
-    if masks is not None and len(masks) == len(ref_out):
-        ref_out = [_keep(t, m) for t, m in zip(ref_out, masks)]
     if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out)):
         raise VerificationError(f"pruned outputs have shapes {[tuple(t.shape) for t in new_out]}, "
                                 f"expected {[tuple(t.shape) for t in ref_out]}")
-    abs_err = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref_out, new_out)
-                   if a.numel()), default=0.0)
-    scale = max((float(a.double().abs().max()) for a in ref_out if a.numel()), default=0.0)
+    abs_err, rel = _difference(ref_out, new_out)
     tol = tolerance if tolerance is not None else _default_tolerance(ref_out)
-    rel = abs_err / max(scale, 1e-12)
-    passed = not exact or rel <= tol or abs_err <= tol
-    return VerifyReport(abs_err, rel, exact, passed, tol)
+    drift = _difference(_kept_outputs(original, inputs, masks), new_out) if original is not None else (0.0, 0.0)
+    passed = rel <= tol or abs_err <= tol
+    return VerifyReport(abs_err, rel, exact, passed, tol, *drift)
+
+
+def _kept_outputs(model: torch.nn.Module, inputs: tuple,
+                  masks: Optional[list[list[Optional[torch.Tensor]]]]) -> list[torch.Tensor]:
+    out = _outputs(eval_copy(model), inputs)
+    if masks is not None and len(masks) == len(out):
+        out = [_keep(t, m) for t, m in zip(out, masks)]
+    return out
+
+
+def _difference(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> tuple[float, float]:
+    """(max abs difference, that over the expected outputs' largest magnitude); NaN is never small."""
+    pairs = [(a.double(), b.double()) for a, b in zip(expected, actual) if a.numel() and a.shape == b.shape]
+    abs_err = max((float((a - b).abs().nan_to_num(float("inf")).max()) for a, b in pairs), default=0.0)
+    scale = max((float(a.abs().max()) for a, _ in pairs), default=0.0)
+    return abs_err, abs_err / max(scale, 1e-12)
 
 
 def _default_tolerance(outputs: list[torch.Tensor]) -> float:

@@ -130,6 +130,8 @@ def _train_and_prune(prepared: torch.nn.Module) -> tuple:
     before = _state(prepared)
     result = fxprune.prune(prepared, (X,), sparsity=0.5)
     assert _unchanged(before, prepared)
+    report = fxprune.verify(prepared, result, (X,))  # fake-quantizers' observers frozen, as at inference
+    assert report.passed and report.max_abs_error < 1e-4, str(report)
     return result, list(result.plan.kept_indices["conv1.weight"][0])
 
 

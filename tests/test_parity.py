@@ -56,7 +56,9 @@ def test_lstm_models_expose_every_unit(name, level):
     assert not fixed.plan.kept_indices
     report = check_pruned(model, x, capture=level, sparsity=0.5, prune_outputs=True)
     assert report.params_after < report.params_before
-    assert report.verify.exact is (name == "LSTMLinearModel")  # LayerNorm statistics: approximate
+    # LayerNorm statistics over the kept units: approximate, and equal to verify's reference
+    assert report.verify.exact is (name == "LSTMLinearModel")
+    assert report.verify.passed and report.verify.max_abs_error < 1e-4
 
 
 def _fpgm_model() -> nn.Module:

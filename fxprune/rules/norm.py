@@ -2,8 +2,11 @@
 
 BatchNorm and InstanceNorm keep per-channel statistics: exact, their parameters and running buffers follow
 the channel. GroupNorm with G > 1 is pruned by whole groups (each group's statistics stay as they were:
-exact). LayerNorm, RMSNorm and GroupNorm(1, C) mix the channels they normalise over: pruning them is
-approximate by nature, and the group says so. PReLU with one weight per channel follows the channel.
+exact). LayerNorm, RMSNorm and GroupNorm(1, C) mix the channels they normalise over: the pruned norm's
+statistics run over the kept channels only, so the group is marked approximate (its output drifts from
+the original's), and each such norm is recorded (``op.normalizes``) with its kept-only counterpart from
+:mod:`fxprune.kept_only`, which verify's reference runs in its place. PReLU with one weight per channel
+follows the channel.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kept_only
 from ..analysis import OpCall, Unsupported
 from ..registry import OpFamily, OpRule, register
 
@@ -83,14 +87,32 @@ def layer_norm(op: OpCall, x: Any, ndims: int, params: list) -> Any:
 
 
 def layer_norm_module(op: OpCall) -> Any:
-    ndims = len(op.module.normalized_shape)
-    return layer_norm(op, op.arg(0, "input"), ndims, _module_params(op, ("weight", "bias")))
+    x, ndims = op.arg(0, "input"), len(op.module.normalized_shape)
+    weight, bias = (f"{op.node.target}.{n}" if getattr(op.module, n, None) is not None else None
+                    for n in ("weight", "bias"))
+    if isinstance(op.module, nn.RMSNorm):
+        op.normalizes(kept_only.kept_rms_norm, x, _last(ndims), ndims, weight, op.module.eps)
+    else:
+        op.normalizes(kept_only.kept_layer_norm, x, _last(ndims), ndims, weight, bias, op.module.eps)
+    return layer_norm(op, x, ndims, _module_params(op, ("weight", "bias")))
+
+
+def _last(ndims: int) -> range:
+    return range(-ndims, 0)
 
 
 def layer_norm_function(op: OpCall) -> Any:
-    # layer_norm(input, normalized_shape, weight, bias, eps)
-    ndims = len(op.value(op.arg(1, "normalized_shape")))
-    out = layer_norm(op, op.arg(0, "input"), ndims, [op.arg(2, "weight"), op.arg(3, "bias")])
+    # layer_norm(input, normalized_shape, weight, bias, eps) / rms_norm(input, normalized_shape, weight, eps)
+    x, ndims = op.arg(0, "input"), len(op.value(op.arg(1, "normalized_shape")))
+    weight = op.arg(2, "weight")
+    if op.node.target in (F.rms_norm, aten.rms_norm.default):
+        op.normalizes(kept_only.kept_rms_norm, x, _last(ndims), ndims, weight, op.arg(3, "eps"))
+        return layer_norm(op, x, ndims, [weight])
+    bias, eps = op.arg(3, "bias"), op.arg(4, "eps", 1e-5)
+    native = op.node.target == aten.native_layer_norm.default
+    kept = kept_only.kept_native_layer_norm if native else kept_only.kept_layer_norm
+    op.normalizes(kept, x, _last(ndims), ndims, weight, bias, eps)
+    out = layer_norm(op, x, ndims, [weight, bias])
     if isinstance(op.out, (tuple, list)):
         return (out,) + tuple(op.fixed(v) for v in op.out[1:])
     return out
@@ -114,19 +136,26 @@ def group_norm(op: OpCall, x: Any, groups: int, params: list) -> Any:
 
 
 def group_norm_module(op: OpCall) -> Any:
-    params = _module_params(op, ("weight", "bias"))
-    return group_norm(op, op.arg(0, "input"), op.module.num_groups, params)
+    x, groups = op.arg(0, "input"), op.module.num_groups
+    weight, bias = (f"{op.node.target}.{n}" if getattr(op.module, n, None) is not None else None
+                    for n in ("weight", "bias"))
+    op.normalizes(kept_only.kept_group_norm, x, (1,), groups, weight, bias, op.module.eps)
+    return group_norm(op, x, groups, _module_params(op, ("weight", "bias")))
 
 
 def group_norm_function(op: OpCall) -> Any:
     # group_norm(input, num_groups, weight, bias, eps)
-    params = [op.arg(2, "weight"), op.arg(3, "bias")]
-    return group_norm(op, op.arg(0, "input"), op.value(op.arg(1, "num_groups")), params)
+    x, groups = op.arg(0, "input"), op.value(op.arg(1, "num_groups"))
+    weight, bias = op.arg(2, "weight"), op.arg(3, "bias")
+    op.normalizes(kept_only.kept_group_norm, x, (1,), groups, weight, bias, op.arg(4, "eps", 1e-5))
+    return group_norm(op, x, groups, [weight, bias])
 
 
 def native_group_norm(op: OpCall) -> Any:
     # native_group_norm(input, weight, bias, N, C, HxW, group, eps) -> (out, mean, rstd)
-    out = group_norm(op, op.arg(0), op.value(op.arg(6)), [op.arg(1), op.arg(2)])
+    x, groups = op.arg(0), op.value(op.arg(6))
+    op.normalizes(kept_only.kept_native_group_norm, x, (1,), op.arg(1), op.arg(2), groups, op.arg(7))
+    out = group_norm(op, x, groups, [op.arg(1), op.arg(2)])
     return (out,) + tuple(op.fixed(v) for v in op.out[1:])
 
 

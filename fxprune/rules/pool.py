@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kept_only
 from ..analysis import OpCall
 from ..registry import OpFamily, OpRule, register
 
@@ -119,7 +120,45 @@ def statistic(op: OpCall) -> Any:
     if not isinstance(op.out, (torch.Tensor, tuple, list)) or (
             op.arg(1, "dim") is not None and not isinstance(op.value(op.arg(1, "dim")), (int, list, tuple))):
         return _binary_minmax(op)
+    _record_moment(op)
     return reduction(op, exact=False)
+
+
+KEPT_MOMENTS = {"mean": kept_only.kept_mean, "var": kept_only.kept_var, "std": kept_only.kept_std,
+                "var_mean": kept_only.kept_var_mean, "std_mean": kept_only.kept_std_mean}
+
+
+def _record_moment(op: OpCall) -> None:
+    """A mean, variance or standard deviation over channels is recorded with its kept-only form, so
+    verify's reference is exact wherever a rule lets channels through one (an RMS norm written as
+    ``x * rsqrt(mean(x**2))``); where the channels freeze, nothing is dropped and the site is inert."""
+    name = str(op.node.target) if op.node.op == "call_method" else getattr(op.node.target, "__name__", "")
+    kept = KEPT_MOMENTS.get(name.split(".")[0])
+    if kept is None:
+        return
+    x = op.arg(0, "input")
+    if name.startswith("mean"):
+        dim, keepdim = op.value(op.arg(1, "dim")), bool(op.value(op.arg(2, "keepdim", False)))
+        op.normalizes(kept, x, _reduced_dims(op, len(op.shape(x)), dim), dim, keepdim, op.node.kwargs.get("dtype"))
+        return
+    dim, correction, keepdim = _moment_args(op)
+    op.normalizes(kept, x, _reduced_dims(op, len(op.shape(x)), dim), dim, correction, keepdim)
+
+
+def _moment_args(op: OpCall) -> tuple[Any, float, bool]:
+    """``(dim, correction, keepdim)`` of any spelling of var/std: ``x.var(dim, unbiased, keepdim)``,
+    ``x.var(unbiased)``, ``torch.var(x, dim, correction=0, keepdim=True)``, ``aten.var.correction``..."""
+    args, kwargs = [op.value(a) for a in op.node.args[1:]], op.node.kwargs
+    dim, unbiased, keepdim = None, True, False
+    if args and not isinstance(args[0], bool):
+        dim = args.pop(0)
+    if args and isinstance(args[0], bool):
+        unbiased = args.pop(0)
+    if args:
+        keepdim = bool(args.pop(0))
+    correction = kwargs.get("correction")
+    correction = int(kwargs.get("unbiased", unbiased)) if correction is None else correction
+    return kwargs.get("dim", dim), correction, bool(kwargs.get("keepdim", keepdim))
 
 
 def _binary_minmax(op: OpCall) -> Any:
@@ -132,9 +171,13 @@ def vector_norm(op: OpCall) -> Any:
     x = op.arg(0, "input")
     x_ids = op.ids(x)
     if op.node.target is F.normalize:
-        op.freeze(x_ids[op.value(op.arg(2, "dim", 1)) % len(x_ids)], "a norm over a channel dim")
+        p, dim, eps = op.arg(1, "p", 2.0), op.value(op.arg(2, "dim", 1)), op.arg(3, "eps", 1e-12)
+        op.normalizes(kept_only.kept_normalize, x, (dim,), p, dim, eps)
+        op.freeze(x_ids[dim % len(x_ids)], "a norm over a channel dim")
         return x_ids
     dims = _reduced_dims(op, len(x_ids), op.value(op.arg(2, "dim")))
+    op.normalizes(kept_only.kept_vector_norm, x, dims, op.arg(1, "ord", 2), op.value(op.arg(2, "dim")),
+                  bool(op.value(op.arg(3, "keepdim", False))))
     op.freeze([x_ids[d] for d in dims], "a norm over a channel dim")
     keepdim = bool(op.value(op.arg(3, "keepdim", False)))
     out = [None if d in dims else ids for d, ids in enumerate(x_ids)]
