@@ -152,6 +152,12 @@ CASES = [
     ("non-finite calibration activations", lambda m: fxprune.prune(
         m, X, 0.5, criterion="flap", calibration=[torch.full_like(X, float("inf"))]),
      errors.NonFiniteActivationError, r"batch 0 gives non-finite values at node"),
+    ("recovery without calibration", lambda m: fxprune.prune(m, X, 0.5, recover=("reconstruct",)),
+     errors.CalibrationError, r"recover=\['reconstruct'\] needs calibration data"),
+    ("unknown recovery step", lambda m: fxprune.prune(m, X, 0.5, calibration=[X], recover=("finetune",)),
+     errors.InvalidOptionError, r"unknown recovery step 'finetune'"),
+    ("negative reconstruct ridge", lambda m: fxprune.passes.Reconstruct(ridge=-1.0),
+     errors.InvalidOptionError, r"ridge of 'reconstruct' must be a finite float >= 0, got -1.0"),
 ]
 
 
