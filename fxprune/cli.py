@@ -33,6 +33,7 @@ from . import __version__
 from .errors import FxPruneError
 from .gaps import ungrouped
 from .importance import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA
+from .select import NORMALIZATIONS
 from .plan import ungrouped_lines
 
 
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=_positive, default=1, metavar="N",
                        help="keep a multiple of N channels per group")
     prune.add_argument("--global-ranking", action="store_true", help="rank units across groups")
+    prune.add_argument("--normalize", choices=NORMALIZATIONS, default="mean",
+                       help="how --global-ranking compares groups (default mean; standardize: FLAP's "
+                            "adaptive ratios)")
+    prune.add_argument("--min-keep-ratio", type=_fraction, default=0.0, metavar="F",
+                       help="every group keeps at least this fraction of its units")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--no-chart", action="store_true", help="do not write widths.png (no matplotlib)")
     inspect = sub.add_parser("inspect", help="print the channel groups and why any are frozen",
@@ -108,6 +114,16 @@ def _sparsity(text: str) -> float:
         value = -1.0
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"bad sparsity {text!r}: expected a number in [0, 1)")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"bad fraction {text!r}: expected a number in [0, 1]")
     return value
 
 
@@ -269,7 +285,7 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
     result = fxprune.prune(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
                            capture=args.capture, ignore=tuple(args.ignore), round_to=args.round_to,
                            global_ranking=args.global_ranking, seed=args.seed, calibration=calibration,
-                           loss_fn=loss_fn)
+                           loss_fn=loss_fn, normalize=args.normalize, min_keep_ratio=args.min_keep_ratio)
     _advance(bar, "verify")
     report = fxprune.verify(model, result, inputs)
     _advance(bar, "count")

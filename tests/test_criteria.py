@@ -288,6 +288,12 @@ def test_cli_criteria_come_from_the_one_list(tmp_path: Path, capsys, monkeypatch
     assert code == 0, capsys.readouterr().err
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["options"]["criterion"] == "taylor"
+    code = main(common + ["--criterion", "flap", "--calibration", str(data), "--global-ranking", "--normalize",
+                          "standardize", "--min-keep-ratio", "0.75", "--out", str(tmp_path / "adaptive")])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((tmp_path / "adaptive" / "plan.json").read_text())
+    assert plan["options"]["normalize"] == "standardize" and plan["options"]["min_keep_ratio"] == 0.75
+    assert len(plan["kept_indices"]["0.weight"]["0"]) == 6  # 8 channels, at least 75% kept
 
 
 # --- snapshots of pruned models (every promise checked by prune_checked) ---------------------------
