@@ -37,7 +37,7 @@ from .api import PruneResult, analyze, finish, make_plan
 from .capture import AUTO, as_inputs, export
 from .errors import (ConfigMismatchError, InvalidOptionError, TrainingModeError, UnsupportedModelError,
                      VerificationError)
-from .importance import Criterion, check_criterion, score_groups
+from .importance import DEFAULT_CRITERION, Criterion, check_criterion, score_groups
 from .select import Policy, Sparsity, check_patterns, select
 
 FORMAT = "fxprune.hf/1"
@@ -61,8 +61,9 @@ class HFPruneResult:
         return self.result.plan
 
 
-def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: Criterion = "l1", *,
-          hf_compatible: bool = True, layer_indices: str = "own", **options: Any) -> Any:
+def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
+          criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True, layer_indices: str = "own",
+          **options: Any) -> Any:
     """Prune a ``PreTrainedModel`` and return a new one of the same class; ``model`` is untouched.
 
     Args:
@@ -82,10 +83,11 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
                              layer_indices=layer_indices, **options).model
 
 
-def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: Criterion = "l1",
-                      *, hf_compatible: bool = True, layer_indices: str = "own", global_ranking: bool = False,
-                      round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean",
-                      seed: int = 0, dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
+def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
+                      criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True,
+                      layer_indices: str = "own", global_ranking: bool = False, round_to: int = 1,
+                      min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean", seed: int = 0,
+                      dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
                       progress: bool = False) -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
     _check_model(model)

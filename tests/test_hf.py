@@ -1,5 +1,5 @@
-"""fxprune.hf: a PreTrainedModel in, a PreTrainedModel of the same class out, for nine families (tiny
-random configs, offline). Each pruned model computes what the pruned graph computes at other batch sizes
+"""fxprune.hf: a PreTrainedModel in, a PreTrainedModel of the same class out, for eleven families (tiny
+random configs, offline; Mixtral and Qwen2-MoE with their experts). Each pruned model computes what the pruned graph computes at other batch sizes
 and sequence lengths than the example, round-trips through save_pretrained / from_pretrained with equal
 logits, and (decoders) generates; its config holds the plan (one width per kind, whole heads, GQA's
 ratio, head_dim unchanged)."""
@@ -35,8 +35,17 @@ FAMILIES = {
     "bert": lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, max_position_embeddings=64, **ENCODER)),
     "vit": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_labels=3,
                                                            **ENCODER)),
+    # routed experts as 3-D parameters (fxprune/rules/moe.py): one intermediate width for all experts
+    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**DECODER, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
+    "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**DECODER, num_experts=4, num_experts_per_tok=2,
+                                                                moe_intermediate_size=48,
+                                                                shared_expert_intermediate_size=40)),
 }
-DECODERS = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2"}
+DECODERS = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "mixtral", "qwen2_moe"}
+#: The experts' widths the config records (every expert keeps the same intermediate indices).
+EXPERT_WIDTHS = {"mixtral": {"intermediate_size": (64, 32)},
+                 "qwen2_moe": {"moe_intermediate_size": (48, 24), "shared_expert_intermediate_size": (40, 20)}}
 #: Families whose residual stream prunes (through LayerNorm); with head_dim derived from
 #: hidden_size / num_attention_heads, hidden_size follows the kept heads.
 HIDDEN_PRUNES = {"gpt2", "bert", "vit"}
@@ -83,6 +92,7 @@ def test_family_round_trips(name, tmp_path):
     assert all(torch.equal(fresh[k], v) for k, v in model.state_dict().items())
     assert pruned.num_parameters() < model.num_parameters()
     old, new = _config_counts(model.config), _config_counts(pruned.config)
+    assert EXPERT_WIDTHS.get(name, {}).items() <= dict(result.changes).items()
     assert new["num_attention_heads"] == old["num_attention_heads"] // 2
     if name in HIDDEN_PRUNES:
         assert new["hidden_size"] == old["hidden_size"] // 2
