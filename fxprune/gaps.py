@@ -10,9 +10,11 @@ called module's parameters and buffers at the fx level — with why it stays as 
 - ``"its dims hold no channel ..."``: it is read, but no dim of it is tied to a channel space (a
   causal-mask buffer indexed by sequence position, rotary frequencies of frozen heads, an op's
   constant) — the node that reads it is named, so a rule that should produce channels is easy to find;
-- ``"dim d holds channels ... no producer opens"``: a tensor in a group (by its input columns, say)
-  whose other dim carries channels into the graph that no rule declared a producer of — the gap
-  Falcon's ``x @ self.weight.T`` had before ``rules.linear`` saw through the transpose.
+- ``"read by no node"``: a ``get_attr`` nothing uses (export keeps HF's ``original_inv_freq``);
+- ``"dim d: its channels reach the graph, but no producer opens them"``: a tensor in a group (by its
+  input columns, say) whose other dim carries channels into the graph that no rule declared a producer
+  of — the gap Falcon's ``x @ self.weight.T`` had before ``rules.linear`` saw through the transpose.
+  :func:`silent_gaps` reports these, and anything neither grouped nor listed, as broken promises.
 
 >>> analysis = fxprune.analyze(model, (x,), "export")        # doctest: +SKIP
 >>> fxprune.gaps.ungrouped(analysis)                          # doctest: +SKIP
