@@ -14,8 +14,12 @@ inputs). ``hf:PATH_OR_CONFIG`` is a HuggingFace model directory or ``config.json
 
 ``prune`` writes to ``--out``: the saved result (``plan.json``, ``model.safetensors``, ``module.py``, see
 :func:`fxprune.save`), ``summary.md`` (the table it prints) and ``widths.png`` (per-layer widths before and
-after). Every expected failure — a bad option, SPEC or shape, any :class:`fxprune.errors.FxPruneError` —
-prints one line ``fxprune: error: ...`` to stderr and exits 2; nothing is written then.
+after). ``--to executorch`` adds ``model.pte`` (XNNPACK-delegated), ``--to onnx`` adds ``model.onnx``;
+``--quantize int8`` quantizes it first (PT2E; activation ranges from ``--calibration``, else from the
+random example inputs, which it says), and each is run in its runtime and compared with the pruned
+graph before anything is written (see :mod:`fxprune.deploy`). Every expected failure — a bad option,
+SPEC or shape, any :class:`fxprune.errors.FxPruneError` — prints one line ``fxprune: error: ...`` to
+stderr and exits 2; nothing is written then.
 """
 from __future__ import annotations
 
@@ -77,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "adaptive ratios)")
     prune.add_argument("--min-keep-ratio", type=_fraction, default=0.0, metavar="F",
                        help="every group keeps at least this fraction of its units")
+    prune.add_argument("--to", choices=("executorch", "onnx"), help="also write model.pte (ExecuTorch, "
+                                                                   "XNNPACK) or model.onnx (ONNX Runtime)")
+    prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--no-chart", action="store_true", help="do not write widths.png (no matplotlib)")
     inspect = sub.add_parser("inspect", help="print the channel groups and why any are frozen",
@@ -256,6 +263,7 @@ def _group_rows(plan) -> tuple[tuple[str, int, int, str], ...]:
 
 def run_prune(args: argparse.Namespace) -> int:
     _check_chart(args.no_chart)
+    _check_deploy(args.to, args.quantize)
     torch.manual_seed(args.seed)
     model = load_model(args.spec)
     inputs = example_inputs(model, args.input_shape, args.seed)
@@ -271,8 +279,36 @@ def run_prune(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/: {FILES}")
         return 0
     print(f"wrote {args.out}/: plan.json model.safetensors module.py summary.md"
-          + ("" if args.no_chart else " widths.png"))
+          + ("" if args.no_chart else " widths.png") + (f" model{_suffix(args.to)}" if args.to else ""))
     return 0
+
+
+def _check_deploy(to: Optional[str], quantize: Optional[str]) -> None:
+    if quantize and not to:
+        raise CliError("--quantize needs --to executorch or --to onnx (it quantizes the deployed artefact)")
+    if to:
+        from .deploy import require
+        require(to)
+
+
+def _suffix(to: str) -> str:
+    from .deploy import SUFFIX
+    return SUFFIX[to]
+
+
+def _deploy(args: argparse.Namespace, result, inputs: tuple, calibration) -> tuple[Optional[bytes], str]:
+    """The artefact's bytes and the lines to print, built (and run in its runtime) before anything is
+    written."""
+    if not args.to:
+        return None, ""
+    import warnings
+    from .deploy import build
+    with warnings.catch_warnings():  # the calibration note is printed below, not warned twice
+        warnings.simplefilter("ignore", UserWarning)
+        data, deployed = build(result, inputs, args.to, quantize=args.quantize, calibration=calibration)
+    lines = [f"model{_suffix(args.to)}{deployed}"]  # str(deployed) starts with its (empty) file name
+    lines += [f"note: {n}" for n in deployed.notes]
+    return data, "\n".join(lines)
 
 
 def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -> str:
@@ -288,6 +324,7 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
                            loss_fn=loss_fn, normalize=args.normalize, min_keep_ratio=args.min_keep_ratio)
     _advance(bar, "verify")
     report = fxprune.verify(model, result, inputs)
+    artefact, deployed = _deploy(args, result, inputs, calibration)
     _advance(bar, "count")
     original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     summary = Summary(_group_rows(result.plan),
@@ -297,6 +334,9 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
     _advance(bar, "save")
     out = fxprune.save(result, args.out)
     text = summary.markdown(f"{args.spec}, sparsity {args.sparsity:g}, {args.criterion}, {result.level} level")
+    if artefact is not None:
+        text = f"{text}\n{deployed}\n"
+        (out / f"model{_suffix(args.to)}").write_bytes(artefact)
     (out / "summary.md").write_text(text, encoding="utf-8")
     if not args.no_chart:
         _advance(bar, "chart")
