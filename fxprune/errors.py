@@ -22,10 +22,6 @@ class DynamicShapesError(CaptureError, ValueError):
     """``torch.export`` rejected the ``dynamic_shapes`` asked for (the message names the dim)."""
 
 
-class DynamicShapesError(CaptureError, ValueError):
-    """``torch.export`` rejected the ``dynamic_shapes`` asked for (the message names the dim)."""
-
-
 class ExampleInputError(FxPruneError, ValueError):
     """The example inputs were rejected by the model."""
 
