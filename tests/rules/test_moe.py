@@ -4,7 +4,7 @@ Intermediate index i is one unit across every expert of a layer (gate row i, up 
 i of each expert), so the stacked tensors stay rectangular and an HF config can hold the new width. The
 experts dim stays (routing reads it). Cases: a hand-written layer run as transformers' ``batched_mm``
 (experts gathered per token, ``bmm``) and as ``grouped_mm`` (tokens sorted by expert), at both levels;
-tiny Mixtral and Qwen2-MoE at the export level.
+tiny Mixtral (both implementations) and Qwen2-MoE at the export level.
 """
 from __future__ import annotations
 
@@ -148,6 +148,21 @@ def test_hf_experts_prune_exactly(graph_snapshot, name):
     assert tuple(gm.get_parameter("model.layers.0.mlp.experts.gate_up_proj").shape)[:2] == (EXPERTS, 24)
     assert tuple(gm.get_parameter("model.layers.0.mlp.experts.down_proj").shape)[::2] == (EXPERTS, 12)
     assert not any("experts" in name for name in report.result.plan.ungrouped)
+
+
+@pytest.mark.slow
+def test_hf_batched_mm_experts_prune_exactly():
+    # transformers' other implementation: each token's experts gathered (gate_up_proj[expert_ids]), bmm
+    torch.manual_seed(0)
+    model = _mixtral()
+    model.config._experts_implementation = "batched_mm"
+    report = check_pruned(model, (torch.randint(0, 64, (2, 6)),), capture="export", sparsity=0.5,
+                          deterministic=False)
+    assert report.verify.exact and report.verify.max_abs_error < 1e-4
+    gm = report.result.graph_module
+    assert [n.target for n in gm.graph.nodes if "bmm" in str(n.target)] == [torch.ops.aten.bmm.default] * 2
+    assert tuple(gm.get_parameter("model.layers.0.mlp.experts.gate_up_proj").shape)[:2] == (EXPERTS, 24)
+    assert tuple(gm.get_parameter("model.layers.0.mlp.experts.down_proj").shape)[::2] == (EXPERTS, 12)
 
 
 @pytest.mark.slow
