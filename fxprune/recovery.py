@@ -445,19 +445,20 @@ def _fit_moments(original: fx.GraphModule, pruned: fx.GraphModule, fit: _Fit, ca
     for index, inputs in calibration_chunks(pruned, calibration):
         y = values_at(original, inputs, {site.node}, index)[site.node]
         x = values_at(pruned, inputs, {site.input}, index)[site.input]
-        rows = gram_features(x, site)
-        target = y.movedim(fit.out_dim, -1).reshape(-1, y.shape[fit.out_dim])
-        if fit.kept_out is not None:
-            target = target[:, fit.kept_out.to(target.device)]
-        del x, y
-        for start in range(0, rows.shape[0], _ROWS):  # float64 copies of a slice of rows at a time
-            _add_moments(sums, rows[start:start + _ROWS].double(), target[start:start + _ROWS].double())
+        per_sample = max(1, y.numel() // (y.shape[fit.out_dim] * max(1, y.shape[0])))
+        step = max(1, _ROWS // per_sample)
+        for xs, ys in zip(x.split(step), y.split(step)):  # a few samples at a time: unfolded, in float64
+            target = ys.movedim(fit.out_dim, -1).reshape(-1, ys.shape[fit.out_dim])
+            if fit.kept_out is not None:
+                target = target[:, fit.kept_out.to(target.device)]
+            _add_moments(sums, gram_features(xs, site).double(), target.double())
         seen.add(index)
     return sums.all_reduce(), len(seen)
 
 
 _ROWS = 4096
-"""Rows of a batch converted to float64 at once: bounds the temporaries beside the Gram matrix."""
+"""Rows (output positions) unfolded and converted to float64 at once: bounds the temporaries beside
+the Gram matrix to a slice of the batch."""
 
 
 def _add_moments(sums: Sums, rows: torch.Tensor, target: torch.Tensor) -> None:

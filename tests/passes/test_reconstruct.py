@@ -118,7 +118,7 @@ def test_both_levels_fit_the_same_weights() -> None:
 def test_prune_with_recover_reports_fit_and_verifies_the_structural_prune() -> None:
     model = ResidualNet().eval()
     state = copy.deepcopy(model.state_dict())
-    loader = [(x, torch.zeros(len(x))) for x in _loader((3, 8, 8), batches=2, rows=16)]
+    loader = [(x, torch.zeros(len(x))) for x in _loader((3, 8, 8), batches=1, rows=8)]
     x = loader[0][0]
     result = fxprune.prune(model, (x,), sparsity=0.5, calibration=loader, recover=("reconstruct", "batchnorm"))
     assert [r.step for r in result.recovery] == ["reconstruct", "recalibrate-batchnorm"]
