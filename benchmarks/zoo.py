@@ -20,6 +20,11 @@ run (``--models``) updates its rows and the table is rebuilt from all records::
     python benchmarks/zoo.py --repeat 3                   # timings: median of 3 runs
     python benchmarks/zoo.py --table-only                 # rebuild zoo.md from zoo.json
     python benchmarks/zoo.py --worker resnet18 fx         # one run in this process, prints JSON
+    python benchmarks/zoo.py --source timm --jobs 2       # one model per timm family -> zoo_timm.md/.json
+
+``--source timm`` runs one model per timm family (``TIMM_MODELS``) in one fresh process per model, at
+both levels and with Torch-Pruning (``benchmarks/peers.py``) beside them, one thread each; MACs are not
+counted there. Its table gives the status per family and level (``write_timm_table``).
 
 ``benchmarks/`` is not an installed package; the script imports the installed ``fxprune``.
 """
@@ -42,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 LEVELS = ("fx", "export")
+TORCH_PRUNING = "torch-pruning"
+SOURCES = ("torchvision", "timm")
 SPARSITY = 0.5
 
 #: The smallest square input each family accepts (default 64): ViT/MaxViT fix 224 in their
@@ -57,18 +64,206 @@ def input_size(name: str) -> int:
     return DEFAULT_SIZE
 
 
-def zoo_models() -> list[str]:
+def zoo_models(source: str = "torchvision") -> list[str]:
+    if source == "timm":
+        return list(TIMM_MODELS.values())
     import torchvision
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def build(name: str) -> tuple[Any, tuple]:
-    """A random-weight model in eval mode (:func:`common.random_model`) and its example input (both
-    seeded)."""
+def build(name: str, source: str = "torchvision") -> tuple[Any, tuple]:
+    """A random-weight model in eval mode (:func:`common.random_model`, :func:`timm_model`) and its
+    example input (both seeded)."""
     import torch
-    model = common.random_model(name)
-    size = input_size(name)
-    return model, (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+    if source == "timm":
+        model = timm_model(name)
+        shape = (1, *timm_input_size(name))
+    else:
+        model = common.random_model(name)
+        shape = (1, 3, input_size(name), input_size(name))
+    return model, (torch.randn(*shape, generator=torch.Generator().manual_seed(1)),)
+
+
+# --- the timm zoo ---------------------------------------------------------------------------------
+#: One model per timm family (a module of ``timm.models``): its smallest variant by parameter count that
+#: runs at its default input size capped at 224, as ``python benchmarks/zoo.py --pick-timm`` lists them
+#: for timm 1.0.31.
+TIMM_MODELS: dict[str, str] = {
+    'beit': 'beit_base_patch16_224',
+    'byoanet': 'eca_botnext26ts_256',
+    'byobnet': 'test_byobnet',
+    'cait': 'cait_xxs24_224',
+    'coat': 'coat_tiny',
+    'convit': 'convit_tiny',
+    'convmixer': 'convmixer_768_32',
+    'convnext': 'test_convnext',
+    'cpubone': 'cpubone_nano',
+    'crossvit': 'crossvit_tiny_240',
+    'csatv2': 'csatv2',
+    'cspnet': 'cs3darknet_focus_s',
+    'cspnext': 'cspnext_tiny',
+    'davit': 'davit_tiny',
+    'deepseek_vit': 'deepseek_vit_412m',
+    'deit': 'deit_tiny_patch16_224',
+    'densenet': 'densenet121',
+    'dla': 'dla46x_c',
+    'dpn': 'dpn48b',
+    'edgenext': 'edgenext_xx_small',
+    'efficientformer': 'efficientformer_l1',
+    'efficientformer_v2': 'efficientformerv2_s0',
+    'efficientnet': 'test_efficientnet',
+    'efficientvim': 'efficientvim_m1',
+    'efficientvit_mit': 'efficientvit_b0',
+    'efficientvit_msra': 'efficientvit_m0',
+    'eva': 'vit_tiny_patch16_dinov3_qkvb',
+    'fasternet': 'fasternet_t0',
+    'fastvit': 'fastvit_t8',
+    'focalnet': 'focalnet_tiny_srf',
+    'gcvit': 'gcvit_xxtiny',
+    'gemma4_vit': 'gemma4_vit_167m',
+    'ghostnet': 'ghostnet_050',
+    'hardcorenas': 'hardcorenas_b',
+    'hgnet': 'hgnetv2_b0',
+    'hiera': 'hiera_tiny_224',
+    'hieradet_sam2': 'sam2_hiera_tiny',
+    'hrnet': 'hrnet_w18_small',
+    'iformer': 'iformer_t',
+    'inception_next': 'inception_next_atto',
+    'inception_resnet_v2': 'inception_resnet_v2',
+    'inception_v3': 'inception_v3',
+    'inception_v4': 'inception_v4',
+    'lcnetv2': 'lcnetv2_small',
+    'levit': 'levit_128s',
+    'lowformer': 'lowformer_b0',
+    'mambaout': 'test_mambaout',
+    'maxxvit': 'test_coatnet',
+    'metaformer': 'poolformerv2_s12',
+    'mlp_mixer': 'gmlp_ti16_224',
+    'mobilenetv3': 'mobilenetv3_small_050',
+    'mobilenetv5': 'mobilenetv5_base',
+    'mobilevit': 'mobilevit_xxs',
+    'mvitv2': 'mvitv2_tiny',
+    'naflexvit': 'naflexvit_base_patch16_parfac_gap',
+    'nasnet': 'nasnetalarge',
+    'nest': 'nest_tiny',
+    'nextvit': 'nextvit_small',
+    'nfnet': 'test_nfnet',
+    'pit': 'pit_ti_224',
+    'pnasnet': 'pnasnet5large',
+    'pvt_v2': 'pvt_v2_b0',
+    'qwen3_vit': 'qwen3_vit_88m',
+    'rdnet': 'rdnet_tiny',
+    'regnet': 'regnetx_002',
+    'repghost': 'repghostnet_050',
+    'repvit': 'repvit_m1',
+    'res2net': 'res2next50',
+    'resnest': 'resnest14d',
+    'resnet': 'test_resnet',
+    'resnetv2': 'resnetv2_18',
+    'rexnet': 'rexnet_100',
+    'selecsls': 'selecsls42',
+    'senet': 'legacy_seresnet18',
+    'sequencer': 'sequencer2d_s',
+    'shvit': 'shvit_s1',
+    'sknet': 'skresnet18',
+    'starnet': 'starnet_s050',
+    'swiftformer': 'swiftformer_xs',
+    'swin_transformer': 'swin_tiny_patch4_window7_224',
+    'swin_transformer_v2': 'swinv2_tiny_window16_256',
+    'swin_transformer_v2_cr': 'swinv2_cr_tiny_224',
+    'tiny_vit': 'tiny_vit_5m_224',
+    'tnt': 'tnt_s_legacy_patch16_224',
+    'tresnet': 'tresnet_m',
+    'twins': 'twins_svt_small',
+    'vgg': 'vgg11',
+    'visformer': 'visformer_tiny',
+    'vision_transformer': 'test_vit',
+    'vision_transformer_hybrid': 'vit_tiny_r_s16_p8_224',
+    'vision_transformer_relpos': 'test_vit_relpos',
+    'vision_transformer_sam': 'samvit_base_patch16_224',
+    'vitamin': 'vitamin_small_224',
+    'volo': 'volo_d1_224',
+    'vovnet': 'ese_vovnet19b_slim_dw',
+    'xception': 'legacy_xception',
+    'xception_aligned': 'xception41p',
+    'xcit': 'xcit_nano_12_p8_224',
+}
+TIMM_MAX_INPUT = 224
+#: Families none of whose variants runs at 224: their smallest runs at its default size (CrossViT: 240).
+TIMM_DEFAULT_INPUT = frozenset({"crossvit_tiny_240"})
+#: The standard deviation of the noise added to a parameter whose entries are all equal.
+JITTER = 0.02
+
+
+def timm_model(name: str) -> Any:
+    """timm model ``name`` with seeded random weights, in eval mode.
+
+    timm initialises many parameters to one constant: LayerNorm weights to 1 and biases to 0, layer
+    scales to 1e-5 or 0, zero-initialised last norms of residual branches. A branch scaled by 0 (or
+    1e-5) contributes nothing, so pruning it would verify trivially; every parameter whose entries are
+    all equal gets N(0, 0.02) noise added, so every branch reaches the output."""
+    import timm
+    import torch
+    torch.manual_seed(0)
+    model = _create_timm(name).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() and bool((p == p.reshape(-1)[0]).all()):
+                p.add_(torch.randn_like(p) * JITTER)
+    return model
+
+
+def timm_input_size(name: str) -> tuple[int, int, int]:
+    """(C, H, W): the model's default input, each side capped at 224 (unless in TIMM_DEFAULT_INPUT)."""
+    import timm
+    channels, height, width = timm.get_pretrained_cfg(name).input_size
+    if name in TIMM_DEFAULT_INPUT:
+        return channels, height, width
+    return channels, min(height, TIMM_MAX_INPUT), min(width, TIMM_MAX_INPUT)
+
+
+def _create_timm(name: str) -> Any:
+    """``timm.create_model``, for the capped input size: a model with an ``img_size`` argument (ViT-like:
+    its patch grid or windows are fixed at build time) is built for it; CNNs take any size."""
+    import timm
+    size = timm_input_size(name)
+    if size == tuple(timm.get_pretrained_cfg(name).input_size):
+        return timm.create_model(name, pretrained=False)
+    try:
+        return timm.create_model(name, pretrained=False, img_size=size[1])
+    except TypeError:  # no img_size argument
+        return timm.create_model(name, pretrained=False)
+
+
+def pick_timm_models() -> dict[str, str]:
+    """Each timm family's smallest variant by parameter count (models are built on the ``meta``
+    device: no memory, no initialisation cost)."""
+    import timm
+    import torch
+    picked = {}
+    for family in timm.list_modules():
+        sizes = []
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(name, pretrained=False)
+            except Exception:  # a variant that needs arguments (or a package) the zoo does not give
+                continue
+            sizes.append((sum(p.numel() for p in model.parameters()), name))
+        runs = [name for _, name in sorted(sizes) if _runs_capped(name)]
+        if sizes:
+            picked[family] = runs[0] if runs else min(sizes)[1]
+    return picked
+
+
+def _runs_capped(name: str) -> bool:
+    import torch
+    try:
+        with torch.device("meta"):
+            _create_timm(name).eval()(torch.empty(1, *timm_input_size(name)))
+        return True
+    except Exception:  # e.g. CrossViT, whose branches' patch grids need 240
+        return False
 
 
 # --- the worker: one model, one level, in this process --------------------------------------------
@@ -128,7 +323,8 @@ def no_rule_reasons(analysis: Any) -> list[str]:
     return sorted({r for g in analysis.groups for r in g.reasons if "no rule for" in r})
 
 
-def run_worker(name: str, level: str) -> dict[str, Any]:
+def run_worker(name: str, level: str, source: str = "torchvision",
+               built: Optional[tuple[Any, tuple]] = None) -> dict[str, Any]:
     import torch
     from fxprune.analysis import AnalysisOptions, match
     from fxprune.api import PruneResult, finish, make_plan, verify
@@ -139,10 +335,13 @@ def run_worker(name: str, level: str) -> dict[str, Any]:
     from fxprune.stats import count_params, current_rss_mb, measure
 
     torch.set_grad_enabled(False)
-    model, inputs = build(name)
+    model, inputs = built or build(name, source)
+    if level == TORCH_PRUNING:
+        return run_torch_pruning(name, model, inputs)
     record: dict[str, Any] = {"model": name, "level": level, "input": list(inputs[0].shape)}
     record["model_params"] = count_params(model)
-    record["macs_before"] = macs(model, inputs)
+    count = source != "timm"  # the timm table shows no MACs: on a shared machine their forward passes cost
+    record["macs_before"] = macs(model, inputs) if count else None
     t0, c0 = time.perf_counter(), time.process_time()
     ref_shape = tuple(model(*inputs).shape)
     record.update(forward_s=time.perf_counter() - t0, forward_cpu_s=time.process_time() - c0)
@@ -154,7 +353,7 @@ def run_worker(name: str, level: str) -> dict[str, Any]:
         try:
             captured = capture(model, inputs, level)
         except CaptureError as exc:
-            record.update(status="no-trace", error=str(exc))
+            record.update(status="no-trace" if level == "fx" else "no-export", error=str(exc))
             return record
         t1 = time.perf_counter()
         analysis = match(captured.gm, captured.level, AnalysisOptions())
@@ -173,7 +372,7 @@ def run_worker(name: str, level: str) -> dict[str, Any]:
     record["no_rule"] = no_rule_reasons(analysis)
     del scores
     record["params_after"] = used_params(pruned)
-    record["macs_after"] = macs(pruned, inputs)
+    record["macs_after"] = macs(pruned, inputs) if count else None
     new_shape = tuple(pruned(*inputs).shape)
     report = verify(model, PruneResult(pruned, plan, analysis, drop, inputs), inputs)
     record.update(verify_abs=report.max_abs_error, verify_rel=report.max_rel_error,
@@ -193,40 +392,97 @@ def run_worker(name: str, level: str) -> dict[str, Any]:
     return record
 
 
-def worker_main(name: str, level: str) -> int:
-    import traceback
+def run_torch_pruning(name: str, model: Any, inputs: tuple) -> dict[str, Any]:
+    """Torch-Pruning on the same model and input (``peers.prune_with_torch_pruning``: L1, uniform 50%,
+    the classifier ignored). ``ok`` = the result runs, keeps the output shape and is smaller; it cannot
+    be verified against a reference (Torch-Pruning keeps no record of what it dropped)."""
+    import peers
+    import torch
+    from fxprune.stats import count_params
+    record: dict[str, Any] = {"model": name, "level": TORCH_PRUNING, "input": list(inputs[0].shape),
+                              "params_before": count_params(model)}
+    before = fingerprint(model)
+    t0 = time.perf_counter()
     try:
-        record = run_worker(name, level)
-    except Exception as exc:  # a crash is a result too: report it, with where it happened
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = next((f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(tb)
-                      if "/fxprune/" in f.filename), "")
-        record = {"model": name, "level": level, "status": "CRASH",
-                  "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                           + (f" (at {where})" if where else "")}
+        with torch.enable_grad():  # Torch-Pruning traces autograd's grad_fn graph
+            pruned = peers.prune_with_torch_pruning(model, inputs, SPARSITY, ignored_layers=classifiers(model))
+    except peers.PeerBrokenResult as exc:
+        record.update(status="broken", error=exc.reason)
+    except (peers.PeerError, TypeError, ValueError, RuntimeError) as exc:
+        record.update(status="crash", error=getattr(exc, "reason", f"{type(exc).__name__}: {exc}"))
+    else:
+        record.update(status="ok", params_after=count_params(pruned))
+        if record["params_after"] >= record["params_before"]:
+            record.update(status="FAIL", error="nothing pruned")
+    record["prune_s"] = time.perf_counter() - t0
+    if fingerprint(model) != before:
+        record.update(status="FAIL", error="the input model changed")
+    record["error"] = record.get("error", "").splitlines()[0][:300] if record.get("error") else None
+    return record
+
+
+def classifiers(model: Any) -> list[Any]:
+    """The model's classifier layers (timm's ``get_classifier()``; distilled models have two), so the
+    peer keeps the output size as fxprune does; the last ``nn.Linear`` for other models."""
+    import peers
+    import torch
+    if not hasattr(model, "get_classifier"):
+        return [peers.classifier_of(model)]
+    heads = model.get_classifier()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    return [h for h in heads if isinstance(h, torch.nn.Module) and any(True for _ in h.parameters())]
+
+
+def worker_main(name: str, levels: str, source: str = "torchvision") -> int:
+    """Run ``name`` at each of the comma-separated ``levels`` in this process, one JSON line each."""
+    import traceback
     from fxprune.stats import peak_rss_mb
-    record["process_maxrss_mb"] = peak_rss_mb()
-    print(json.dumps(record), flush=True)
+    if source == "timm":
+        common.pin_threads(1)
+    built = None
+    for level in levels.split(","):
+        try:
+            built = built or build(name, source)
+            record = run_worker(name, level, source, built)
+        except Exception as exc:  # a crash is a result too: report it, with where it happened
+            tb = traceback.extract_tb(exc.__traceback__)
+            where = next((f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(tb)
+                          if "/fxprune/" in f.filename), "")
+            record = {"model": name, "level": level, "status": "CRASH",
+                      "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                               + (f" (at {where})" if where else "")}
+        record["process_maxrss_mb"] = peak_rss_mb()
+        print(json.dumps(record), flush=True)
     return 0
 
 
 # --- the driver: one subprocess per model and level --------------------------------------------------
 def run_isolated(name: str, level: str, timeout_s: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, level]
+    return run_levels(name, (level,), timeout_s)[0]
+
+
+def run_levels(name: str, levels: tuple[str, ...], timeout_s: float, source: str = "torchvision",
+               mem_gb: Optional[float] = None) -> list[dict[str, Any]]:
+    """One fresh process runs ``name`` at ``levels`` in turn; a record per level (a level the process
+    did not reach gets the timeout or the crash). ``mem_gb`` caps the child's memory (RLIMIT_DATA)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, ",".join(levels), "--source", source]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if source == "timm":
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    limit = (lambda: common.limit_memory(mem_gb)) if mem_gb else None
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "level": level, "status": "TIMEOUT", "error": f"over {timeout_s:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode == 0 and lines:
-        record = json.loads(lines[-1])
-    else:
-        record = {"model": name, "level": level, "status": "CRASH",
-                  "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}"}
-    record["wall_s"] = time.perf_counter() - t0
-    return record
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, preexec_fn=limit)
+        stdout, missing = proc.stdout, {"status": "CRASH", "error": f"exit {proc.returncode}: "
+                                                                   f"{proc.stderr.strip().splitlines()[-1:] or ''}"}
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        missing = {"status": "TIMEOUT", "error": f"over {timeout_s:.0f} s"}
+    done = {r["level"]: r for r in (json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{"))}
+    records = [done.get(level) or {"model": name, "level": level, **missing} for level in levels]
+    for record in records:
+        record["wall_s"] = time.perf_counter() - t0
+    return records
 
 
 TIMED = ("forward_s", "forward_cpu_s", "prune_cpu_s", "capture_s", "match_s", "select_s", "rewrite_s", "prune_s", "rss_peak_mb",
@@ -252,7 +508,7 @@ def select_models(patterns: Optional[list[str]], names: list[str]) -> list[str]:
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unknown:
-        raise SystemExit(f"no torchvision model matches {unknown}")
+        raise SystemExit(f"no model of the zoo matches {unknown}")
     return chosen
 
 
@@ -265,9 +521,11 @@ def save(path: Path, data: dict[str, Any]) -> None:
 
 
 def progress(i: int, n: int, r: dict[str, Any]) -> str:
-    if r.get("status") == "ok":
-        detail = (f"params {r['params_after'] / r['params_before']:.2f}x  MACs "
-                  f"{r['macs_after'] / max(r['macs_before'], 1):.2f}x  prune {r['prune_s']:.1f}s  "
+    if r.get("status") == "ok" and r["level"] == TORCH_PRUNING:
+        detail = f"params {r['params_after'] / r['params_before']:.2f}x  prune {r['prune_s']:.1f}s"
+    elif r.get("status") == "ok":
+        macs = f"MACs {r['macs_after'] / max(r['macs_before'], 1):.2f}x  " if r.get("macs_before") else ""
+        detail = (f"params {r['params_after'] / r['params_before']:.2f}x  {macs}prune {r['prune_s']:.1f}s  "
                   f"peak {r.get('maxrss_mb', 0):.0f}MB  err {r['verify_rel']:.1e}")
     else:
         detail = r.get("error", "")[:160]
@@ -379,17 +637,29 @@ def _order(models: list[str]):
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", choices=SOURCES, default="torchvision", help="the model zoo")
     parser.add_argument("--models", nargs="*", help="names or fnmatch patterns (default: the whole zoo)")
-    parser.add_argument("--levels", nargs="*", choices=LEVELS, default=list(LEVELS))
+    parser.add_argument("--levels", nargs="*", choices=LEVELS + (TORCH_PRUNING,),
+                        help=f"default: {', '.join(LEVELS)} (timm: and {TORCH_PRUNING})")
     parser.add_argument("--repeat", type=int, default=1, help="runs per model and level (median timings)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    parser.add_argument("--json", type=Path, default=HERE / "zoo.json")
-    parser.add_argument("--out", type=Path, default=HERE / "zoo.md")
+    parser.add_argument("--json", type=Path, help="default: zoo.json (timm: zoo_timm.json)")
+    parser.add_argument("--out", type=Path, help="default: zoo.md (timm: zoo_timm.md)")
+    parser.add_argument("--mem-gb", type=float, default=10.0, help="memory cap per timm process (GiB)")
+    parser.add_argument("--jobs", type=int, default=1, help="timm: models run side by side (one thread each)")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from --json")
+    parser.add_argument("--pick-timm", action="store_true", help="print each timm family's smallest model")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LEVEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker_main(*args.worker)
+        return worker_main(*args.worker, args.source)
+    if args.pick_timm:
+        print(json.dumps(pick_timm_models(), indent=4))
+        return 0
+    if args.source == "timm":
+        return timm_main(args)
+    args.json, args.out = args.json or HERE / "zoo.json", args.out or HERE / "zoo.md"
+    args.levels = args.levels or list(LEVELS)
     data = load(args.json)
     if not args.table_only:
         import torch
@@ -407,6 +677,119 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     write_table(data, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+# --- the timm driver and table ------------------------------------------------------------------------
+TIMM_LEVELS = LEVELS + (TORCH_PRUNING,)
+
+
+def timm_main(args: argparse.Namespace) -> int:
+    """One fresh process per model runs its levels in turn (importing torch and timm once: on a loaded
+    2-core machine that import alone takes seconds); ``--jobs`` processes at a time, one thread each."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from tqdm import tqdm
+    args.json, args.out = args.json or HERE / "zoo_timm.json", args.out or HERE / "zoo_timm.md"
+    levels = tuple(args.levels or TIMM_LEVELS)
+    data = load(args.json)
+    if not args.table_only:
+        import timm
+        import torch
+        import torch_pruning
+        data["meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
+                        "timm": timm.__version__, "torch_pruning": torch_pruning.__version__, "threads": 1,
+                        "jobs": args.jobs, "loadavg_at_start": list(os.getloadavg()),
+                        "git": os.environ.get("ZOO_REVISION") or common._git_head()}
+        names = select_models(args.models, zoo_models("timm"))
+        with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(names), desc="timm zoo", unit="model") as bar:
+            runs = [pool.submit(run_levels, name, levels, args.timeout, "timm", args.mem_gb) for name in names]
+            for done in as_completed(runs):
+                for record in done.result():
+                    data["records"][f"{record['model']}/{record['level']}"] = record
+                    bar.write(progress(0, 0, record).split(" ", 1)[1])
+                bar.update(1)
+                save(args.json, data)
+    write_timm_table(data, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cell(r: Optional[dict[str, Any]]) -> str:
+    """A status cell: ``ok`` with the parameter ratio (and ``approx`` when verify is approximate)."""
+    if r is None:
+        return "not run"
+    if r["status"] == "ok":
+        note = "" if r["level"] == TORCH_PRUNING or r.get("exact", True) else " approx"
+        return f"ok {r['params_after'] / r['params_before']:.2f}{note}"
+    return r["status"]
+
+
+def _error(r: Optional[dict[str, Any]]) -> str:
+    if r is None or r["status"] == "ok" or not r.get("error"):
+        return ""
+    text = r["error"].replace("|", "/").replace("\n", " ")
+    return f"{r['level']}: {text[:150]}"
+
+
+def timm_summary(records: dict[str, Any], families: dict[str, str]) -> list[str]:
+    lines = []
+    for level in TIMM_LEVELS:
+        rows = [records.get(f"{m}/{level}") for m in families.values()]
+        counts: dict[str, int] = {}
+        for r in rows:
+            status = "not run" if r is None else r["status"]
+            counts[status] = counts.get(status, 0) + 1
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]) if s != "ok")
+        exact = sum(1 for r in rows if r and r["status"] == "ok" and r.get("exact"))
+        what = "pruned" if level == TORCH_PRUNING else f"pruned and verified ({exact} exact)"
+        lines.append(f"- **{level}**: {counts.get('ok', 0)} of {len(rows)} {what}" + (f"; {detail}" if detail else ""))
+    return lines
+
+
+def write_timm_table(data: dict[str, Any], path: Path) -> None:
+    records, meta = data["records"], data.get("meta", {})
+    families = {f: m for f, m in TIMM_MODELS.items()}
+    rows = []
+    for family, name in families.items():
+        cells = [records.get(f"{name}/{level}") for level in TIMM_LEVELS]
+        size = next((r["input"] for r in cells if r and r.get("input")), None)
+        errors = "; ".join(e for e in (_error(r) for r in cells) if e)
+        rows.append(f"| {family} | {name} | {size[-1] if size else ''} | " + " | ".join(_cell(r) for r in cells)
+                    + f" | {errors} |")
+    text = [
+        "# The timm zoo, pruned and verified",
+        "",
+        "Generated by `python benchmarks/zoo.py --source timm` (do not edit by hand). One model per timm "
+        "family (module of `timm.models`): its smallest variant by parameter count, random weights (seed 0; "
+        f"parameters timm initialises to one constant get N(0, {JITTER}) noise, so no branch is silenced), eval "
+        f"mode, its default input size capped at {TIMM_MAX_INPUT} (a model with an `img_size` argument whose "
+        f"default is larger is built for {TIMM_MAX_INPUT}), pruned at {SPARSITY:.0%} with L1, uniform, classifier "
+        "output kept. Each model runs in a fresh process, one thread.",
+        "",
+        f"Machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, timm {meta.get('timm', '?')}, "
+        f"Torch-Pruning {meta.get('torch_pruning', '?')}; load average at start "
+        f"{meta.get('loadavg_at_start', ['?'])[0]} (other work ran beside it).",
+        "",
+        "Status: `ok R` = the pruned model runs, keeps the output shape, has R× the parameters, passes "
+        "`fxprune.verify` and the input model is unchanged (`approx`: a group passes through normalisation "
+        "statistics, reported, not failed); `no-trace` = `torch.fx.symbolic_trace` cannot capture the model "
+        "(fxprune's `CaptureError` names the line and suggests `capture=\"export\"`), `no-export` = "
+        "`torch.export` cannot; `FAIL` = a check failed; `CRASH` = fxprune raised. Torch-Pruning "
+        "(`benchmarks/peers.py`, L1, uniform, classifier ignored): `ok R` = its result runs and keeps the "
+        "output shape (it cannot be verified), `broken` = it returned a model that fails or changes the "
+        "output shape, `crash` = it raised.",
+        "",
+        "## Summary",
+        "",
+        *timm_summary(records, families),
+        "",
+        "## Per family",
+        "",
+        "| family | model | input | fx | export | Torch-Pruning | why not ok |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    path.write_text("\n".join(text))
 
 
 if __name__ == "__main__":
