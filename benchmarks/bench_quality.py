@@ -182,26 +182,32 @@ def tp_row(task: Any, ratio: float, name: str, loader: list, loss_fn: Callable, 
 
 
 # --- the two parts ------------------------------------------------------------------------------------
-def vision(save: Callable[[dict], None]) -> dict:
+def vision(save: Callable[[dict], None], previous: Optional[dict] = None) -> dict:
     task = trained_digits_cnn()
     images, labels = task.calibration
     loader = [(images[i:i + 128], labels[i:i + 128]) for i in range(0, 512, 128)]
     task = _with_example(task, (images[:128],))
     finetune = lambda m: task.finetune(m, lr=FINETUNE_LR)  # noqa: E731
     part = {"model": "digits_cnn", "metric": "accuracy", "dense": task.evaluate(task.model),
-            "params": _params(task.model), "rows": [], "load": _load()}
+            "params": _params(task.model), "rows": _kept_rows(previous), "load": _kept_load(previous)}
     for ratio in VISION_RATIOS:
-        for criterion in CRITERIA:
+        for criterion in _selected(CRITERIA):
             _add(part, save, fxprune_row(task, ratio, criterion, "fx", loader, F.cross_entropy, VISION_STEPS,
                                          ratio, finetune))
-        for name in TP_IMPORTANCES:
+        for name in _selected(TP_IMPORTANCES) if _selected(("torch-pruning",)) else ():
             _add(part, save, tp_row(task, ratio, name, loader, F.cross_entropy, lambda m: [m.fc], finetune, True))
     return part
 
 
 def _add(part: dict, save: Callable[[dict], None], row: dict) -> None:
-    """Append a row and save at once: a long run that is cut keeps what it measured."""
-    part["rows"].append(row)
+    """Add (or replace, when ``--criteria`` reruns it) a row and save at once: a long run that is cut
+    keeps what it measured."""
+    key = (row["library"], row["criterion"], row["ratio"])
+    same = [i for i, r in enumerate(part["rows"]) if (r["library"], r["criterion"], r["ratio"]) == key]
+    if same:
+        part["rows"][same[0]] = row
+    else:
+        part["rows"].append(row)
     part["load"] = max(part["load"], _load())
     print(json.dumps(row), flush=True)
     save(part)
@@ -212,20 +218,41 @@ def _lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-def language(save: Callable[[dict], None]) -> dict:
+def language(save: Callable[[dict], None], previous: Optional[dict] = None) -> dict:
     task = trained_llama()
     windows = task.calibration[0]
     loader = [(windows[i:i + 16, :-1], windows[i:i + 16, 1:]) for i in range(0, len(windows), 16)]
     finetune = lambda m: task.finetune(m, lr=FINETUNE_LR, windows=512)  # noqa: E731
     part = {"model": "llama", "metric": "perplexity", "dense": task.evaluate(task.model),
-            "params": _params(task.model), "rows": [], "load": _load()}
-    captured = replace(task, model=capture(task.model, task.example_inputs, "export").gm)
+            "params": _params(task.model), "rows": _kept_rows(previous), "load": _kept_load(previous)}
+    # captured once, with a dynamic batch dim (hessian runs one sample at a time); each prune starts from it
+    batch = ({0: torch.export.Dim("batch")},)
+    captured = replace(task, model=capture(task.model, task.example_inputs, "export", dynamic_shapes=batch).gm)
     for ratio in LANGUAGE_RATIOS:
-        for criterion in CRITERIA:  # the export graph is captured once; each prune starts from it
+        for criterion in _selected(CRITERIA):
             _add(part, save, fxprune_row(captured, ratio, criterion, "export", loader, _lm_loss, LANGUAGE_STEPS,
                                          ratio, finetune if criterion in LANGUAGE_FINETUNED else None))
-        _add(part, save, tp_llama_row(task, ratio, loader, finetune))
+        if _selected(("torch-pruning",)):
+            _add(part, save, tp_llama_row(task, ratio, loader, finetune))
     return part
+
+
+SELECTED: Optional[set] = None
+"""``--criteria``: the rows to (re)measure; None: all."""
+
+
+def _kept_rows(previous: Optional[dict]) -> list:
+    """With ``--criteria``, the saved rows stay (the rerun ones are replaced as they come)."""
+    return list(previous["rows"]) if SELECTED is not None and previous else []
+
+
+def _kept_load(previous: Optional[dict]) -> float:
+    """The highest load seen over every run whose rows the part holds."""
+    return max(_load(), previous["load"]) if SELECTED is not None and previous else _load()
+
+
+def _selected(names: tuple) -> tuple:
+    return tuple(n for n in names if SELECTED is None or n in SELECTED)
 
 
 def tp_llama_row(task: Any, ratio: float, loader: list, finetune: Callable) -> dict:
@@ -333,6 +360,12 @@ def markdown(data: dict) -> str:
     for key in ("vision", "language"):
         if key in data:
             out += part_table(data[key]) + [""]
+    out += ["Notes: Torch-Pruning rounds each layer's pruned count differently, so at 30% its digits model is "
+            "smaller than fxprune's (see `params`); at 50% both have the same size. On the LLaMA it prunes whole "
+            "heads (its LLaMA recipe: `prune_num_heads`), fxprune head dims and rotary pairs; the residual stream "
+            "stays whole in both. The LLaMA graph is captured once at the export level with a dynamic batch dim "
+            "(`hessian` runs one sample at a time); `bn_scale` has no BatchNorm to read there and falls back to "
+            "the producers' `l1`. `--criteria NAME,...` reruns some rows and keeps the others.", ""]
     if "cost" in data:
         c = data["cost"]
         out += ["**Cost** (fresh process, digits CNN at 50%, 512 calibration images, reconstruct + "
@@ -348,7 +381,11 @@ def main() -> None:
     parser.add_argument("--only", choices=("vision", "language", "cost"))
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--worker", choices=("cost",))
+    parser.add_argument("--criteria", help="comma-separated fxprune criteria (and 'torch-pruning') to rerun; "
+                                           "their rows replace the saved ones")
     args = parser.parse_args()
+    global SELECTED
+    SELECTED = set(args.criteria.split(",")) if args.criteria else None
     torch.set_num_threads(1)
     if args.worker:
         print(json.dumps(cost_worker()))
@@ -364,7 +401,7 @@ def main() -> None:
             if part == "cost":
                 save(run_worker(Path(__file__), ["cost"], timeout_s=900, mem_gb=8))
             else:
-                save((vision if part == "vision" else language)(save))
+                save((vision if part == "vision" else language)(save, data.get(part)))
     MD.write_text(markdown(data))
     print(markdown(data))
 

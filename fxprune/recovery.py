@@ -37,7 +37,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
