@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 
 DIM_GAP = "no producer opens them"
+DEAD = "read by no node (a dead get_attr)"
 
 
 def read_tensors(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor, fx.Node]]:
@@ -106,7 +107,7 @@ def _reason(analysis: "Analysis", key: str, tensor: torch.Tensor, node: fx.Node)
         return f"frozen: {frozen}"
     from .analysis import describe_target
     if node.op == "get_attr" and not node.users:
-        return "read by no node (a dead get_attr)"
+        return DEAD
     reader = next(iter(node.users)) if node.op == "get_attr" else node
     return f"its dims hold no channel (read by node {reader.name!r} ({describe_target(reader)}))"
 
@@ -126,7 +127,8 @@ def _freeze_reason(analysis: "Analysis", key: str) -> Optional[str]:
 def silent_gaps(analysis: "Analysis") -> dict[str, str]:
     """What would break the promise, ``{name: what is wrong}`` (empty when kept): a tensor the graph
     reads that is neither grouped nor listed, a dim whose channels no producer opens, or a weight (a
-    parameter with two or more dims) in no group without a freeze reason that names an op."""
+    parameter with two or more dims) in no group without a freeze reason that names an op (or read by
+    no node at all: eval-mode export keeps GoogLeNet's unused auxiliary heads as dead get_attrs)."""
     listed = ungrouped(analysis)
     grouped = {analysis.canonical(m.key) for g in analysis.groups for m in g.members}
     out: dict[str, str] = {}
@@ -138,6 +140,6 @@ def silent_gaps(analysis: "Analysis") -> dict[str, str]:
         elif reason is not None and DIM_GAP in reason:
             out[key] = reason
         elif reason is not None and isinstance(tensor, torch.nn.Parameter) and tensor.dim() >= 2 \
-                and not reason.startswith("frozen: "):
+                and not reason.startswith("frozen: ") and reason != DEAD:
             out[key] = f"a weight in no group: {reason}"
     return out

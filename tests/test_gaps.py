@@ -16,7 +16,7 @@ import torch
 import fxprune
 from fxprune.cli import main
 from fxprune.errors import UnsafeFileError
-from fxprune.gaps import DIM_GAP, silent_gaps, ungrouped
+from fxprune.gaps import DEAD, DIM_GAP, silent_gaps, ungrouped
 from fxprune.rules import linear as linear_rules
 
 transformers = pytest.importorskip("transformers")
@@ -216,3 +216,21 @@ def test_the_cli_summary_and_plan_list_the_ungrouped_tensors(tmp_path, monkeypat
     line = "1 tensors in no group (kept as they are):\n  1 x a scalar: 1.num_batches_tracked"
     assert line in printed and line in (out / "summary.md").read_text()
     assert json.loads((out / "plan.json").read_text())["ungrouped"] == {"1.num_batches_tracked": "a scalar"}
+
+
+class _WithDeadHead(torch.nn.Module):
+    """An eval-mode model whose auxiliary head forward never calls (GoogLeNet's aux1/aux2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_weight_read_by_no_node_is_listed_as_dead_not_a_gap():
+    analysis = fxprune.analyze(_WithDeadHead().eval(), (torch.randn(2, 4),), "export")
+    listed = ungrouped(analysis)
+    assert "aux.weight" in _read_by_graph(analysis.gm)  # export keeps a get_attr for every parameter
+    assert listed["aux.weight"] == DEAD and silent_gaps(analysis) == {}
