@@ -78,7 +78,10 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
-KNOWN: dict[tuple[str, str], str] = {}
+KNOWN: dict[tuple[str, str], str] = {
+    ("fxprune.cli", "fxprune.hf_cli"): "cli loads hf_cli inside functions and hf_cli takes CliError and _table "
+                                       "from cli (engineer E's): they belong in a leaf module",
+}
 """Edges that still close a cycle, each with its reason; the test fails once one is gone (drop it here)."""
 
 
