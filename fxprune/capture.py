@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -138,9 +139,9 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str, dynamic_shapes: An
 
 
 def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) -> torch.export.ExportedProgram:
-    """``torch.export.export`` with fxprune's errors. The ``"auto"`` spec falls back, with a warning, to a
-    dynamic batch alone and then to static shapes for a model that specialises them (a LLaMA whose
-    sequence is bounded by its position table); a user's own spec that export rejects is an error."""
+    """``torch.export.export`` with fxprune's errors. The ``"auto"`` spec takes the range export suggests
+    when it rejects one (a sequence bounded by a position table), else falls back, with a warning, to a
+    dynamic batch alone and then to static shapes; a user's own spec that export rejects is an error."""
     if dynamic_shapes != AUTO:
         try:
             return _export(model, inputs, dynamic_shapes)
@@ -156,6 +157,12 @@ def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) ->
         except Exception as exc:  # what export rejects is dropped, with a warning; other failures raise
             if spec is None or not _is_shape_failure(exc):
                 raise CaptureError(_trace_failure(exc, "torch.export.export", "fx")) from exc
+            bounded = _suggested(spec, exc)  # export's own fix: a range (a position table's length)
+            if bounded is not None:
+                try:
+                    return _export(model, inputs, bounded)
+                except Exception:  # the range was not enough: fall back as below
+                    pass
             kept = "only a dynamic batch" if fallback is not None else \
                 f"only the example's sizes {[tuple(x.shape) for x in _tensors(inputs)]}"
             warnings.warn(f"torch.export rejected a dynamic {_dim_names(spec, exc)}, so the graph accepts "
@@ -198,6 +205,25 @@ def default_dynamic_shapes(inputs: tuple) -> Any:
 
     spec = tuple(spec_of(x) for x in inputs)
     return spec if dims else None
+
+
+_SUGGESTION = re.compile(r"(\w+) = Dim\('(\w+)'((?:, (?:min|max)=\d+)*)\)")
+
+
+def _suggested(spec: Any, exc: Exception) -> Any:
+    """The default spec with the ranges export suggests for its dims ("seq = Dim('seq', max=16)"), or
+    None when it suggests none."""
+    ranges = {}
+    for name, _, bounds in _SUGGESTION.findall(str(exc)):
+        values = dict(part.strip().split("=") for part in bounds.split(",") if part.strip())
+        low, high = int(values.get("min", 1)), int(values["max"]) if "max" in values else None
+        if high is not None and high <= low:  # a range of one size is a specialisation: fall back
+            return None
+        ranges[name] = torch.export.Dim(name, min=low, max=high)
+    if not ranges:
+        return None
+    return tuple(None if s is None else {d: ranges.get(dim.__name__, dim) for d, dim in s.items()}
+                 for s in spec)
 
 
 def _batch_only(spec: Any) -> Any:

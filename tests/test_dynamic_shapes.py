@@ -111,9 +111,11 @@ def test_torchvision_model_pruned_at_batch_one_runs_at_batch_four():
     assert report.passed and report.exact
 
 
-def test_a_bounded_sequence_falls_back_to_a_dynamic_batch():
+def test_a_bounded_sequence_takes_the_range_export_suggests():
     torch.manual_seed(0)
     model, ids = _Positions().eval(), torch.randint(0, 20, (2, 8))
-    with pytest.warns(UserWarning, match="rejected a dynamic seq dim, so the graph accepts only a dynamic batch"):
-        result = fxprune.prune(model, (ids,), sparsity=0.5, capture="export")
-    assert fxprune.verify(model, result, (torch.randint(0, 20, (5, 8)),)).passed
+    result = fxprune.prune(model, (ids,), sparsity=0.5, capture="export")  # no warning: seq <= 8
+    for shape in ((5, 8), (1, 3)):
+        assert fxprune.verify(model, result, (torch.randint(0, 20, shape),)).passed
+    with pytest.raises(Exception, match="ids.size"):
+        result.graph_module(torch.randint(0, 20, (2, 9)))
