@@ -79,8 +79,8 @@ def _llama():
     model = llama_model().eval()
     ids = torch.randint(0, 256, (1, LLAMA["seq"]), generator=torch.Generator().manual_seed(1))
     # the original in the form the pruned variants take (an export-level graph), so eager compares alike
-    batch = ({0: torch.export.Dim("batch", min=1, max=64)},)
-    return torch.export.export(model, (ids,), dynamic_shapes=batch).module(), ids, "export"
+    batch = ({0: torch.export.Dim("batch", min=1, max=64)},)  # traced at batch 2: export specialises a 1
+    return torch.export.export(model, (ids.repeat(2, 1),), dynamic_shapes=batch).module(), ids, "export"
 
 
 def _vision(name: str, image: int):
@@ -233,7 +233,7 @@ def markdown(data: dict[str, Any]) -> str:
              f"latencies are inflated and noisy, ratios less so: every ratio compares variants timed "
              f"interleaved in one run). Median of {meta.get('repeat')} rounds ({meta.get('repeat_heavy')} for "
              f"vit_b_16 at batch 16) after one warm-up call. Inductor and eager are fp32 only (int8 is a deploy "
-             f"format here).", "",
+             f"format here).", "", *([meta["note"], ""] if meta.get("note") else []),
              "## Speedup / MACs reduction at batch 16 (target ≥ 0.8 for the CNNs in every runtime)", ""]
     lines += _efficiency_table(table, 16)
     lines += ["", "## Speedup / MACs reduction at batch 1", ""]
@@ -369,6 +369,7 @@ def plot(data: dict[str, Any]) -> None:
 
 def write_outputs() -> None:
     data = load()
+    _write(JSON, data)  # the per-model files merged: the .json alone rebuilds the table
     MD.write_text(markdown(data), encoding="utf-8")
     plot(data)
     print(MD.read_text())
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="resnet18 at 64x64, 2 rounds")
     parser.add_argument("--fresh", action="store_true", help="drop earlier results of these models first")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--note", help="a paragraph about this run for the .md (kept in the .json)")
     parser.add_argument("--worker", nargs=1, metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -402,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.table_only:
         _sweep(args)
+    if args.note:
+        data = load()
+        data["meta"]["note"] = args.note
+        _write(JSON, data)
     write_outputs()
     return 0
 

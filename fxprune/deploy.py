@@ -57,6 +57,8 @@ _EXTRA = {"executorch": ("executorch", "executorch"), "onnx": ("onnxruntime", "o
           "onnxscript": ("onnxscript", "onnx"), "onnx_pkg": ("onnx", "onnx")}
 FP32_RTOL = 1e-4
 """fp32 artefacts must match the pruned graph within this fraction of its largest output magnitude."""
+INT8_WARN_DB = 20.0
+"""int8 artefacts whose SQNR against the pruned graph falls below this get a warning (and a note)."""
 
 
 @dataclass(frozen=True)
@@ -417,4 +419,8 @@ def _check(data: bytes, to: str, reference: torch.nn.Module, inputs: tuple, quan
     if quantize is None and not result.relative_error <= FP32_RTOL:
         raise DeployError(f"{to}: the artefact's outputs differ from the pruned graph ({result}; tolerance "
                           f"{FP32_RTOL:g} of max |output|); nothing written")
+    if quantize is not None and result.sqnr_db < INT8_WARN_DB:
+        warnings.warn(f"{to}: the {quantize} artefact is far from the pruned graph ({result}; below "
+                      f"{INT8_WARN_DB:g} dB): calibrate on representative data, or keep fp32", UserWarning,
+                      stacklevel=4)
     return result
