@@ -773,8 +773,10 @@ def write_timm_table(data: dict[str, Any], path: Path) -> None:
         "output kept. Each model runs in a fresh process, one thread.",
         "",
         f"Machine: {meta.get('machine', '?')}; torch {meta.get('torch', '?')}, timm {meta.get('timm', '?')}, "
-        f"Torch-Pruning {meta.get('torch_pruning', '?')}; load average at start "
-        f"{meta.get('loadavg_at_start', ['?'])[0]} (other work ran beside it).",
+        f"Torch-Pruning {meta.get('torch_pruning', '?')}; fxprune at commit {meta.get('git', '?')}; load average at "
+        f"start {meta.get('loadavg_at_start', [0])[0]:.1f} on {meta.get('jobs', 1)} side-by-side job(s) (other work ran "
+        "beside it: timings are not comparable across rows). Families without a result were not reached in "
+        "the run (`not run`).",
         "",
         "Status: `ok R` = the pruned model runs, keeps the output shape, has R× the parameters, passes "
         "`fxprune.verify` and the input model is unchanged (`approx`: a group passes through normalisation "
