@@ -39,10 +39,7 @@ from .gaps import ungrouped
 from .importance import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA
 from .select import NORMALIZATIONS
 from .plan import ungrouped_lines
-
-
-class CliError(Exception):
-    """An expected failure: printed as one line, exit status 2."""
+from .cli_format import CliError, markdown_table as _table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -237,17 +234,6 @@ class Summary:
 def _counts(before: int, after: int) -> tuple[str, str, str]:
     ratio = f"{after / before:.1%}" if before else "-"
     return f"{before:,}", f"{after:,}", ratio
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    """An aligned Markdown table: readable in a terminal and in summary.md."""
-    rows = [tuple(c.replace("|", "\\|") for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-
-    return [line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])]
 
 
 def _group_rows(plan) -> tuple[tuple[str, int, int, str], ...]:

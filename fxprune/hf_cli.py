@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .cli import CliError, _table
+from .cli_format import CliError, markdown_table as _table
 
 FILES = "config.json model.safetensors plan.json summary.md"
 

@@ -78,20 +78,10 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
-KNOWN: dict[tuple[str, str], str] = {
-    ("fxprune.cli", "fxprune.hf_cli"): "cli loads hf_cli inside functions and hf_cli takes CliError and _table "
-                                       "from cli (engineer E's): they belong in a leaf module",
-}
-"""Edges that still close a cycle, each with its reason; the test fails once one is gone (drop it here)."""
-
-
 def test_the_import_graph_has_no_cycle():
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert "fxprune.rules.conv" in graph and "fxprune.passes.prune_channels" in graph  # the walk found them
-    for source, target in KNOWN:
-        assert target in graph[source], f"{source} no longer imports {target}: drop it from KNOWN"
-        graph[source] = graph[source] - {target}
     assert _cycle(graph) == [], " -> ".join(_cycle(graph))
 
 
