@@ -137,7 +137,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
     if not steps:
         return PruneResult(gm, plan, analysis, drop, as_inputs(example_inputs))
     recovered, reports = recover_model(analysis, drop, gm, calibration, steps, progress=progress)
-    propagate_values(recovered, as_inputs(example_inputs))
+    propagate_values(recovered, as_inputs(example_inputs), rewritten=True)
     return PruneResult(recovered, plan, analysis, drop, as_inputs(example_inputs), reports, gm)
 
 
@@ -157,7 +157,7 @@ def finish(analysis: Analysis, drop: torch.Tensor, inputs: tuple, propagate_bias
     gm = rewrite(analysis, drop)
     if propagate_bias:
         fold_biases(analysis, drop, gm, inputs)
-    propagate_values(gm, inputs)
+    propagate_values(gm, inputs, rewritten=True)
     return gm
 
 

@@ -450,7 +450,7 @@ def record_plan(gm: fx.GraphModule, plan: Any) -> fx.GraphModule:
 def refresh_values(gm: fx.GraphModule) -> fx.GraphModule:
     """Record fresh traced values on ``gm`` (a pass's own new output) from its placeholders'."""
     from .capture import propagate_values
-    propagate_values(gm, example_inputs(gm))
+    propagate_values(gm, example_inputs(gm), rewritten=True)
     return gm
 
 
