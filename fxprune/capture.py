@@ -508,6 +508,38 @@ def _mutable(value: Any) -> Any:
     return value
 
 
+class _AllSeen(Exception):
+    """Raised once every wanted node has run: the rest of the graph is not needed."""
+
+
+class _NodeValues(MutableArgs, fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = value
+            if len(self.values) == len(self.wanted):
+                raise _AllSeen
+        return value
+
+
+def node_values(gm: fx.GraphModule, inputs: Sequence, names: set[str]) -> dict[str, Any]:
+    """The values of the nodes named ``names`` on ``inputs``; the graph runs only as far as needed.
+
+    >>> node_values(gm, (x,), {"relu"})["relu"].shape          # doctest: +SKIP
+    torch.Size([1, 8, 32, 32])
+    """
+    runner = _NodeValues(gm, set(names))
+    try:
+        runner.run(*inputs)
+    except _AllSeen:
+        pass
+    return runner.values
+
+
 class _MetaValues(MutableArgs, fx.Interpreter):
     """Runs the graph on meta tensors and records fake values on the model's device."""
 

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .analysis import Analysis, Foldable, tensor_at
-from .capture import MutableArgs
+from .capture import node_values
 from .rewrite import Pruning, build_graph_module
 from .verify import kept_statistics, reference_items
 
@@ -56,18 +56,6 @@ def folded_biases(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict
     return out
 
 
-class _Recorder(MutableArgs, fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = value.detach()
-        return value
-
-
 def fold_biases(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, inputs: tuple) -> None:
     """Add dropped inputs' constant contributions to the pruned consumers' biases (in place: ``pruned``
     is the new model rewrite just built, never the input)."""
@@ -86,12 +74,11 @@ def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dic
     todo = [f for f in analysis.foldables if f.bias is not None and _dropped(pruning, analysis, f).any()]
     if not todo:
         return {}
-    recorder = _Recorder(constant_reference(analysis, drop), {f.input for f in todo})
     with torch.no_grad():
-        recorder.run(*inputs)
+        values = node_values(constant_reference(analysis, drop), inputs, {f.input for f in todo})
     out: dict[str, torch.Tensor] = {}
     for f in todo:
-        contribution = _contribution(analysis, pruning, f, recorder.values[f.input])
+        contribution = _contribution(analysis, pruning, f, values[f.input])
         out[f.bias] = out[f.bias] + contribution if f.bias in out else contribution
     return out
 

@@ -48,7 +48,7 @@ from .analysis import Analysis, Foldable, describe_target, tensor_at
 from .calibration import (GramSite, Site, Sums, as_calibration, check_batch, check_finite, collect,
                           conv_unfold, eval_mode, fixed_batch_size, gram_features, placeholder_shapes,
                           split_batch)
-from .capture import MutableArgs, graph_level
+from .capture import MutableArgs, graph_level, node_values
 from .errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
 from .rewrite import Pruning
 
@@ -126,33 +126,10 @@ def check_ridge(ridge: Any, where: str = "reconstruct") -> float:
 
 
 # --- running graphs on calibration batches ------------------------------------------------------------
-class _Stop(Exception):
-    """Raised once every wanted node has run: the rest of the graph is not needed."""
-
-
-class _Until(MutableArgs, fx.Interpreter):
-    """Runs a graph until every wanted node has a value; keeps those values."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = value
-            if len(self.values) == len(self.wanted):
-                raise _Stop
-        return value
-
-
 def values_at(gm: fx.GraphModule, inputs: tuple, names: set[str], index: int = 0) -> dict[str, Any]:
     """The values of the nodes ``names`` on ``inputs`` (the graph runs only as far as needed)."""
-    runner = _Until(gm, set(names))
     try:
-        runner.run(*inputs)
-    except _Stop:
-        pass
+        values = node_values(gm, inputs, names)
     except NonFiniteActivationError:
         raise
     except Exception as exc:
@@ -160,9 +137,9 @@ def values_at(gm: fx.GraphModule, inputs: tuple, names: set[str], index: int = 0
                                f"{[tuple(x.shape) for x in inputs]}): {type(exc).__name__}: "
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     nodes = {n.name: n for n in gm.graph.nodes}
-    for name, value in runner.values.items():
+    for name, value in values.items():
         check_finite(nodes[name], value, index)
-    return runner.values
+    return values
 
 
 def calibration_chunks(gm: fx.GraphModule, calibration: Any) -> Iterator[tuple[int, tuple]]:
