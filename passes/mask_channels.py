@@ -19,8 +19,10 @@ instead, so training can go on around the dropped channels without ever writing 
   input carries (an LSTM's recurrent columns at the fx level) is refused with an error naming it.
 
 Dropped channels are still computed; whatever values they carry never reach an output, because every
-reader masks them. The masked model therefore equals the pruned one (exact groups to float tolerance;
-approximate ones — LayerNorm statistics — only approximately, as in verify), and the gradients of
+reader masks them. The masked model therefore equals the pruned one to float tolerance where no norm's statistics span a
+dropped channel; a LayerNorm-family norm still normalises over every channel here (masking keeps the
+original graph), so it differs from the pruned model as the unmasked original does — verify's
+reference, which recomputes those statistics over the kept channels, is the exact one. The gradients of
 dropped channels' consumer weights are zero. The parameters themselves are never written.
 
 **Masking again.** Run on a graph that is already masked (gradual pruning: the sparsity grows with a
