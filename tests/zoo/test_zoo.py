@@ -13,14 +13,13 @@ family takes), so the tests and ``benchmarks/zoo.md`` prune exactly the same thi
 from __future__ import annotations
 
 import gc
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torchvision
 
 from fxprune.check import check_pruned
 from fxprune.gaps import silent_gaps
+from zoo_script import ZOO
 
 LEVELS = ("fx", "export")
 MODELS = torchvision.models.list_models(module=torchvision.models)
@@ -31,15 +30,7 @@ SNAPSHOTS = {("resnet18", "fx"), ("mobilenet_v3_small", "fx"), ("shufflenet_v2_x
              ("shufflenet_v2_x0_5", "export"), ("squeezenet1_0", "fx"), ("densenet121", "fx")}
 
 
-def _zoo_script():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo.py"
-    spec = importlib.util.spec_from_file_location("fxprune_benchmarks_zoo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _zoo_script().build
+build = ZOO.build
 
 
 @pytest.fixture(autouse=True)

@@ -12,26 +12,16 @@ the test and the table prune exactly the same thing.
 from __future__ import annotations
 
 import gc
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from fxprune.check import check_pruned
 from fxprune.errors import CaptureError
+from zoo_script import ZOO
 
 timm = pytest.importorskip("timm")
 
 
-def _zoo_script():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo.py"
-    spec = importlib.util.spec_from_file_location("fxprune_benchmarks_zoo_timm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ZOO = _zoo_script()
 CASES = [("test_resnet", "fx"), ("test_resnet", "export"), ("test_efficientnet", "fx"),
          ("test_efficientnet", "export"), ("test_coatnet", "fx"), ("test_coatnet", "export"),
          ("test_vit", "export"), ("coat_tiny", "fx"), ("coat_tiny", "export"), ("levit_128s", "export"),
