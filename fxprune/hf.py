@@ -103,25 +103,52 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     check_patterns(analysis.groups, policy)
     scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, None)
     _step(bar, "match and score")
-    drop, notes = _select(analysis, scores, policy, model.config, hf_compatible, layer_indices,
-                          _attention(model))
+    attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, inputs, hf_compatible,
+                                layer_indices, tolerance, {"sparsity": sparsity, "criterion": criterion,
+                                                           "global_ranking": global_ranking, "round_to": round_to,
+                                                           "min_keep": min_keep, "ignore": ignore})
+    try:
+        out = attempt({})
+    except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
+        out = attempt({hf_policy.HIDDEN: str(exc)})
+    _step(bar, "rewrite and rebuild")
+    if bar is not None:
+        bar.close()
+    return out
+
+
+class HiddenSizeReadError(VerificationError):
+    """The rebuilt model differs only because its forward reads ``hidden_size`` as a number."""
+
+
+def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
+                       inputs: tuple, hf_compatible: bool, layer_indices: str, tolerance: Optional[float],
+                       asked: Mapping[str, Any], whole_fields: Mapping[str, str]) -> HFPruneResult:
+    attention = _attention(model)
+    drop, notes = _select(analysis, scores, policy, model.config, hf_compatible, layer_indices, attention,
+                          whole_fields)
+    sparsity, criterion = asked["sparsity"], asked["criterion"]
     options = {"sparsity": sparsity if not isinstance(sparsity, Mapping) else dict(sparsity),
                "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"),
-               "capture": "export", "global_ranking": global_ranking, "round_to": round_to,
-               "min_keep": min_keep, "ignore": list(ignore), "split_axis": analysis_split(hf_compatible),
+               "capture": "export", "global_ranking": asked["global_ranking"], "round_to": asked["round_to"],
+               "min_keep": asked["min_keep"], "ignore": list(asked["ignore"]),
+               "split_axis": analysis_split(hf_compatible),
                "hf": {"hf_compatible": hf_compatible, "layer_indices": layer_indices, "constraints": notes}}
     plan = make_plan(analysis, drop, options)
     graph = finish(analysis, drop, inputs)
-    _step(bar, "rewrite")
-    result = PruneResult(graph, plan, analysis, drop, inputs)
-    config, changes = new_config(model, analysis, drop, _attention(model))
+    config, changes = new_config(model, analysis, drop, attention)
     pruned = _rebuild(model, config, analysis, plan)
-    error = _check_outputs(pruned, graph, inputs, tolerance)
+    try:
+        error = _check_outputs(pruned, graph, inputs, tolerance)
+    except VerificationError as exc:
+        if hf_compatible and hf_policy.HIDDEN in changes and not whole_fields:
+            raise HiddenSizeReadError(
+                f"kept whole: {type(model).__name__}'s forward reads hidden_size as a number, not only as "
+                f"a shape (Gemma scales its embeddings by sqrt(hidden_size)), so a config with a smaller "
+                f"hidden_size computes something else ({exc})") from exc
+        raise
     pruned.config.fxprune = _record(plan, changes, notes, error)
-    _step(bar, "rebuild")
-    if bar is not None:
-        bar.close()
-    return HFPruneResult(pruned, result, changes, error)
+    return HFPruneResult(pruned, PruneResult(graph, plan, analysis, drop, inputs), changes, error)
 
 
 def analysis_split(hf_compatible: bool) -> str:
@@ -203,13 +230,14 @@ def _honours_head_dim(model: Any, head_dim: int) -> bool:
 
 # --- selection ------------------------------------------------------------------------------------
 def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy, config: Any,
-            hf_compatible: bool, layer_indices: str, attention: Optional[hf_policy.Attention]
-            ) -> tuple[torch.Tensor, dict[str, str]]:
+            hf_compatible: bool, layer_indices: str, attention: Optional[hf_policy.Attention],
+            whole_fields: Mapping[str, str]) -> tuple[torch.Tensor, dict[str, str]]:
     wished = select(analysis, scores, policy)
     if not hf_compatible:
         return wished, {}
     kinds = hf_policy.kinds(analysis, config, attention)
-    decisions = hf_policy.decide(kinds, hf_policy.requested_keeps(analysis, wished), policy, attention)
+    decisions = hf_policy.decide(kinds, hf_policy.requested_keeps(analysis, wished), policy, attention,
+                                 whole_fields)
     if layer_indices == "shared":
         scores = hf_policy.shared_scores(decisions, scores)
     drop = select(analysis, scores, policy, hf_policy.drop_counts(decisions))
@@ -348,7 +376,7 @@ def _bar(progress: bool):
     if not progress:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=4, desc="fxprune.hf", unit="stage", leave=False)
+    return tqdm(total=3, desc="fxprune.hf", unit="stage", leave=False)
 
 
 def _step(bar, name: str) -> None:

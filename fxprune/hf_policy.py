@@ -135,9 +135,12 @@ def _rows_per_unit(analysis: Analysis, group: Group) -> int:
 
 
 def decide(kinds_: list[Kind], requested: Mapping[str, int], policy: Policy,
-           attention: Optional[Attention]) -> list[Decision]:
-    """One kept count per kind. ``requested``: the count the ordinary policy would keep per group."""
-    decisions = {id(k): _decide(k, requested, policy) for k in kinds_}
+           attention: Optional[Attention], whole_fields: Optional[Mapping[str, str]] = None) -> list[Decision]:
+    """One kept count per kind. ``requested``: the count the ordinary policy would keep per group;
+    ``whole_fields``: {config field: why it must stay as it is}."""
+    whole_fields = whole_fields or {}
+    decisions = {id(k): Decision(k, k.size, whole_fields[k.field]) if k.field in whole_fields
+                 else _decide(k, requested, policy) for k in kinds_}
     if attention is not None and not attention.explicit_head_dim:
         _tie_heads_to_hidden(kinds_, decisions, requested, policy, attention)
     return [decisions[id(k)] for k in kinds_]

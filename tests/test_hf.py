@@ -46,9 +46,10 @@ DECODERS = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "mix
 #: The experts' widths the config records (every expert keeps the same intermediate indices).
 EXPERT_WIDTHS = {"mixtral": {"intermediate_size": (64, 32)},
                  "qwen2_moe": {"moe_intermediate_size": (48, 24), "shared_expert_intermediate_size": (40, 20)}}
-#: Families whose residual stream prunes (through LayerNorm); with head_dim derived from
-#: hidden_size / num_attention_heads, hidden_size follows the kept heads.
-HIDDEN_PRUNES = {"gpt2", "bert", "vit"}
+#: Families whose residual stream prunes (through LayerNorm, RMSNorm or an RMS norm written out); with
+#: head_dim derived from hidden_size / num_attention_heads, hidden_size follows the kept heads. Gemma
+#: scales its embeddings by sqrt(hidden_size), so its hidden size stays (test_gemma_keeps_hidden_size).
+HIDDEN_PRUNES = set(FAMILIES) - {"gemma2"}
 
 
 def _model(name: str):
@@ -96,7 +97,7 @@ def test_family_round_trips(name, tmp_path):
     assert new["num_attention_heads"] == old["num_attention_heads"] // 2
     if name in HIDDEN_PRUNES:
         assert new["hidden_size"] == old["hidden_size"] // 2
-    if old["num_key_value_heads"] is not None and name not in HIDDEN_PRUNES:
+    if old["num_key_value_heads"] is not None:
         assert new["num_key_value_heads"] == old["num_key_value_heads"] // 2  # GQA ratio 2 kept
         assert pruned.config.head_dim == 8  # written where the config would derive it (Qwen2, Phi-3)
     # other batch sizes and lengths than the example: HF's forward equals the pruned graph's
@@ -122,17 +123,31 @@ def test_family_round_trips(name, tmp_path):
 def test_llama_policy_keeps_whole_heads_and_rotary():
     model, result = _pruned("llama")
     state = result.model.state_dict()
-    # 1 of 2 kv heads, with its 2 query heads (the GQA ratio); head_dim 8 and rotary frequencies kept
-    assert state["model.layers.0.self_attn.q_proj.weight"].shape == (16, 32)
-    assert state["model.layers.0.self_attn.k_proj.weight"].shape == (8, 32)
-    assert state["model.layers.0.self_attn.o_proj.weight"].shape == (32, 16)
-    assert state["model.layers.1.mlp.down_proj.weight"].shape == (32, 32)
+    # 1 of 2 kv heads, with its 2 query heads (the GQA ratio); head_dim 8 and rotary frequencies kept;
+    # the residual stream 16 of 32 wide through every RMSNorm (LLaMA writes its norm out by hand)
+    assert state["model.layers.0.self_attn.q_proj.weight"].shape == (16, 16)
+    assert state["model.layers.0.self_attn.k_proj.weight"].shape == (8, 16)
+    assert state["model.layers.0.self_attn.o_proj.weight"].shape == (16, 16)
+    assert state["model.layers.1.mlp.down_proj.weight"].shape == (16, 32)
+    assert state["model.norm.weight"].shape == (16,) and state["lm_head.weight"].shape == (VOCAB, 16)
     assert torch.equal(result.model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     kept = result.plan.kept_indices["model.layers.0.self_attn.k_proj.weight"][0]
     assert kept in (tuple(range(8)), tuple(range(8, 16)))  # one whole kv head
     notes = result.plan.options["hf"]["constraints"]
     assert "whole heads, head_dim and rotary frequencies unchanged" in notes["model.layers.0.self_attn.q_proj"]
     assert "a config holds one intermediate_size" in notes["model.layers.0.mlp.gate_proj"]
+    assert "a config holds one hidden_size" in notes["model.embed_tokens"]
+
+
+@pytest.mark.slow
+def test_gemma_keeps_hidden_size():
+    # Gemma multiplies its embeddings by sqrt(hidden_size): a smaller hidden_size in the config would
+    # change that number, so the residual stream stays whole and the plan says why
+    model, result = _pruned("gemma2")
+    assert result.model.config.hidden_size == model.config.hidden_size
+    assert result.model.config.intermediate_size == model.config.intermediate_size // 2
+    reason = result.plan.options["hf"]["constraints"]["model.embed_tokens"]
+    assert "reads hidden_size as a number" in reason and "Gemma2ForCausalLM" in reason
 
 
 @pytest.mark.slow

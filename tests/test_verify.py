@@ -89,7 +89,19 @@ def _affine(norm: nn.Module) -> nn.Module:
     return norm
 
 
-NORMS = {"layernorm": lambda: nn.LayerNorm(16), "rmsnorm": lambda: nn.RMSNorm(16)}
+class HandRMSNorm(nn.Module):
+    """An RMS norm written out, as HF's LLaMA and many timm models do."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+NORMS = {"layernorm": lambda: nn.LayerNorm(16), "rmsnorm": lambda: nn.RMSNorm(16),
+         "rmsnorm_by_hand": lambda: HandRMSNorm(16)}
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -3,17 +3,21 @@
 Pooling, interpolation and padding work per channel: the leading dims (batch and channel, or only the
 channel of an unbatched input) pass through; the pooled or padded dims carry none (channels there freeze).
 A reduction over non-channel dims passes the channels on. A *sum* over a channel dim is a contraction —
-exact, and verify masks its input — while a mean, max, softmax or norm over a channel dim depends on
-how many channels there are, so it freezes them.
+exact, and verify masks its input. A hand-written norm's statistic over channels (``mean(x**2)`` of an
+RMS norm, ``x - mean(x)``, ``var(x)``) lets them through like LayerNorm: it is recorded with its
+kept-only form, which verify's reference computes. Any other mean, max, softmax or norm over a channel
+dim (CBAM's channel mean) depends on how many channels there are, so it freezes them.
 """
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.fx as fx
 
 from .. import kept_only
 from ..analysis import OpCall
@@ -89,11 +93,8 @@ def _reduced_dims(op: OpCall, n: int, dims: Any) -> list[int]:
 
 
 def reduction(op: OpCall, exact: bool) -> Any:
-    x = op.arg(0, "input")
-    x_ids = op.ids(x)
-    n = len(x_ids)
-    dims = _reduced_dims(op, n, op.value(op.arg(1, "dim")))
-    keepdim = bool(op.value(op.arg(2, "keepdim", False)))
+    x_ids = op.ids(op.arg(0, "input"))
+    dims = _reduced_dims(op, len(x_ids), op.value(op.arg(1, "dim")))
     for d in dims:
         if x_ids[d] is None:
             continue
@@ -101,11 +102,15 @@ def reduction(op: OpCall, exact: bool) -> Any:
             op.consume_act(0, d, x_ids[d])
         else:
             op.freeze(x_ids[d], "a mean/max/norm over a channel dim")
+    return _reduced_ids(op, x_ids, dims, bool(op.value(op.arg(2, "keepdim", False))))
+
+
+def _reduced_ids(op: OpCall, x_ids: tuple, dims: list[int], keepdim: bool) -> Any:
     out = [None if d in dims else ids for d, ids in enumerate(x_ids)]
     if not keepdim:
         out = [ids for d, ids in enumerate(out) if d not in dims]
     result = tuple(out)
-    if isinstance(op.out, (tuple, list)):  # max(dim) -> (values, indices)
+    if isinstance(op.out, (tuple, list)):  # max(dim) -> (values, indices), var_mean -> (var, mean)
         return (result, result)
     return result
 
@@ -121,7 +126,59 @@ def statistic(op: OpCall) -> Any:
             op.arg(1, "dim") is not None and not isinstance(op.value(op.arg(1, "dim")), (int, list, tuple))):
         return _binary_minmax(op)
     _record_moment(op)
+    if _is_norm_statistic(op):
+        return _norm_statistic(op)
     return reduction(op, exact=False)
+
+
+SQUARES = ("pow", "square", "mul", torch.pow, torch.square, torch.mul, operator.pow, operator.mul,
+           aten.pow.Tensor_Scalar, aten.square.default, aten.mul.Tensor)
+CENTERS = ("sub", torch.sub, operator.sub, aten.sub.Tensor)
+CASTS = ("float", "to", "type", "type_as", aten._to_copy.default, aten.to.dtype)
+MOMENTS = ("var", "std", "var_mean", "std_mean", torch.var, torch.std, torch.var_mean, torch.std_mean,
+           aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim, aten.var_mean.correction,
+           aten.std_mean.correction)
+
+
+def _is_norm_statistic(op: OpCall) -> bool:
+    """A hand-written norm's statistic, treated like LayerNorm's: ``mean(x**2)`` (RMSNorm, a variance),
+    ``x - mean(x)`` (centring), ``var(x)`` / ``std(x)``. Any other mean over channels is a feature
+    (CBAM's channel mean, a max) and freezes them, since it is not a normalisation a user expects to
+    follow the kept channels."""
+    if op.node.target in MOMENTS:
+        return True
+    x = _uncast(op.arg(0, "input"))
+    if isinstance(x, fx.Node) and x.target in SQUARES and _squares(x):
+        return True
+    return any(user.target in CENTERS and user.args and user.args[1] is op.node
+               and _uncast(user.args[0]) is x for user in op.node.users)
+
+
+def _uncast(value: Any) -> Any:
+    while isinstance(value, fx.Node) and value.target in CASTS:
+        value = value.args[0]
+    return value
+
+
+def _squares(node: fx.Node) -> bool:
+    if node.target in ("square", torch.square, aten.square.default):
+        return True
+    a, b = (list(node.args) + [node.kwargs.get("exponent", node.kwargs.get("other"))])[:2]
+    return b == 2 or (isinstance(a, fx.Node) and a is b)
+
+
+def _norm_statistic(op: OpCall) -> Any:
+    """Channels pass through the statistic like LayerNorm's (recorded for verify's kept-only
+    reference); the reduced dims carry none afterwards."""
+    x_ids = op.ids(op.arg(0, "input"))
+    if op.node.target in MOMENTS:
+        dim, _, keepdim = _moment_args(op)
+    else:
+        dim, keepdim = op.value(op.arg(1, "dim")), bool(op.value(op.arg(2, "keepdim", False)))
+    dims = _reduced_dims(op, len(x_ids), dim)
+    for d in dims:
+        op.approximate(x_ids[d])
+    return _reduced_ids(op, x_ids, dims, keepdim)
 
 
 KEPT_MOMENTS = {"mean": kept_only.kept_mean, "var": kept_only.kept_var, "std": kept_only.kept_std,

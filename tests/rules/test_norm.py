@@ -47,6 +47,36 @@ class LayerNormMLP(nn.Module):
         return self.fc2(self.norm(self.fc1(x)))
 
 
+class HandRMSNorm(nn.Module):
+    """LLaMA's RMSNorm as HF and timm write it: ``w * x * rsqrt(mean(x**2) + eps)``."""
+
+    def __init__(self, width: int, square: str = "pow"):
+        super().__init__()
+        self.weight, self.square = nn.Parameter(torch.rand(width) + 0.5), square
+
+    def forward(self, x):
+        x = x.float()
+        squared = {"pow": lambda: x.pow(2), "mul": lambda: x * x, "square": lambda: torch.square(x)}[self.square]()
+        return self.weight * (x * torch.rsqrt(squared.mean(-1, keepdim=True) + 1e-6))
+
+
+class HandLayerNorm2d(nn.Module):
+    """ConvNeXt's channels-first LayerNorm written out: centre by the channel mean, scale by the
+    variance (here ``var`` itself, once, and ``mean((x - u)**2)`` in the other)."""
+
+    def __init__(self, channels: int, use_var: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels))
+        self.use_var = use_var
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = x.var(1, keepdim=True, unbiased=False) if self.use_var else (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
 def _stats(norm):
     """Give BatchNorm non-trivial running statistics so verify sees them."""
     for name, buf in norm.named_buffers():
@@ -66,6 +96,11 @@ CASES = {
     "groupnorm1": (lambda: Norms(nn.GroupNorm(1, 16)), (2, 3, 6, 6), False),
     "layernorm": (lambda: LayerNormMLP(nn.LayerNorm(16)), (4, 6), False),
     "rmsnorm": (lambda: LayerNormMLP(nn.RMSNorm(16)), (4, 6), False),
+    "rmsnorm_by_hand_pow": (lambda: LayerNormMLP(HandRMSNorm(16, "pow")), (4, 6), False),
+    "rmsnorm_by_hand_mul": (lambda: LayerNormMLP(HandRMSNorm(16, "mul")), (4, 6), False),
+    "rmsnorm_by_hand_square": (lambda: LayerNormMLP(HandRMSNorm(16, "square")), (4, 6), False),
+    "layernorm2d_by_hand_mean": (lambda: Norms(HandLayerNorm2d(16, use_var=False)), (2, 3, 6, 6), False),
+    "layernorm2d_by_hand_var": (lambda: Norms(HandLayerNorm2d(16, use_var=True)), (2, 3, 6, 6), False),
     "prelu": (lambda: Norms(nn.PReLU(16)), (2, 3, 6, 6), True),
     "prelu_shared": (lambda: Norms(nn.PReLU(1)), (2, 3, 6, 6), True),
 }

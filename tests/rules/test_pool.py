@@ -1,5 +1,6 @@
 """Pooling, resampling, padding and reductions: channels pass through pooling; a sum over channels is
-an exact contraction; a mean/max/softmax over channels freezes them."""
+an exact contraction; a mean/max/softmax over channels freezes them unless it is a norm's statistic
+(tests/rules/test_norm.py)."""
 from __future__ import annotations
 
 import pytest
