@@ -12,17 +12,18 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
 from .analysis import Analysis, AnalysisOptions, match
-from .capture import Captured, as_inputs, capture as capture_graph, propagate_values
+from .capture import as_inputs, capture as capture_graph, propagate_values
 from .errors import CalibrationError, InvalidOptionError, PlanMismatchError
 from .fold import constant_reference, fold_biases, folded_biases, folding_is_exact
 from .importance import DEFAULT_CRITERION, Criterion, check_criterion, check_data, gather_evidence, score_groups
 from .gaps import ungrouped
+from .options import PruneOptions
 from .plan import GroupSummary, Plan
 from .recovery import recover as recover_model, recovery_steps
 from .rewrite import Pruning, rewrite
@@ -119,15 +120,9 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
     scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, evidence=evidence)
     _step(bar, "score")
     drop = select(analysis, scores, policy)
-    options = {"sparsity": sparsity if not isinstance(sparsity, Mapping) else dict(sparsity),
-               "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"),
-               "capture": analysis.level, "global_ranking": global_ranking, "round_to": round_to,
-               "min_keep": min_keep, "ignore": list(ignore), "prune_outputs": prune_outputs,
-               "split_axis": split_axis, "propagate_bias": propagate_bias}
-    if global_ranking:
-        options["normalize"] = normalize
-    if min_keep_ratio:
-        options["min_keep_ratio"] = min_keep_ratio
+    options = PruneOptions(sparsity, criterion_name(criterion), analysis.level, reduce, global_ranking, round_to,
+                           min_keep, tuple(ignore), normalize, min_keep_ratio, prune_outputs, split_axis,
+                           propagate_bias, seed)
     plan = make_plan(analysis, drop, options)
     _step(bar, "select")
     gm = finish(analysis, drop, as_inputs(example_inputs), propagate_bias)
@@ -161,11 +156,16 @@ def finish(analysis: Analysis, drop: torch.Tensor, inputs: tuple, propagate_bias
     return gm
 
 
-def make_plan(analysis: Analysis, drop: torch.Tensor, options: Mapping[str, Any]) -> Plan:
+def criterion_name(criterion: Criterion) -> str:
+    """What a plan records of a criterion: its name, or a callable's ``__name__``."""
+    return criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable")
+
+
+def make_plan(analysis: Analysis, drop: torch.Tensor, options: PruneOptions) -> Plan:
     kept = Pruning(analysis, drop).param_kept()
     kept_indices = {k: {d: tuple(idx.tolist()) for d, idx in dims.items()} for k, dims in kept.items()}
     shapes = {k: tuple(analysis.tensor(k).shape) for k in kept}
-    return Plan(kept_indices, shapes, _summaries(analysis, drop), dict(options), ungrouped(analysis))
+    return Plan(kept_indices, shapes, _summaries(analysis, drop), options, ungrouped(analysis))
 
 
 def _summaries(analysis: Analysis, drop: torch.Tensor) -> tuple[GroupSummary, ...]:
@@ -181,12 +181,11 @@ def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[st
 
     >>> again = fxprune.apply_plan(fresh_model, result.plan, (x,))       # doctest: +SKIP
     """
-    level = capture or str(plan.options.get("capture", "fx"))
-    analysis = analyze(model, example_inputs, level,
-                       prune_outputs=bool(plan.options.get("prune_outputs", False)),
-                       split_axis=str(plan.options.get("split_axis", "largest")))
+    options = plan.options
+    analysis = analyze(model, example_inputs, capture or options.capture, prune_outputs=options.prune_outputs,
+                       split_axis=options.split_axis)
     drop = drop_from_plan(analysis, plan)
-    gm = finish(analysis, drop, as_inputs(example_inputs), bool(plan.options.get("propagate_bias", False)))
+    gm = finish(analysis, drop, as_inputs(example_inputs), options.propagate_bias)
     return PruneResult(gm, make_plan(analysis, drop, plan.options), analysis, drop, as_inputs(example_inputs))
 
 
@@ -244,10 +243,10 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
     analysis, drop = result.analysis, result.drop
     exact = not bool(analysis.solution.approximate[drop.nonzero().flatten()].any()) if drop.any() else True
-    masks = output_masks(analysis, drop) if result.plan.options.get("prune_outputs") else None
-    if result.plan.options.get("propagate_bias") and folding_is_exact(analysis, drop):
+    masks = output_masks(analysis, drop) if result.plan.options.prune_outputs else None
+    if result.plan.options.propagate_bias and folding_is_exact(analysis, drop):
         reference = constant_reference(analysis, drop)
-    elif result.plan.options.get("propagate_bias"):  # a padded consumer: the biases are the fold's own
+    elif result.plan.options.propagate_bias:  # a padded consumer: the biases are the fold's own
         reference = reference_model(analysis, drop, folded_biases(analysis, drop, result.example_inputs))
         exact = False
     else:

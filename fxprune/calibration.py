@@ -418,7 +418,7 @@ def _run_one(gm: fx.GraphModule, inputs: tuple, watched: set[str], watch: Callab
 
 def check_finite(node: fx.Node, value: Any, index: int) -> None:
     if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
-        from .analysis import describe_target
+        from .graph import describe_target
         raise NonFiniteActivationError(f"calibration batch {index} gives non-finite values at node "
                                        f"{node.name!r} ({describe_target(node)})")
 
@@ -513,7 +513,7 @@ def _one_per_node(sites: list[Site]) -> list[Site]:
 
 
 def _site(node: fx.Node, dim: int) -> Site:
-    from .analysis import meta_value
+    from .graph import meta_value
     return Site(node.name, dim, int(meta_value(node).shape[dim]))
 
 

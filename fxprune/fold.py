@@ -17,12 +17,13 @@ whose folded consumers' biases absorb the contribution measured on the prune's e
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .analysis import Analysis, Foldable, tensor_at
+from .analysis import Analysis
+from .graph import tensor_at
+from .opcall import Foldable
 from .capture import node_values
 from .rewrite import Pruning, build_graph_module
 from .verify import kept_statistics, reference_items

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 import torch.fx as fx
 
+from .graph import describe_target, iter_arrays, tensor_at
+
 if TYPE_CHECKING:
     from .analysis import Analysis
 
@@ -47,7 +49,6 @@ def read_tensors(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor, fx.Nod
 
 
 def _tensors_of(gm: fx.GraphModule, node: fx.Node) -> Iterator[tuple[str, torch.Tensor]]:
-    from .analysis import tensor_at  # analysis imports the rules, which import this module's users
     if node.op == "get_attr":
         tensor = tensor_at(gm, str(node.target), missing_ok=True)
         if tensor is not None:
@@ -81,7 +82,6 @@ def ungrouped(analysis: "Analysis") -> dict[str, str]:
 def _loose_classes(analysis: "Analysis") -> torch.Tensor:
     """Bool per id, true on classes that some activation carries but no group holds and nothing froze."""
     solution = analysis.solution
-    from .analysis import iter_arrays
     values = [v for node, v in analysis.env.items() if node.op != "get_attr"]  # activations, not the tensors
     arrays = [ids[ids >= 0] for ids in iter_arrays(values)]
     loose = torch.zeros(solution.root.numel(), dtype=torch.bool)
@@ -105,7 +105,6 @@ def _reason(analysis: "Analysis", key: str, tensor: torch.Tensor, node: fx.Node)
     frozen = _freeze_reason(analysis, key)
     if frozen is not None:
         return f"frozen: {frozen}"
-    from .analysis import describe_target
     if node.op == "get_attr" and not node.users:
         return DEAD
     reader = next(iter(node.users)) if node.op == "get_attr" else node

@@ -10,6 +10,7 @@ torch.Size([2, 2])
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -110,3 +111,50 @@ def copy_graph_module(gm: fx.GraphModule, graph: Optional[fx.Graph] = None) -> f
     sharing ``gm``'s modules and tensors, with everything :func:`carry_over` carries."""
     graph = copy.deepcopy(gm.graph) if graph is None else graph
     return carry_over(gm, fx.GraphModule(gm, graph, class_name=type(gm).__name__))
+
+
+# --- masks: ``mul(x, get_attr(fxprune_mask_<i>))`` --------------------------------------------------
+MASK_PREFIX = "fxprune_mask_"
+MUL_TARGETS = (torch.mul, torch.ops.aten.mul.Tensor)
+
+
+@dataclass(frozen=True)
+class MaskSite:
+    """One mask: ``keep`` along ``dim`` of input ``arg`` of ``node`` (``arg=None``: the node's own
+    value, a weight read by ``get_attr``)."""
+
+    node: str
+    arg: Optional[int]
+    dim: int
+    keep: torch.Tensor
+
+
+def insert_masks(gm: fx.GraphModule, sites: list[MaskSite], level: str) -> fx.GraphModule:
+    """Add one buffer and one ``mul`` per site to ``gm`` (edited in place: pass a fresh copy)."""
+    mul = torch.ops.aten.mul.Tensor if level == "export" else torch.mul
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for index, site in enumerate(sites):
+        node, name = nodes[site.node], f"{MASK_PREFIX}{index}"
+        value = node if site.arg is None else node.args[site.arg]
+        like = meta_value(value)
+        shape = [1] * like.dim()
+        shape[site.dim] = -1
+        gm.register_buffer(name, site.keep.view(shape).to(dtype=like.dtype, device=like.device))
+        anchor = gm.graph.inserting_after(node) if site.arg is None else gm.graph.inserting_before(node)
+        with anchor:
+            mask = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(mask):
+            masked = gm.graph.call_function(mul, (value, mask))
+        if site.arg is None:
+            node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+        else:
+            node.args = node.args[:site.arg] + (masked,) + node.args[site.arg + 1:]
+    gm.recompile()
+    return gm
+
+
+def is_mask(node: fx.Node) -> bool:
+    """``mul(x, get_attr(fxprune_mask_<i>))``, as :func:`insert_masks` writes it."""
+    return (node.op == "call_function" and node.target in MUL_TARGETS and len(node.args) == 2
+            and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr"
+            and str(node.args[1].target).startswith(MASK_PREFIX))

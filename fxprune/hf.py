@@ -33,11 +33,12 @@ import torch
 
 from . import hf_policy
 from .analysis import Analysis
-from .api import PruneResult, analyze, finish, make_plan
+from .api import PruneResult, analyze, criterion_name, finish, make_plan
 from .capture import AUTO, as_inputs, export
 from .errors import (ConfigMismatchError, InvalidOptionError, TrainingModeError, UnsupportedModelError,
                      VerificationError)
 from .importance import DEFAULT_CRITERION, Criterion, check_criterion, score_groups
+from .options import PruneOptions
 from .select import Policy, Sparsity, check_patterns, select
 
 FORMAT = "fxprune.hf/1"
@@ -103,10 +104,10 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     check_patterns(analysis.groups, policy)
     scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, None)
     _step(bar, "match and score")
+    options = PruneOptions(sparsity, criterion_name(criterion), "export", reduce, global_ranking, round_to,
+                           min_keep, tuple(ignore), split_axis=analysis_split(hf_compatible), seed=seed)
     attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, inputs, hf_compatible,
-                                layer_indices, tolerance, {"sparsity": sparsity, "criterion": criterion,
-                                                           "global_ranking": global_ranking, "round_to": round_to,
-                                                           "min_keep": min_keep, "ignore": ignore})
+                                layer_indices, tolerance, options)
     try:
         out = attempt({})
     except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
@@ -123,17 +124,12 @@ class HiddenSizeReadError(VerificationError):
 
 def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
                        inputs: tuple, hf_compatible: bool, layer_indices: str, tolerance: Optional[float],
-                       asked: Mapping[str, Any], whole_fields: Mapping[str, str]) -> HFPruneResult:
+                       options: PruneOptions, whole_fields: Mapping[str, str]) -> HFPruneResult:
     attention = _attention(model)
     drop, notes = _select(analysis, scores, policy, model.config, hf_compatible, layer_indices, attention,
                           whole_fields)
-    sparsity, criterion = asked["sparsity"], asked["criterion"]
-    options = {"sparsity": sparsity if not isinstance(sparsity, Mapping) else dict(sparsity),
-               "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"),
-               "capture": "export", "global_ranking": asked["global_ranking"], "round_to": asked["round_to"],
-               "min_keep": asked["min_keep"], "ignore": list(asked["ignore"]),
-               "split_axis": analysis_split(hf_compatible),
-               "hf": {"hf_compatible": hf_compatible, "layer_indices": layer_indices, "constraints": notes}}
+    options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
+                                  "constraints": notes})
     plan = make_plan(analysis, drop, options)
     graph = finish(analysis, drop, inputs)
     config, changes = new_config(model, analysis, drop, attention)
@@ -368,7 +364,7 @@ def _record(plan, changes: Mapping[str, tuple[Any, Any]], notes: Mapping[str, st
             "changes": {k: [a, b] for k, a, b in ((k, *v) for k, v in changes.items())},
             "groups": {g.name: [g.size, g.kept] for g in plan.groups if g.kept < g.size},
             "constraints": dict(notes),
-            "options": {k: v for k, v in plan.options.items() if k != "hf"},
+            "options": {k: v for k, v in plan.options.to_dict().items() if k != "hf"},
             "max_abs_error_vs_graph": error}
 
 

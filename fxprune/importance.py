@@ -47,7 +47,7 @@ CRITERIA = WEIGHT_CRITERIA + ACTIVATION_CRITERIA + GRADIENT_CRITERIA
 DATA_CRITERIA = ACTIVATION_CRITERIA + GRADIENT_CRITERIA
 #: What ``prune``, the passes and the CLI use unless told otherwise: a unit's whole group votes, not its
 #: producers alone, which keeps far more accuracy than ``l1`` on ``benchmarks/bench_quality.py``'s CNN.
-DEFAULT_CRITERION = "group_magnitude"
+from .options import DEFAULT_CRITERION  # noqa: E402  (one default, in the options module)
 REDUCTIONS = ("mean", "sum", "max")
 
 

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import UnsafeFileError
+from .errors import InvalidOptionError, UnsafeFileError
+from .options import PruneOptions
 
 FORMAT = "fxprune.plan/1"
 
@@ -38,8 +39,9 @@ class Plan:
     shapes: Mapping[str, tuple[int, ...]]
     """The original shape of every tensor in ``kept_indices`` (checked when the plan is applied)."""
     groups: tuple[GroupSummary, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)
-    """The options that produced the plan (informative)."""
+    options: PruneOptions = field(default_factory=PruneOptions)
+    """The options that produced the plan (``apply_plan`` and the passes read capture, split axis,
+    output pruning and bias folding from it)."""
     ungrouped: Mapping[str, str] = field(default_factory=dict)
     """Every tensor the graph reads that is in no group, with the reason (``fxprune.gaps``): no tensor
     is left alone silently."""
@@ -51,7 +53,7 @@ class Plan:
                              for k, dims in sorted(self.kept_indices.items())},
             "shapes": {k: list(v) for k, v in sorted(self.shapes.items())},
             "groups": [g.__dict__ | {"reasons": list(g.reasons)} for g in self.groups],
-            "options": dict(self.options),
+            "options": self.options.to_dict(),
             "ungrouped": dict(sorted(self.ungrouped.items())),
         }
         return json.dumps(data, indent=indent, sort_keys=False)
@@ -78,11 +80,10 @@ class Plan:
                     for k, dims in _obj(data["kept_indices"], "kept_indices").items()}
             shapes = {_key(k): _ints(v, f"shapes[{k!r}]") for k, v in _obj(data["shapes"], "shapes").items()}
             groups = tuple(_group(g) for g in _list(data.get("groups", []), "groups"))
-            options = {str(k): v for k, v in _obj(data.get("options", {}), "options").items()
-                       if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+            options = PruneOptions.from_dict(_obj(data.get("options", {}), "options"))
             ungrouped = {_key(k): _str(v, f"ungrouped[{k!r}]")
                          for k, v in _obj(data.get("ungrouped", {}), "ungrouped").items()}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, InvalidOptionError) as exc:
             raise UnsafeFileError(f"malformed fxprune plan: {type(exc).__name__}: {exc}") from exc
         return cls(kept, shapes, groups, options, ungrouped)
 
@@ -98,7 +99,7 @@ class Plan:
         if not isinstance(other, Plan):
             return NotImplemented
         return (_norm(self.kept_indices) == _norm(other.kept_indices) and dict(self.shapes) == dict(other.shapes)
-                and self.groups == other.groups and dict(self.options) == dict(other.options)
+                and self.groups == other.groups and self.options == other.options
                 and dict(self.ungrouped) == dict(other.ungrouped))
 
     __hash__ = None  # type: ignore[assignment]

@@ -44,7 +44,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import Analysis, Foldable, describe_target, tensor_at
+from .analysis import Analysis
+from .graph import describe_target, tensor_at
+from .opcall import Foldable
 from .calibration import (GramSite, Site, Sums, as_calibration, check_batch, check_finite, collect,
                           conv_unfold, eval_mode, fixed_batch_size, gram_features, placeholder_shapes,
                           split_batch)

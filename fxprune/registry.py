@@ -34,7 +34,7 @@ Example — a family in its own file under ``fxprune/rules/`` (imported by ``fxp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -208,36 +208,3 @@ def lookup_resize(module: torch.nn.Module) -> Optional[Resize]:
         if found is not None and found.resize is not None:
             return found.resize
     return None
-
-
-# --- the old decorators, for a family not yet written as an OpFamily -------------------------------
-def rule(*spellings: Any) -> Callable:
-    """Deprecated: register ``fn`` as the analysis rule of ``spellings`` (a one-rule family named
-    after ``fn``); write an :class:`OpFamily` instead."""
-    def decorate(fn: Analyze) -> Analyze:
-        register(OpFamily(f"{fn.__module__}.{fn.__qualname__}", (OpRule(spellings, fn, rewrite=None),)))
-        return fn
-    return decorate
-
-
-def rewriter(*spellings: Any) -> Callable:
-    """Deprecated: attach a rewrite to spellings already registered with :func:`rule`."""
-    return _attach("rewrite", spellings)
-
-
-def resizer(*module_types: type) -> Callable:
-    """Deprecated: attach a resize to module classes already registered with :func:`rule`."""
-    return _attach("resize", module_types)
-
-
-def _attach(field: str, spellings: tuple) -> Callable:
-    def decorate(fn: Callable) -> Callable:
-        for spelling in spellings:
-            found = _OWNER.get(spelling)
-            if found is None or getattr(found, field) is not None:
-                raise RuleTableError(f"{fn.__qualname__}: {describe_spelling(spelling)} has "
-                                     f"{'no rule' if found is None else 'a ' + field + ' already'}")
-        for spelling in spellings:
-            _OWNER[spelling] = replace(_OWNER[spelling], **{field: fn})
-        return fn
-    return decorate

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .analysis import Analysis
 from .graph import carry_over, get_path, iter_arrays, meta_value
-from .rules import lookup_resizer, lookup_rewriter
+from .registry import lookup_resize, lookup_rewrite
 from .predicates import is_tensor
 
 KeptIndices = dict[str, dict[int, torch.Tensor]]
@@ -120,7 +120,7 @@ def rewrite(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
     changed = _changed_nodes(pruning, pairs)
     for old, new in pairs:
         if old in changed and old.op in CALLS:  # raises if no op family owns a changed node
-            rewriter = lookup_rewriter(old, _module(old_gm, old))
+            rewriter = lookup_rewrite(old, _module(old_gm, old))
             if rewriter is not None:
                 rewriter(RewriteCall(pruning, old, new))
     items = _new_attributes(old_gm, pairs, kept, pruning, changed)
@@ -157,7 +157,7 @@ def _new_attributes(gm: fx.GraphModule, pairs: list, kept: KeptIndices, pruning:
     memo: dict[int, Any] = {}  # one copy per original object: tied weights stay tied
     # a module with nothing to slice can still hold sizes (nn.Unflatten, a LayerNorm without affine)
     sized = {str(n.target) for n in changed
-             if n.op == "call_module" and lookup_resizer(gm.get_submodule(n.target)) is not None}
+             if n.op == "call_module" and lookup_resize(gm.get_submodule(n.target)) is not None}
     owners = _owners(kept) | sized
     for old, _ in pairs:
         if old.op == "call_module" and old.target not in items:
@@ -214,7 +214,7 @@ def resize_module(module: torch.nn.Module, prefix: str, kept: KeptIndices, rw: R
                                for n, b in module._buffers.items())
     new._modules = OrderedDict((n, None if c is None else resize_module(c, f"{prefix}.{n}", kept, rw, memo, owners))
                                for n, c in module._modules.items())
-    resizer = lookup_resizer(module)
+    resizer = lookup_resize(module)
     if resizer is None:
         raise AssertionError(f"module {prefix!r} ({type(module).__name__}) lost channels but has no resizer")
     resizer(module, new, rw)

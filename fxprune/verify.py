@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .analysis import Analysis, NormSite, meta_value
+from .analysis import Analysis
 from .errors import VerificationError
-from .rewrite import Pruning, build_graph_module
+from .graph import MaskSite, insert_masks, meta_value
+from .opcall import NormSite
 from .predicates import is_quantizer
+from .rewrite import Pruning, build_graph_module
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def reference_model(analysis: Analysis, drop: torch.Tensor,
     graph = copy.deepcopy(analysis.gm.graph)
     items = reference_items(analysis.gm, graph, zeroed)
     gm = build_graph_module(analysis.gm, graph, items)
-    _insert_masks(gm, analysis, pruning)
+    insert_masks(gm, list(act_mask_sites(analysis, pruning)), analysis.level)
     kept_statistics(gm, analysis, pruning)
     return gm
 
@@ -163,33 +165,12 @@ def _with_tensors(module: torch.nn.Module, prefix: str, zeroed: dict) -> torch.n
     return new
 
 
-def _insert_masks(gm: fx.GraphModule, analysis: Analysis, pruning: Pruning) -> None:
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for i, sink in enumerate(analysis.act_sinks):
-        mask = pruning.kept(sink.ids)
-        if mask is None or bool(mask.all()):
-            continue
-        node = nodes[sink.node]
-        arg = node.args[sink.arg]
-        like = meta_value(_old(analysis, arg))
-        shape = [1] * like.dim()
-        shape[sink.dim] = -1
-        name = f"_fxprune_mask_{i}"
-        gm.register_buffer(name, mask.view(shape).to(like.dtype).to(like.device))  # a bf16 model stays bf16
-        with gm.graph.inserting_before(node):
-            mask_node = gm.graph.get_attr(name)
-            masked = gm.graph.call_function(torch.mul, (arg, mask_node))
-        args = list(node.args)
-        args[sink.arg] = masked
-        node.args = tuple(args)
-    gm.recompile()
-
-
-def _old(analysis: Analysis, node: fx.Node) -> fx.Node:
-    for old in analysis.gm.graph.nodes:
-        if old.name == node.name:
-            return old
-    raise KeyError(node.name)
+def act_mask_sites(analysis: Analysis, pruning: Pruning) -> Iterator[MaskSite]:
+    """A mask for every contraction (matmul, sum) that reads a dropped position of an activation."""
+    for sink in analysis.act_sinks:
+        keep = pruning.kept(sink.ids)
+        if keep is not None and not bool(keep.all()):
+            yield MaskSite(sink.node, sink.arg, sink.dim, keep)
 
 
 def _outputs(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:

@@ -31,7 +31,8 @@ from typing import Iterator, Optional
 import torch
 import torch.fx as fx
 
-from fxprune.analysis import Analysis, iter_arrays
+from fxprune.analysis import Analysis
+from fxprune.graph import iter_arrays
 from fxprune.api import analyze
 from fxprune.pipeline import Pass, example_inputs, refresh_values, register
 from fxprune.rewrite import rewrite

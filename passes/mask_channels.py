@@ -43,51 +43,32 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.fx as fx
 
-from fxprune.analysis import Analysis, meta_value
+from fxprune.analysis import Analysis
 from fxprune.api import analyze, drop_from_plan, make_plan
 from fxprune.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
-from fxprune.graph import copy_graph_module
+from fxprune.graph import MaskSite, copy_graph_module, insert_masks, is_mask
 from fxprune.pipeline import example_inputs, refresh_values, register
 from fxprune.plan import Plan
 from fxprune.rewrite import Pruning
 from fxprune.select import check_patterns, select
+from fxprune.verify import act_mask_sites
 
 from .selection import SelectionOptions
 
-MASK_PREFIX = "fxprune_mask_"
 PLAN_KEY = "fxprune_plan"
-MUL_TARGETS = (torch.mul, torch.ops.aten.mul.Tensor)
-
-
-@dataclass(frozen=True)
-class Site:
-    """One mask: ``keep`` along ``dim`` of input ``arg`` of ``node`` (``arg=None``: the node's own
-    value, a weight read by ``get_attr``)."""
-
-    node: str
-    arg: Optional[int]
-    dim: int
-    keep: torch.Tensor
 
 
 # --- where the masks go -------------------------------------------------------------------------
-def mask_sites(analysis: Analysis, drop: torch.Tensor) -> list[Site]:
+def mask_sites(analysis: Analysis, drop: torch.Tensor) -> list[MaskSite]:
     """Every reader of a dropped channel: parameter consumers, then activation contractions."""
     pruning = Pruning(analysis, drop)
-    sites = list(_param_sites(analysis, pruning)) + list(_act_sites(analysis, pruning))
+    sites = list(_param_sites(analysis, pruning)) + list(act_mask_sites(analysis, pruning))
     unique = {(s.node, s.arg, s.dim): s for s in sites}
     return list(unique.values())
 
 
-def _act_sites(analysis: Analysis, pruning: Pruning) -> Iterator[Site]:
-    for sink in analysis.act_sinks:
-        keep = pruning.kept(sink.ids)
-        if keep is not None and not bool(keep.all()):
-            yield Site(sink.node, sink.arg, sink.dim, keep)
-
-
-def _param_sites(analysis: Analysis, pruning: Pruning) -> Iterator[Site]:
+def _param_sites(analysis: Analysis, pruning: Pruning) -> Iterator[MaskSite]:
     graph = analysis.gm.graph
     attrs = {str(n.target): n for n in graph.find_nodes(op="get_attr")}
     layers = [n for n in graph.nodes if n.op == "call_module"]
@@ -96,7 +77,7 @@ def _param_sites(analysis: Analysis, pruning: Pruning) -> Iterator[Site]:
         if keep is None or bool(keep.all()):
             continue
         if key in attrs:
-            yield Site(attrs[key].name, None, dim, keep)
+            yield MaskSite(attrs[key].name, None, dim, keep)
         for node in _owners(layers, key):
             yield _input_site(analysis, node, key, dim, keep)
 
@@ -108,7 +89,7 @@ def _owners(layers: list[fx.Node], key: str) -> list[fx.Node]:
     return [n for n in holders if len(str(n.target)) == deepest]
 
 
-def _input_site(analysis: Analysis, node: fx.Node, key: str, dim: int, keep: torch.Tensor) -> Site:
+def _input_site(analysis: Analysis, node: fx.Node, key: str, dim: int, keep: torch.Tensor) -> MaskSite:
     """The input of ``node`` that carries the channels ``key`` contracts over along ``dim``."""
     root = analysis.solution.root
     want = root[analysis.params[key][dim]]
@@ -117,7 +98,7 @@ def _input_site(analysis: Analysis, node: fx.Node, key: str, dim: int, keep: tor
         for d, a in enumerate(ids if isinstance(ids, tuple) else ()):
             if isinstance(a, torch.Tensor) and a.shape == want.shape and bool((a >= 0).all()) \
                     and torch.equal(root[a], want):
-                return Site(node.name, index, d, keep)
+                return MaskSite(node.name, index, d, keep)
     raise UnsupportedModelError(
         f"mask-channels cannot mask the channels {key!r} (dim {dim}) contracts over: no input of "
         f"module {node.target!r} ({node.name}) carries them (they are internal to the module); "
@@ -125,37 +106,6 @@ def _input_site(analysis: Analysis, node: fx.Node, key: str, dim: int, keep: tor
 
 
 # --- inserting and stripping masks --------------------------------------------------------------
-def insert_masks(gm: fx.GraphModule, sites: list[Site], level: str) -> fx.GraphModule:
-    """Add one buffer and one ``mul`` per site to ``gm`` (edited in place: pass a fresh copy)."""
-    mul = torch.ops.aten.mul.Tensor if level == "export" else torch.mul
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for index, site in enumerate(sites):
-        node, name = nodes[site.node], f"{MASK_PREFIX}{index}"
-        value = node if site.arg is None else node.args[site.arg]
-        like = meta_value(value)
-        shape = [1] * like.dim()
-        shape[site.dim] = -1
-        gm.register_buffer(name, site.keep.view(shape).to(dtype=like.dtype, device=like.device))
-        anchor = gm.graph.inserting_after(node) if site.arg is None else gm.graph.inserting_before(node)
-        with anchor:
-            mask = gm.graph.get_attr(name)
-        with gm.graph.inserting_after(mask):
-            masked = gm.graph.call_function(mul, (value, mask))
-        if site.arg is None:
-            node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
-        else:
-            node.args = node.args[:site.arg] + (masked,) + node.args[site.arg + 1:]
-    gm.recompile()
-    return gm
-
-
-def is_mask(node: fx.Node) -> bool:
-    """``mul(x, get_attr(fxprune_mask_<i>))``, as :func:`insert_masks` writes it."""
-    return (node.op == "call_function" and node.target in MUL_TARGETS and len(node.args) == 2
-            and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr"
-            and str(node.args[1].target).startswith(MASK_PREFIX))
-
-
 def strip_masks(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule without the mask nodes and buffers, sharing ``gm``'s other tensors."""
     graph = copy.deepcopy(gm.graph)
@@ -222,7 +172,7 @@ class MaskChannels(SelectionOptions):
 
     def _split_axis(self) -> str:
         if self.plan_json:
-            return str(Plan.from_json(self.plan_json).options.get("split_axis", "largest"))
+            return Plan.from_json(self.plan_json).options.split_axis
         return self.split_axis
 
     def _select(self, analysis: Analysis, prior: Optional[Plan]) -> tuple[torch.Tensor, Plan]:
@@ -235,11 +185,7 @@ class MaskChannels(SelectionOptions):
         if prior is not None:
             scores = _rank_below(analysis, scores, drop_from_plan(analysis, prior))
         drop = select(analysis, scores, self.policy())
-        options = {"sparsity": self.sparsity, "criterion": self.criterion, "capture": analysis.level,
-                   "global_ranking": self.global_ranking, "round_to": self.round_to,
-                   "min_keep": self.min_keep, "ignore": list(self.ignore), "prune_outputs": False,
-                   "split_axis": self.split_axis}
-        return drop, make_plan(analysis, drop, options)
+        return drop, make_plan(analysis, drop, self.prune_options(analysis.level))
 
 
 def _rank_below(analysis: Analysis, scores: dict[str, torch.Tensor], was: torch.Tensor) -> dict[str, Any]:

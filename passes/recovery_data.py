@@ -86,6 +86,5 @@ def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analy
                                  f"(meta[{PRUNED_PLAN_KEY!r}]); run prune-channels or apply-plan before it")
     plan = Plan.from_json(text)
     analysis = analyze(source, example_inputs(source), graph_level(source),
-                       prune_outputs=bool(plan.options.get("prune_outputs", False)),
-                       split_axis=str(plan.options.get("split_axis", "largest")))
+                       prune_outputs=plan.options.prune_outputs, split_axis=plan.options.split_axis)
     return analysis, drop_from_plan(analysis, plan)

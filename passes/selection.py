@@ -13,6 +13,7 @@ import torch
 
 from fxprune.analysis import Analysis
 from fxprune.errors import InvalidOptionError
+from fxprune.options import PruneOptions
 from fxprune.importance import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA, \
     check_criterion, gather_evidence, score_groups
 from fxprune.pipeline import Pass
@@ -84,6 +85,12 @@ class SelectionOptions(Pass):
         self.policy()
         if self.split_axis not in ("largest", "outer"):
             raise InvalidOptionError(f"split_axis must be 'largest' or 'outer', got {self.split_axis!r}")
+
+    def prune_options(self, level: str) -> PruneOptions:
+        """The plan's record of these options (the same value :func:`fxprune.prune` records)."""
+        return PruneOptions(self.sparsity, self.criterion, level, self.reduce, self.global_ranking, self.round_to,
+                            self.min_keep, tuple(self.ignore), self.normalize, self.min_keep_ratio,
+                            split_axis=self.split_axis, seed=self.seed)
 
     def policy(self) -> Policy:
         """The selection policy these options describe (checks sparsity, round_to, min_keep, ignore)."""

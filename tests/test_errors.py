@@ -49,6 +49,17 @@ class DataDependent(nn.Module):
         return self.conv(x)[:, : int(x.abs().sum().item()) % 3 + 1]
 
 
+class FixedBatch(nn.Module):
+    """Reshapes to the example's batch: torch.export specialises a dynamic batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x.reshape(2, 6))))
+
+
 X = torch.randn(1, 3, 6, 6)
 
 
@@ -82,6 +93,42 @@ def _hooked() -> nn.Module:
     model = _model()
     model.register_forward_hook(lambda module, args, out: out * 2)  # on the root: traced through
     return model
+
+
+def _fixed_batch(m: nn.Module):
+    spec = ({0: torch.export.Dim("rows", min=1)},)
+    return fxprune.prune(FixedBatch().eval(), torch.randn(2, 6), 0.5, capture="export", dynamic_shapes=spec)
+
+
+def _deploy_without(package: str, to: str):
+    """Deploy with ``package`` unimportable, as when its extra is not installed."""
+    import sys
+    import tempfile
+
+    import fxprune.deploy
+    result = fxprune.prune(_model(), X, 0.5)
+    saved = sys.modules.get(package)
+    sys.modules[package] = None  # what `import package` sees when it is not installed
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return fxprune.deploy.deploy(result, (X,), f"{tmp}/model{fxprune.deploy.SUFFIX[to]}", to)
+    finally:
+        if saved is None:
+            del sys.modules[package]
+        else:
+            sys.modules[package] = saved
+
+
+def _hf_per_layer_widths(m: nn.Module):
+    """Per-layer widths asked for explicitly with the HF policy off: no config holds them."""
+    transformers = pytest.importorskip("transformers")
+    import fxprune.hf
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    return fxprune.hf.prune(model, torch.randint(0, 50, (2, 8)), {"model.layers.0.mlp.*": 0.5},
+                            hf_compatible=False)
 
 
 def _apply(plan_json: str, model: nn.Module | None = None):
@@ -156,6 +203,11 @@ CASES = [
      errors.CalibrationError, r"recover=\['reconstruct'\] needs calibration data"),
     ("unknown recovery step", lambda m: fxprune.prune(m, X, 0.5, calibration=[X], recover=("finetune",)),
      errors.InvalidOptionError, r"unknown recovery step 'finetune'"),
+    ("dynamic dim export specialises", _fixed_batch, errors.DynamicShapesError, r"rows dim"),
+    ("runtime package not installed", lambda m: _deploy_without("onnxruntime", "onnx"), errors.MissingExtraError,
+     r"pip install 'fxprune\[onnx\]'"),
+    ("HF per-layer widths without the policy", _hf_per_layer_widths, errors.ConfigMismatchError,
+     r"intermediate_size would differ between layers.*model\.layers\.0\.mlp\.gate_proj: 16.*hf_compatible=True"),
     ("negative reconstruct ridge", lambda m: fxprune.passes.Reconstruct(ridge=-1.0),
      errors.InvalidOptionError, r"ridge of 'reconstruct' must be a finite float >= 0, got -1.0"),
 ]

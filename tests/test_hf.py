@@ -133,7 +133,7 @@ def test_llama_policy_keeps_whole_heads_and_rotary():
     assert torch.equal(result.model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     kept = result.plan.kept_indices["model.layers.0.self_attn.k_proj.weight"][0]
     assert kept in (tuple(range(8)), tuple(range(8, 16)))  # one whole kv head
-    notes = result.plan.options["hf"]["constraints"]
+    notes = result.plan.options.hf["constraints"]
     assert "whole heads, head_dim and rotary frequencies unchanged" in notes["model.layers.0.self_attn.q_proj"]
     assert "a config holds one intermediate_size" in notes["model.layers.0.mlp.gate_proj"]
     assert "a config holds one hidden_size" in notes["model.embed_tokens"]
@@ -146,7 +146,7 @@ def test_gemma_keeps_hidden_size():
     model, result = _pruned("gemma2")
     assert result.model.config.hidden_size == model.config.hidden_size
     assert result.model.config.intermediate_size == model.config.intermediate_size // 2
-    reason = result.plan.options["hf"]["constraints"]["model.embed_tokens"]
+    reason = result.plan.options.hf["constraints"]["model.embed_tokens"]
     assert "reads hidden_size as a number" in reason and "Gemma2ForCausalLM" in reason
 
 

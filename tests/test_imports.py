@@ -97,5 +97,14 @@ def test_the_rule_package_counts_as_importing_every_family():
 
 def test_the_shared_helpers_are_leaves():
     modules = _modules()
-    for leaf in ("fxprune.predicates", "fxprune.registry", "fxprune.channels", "fxprune.graph"):
+    leaves = ("fxprune.predicates", "fxprune.registry", "fxprune.channels", "fxprune.graph", "fxprune.options")
+    for leaf in leaves:
         assert _imports(leaf, modules[leaf], modules) <= {"fxprune.errors"}, leaf
+    # the op-call API the rules use stands on the leaves only: not on the walk, capture or groups
+    assert _imports("fxprune.opcall", modules["fxprune.opcall"], modules) <= set(leaves) | {"fxprune.errors"}
+
+
+def test_rules_import_the_op_call_api_not_the_walk():
+    modules = _modules()
+    for name in [m for m in modules if m.startswith("fxprune.rules.")]:
+        assert "fxprune.analysis" not in _imports(name, modules[name], modules), name

@@ -55,7 +55,7 @@ def test_a_changed_node_that_no_family_owns_is_an_error():
     x = graph.placeholder("x")
     node = graph.call_function(torch.cosh, (x,))  # no family owns torch.cosh
     with pytest.raises(RuleTableError, match="'cosh'.*no op family owns it"):
-        rules.lookup_rewriter(node, None)
+        registry.lookup_rewrite(node, None)
 
 
 def test_every_view_spelling_has_its_rewrite_or_says_it_needs_none():

@@ -97,12 +97,19 @@ def test_plan_from_json_refuses_bytes_of_a_pickle(marker: Path) -> None:
     assert not marker.exists()
 
 
-def test_options_are_inert_data() -> None:
-    """``options`` is informative: an object hook in it stays a plain dict, and nothing reads it as code."""
+def test_options_are_checked_data() -> None:
+    """``options`` are the plan's PruneOptions: an unknown field (an object hook) or a field of the wrong
+    type is refused with the field's name, and nothing is ever read as code."""
     data = _plan()
     data["options"]["hook"] = {"__class__": "os.system", "py/object": "os.system"}
-    plan = Plan.from_json(json.dumps(data))
-    assert plan.options["hook"] == {"__class__": "os.system", "py/object": "os.system"}
+    with pytest.raises(UnsafeFileError, match="unknown plan option 'hook'"):
+        Plan.from_json(json.dumps(data))
+    data = _plan()
+    data["options"]["capture"] = {"__class__": "os.system"}
+    with pytest.raises(UnsafeFileError, match="plan option 'capture' has the wrong type"):
+        Plan.from_json(json.dumps(data))
+    plan = Plan.from_json(json.dumps(_plan()))
+    assert Plan.from_json(plan.to_json()) == plan
 
 
 # --- files: a real torch.save file carrying a __reduce__ payload ------------------------------------

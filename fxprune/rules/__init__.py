@@ -12,14 +12,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..registry import (FAMILIES, OpFamily, OpRule, Resize, Rewrite, describe_spelling, lookup_analyze,  # noqa: F401
-                        lookup_resize, lookup_rewrite, lookup_rule, register, register_late, resizer, rewriter,
-                        rule, spelling_of)
-
-lookup = lookup_analyze  # the names rewrite and older callers use
-lookup_rewriter = lookup_rewrite
-lookup_resizer = lookup_resize
-
 
 def _import_families() -> None:
     """Import every module of this package, in name order: registering is what importing one does."""

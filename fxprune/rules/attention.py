@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analysis import OpCall, Unsupported
+from ..opcall import OpCall, Unsupported
 from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten

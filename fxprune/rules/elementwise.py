@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.fx as fx
 
-from ..analysis import OpCall
+from ..opcall import OpCall
 from ..predicates import is_tensor
 from ..registry import OpFamily, OpRule, register
 

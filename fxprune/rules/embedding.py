@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analysis import OpCall, Unsupported
+from ..opcall import OpCall, Unsupported
 from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten

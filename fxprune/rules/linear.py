@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analysis import ActSink, OpCall, Unsupported
+from ..opcall import ActSink, OpCall, Unsupported
 from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..analysis import OpCall, Unsupported
-from ..registry import register_late, rule
+from ..opcall import OpCall, Unsupported
+from ..registry import OpFamily, OpRule, register, register_late
 from .linear import produce_loose
 
 aten = torch.ops.aten
@@ -69,11 +69,6 @@ def _arg(op: OpCall, index: int, *names: str) -> Any:
     return next((v for v in (op.arg(index, n) for n in names) if v is not None), None)
 
 
-@rule(aten._grouped_mm, torch._grouped_mm, *((F.grouped_mm,) if hasattr(F, "grouped_mm") else ()))
-def torch_grouped_mm(op: OpCall) -> Any:
-    return grouped_mm(op)
-
-
 @register_late
 def register_transformers() -> None:
     """Add transformers' ``grouped_mm_fallback`` op to the rule table once transformers defines it."""
@@ -82,11 +77,10 @@ def register_transformers() -> None:
         return
     packet = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
     if packet is not None:
-        rule(packet)(grouped_mm)
+        register(OpFamily("moe-transformers", (OpRule((packet,), grouped_mm, rewrite=None),)))
         _registered_transformers = True
 
 
-@rule("repeat_interleave", torch.repeat_interleave, aten.repeat_interleave)
 def repeat_interleave(op: OpCall) -> Any:
     # repeat_interleave(x, k, dim): each position along dim repeated k times; other dims pass
     x = op.arg(0, "input")
@@ -100,7 +94,6 @@ def repeat_interleave(op: OpCall) -> Any:
     return tuple(x_ids)
 
 
-@rule("index_add", torch.index_add, aten.index_add)
 def index_add(op: OpCall) -> Any:
     # index_add(x, dim, index, y): y's rows added into x's rows at index; other dims are x's = y's
     x, y = op.arg(0, "input"), op.arg(3, "source")
@@ -112,3 +105,15 @@ def index_add(op: OpCall) -> Any:
             op.unify(x_ids[d], y_ids[d], f"index_add of a fixed dim at {op.where()}")
     x_ids[dim] = None
     return tuple(x_ids)
+
+
+FAMILY = register(OpFamily("moe", (
+    # grouped_mm(x[T, K], w[E, K, N], offs) -> [T, N]: each expert's rows of x times its own w
+    OpRule((aten._grouped_mm, torch._grouped_mm, *((F.grouped_mm,) if hasattr(F, "grouped_mm") else ())),
+           grouped_mm, rewrite=None),
+    # repeat_interleave(x, k, dim): each position along dim repeated k times; other dims pass
+    OpRule(("repeat_interleave", torch.repeat_interleave, aten.repeat_interleave), repeat_interleave,
+           rewrite=None),
+    # index_add(x, dim, index, y): y's rows added into x's rows at index; other dims are x's = y's
+    OpRule(("index_add", torch.index_add, aten.index_add), index_add, rewrite=None),
+)))

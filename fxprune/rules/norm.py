@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kept_only
-from ..analysis import OpCall, Unsupported
+from ..opcall import OpCall, Unsupported
 from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten

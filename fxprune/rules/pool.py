@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.fx as fx
 
 from .. import kept_only
-from ..analysis import OpCall
+from ..opcall import OpCall
 from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten

@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
-from ..analysis import OpCall, Unsupported
+from ..opcall import OpCall, Unsupported
 from ..predicates import is_quantizer, torchao_quantizers, weight_source  # noqa: F401  (also imported from here)
 from ..registry import OpFamily, OpRule, owner, register, register_late
 from .conv import CONV_MODULES, conv

@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..analysis import OpCall, Unsupported
+from ..opcall import OpCall, Unsupported
 from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten

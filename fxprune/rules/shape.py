@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.fx as fx
 
-from ..analysis import OpCall, Unsupported, iter_arrays
+from ..graph import iter_arrays
+from ..opcall import OpCall, Unsupported
 from ..predicates import is_tensor
 from .elementwise import nary
 from ..registry import OpFamily, OpRule, register, register_after_rule

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analysis import OpCall
+from ..opcall import OpCall
 from ..registry import OpFamily, OpRule, register
 
 aten = torch.ops.aten

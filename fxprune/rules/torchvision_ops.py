@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..analysis import OpCall, Unsupported
+from ..opcall import OpCall, Unsupported
 from ..registry import OpFamily, OpRule, register
 
 
