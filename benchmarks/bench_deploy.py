@@ -1,11 +1,12 @@
 """What pruning buys where the model runs: latency in eager PyTorch, Inductor, ExecuTorch (XNNPACK) and
 ONNX Runtime, file sizes, and whether the artefacts still compute the pruned model.
 
-Per model (torchvision with random weights, or a small LLaMA of issue 6's configuration with random
-weights — latency does not depend on the weights), variants: the original, fxprune at 30% and 50%
+Per model (torchvision with random weights and BatchNorm statistics measured on random batches, so
+activations keep their scale and int8's SQNR means something; or a small LLaMA of issue 6's
+configuration with random weights — latency does not depend on the weights), variants: the original, fxprune at 30% and 50%
 (L1, uniform), 50% with ``round_to`` 8 and 16; and, for the two deploy runtimes, the original, 30% and
 50% quantized to int8 (PT2E: ExecuTorch's XNNPACKQuantizer for the ``.pte``, torchao's
-X86InductorQuantizer for the ``.onnx``, calibrated on 4 random batches). Each artefact is written by
+X86InductorQuantizer for the ``.onnx``, calibrated on 4 random batches of 4). Each artefact is written by
 :mod:`fxprune.deploy` with a dynamic batch (1..16) and checked there, in its runtime, against the
 fp32 pruned graph (fp32: max error relative to the output scale; int8: SQNR).
 
@@ -85,7 +86,7 @@ def _llama():
 
 def _vision(name: str, image: int):
     import torch
-    model = common.random_model(name)
+    model = common.with_batchnorm_statistics(common.random_model(name), (8, 3, image, image))
     x = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(1))
     return model, x, "fx"
 

@@ -41,7 +41,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -265,7 +265,7 @@ def quantize_pt2e(program: torch.export.ExportedProgram, shapes: Optional[tuple]
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     inputs = tuple(program.example_inputs[0])
     try:
-        prepared = prepare_pt2e(program.module(), _quantizer(to))
+        prepared = prepare_pt2e(split_reused_modules(program.module()), _quantizer(to))
     except Exception as exc:
         raise DeployError(f"quantize for {to}: PT2E could not prepare the graph: {exc}") from exc
     count = _calibrate(prepared, inputs, calibration)
@@ -277,6 +277,53 @@ def quantize_pt2e(program: torch.export.ExportedProgram, shapes: Optional[tuple]
         note = f"int8 activation ranges calibrated on {count} batch(es) of calibration data"
     notes.append(note)
     return _export(convert_pt2e(prepared), inputs, shapes, f"quantize for {to}")
+
+
+def split_reused_modules(gm: fx.GraphModule) -> fx.GraphModule:
+    """Give each call of a reused module its own source partition (in place; returns ``gm``).
+
+    PT2E's quantizers find patterns (conv -> add -> relu) by *source partition*: the nodes that came from
+    one module, which torch.export's non-strict capture records only as the ``nn_module_stack`` entry
+    of the module's name. torchvision's ResNet blocks call one ``self.relu`` twice, so both calls are one
+    partition with two outputs, and torchao's X86InductorQuantizer refuses the graph ("Input partition
+    has more than one output node"). Each connected run of nodes of one module is one call: it gets the
+    name ``<module>#<k>``.
+    """
+    by_module: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if stack and "source_fn_stack" not in node.meta:
+            by_module.setdefault(list(stack.values())[-1][0], []).append(node)
+    for name, nodes in by_module.items():
+        for k, call in enumerate(_connected_runs(nodes)):
+            if k == 0:
+                continue
+            for node in call:
+                stack = dict(node.meta["nn_module_stack"])
+                key = list(stack)[-1]
+                stack[key] = (f"{name}#{k}", stack[key][1])
+                node.meta["nn_module_stack"] = stack
+    return gm
+
+
+def _connected_runs(nodes: list[fx.Node]) -> list[list[fx.Node]]:
+    """``nodes`` split into groups connected through each other (in graph order)."""
+    members, group_of, groups = set(nodes), {}, []
+    for node in nodes:
+        linked = {group_of[a] for a in node.all_input_nodes if a in members}
+        if not linked:
+            group_of[node] = len(groups)
+            groups.append([node])
+            continue
+        target = min(linked)
+        for other in sorted(linked - {target}):  # a node that joins two runs merges them
+            for moved in groups[other]:
+                group_of[moved] = target
+            groups[target].extend(groups[other])
+            groups[other] = []
+        group_of[node] = target
+        groups[target].append(node)
+    return [g for g in groups if g]
 
 
 def _quantizer(to: str):
@@ -308,13 +355,43 @@ def _calibrate(prepared: fx.GraphModule, inputs: tuple, calibration: Any) -> int
 # --- lowering -------------------------------------------------------------------------------------------
 def _executorch_bytes(program: torch.export.ExportedProgram) -> tuple[bytes, tuple]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     try:
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        left = _not_delegated(edge.exported_program().graph)
-        return bytes(edge.to_executorch().buffer), left
+        lowered = edge.exported_program()
+        config = ExecutorchBackendConfig(sym_shape_eval_pass=_range_bound_pass(lowered.range_constraints))
+        return bytes(edge.to_executorch(config).buffer), _not_delegated(lowered.graph)
     except Exception as exc:
         raise DeployError(f"executorch: lowering to XNNPACK failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _range_bound_pass(ranges: Mapping[Any, Any]) -> Any:
+    """Memory planning's bound for every dynamic size, from the program's range constraints.
+
+    ExecuTorch's default pass bounds a size by the shape environment the lowering leaves in the nodes'
+    metadata, which (ExecuTorch 1.5.1, XNNPACK) narrows a ``Dim("batch", max=16)`` to 15 whatever the
+    max: a .pte exported for batches 1..16 then refuses batch 16 (``set_inputs`` error 0x10). The
+    program's ``range_constraints`` keep the range export was given, so this pass bounds by those.
+    """
+    import torch.utils._pytree as pytree
+    from executorch.exir.pass_base import PassBase, PassResult
+    from executorch.exir.tensor import TensorSpec
+    from torch.utils._sympy.value_ranges import bound_sympy
+
+    def bound(size: Any) -> int:
+        return size if isinstance(size, int) else int(bound_sympy(size.node.expr, dict(ranges)).upper)
+
+    class RangeBoundShapes(PassBase):
+        def call(self, graph_module: fx.GraphModule) -> PassResult:
+            for module in graph_module.modules():
+                for node in module.graph.nodes if isinstance(module, fx.GraphModule) else ():
+                    for spec in pytree.tree_flatten(node.meta.get("spec", []))[0]:
+                        if isinstance(spec, TensorSpec):
+                            spec.shape = [bound(s) for s in spec.shape]
+                            spec.stride = [bound(s) for s in spec.stride]
+            return PassResult(graph_module, True)
+
+    return RangeBoundShapes()
 
 
 def _not_delegated(graph: fx.Graph) -> tuple[str, ...]:

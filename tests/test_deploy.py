@@ -113,6 +113,19 @@ def test_fp32_artefact_runs_in_its_runtime_and_matches_the_pruned_graph(tmp_path
         assert not any("conv" in op or "linear" in op or "addmm" in op for op in deployed.not_delegated)
 
 
+def test_a_pte_runs_at_the_top_of_its_batch_range(tmp_path):
+    # ExecuTorch's own bound pass planned batches 1..16 for at most 15 (set_inputs error 0x10 at 16):
+    # memory is planned from the program's range constraints, so every batch in the range runs
+    result, x, _ = pruned("cnn", "fx")
+    deployed = deploy.deploy(result, x, tmp_path / "m.pte", "executorch", max_batch=16)
+    assert deployed.batch == (1, 16)
+    run = deploy.load(deployed.path, threads=1)
+    for batch in (1, 15, 16):
+        inputs = (torch.randn(batch, *x[0].shape[1:]),)
+        (actual,) = run(*inputs)
+        torch.testing.assert_close(actual, _expected(result, inputs), rtol=1e-4, atol=1e-4)
+
+
 # int8 at both levels on the CNN; the transformers at the export level (PT2E's own input), and the ViT in
 # ONNX only: its XNNPACK int8 lowering alone takes minutes on a loaded 2-core machine
 INT8_CASES = [pytest.param("cnn", "fx", "onnx", id="cnn-fx-onnx"),
@@ -165,6 +178,34 @@ def test_int8_without_calibration_data_says_so(tmp_path):
         deployed = deploy.to_onnx(result, x, tmp_path / "m.onnx", quantize="int8")
     assert any("no calibration data" in n for n in deployed.notes)
     assert deployed.agreement is not None and deployed.agreement.sqnr_db >= SQNR_MIN_DB
+
+
+class ReusedReLU(nn.Module):
+    """torchvision's ResNet block: one ``self.relu`` module called twice, after a conv and after an add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)) + y)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("to", deploy.TARGETS)
+def test_int8_of_a_model_that_calls_one_relu_twice(tmp_path, to):
+    # PT2E finds conv -> add -> relu by source partition: both calls of the one ReLU were one partition
+    # with two outputs, which torchao's X86InductorQuantizer refused ("more than one output node")
+    torch.manual_seed(0)
+    model, x = ReusedReLU().eval(), torch.randn(2, 3, 8, 8)
+    result = fxprune.prune(model, x, 0.5)
+    int8 = deploy.deploy(result, (x,), tmp_path / f"m{deploy.SUFFIX[to]}", to, quantize="int8",
+                         calibration=[torch.randn(4, 3, 8, 8) for _ in range(3)])
+    assert SQNR_MIN_DB <= int8.agreement.sqnr_db < 100, int8.agreement
 
 
 class FixedBatch(nn.Module):
