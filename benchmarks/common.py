@@ -39,14 +39,15 @@ def limit_memory(mem_gb: float) -> None:
 
 
 def run_worker(script: Path, args: Sequence[str], timeout_s: float, mem_gb: float,
-               threads: int = 1) -> dict[str, Any]:
+               threads: int = 1, extra_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Run ``python script --worker ARGS`` in a fresh process; its last JSON line, or a status record.
 
     The child gets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``threads`` (set before torch starts its
-    pool), a ``timeout_s`` wall-clock limit and a ``mem_gb`` GiB ``RLIMIT_DATA`` cap.
+    pool), a ``timeout_s`` wall-clock limit, a ``mem_gb`` GiB ``RLIMIT_DATA`` cap, and ``extra_env``
+    (``PYTHONPATH`` of another checkout, to time another commit with the same harness).
     """
     cmd = [sys.executable, str(script), "--worker", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {})}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
