@@ -13,12 +13,14 @@ its default ``group_magnitude`` (the L2 norm over every member of a group, like 
   the layers' summed mean-normalised scores);
 * ``fxprune unconstrained``: :func:`fxprune.prune` at the export level with the ordinary policy
   (rotary pairs and value dims inside heads, per-layer choice) -> an ATen graph no config can hold;
+* ``fxprune.hf own/shared hidden kept``: ``sparsity={"intermediate_size": s, "num_attention_heads": s}``,
+  one ratio per config field, the hidden size not named and so kept (what LLM recipes usually prune);
 * ``torch-pruning``: Torch-Pruning's LLM example recipe (``examples/LLMs/prune_llm.py``): MetaPruner,
   ``GroupMagnitudeImportance(p=2)`` (1.6.1's name for the example's ``GroupNormImportance``), uniform
   ``pruning_ratio`` = ``head_pruning_ratio`` = sparsity,
   ``prune_num_heads=True``, ``prune_head_dims=False``, ``round_to=4``, ``lm_head`` ignored, then the
-  config patched by hand as that example does. It also prunes the hidden size (fxprune keeps it: the
-  decomposed RMSNorm's mean freezes it);
+  config patched by hand as that example does. Like ``fxprune.hf`` with a plain sparsity, it also
+  prunes the hidden size (through every RMSNorm);
 * ``torch-pruning hidden kept``: the same with the embedding ignored too, so the hidden size stays and
   the widths pruned are the ones fxprune prunes (equal parameters).
 
@@ -44,7 +46,7 @@ from common import environment, load_results, run_worker, save_section, table  #
 
 SPARSITIES = (0.2, 0.5)
 VARIANTS = ("fxprune.hf own", "fxprune.hf shared", "fxprune unconstrained", "torch-pruning",
-            "torch-pruning hidden kept")
+            "fxprune.hf own hidden kept", "fxprune.hf shared hidden kept", "torch-pruning hidden kept")
 SECTION = "bench_hf"
 
 
@@ -54,7 +56,9 @@ def _prune(variant: str, model: Any, inputs: tuple, sparsity: float) -> Any:
     import fxprune
     if variant.startswith("fxprune.hf"):
         import fxprune.hf
-        indices = variant.split()[-1]
+        indices = variant.split()[1]
+        if variant.endswith("hidden kept"):  # one ratio per config field; hidden_size not named: kept
+            sparsity = {"intermediate_size": sparsity, "num_attention_heads": sparsity}
         return fxprune.hf.prune_with_result(model, inputs, sparsity=sparsity, layer_indices=indices).model
     if variant == "fxprune unconstrained":
         return fxprune.prune(model, inputs, sparsity=sparsity, capture="export").graph_module

@@ -71,7 +71,9 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
         model: a ``transformers.PreTrainedModel`` in eval mode.
         example_inputs: a tensor or tuple of tensors for ``model.forward``'s leading arguments
             (``input_ids``, ``pixel_values``...).
-        sparsity: fraction of each kind of width to drop, or ``{module pattern: ratio}``.
+        sparsity: fraction of each kind of width to drop, or a mapping: ``{config field: ratio}`` for
+            one kind of width (``{"intermediate_size": 0.5, "num_attention_heads": 0.25}``: the
+            kinds not named, the hidden size here, are kept), ``{module pattern: ratio}``, or both.
         criterion: as in :func:`fxprune.prune`.
         hf_compatible: make only plans a config can hold (:mod:`fxprune.hf_policy`). With False, the
             ordinary policy selects, and a plan no config can hold raises ``ConfigMismatchError``.
@@ -94,7 +96,8 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     _check_model(model)
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
-    policy = Policy(sparsity, global_ranking, round_to, min_keep, tuple(ignore))
+    widths, module_sparsity = hf_policy.split_width_ratios(sparsity)
+    policy = Policy(module_sparsity, global_ranking, round_to, min_keep, tuple(ignore))
     check_criterion(criterion, reduce)
     inputs = as_inputs(example_inputs)
     bar = _bar(progress)
@@ -102,12 +105,13 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     _step(bar, "export")
     analysis = analyze(program, inputs, "export", split_axis="outer" if hf_compatible else "largest")
     check_patterns(analysis.groups, policy)
+    hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, _attention(model)))
     scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, None)
     _step(bar, "match and score")
     options = PruneOptions(sparsity, criterion_name(criterion), "export", reduce, global_ranking, round_to,
                            min_keep, tuple(ignore), split_axis=analysis_split(hf_compatible), seed=seed)
-    attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, inputs, hf_compatible,
-                                layer_indices, tolerance, options)
+    attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, widths, inputs,
+                                hf_compatible, layer_indices, tolerance, options)
     try:
         out = attempt({})
     except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
@@ -123,11 +127,11 @@ class HiddenSizeReadError(VerificationError):
 
 
 def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
-                       inputs: tuple, hf_compatible: bool, layer_indices: str, tolerance: Optional[float],
+                       widths: Mapping[str, float], inputs: tuple, hf_compatible: bool, layer_indices: str, tolerance: Optional[float],
                        options: PruneOptions, whole_fields: Mapping[str, str]) -> HFPruneResult:
     attention = _attention(model)
-    drop, notes = _select(analysis, scores, policy, model.config, hf_compatible, layer_indices, attention,
-                          whole_fields)
+    drop, notes = _select(analysis, scores, policy, widths, model.config, hf_compatible, layer_indices,
+                          attention, whole_fields)
     options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
                                   "constraints": notes})
     plan = make_plan(analysis, drop, options)
@@ -225,7 +229,8 @@ def _honours_head_dim(model: Any, head_dim: int) -> bool:
 
 
 # --- selection ------------------------------------------------------------------------------------
-def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy, config: Any,
+def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
+            widths: Mapping[str, float], config: Any,
             hf_compatible: bool, layer_indices: str, attention: Optional[hf_policy.Attention],
             whole_fields: Mapping[str, str]) -> tuple[torch.Tensor, dict[str, str]]:
     wished = select(analysis, scores, policy)
@@ -233,7 +238,7 @@ def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Poli
         return wished, {}
     kinds = hf_policy.kinds(analysis, config, attention)
     decisions = hf_policy.decide(kinds, hf_policy.requested_keeps(analysis, wished), policy, attention,
-                                 whole_fields)
+                                 whole_fields, widths)
     if layer_indices == "shared":
         scores = hf_policy.shared_scores(decisions, scores)
     drop = select(analysis, scores, policy, hf_policy.drop_counts(decisions))

@@ -30,8 +30,9 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .analysis import Analysis
+from .errors import InvalidOptionError
 from .groups import Group
-from .select import Policy
+from .select import Policy, check_sparsity
 
 LAYER_INDICES = ("own", "shared")
 INTERMEDIATE_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size",
@@ -134,19 +135,46 @@ def _rows_per_unit(analysis: Analysis, group: Group) -> int:
     return min(analysis.tensor(m.key).shape[m.dim] // group.size for m in producers) if producers else 0
 
 
+WIDTH_FIELDS = (HIDDEN, HEADS, *INTERMEDIATE_FIELDS)
+"""The config fields a sparsity mapping may name as keys: one ratio for that kind of width."""
+
+
+def split_width_ratios(sparsity: Any) -> tuple[dict[str, float], Any]:
+    """``({config field: ratio}, what the ordinary policy gets)`` from ``fxprune.hf.prune``'s sparsity:
+    a mapping's config-field keys (:data:`WIDTH_FIELDS`) ask for one kind of width; its other keys are
+    module patterns; a mapping of fields only leaves every other kind whole."""
+    if not isinstance(sparsity, Mapping):
+        return {}, sparsity
+    widths = {k: v for k, v in sparsity.items() if k in WIDTH_FIELDS}
+    check_sparsity(widths)
+    rest = {k: v for k, v in sparsity.items() if k not in WIDTH_FIELDS}
+    return widths, rest if rest or not widths else 0.0
+
+
+def check_width_ratios(widths: Mapping[str, float], kinds_: list[Kind]) -> None:
+    """A field no kind of this model is (``n_inner`` on LLaMA): say which fields it has."""
+    present = sorted({k.field for k in kinds_ if k.field})
+    for field in widths:
+        if field not in present:
+            raise InvalidOptionError(f"sparsity names config field {field!r}, which no prunable width of this "
+                                     f"model is; its fields: {present}")
+
+
 def decide(kinds_: list[Kind], requested: Mapping[str, int], policy: Policy,
-           attention: Optional[Attention], whole_fields: Optional[Mapping[str, str]] = None) -> list[Decision]:
+           attention: Optional[Attention], whole_fields: Optional[Mapping[str, str]] = None,
+           widths: Optional[Mapping[str, float]] = None) -> list[Decision]:
     """One kept count per kind. ``requested``: the count the ordinary policy would keep per group;
-    ``whole_fields``: {config field: why it must stay as it is}."""
-    whole_fields = whole_fields or {}
+    ``whole_fields``: {config field: why it must stay as it is}; ``widths``: {config field: ratio}
+    asked for a kind directly."""
+    whole_fields, widths = whole_fields or {}, widths or {}
     decisions = {id(k): Decision(k, k.size, whole_fields[k.field]) if k.field in whole_fields
-                 else _decide(k, requested, policy) for k in kinds_}
+                 else _decide(k, requested, policy, widths.get(k.field)) for k in kinds_}
     if attention is not None and not attention.explicit_head_dim:
         _tie_heads_to_hidden(kinds_, decisions, requested, policy, attention)
     return [decisions[id(k)] for k in kinds_]
 
 
-def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy) -> Decision:
+def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Optional[float] = None) -> Decision:
     whole = [g for g in kind.groups if not g.prunable]
     size = kind.size
     if len(kind.groups) == len(whole):
@@ -157,10 +185,11 @@ def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy) -> Decisio
     if not kind.field:
         return Decision(kind, size, "kept whole: no config field holds a per-layer width of "
                                     f"{size} here")
-    asked = [requested.get(g.name, size) for g in kind.groups]
+    asked = [requested.get(g.name, size) for g in kind.groups] if ratio is None else [size * (1 - ratio)]
     keep = _rounded_keep(sum(asked) / len(asked), kind, policy)
     what = f"{kind.field}={keep}" if kind.field != HEADS else f"{keep} of {size} key/value heads"
     how = "asked" if len(set(asked)) == 1 else f"the mean of the per-layer widths asked, {sorted(set(asked))}"
+    how = f"{kind.field}: {ratio:g} asked" if ratio is not None else how
     return Decision(kind, keep, f"{what} in every layer ({how}); whole heads, head_dim and rotary "
                                 f"frequencies unchanged" if kind.field == HEADS else
                     f"{what} in every layer ({how}): a config holds one {kind.field}")

@@ -166,6 +166,19 @@ def test_per_layer_ratios_become_one_width_or_a_typed_error():
 
 
 @pytest.mark.slow
+def test_a_ratio_per_config_field():
+    # {config field: ratio}: heads and MLP halved, the hidden size (not named) kept, as LLM recipes do
+    model = _model("llama")
+    result = fxprune.hf.prune_with_result(model, _inputs("llama", 2, 8),
+                                          sparsity={"intermediate_size": 0.5, "num_attention_heads": 0.5})
+    config = result.model.config
+    assert (config.hidden_size, config.intermediate_size, config.num_key_value_heads) == (32, 32, 1)
+    assert "intermediate_size: 0.5 asked" in result.plan.options.hf["constraints"]["model.layers.0.mlp.gate_proj"]
+    with pytest.raises(fxprune.errors.InvalidOptionError, match="config field 'n_inner'.*its fields"):
+        fxprune.hf.prune(model, _inputs("llama", 2, 8), sparsity={"n_inner": 0.5})
+
+
+@pytest.mark.slow
 def test_unconstrained_head_dims_are_refused():
     # without the policy the export level prunes rotary pairs inside every head: no config holds that
     with pytest.raises(ConfigMismatchError, match="a width no field of the config holds"):
