@@ -11,6 +11,7 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,7 +29,7 @@ from .plan import GroupSummary, Plan
 from .recovery import recover as recover_model, recovery_steps
 from .rewrite import Pruning, rewrite
 from .select import Policy, Sparsity, check_patterns, select
-from .verify import VerifyReport, compare, output_masks, reference_model
+from .verify import VerifyReport, compare, output_masks, quantizer_state_mismatch, reference_model
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,9 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
         reference = reference_model(analysis, drop)
     pruned = result.structural if result.structural is not None else result.graph_module  # before recovery
     report = compare(reference, pruned, inputs, exact, tolerance, masks, original=analysis.gm)
+    mismatch = quantizer_state_mismatch(analysis.gm, pruned, result.plan.kept_indices)
+    if mismatch:
+        report = dataclasses.replace(report, passed=False, quantizer_mismatch=mismatch)
     if raise_on_failure and not report.passed:
         from .errors import VerificationError
         raise VerificationError(str(report))

@@ -8,7 +8,9 @@ the rules recorded (``analysis.norm_sites``: LayerNorm, RMSNorm, GroupNorm, ``F.
 variance over a pruned dim — at the export level HF's RMSNorm is ``pow``/``mean``/``rsqrt`` and its
 ``mean`` is the site) is replaced by its kept-only counterpart (:mod:`fxprune.kept_only`). The pruned
 model must equal that reference to float tolerance, for every model. Both run in eval mode with the
-observers of fake-quantizers frozen (as at inference: each applies its stored scale, element-wise).
+observers of fake-quantizers frozen and their rounding off: rounding to a grid would turn float
+summation-order noise (a pruned conv sums fewer terms) into whole quantization steps. Every quantizer's
+state (scale, zero point, observed range) must instead equal the original's at the kept indices.
 
 Beside the verdict the report gives the *drift*: how far the pruned outputs are from the unmasked
 original's — what pruning changed, for information. ``exact`` says whether the reference is the plain
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -58,12 +60,16 @@ class VerifyReport:
     """Information: largest absolute difference from the unmasked original's outputs."""
     max_rel_drift: float = 0.0
     """``max_abs_drift`` over the original outputs' largest magnitude."""
+    quantizer_mismatch: str = ""
+    """A fake-quantizer whose state is not the original's sliced per the plan (then ``passed`` is False);
+    the outputs are compared with fake quantization off (see :func:`eval_copy`)."""
 
     def __str__(self) -> str:
         kind = "exact" if self.exact else "approximate"
         verdict = "passed" if self.passed else "FAILED"
+        quantizers = f"; {self.quantizer_mismatch}" if self.quantizer_mismatch else ""
         return (f"verify {verdict}: max abs error {self.max_abs_error:.3g} ({kind}, tol {self.tolerance:g}); "
-                f"drift from the original {self.max_abs_drift:.3g} (rel {self.max_rel_drift:.3g})")
+                f"drift from the original {self.max_abs_drift:.3g} (rel {self.max_rel_drift:.3g}){quantizers}")
 
 
 def reference_model(analysis: Analysis, drop: torch.Tensor,
@@ -179,17 +185,45 @@ def _outputs(model: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+def eval_copy(model: torch.nn.Module, rounding: bool = True) -> torch.nn.Module:
     """Running a training-mode model would update BatchNorm statistics, and running a prepared
     (observed) graph its observers' statistics, in any mode: run an eval copy instead, its
-    fake-quantizers' observers frozen (each then applies its stored scale, as at inference)."""
+    fake-quantizers' observers frozen (each then applies its stored scale, as at inference).
+
+    ``rounding=False`` also turns their rounding off (values pass through in float): rounding to a grid
+    turns float summation-order differences (1e-7, a pruned conv sums fewer terms) into whole
+    quantization steps that compound over layers, so verify compares the two models in float and
+    checks the quantizers' state apart (:func:`quantizer_state_mismatch`)."""
     if not (model.training or any(is_quantizer(m) for m in model.modules())):
         return model
     frozen = copy.deepcopy(model).eval()
     for module in frozen.modules():
         if is_quantizer(module) and callable(getattr(module, "disable_observer", None)):
             module.disable_observer()
+        if not rounding and is_quantizer(module) and callable(getattr(module, "disable_fake_quant", None)):
+            module.disable_fake_quant()
     return frozen
+
+
+def quantizer_state_mismatch(original: torch.nn.Module, pruned: torch.nn.Module,
+                             kept_indices: Mapping[str, Mapping[int, Sequence[int]]]) -> str:
+    """The first fake-quantizer or observer tensor of ``pruned`` that is not the original's at the
+    plan's kept indices (scales, zero points, observed ranges), or ``""``: the quantization the float
+    comparison does not exercise is checked exactly here."""
+    state = dict(original.state_dict())
+    for name, module in pruned.named_modules():
+        if not is_quantizer(module):
+            continue
+        for key, tensor in module.state_dict().items():
+            full = f"{name}.{key}"
+            if full not in state:
+                continue
+            expected = state[full]
+            for dim, index in sorted(kept_indices.get(full, {}).items()):
+                expected = expected.index_select(int(dim), torch.tensor(list(index), dtype=torch.long))
+            if expected.shape != tensor.shape or not torch.equal(expected, tensor):
+                return f"{full} is not the original's at the kept indices"
+    return ""
 
 
 def output_masks(analysis: Analysis, drop: torch.Tensor) -> list[list[Optional[torch.Tensor]]]:
@@ -223,7 +257,7 @@ def compare(reference: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, 
     """Run both models; ``masks`` select the reference outputs' kept positions (pruned outputs);
     ``original`` (the unmasked model) gives the drift, for information."""
     ref_out = _kept_outputs(reference, inputs, masks)
-    new_out = _outputs(eval_copy(pruned), inputs)
+    new_out = _outputs(eval_copy(pruned, rounding=False), inputs)
     if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out)):
         raise VerificationError(f"pruned outputs have shapes {[tuple(t.shape) for t in new_out]}, "
                                 f"expected {[tuple(t.shape) for t in ref_out]}")
@@ -236,7 +270,7 @@ def compare(reference: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, 
 
 def _kept_outputs(model: torch.nn.Module, inputs: tuple,
                   masks: Optional[list[list[Optional[torch.Tensor]]]]) -> list[torch.Tensor]:
-    out = _outputs(eval_copy(model), inputs)
+    out = _outputs(eval_copy(model, rounding=False), inputs)
     if masks is not None and len(masks) == len(out):
         out = [_keep(t, m) for t, m in zip(out, masks)]
     return out

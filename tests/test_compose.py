@@ -172,6 +172,23 @@ def test_qat_pt2e_prunes_and_trains() -> None:
     assert pruned.meta["_observed_graph_module_attrs"] is prepared.meta["_observed_graph_module_attrs"]
 
 
+def test_a_wrong_fake_quantizer_slice_fails_verify() -> None:
+    # verify compares in float (rounding would turn summation-order noise into whole steps) and checks
+    # every quantizer's state against the original's at the kept indices: a swapped scale is caught
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    prepared = prepare_qat_pt2e(torch.export.export(copy.deepcopy(_model()), (X,)).module(), _xnnpack(True))
+    _train_step(prepared)  # per-channel scales take their size from the first observed batch
+    result = fxprune.prune(prepared, (X,), sparsity=0.5)
+    assert fxprune.verify(prepared, result, (X,)).passed
+    key = next(k for k in result.plan.kept_indices if k.endswith(".scale"))
+    scale = result.graph_module.get_buffer(key)
+    with torch.no_grad():
+        scale.copy_(scale.flip(0))
+    report = fxprune.verify(prepared, result, (X,))
+    assert not report.passed and key in report.quantizer_mismatch, str(report)
+
+
 # --- torch.func -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("level", LEVELS)
 def test_functional_call_grad_and_per_sample_vmap(level: str) -> None:

@@ -57,7 +57,9 @@ def test_llama_prunes_rotary_pairs_and_mlp_exactly():
     # q and k of every layer share the rotary frequencies (one inv_freq buffer): a unit is one frequency,
     # i.e. the pair (i, i + d/2) of every q and k head; v/o head dims and the gated MLP prune per layer
     torch.manual_seed(0)
-    report = check_pruned(_llama(), (torch.randint(0, 100, (2, 8)),), capture="export", sparsity=0.5)
+    # the residual stream kept whole (it prunes through every RMSNorm, approximately: test_hf.py)
+    report = check_pruned(_llama(), (torch.randint(0, 100, (2, 8)),), capture="export", sparsity=0.5,
+                          ignore=["model.embed_tokens"])
     assert report.verify.exact and report.verify.max_abs_error < 1e-4
     gm = report.result.graph_module
     assert gm.get_buffer("model.rotary_emb.inv_freq").shape == (2,)
