@@ -328,6 +328,7 @@ def run_worker(name: str, level: str, source: str = "torchvision",
     import torch
     from fxprune.analysis import AnalysisOptions, match
     from fxprune.api import PruneResult, finish, make_plan, verify
+    from fxprune.options import PruneOptions
     from fxprune.capture import capture
     from fxprune.errors import CaptureError
     from fxprune.importance import score_groups
@@ -360,7 +361,7 @@ def run_worker(name: str, level: str, source: str = "torchvision",
         t2 = time.perf_counter()
         scores = score_groups(analysis, analysis.groups, "l1")
         drop = select(analysis, scores, Policy(SPARSITY))
-        plan = make_plan(analysis, drop, {"sparsity": SPARSITY, "criterion": "l1", "capture": level})
+        plan = make_plan(analysis, drop, PruneOptions(SPARSITY, "l1", level))
         t3 = time.perf_counter()
         pruned = finish(analysis, drop, inputs)
         t4, c4 = time.perf_counter(), time.process_time()
