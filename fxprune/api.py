@@ -163,6 +163,8 @@ def criterion_name(criterion: Criterion) -> str:
 
 
 def make_plan(analysis: Analysis, drop: torch.Tensor, options: PruneOptions) -> Plan:
+    if not isinstance(options, PruneOptions):  # a plan's options are read back as attributes
+        raise TypeError(f"make_plan takes a PruneOptions, got {type(options).__name__}")
     kept = Pruning(analysis, drop).param_kept()
     kept_indices = {k: {d: tuple(idx.tolist()) for d, idx in dims.items()} for k, dims in kept.items()}
     shapes = {k: tuple(analysis.tensor(k).shape) for k in kept}

@@ -47,6 +47,7 @@ def _results(batches: list, criteria: tuple = CRITERIA) -> dict:
     scores, FLAP's adaptive ratios) for ``batches``."""
     import fxprune
     from fxprune.api import make_plan
+    from fxprune.options import PruneOptions
     from fxprune.importance import gather_evidence, score_groups
     from fxprune.select import Policy, select
     analysis = fxprune.analyze(_net(), (batches[0][0][:1],), "fx")
@@ -56,7 +57,7 @@ def _results(batches: list, criteria: tuple = CRITERIA) -> dict:
         evidence = gather_evidence(analysis, criterion, batches, F.cross_entropy)
         scores = score_groups(analysis, analysis.groups, criterion, evidence=evidence)
         out["scores"][criterion] = {k: v.tolist() for k, v in scores.items()}
-        plan = make_plan(analysis, select(analysis, scores, policy), {})
+        plan = make_plan(analysis, select(analysis, scores, policy), PruneOptions())
         out["plans"][criterion] = json.loads(plan.to_json())["kept_indices"]
     return out
 
