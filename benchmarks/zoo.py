@@ -781,7 +781,8 @@ def write_timm_table(data: dict[str, Any], path: Path) -> None:
         "",
         "Status: `ok R` = the pruned model runs, keeps the output shape, has R× the parameters, passes "
         "`fxprune.verify` and the input model is unchanged (`approx`: a group passes through normalisation "
-        "statistics, reported, not failed); `no-trace` = `torch.fx.symbolic_trace` cannot capture the model "
+        "statistics, so verify's reference recomputes them over the kept channels; the pruned model "
+        "equals it to float tolerance all the same); `no-trace` = `torch.fx.symbolic_trace` cannot capture the model "
         "(fxprune's `CaptureError` names the line and suggests `capture=\"export\"`), `no-export` = "
         "`torch.export` cannot; `FAIL` = a check failed; `CRASH` = fxprune raised. Torch-Pruning "
         "(`benchmarks/peers.py`, L1, uniform, classifier ignored): `ok R` = its result runs and keeps the "
