@@ -145,8 +145,10 @@ def write_table(section: dict) -> str:
         table(("sparsity", "variant", "perplexity", "params kept", "prune s", "peak MB"), body), "",
         "`fxprune.hf` rows are `LlamaForCausalLM` models that `save_pretrained`/`from_pretrained` "
         "round-trip; `fxprune unconstrained` is an export-level graph (parts of heads pruned, widths per "
-        "layer: no config holds it); Torch-Pruning also prunes the hidden size and needs its config "
-        "patched by hand. Peak MB: RSS during the call over RSS before it.", ""])
+        "layer: no config holds it); Torch-Pruning's result needs its config patched by hand. A plain "
+        "sparsity prunes the hidden size too (through every RMSNorm), in every variant; `hidden kept` rows "
+        "keep it (fxprune.hf: `sparsity={'intermediate_size': s, 'num_attention_heads': s}`). Peak MB: RSS "
+        "during the call over RSS before it.", ""])
     (HERE / "bench_hf.md").write_text(text, encoding="utf-8")
     return text
 
