@@ -28,6 +28,7 @@ weights + pruned weights): the target is at most 1.25.
 from __future__ import annotations
 
 import argparse
+import os
 import gc
 import json
 import sys
@@ -59,7 +60,10 @@ def build(name: str, image: int):
 def prune_once(tool: str, model: Any, x: Any, ratio: float) -> Any:
     if tool in FXPRUNE:
         import fxprune
-        return fxprune.prune(model, (x,), sparsity=ratio, criterion="l1", capture=tool.split("-")[1])
+        # BENCH_PRUNE_STATIC=1: the example's shapes only (dynamic_shapes=None), so bench_prune_before_after
+        # can tell the cost of the dynamic batch dim (the export default since issue 9) from the rest
+        static = {"dynamic_shapes": None} if os.environ.get("BENCH_PRUNE_STATIC") else {}
+        return fxprune.prune(model, (x,), sparsity=ratio, criterion="l1", capture=tool.split("-")[1], **static)
     import peers
     if tool == "torch-pruning":
         return peers.prune_with_torch_pruning(model, (x,), ratio, inplace=True, check=False)

@@ -3,8 +3,11 @@
 The same harness (``bench_prune.py``'s worker: a fresh process per call, threads pinned, cold and warm
 call, model construction untimed) runs with ``PYTHONPATH`` pointing at a checkout of the base commit
 (a git worktree under ``benchmarks/.cache``) and at this tree, interleaved: run 1 of every (model, tool,
-tree), then run 2, ... so load drifting during the run hits both alike. Reported: medians of cold and
-warm seconds per tree and the ratio head / base per run, median (1.00: no change; above: slower).
+tree), then run 2, ... so load drifting during the run hits both alike. ``head static`` is this tree with
+``dynamic_shapes=None`` (the example's shapes, as the base always captured): it separates the cost of the
+dynamic batch dim the export level traces by default from the rest of the change. Reported: medians of
+cold and warm seconds per variant and the ratio to the base per run, median (1.00: no change; above:
+slower).
 
     python benchmarks/bench_prune_before_after.py                      # base ffd3a21, 4 models, 3 runs
     python benchmarks/bench_prune_before_after.py --base HEAD~5 --models resnet18 --runs 5
@@ -51,14 +54,20 @@ def commit_of(tree: Path) -> str:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
+VARIANTS = {"base": {}, "head": {}, "head static": {"BENCH_PRUNE_STATIC": "1"}}
+
+
 def measure(trees: dict[str, Path], models: list[str], runs: int, image: int) -> list[dict[str, Any]]:
     rows = []
     for run in range(runs):
         for model in models:
             for tool in TOOLS:
-                for label, tree in trees.items():
+                for label, env in VARIANTS.items():
+                    if label == "head static" and tool != "fxprune-export":
+                        continue  # the fx level has no dynamic shapes
+                    tree = trees["base" if label == "base" else "head"]
                     rec = common.run_worker(HERE / "bench_prune.py", [tool, model, "--image", str(image)], 900, 8,
-                                            extra_env={"PYTHONPATH": str(tree)})
+                                            extra_env={"PYTHONPATH": str(tree), **env})
                     rows.append({"tree": label, "model": model, "tool": tool, "run": run,
                                  **{k: rec.get(k) for k in ("status", "cold_s", "warm_s", "verify_passed")}})
                     print(f"run {run + 1}/{runs} {model} {tool} {label}: {rec.get('status')} "
@@ -74,18 +83,20 @@ def markdown(data: dict[str, Any]) -> str:
         f"head {meta['head']}; torch {meta['env']['torch']}; 1 thread of {meta['env']['cpu_count']} CPUs; load "
         f"average {meta['env']['loadavg_at_start'][0]:.2f} at start, {meta['loadavg_at_end'][0]:.2f} at end; "
         f"{meta['runs']} interleaved runs, 50% L1 uniform, {meta['image']}x{meta['image']}). Seconds are medians; "
-        f"`head/base` is the per-run ratio's median (above 1: the head is slower).", "",
-        "| model | tool | base cold s | head cold s | head/base cold | base warm s | head warm s | head/base warm |",
-        "|---|---|---|---|---|---|---|---|"]
+        f"`/ base` is the per-run ratio's median (above 1: slower than the base); `head static` is the head "
+        f"with `dynamic_shapes=None`.", "",
+        "| model | tool | variant | cold s | warm s | cold / base | warm / base |",
+        "|---|---|---|---|---|---|---|"]
     for model in meta["models"]:
         for tool in TOOLS:
-            cells = [model, tool]
-            for key in ("cold_s", "warm_s"):
-                base = _values(rows, model, tool, "base", key)
-                head = _values(rows, model, tool, "head", key)
-                ratios = [h / b for h, b in zip(head, base) if b]
-                cells += [_fmt(base), _fmt(head), f"{statistics.median(ratios):.2f}" if ratios else "—"]
-            lines.append("| " + " | ".join(cells[:2] + cells[2:4] + [cells[4]] + cells[5:7] + [cells[7]]) + " |")
+            for label in VARIANTS:
+                cold, warm = (_values(rows, model, tool, label, k) for k in ("cold_s", "warm_s"))
+                if not cold:
+                    continue
+                ratios = [_ratio(_values(rows, model, tool, label, k), _values(rows, model, tool, "base", k))
+                          for k in ("cold_s", "warm_s")]
+                lines.append(f"| {model} | {tool} | {label} | {_fmt(cold)} | {_fmt(warm)} | "
+                             f"{ratios[0] if label != 'base' else '1.00'} | {ratios[1] if label != 'base' else '1.00'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -93,6 +104,11 @@ def _values(rows: list[dict], model: str, tool: str, tree: str, key: str) -> lis
     found = sorted((r["run"], r[key]) for r in rows if (r["model"], r["tool"], r["tree"]) == (model, tool, tree)
                    and r.get(key) is not None)
     return [v for _, v in found]
+
+
+def _ratio(values: list[float], base: list[float]) -> str:
+    ratios = [v / b for v, b in zip(values, base) if b]
+    return f"{statistics.median(ratios):.2f}" if ratios else "—"
 
 
 def _fmt(values: list[float]) -> str:
