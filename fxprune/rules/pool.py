@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -135,9 +135,6 @@ SQUARES = ("pow", "square", "mul", torch.pow, torch.square, torch.mul, operator.
            aten.pow.Tensor_Scalar, aten.square.default, aten.mul.Tensor)
 CENTERS = ("sub", torch.sub, operator.sub, aten.sub.Tensor)
 CASTS = ("float", "to", "type", "type_as", aten._to_copy.default, aten.to.dtype)
-MOMENTS = ("var", "std", "var_mean", "std_mean", torch.var, torch.std, torch.var_mean, torch.std_mean,
-           aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim, aten.var_mean.correction,
-           aten.std_mean.correction)
 
 
 def _is_norm_statistic(op: OpCall) -> bool:
@@ -145,8 +142,9 @@ def _is_norm_statistic(op: OpCall) -> bool:
     ``x - mean(x)`` (centring), ``var(x)`` / ``std(x)``. Any other mean over channels is a feature
     (CBAM's channel mean, a max) and freezes them, since it is not a normalisation a user expects to
     follow the kept channels."""
-    if op.node.target in MOMENTS:
-        return True
+    name = _moment_name(op)
+    if name != "mean":  # var/std normalise; a max, min, prod or logsumexp never does
+        return name is not None
     x = _uncast(op.arg(0, "input"))
     if isinstance(x, fx.Node) and x.target in SQUARES and _squares(x):
         return True
@@ -171,10 +169,7 @@ def _norm_statistic(op: OpCall) -> Any:
     """Channels pass through the statistic like LayerNorm's (recorded for verify's kept-only
     reference); the reduced dims carry none afterwards."""
     x_ids = op.ids(op.arg(0, "input"))
-    if op.node.target in MOMENTS:
-        dim, _, keepdim = _moment_args(op)
-    else:
-        dim, keepdim = op.value(op.arg(1, "dim")), bool(op.value(op.arg(2, "keepdim", False)))
+    dim, _, keepdim = _statistic_args(op)
     dims = _reduced_dims(op, len(x_ids), dim)
     for d in dims:
         op.approximate(x_ids[d])
@@ -189,17 +184,31 @@ def _record_moment(op: OpCall) -> None:
     """A mean, variance or standard deviation over channels is recorded with its kept-only form, so
     verify's reference is exact wherever a rule lets channels through one (an RMS norm written as
     ``x * rsqrt(mean(x**2))``); where the channels freeze, nothing is dropped and the site is inert."""
-    name = str(op.node.target) if op.node.op == "call_method" else getattr(op.node.target, "__name__", "")
-    kept = KEPT_MOMENTS.get(name.split(".")[0])
-    if kept is None:
+    name = _moment_name(op)
+    if name is None:
         return
     x = op.arg(0, "input")
-    if name.startswith("mean"):
-        dim, keepdim = op.value(op.arg(1, "dim")), bool(op.value(op.arg(2, "keepdim", False)))
-        op.normalizes(kept, x, _reduced_dims(op, len(op.shape(x)), dim), dim, keepdim, op.node.kwargs.get("dtype"))
-        return
-    dim, correction, keepdim = _moment_args(op)
-    op.normalizes(kept, x, _reduced_dims(op, len(op.shape(x)), dim), dim, correction, keepdim)
+    dim, correction, keepdim = _statistic_args(op)
+    dims = _reduced_dims(op, len(op.shape(x)), dim)
+    if name == "mean":
+        op.normalizes(KEPT_MOMENTS[name], x, dims, dim, keepdim, op.node.kwargs.get("dtype"))
+    else:
+        op.normalizes(KEPT_MOMENTS[name], x, dims, dim, correction, keepdim)
+
+
+def _moment_name(op: OpCall) -> Optional[str]:
+    """``"mean"``, ``"var"``, ``"std"``, ``"var_mean"`` or ``"std_mean"`` for any spelling of one
+    (``x.var``, ``torch.var``, ``aten.var.correction``...), else None."""
+    name = str(op.node.target) if op.node.op == "call_method" else getattr(op.node.target, "__name__", "")
+    name = name.split(".")[0]
+    return name if name in KEPT_MOMENTS else None
+
+
+def _statistic_args(op: OpCall) -> tuple[Any, Any, bool]:
+    """``(dim, correction, keepdim)`` of a mean (correction None) or of a var/std (:func:`_moment_args`)."""
+    if _moment_name(op) == "mean":
+        return op.value(op.arg(1, "dim")), None, bool(op.value(op.arg(2, "keepdim", False)))
+    return _moment_args(op)
 
 
 def _moment_args(op: OpCall) -> tuple[Any, float, bool]:

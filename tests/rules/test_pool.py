@@ -117,6 +117,24 @@ def test_mean_over_channels_freezes(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_max_of_squares_over_channels_freezes(level):
+    # only a *mean* of squares is a norm's statistic (RMSNorm); a max of them depends on every channel
+    class MaxOfSquares(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(2, 8, 1), nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            y = self.c1(x)
+            return self.c2(y * torch.sigmoid((y * y).amax(dim=1, keepdim=True)))
+
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(MaxOfSquares().eval(), torch.randn(1, 2, 4, 4), level)
+    group = next(g for g in analysis.groups if g.name == "c1")
+    assert not group.prunable and "a mean/max/norm over a channel dim" in group.reasons[0]
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_pooling_over_a_channel_dim_freezes(level):
     # a conv's channels moved onto a pooled dim: pooling mixes them, so they stay
     class Moved(nn.Module):
