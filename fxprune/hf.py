@@ -105,12 +105,13 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     _step(bar, "export")
     analysis = analyze(program, inputs, "export", split_axis="outer" if hf_compatible else "largest")
     check_patterns(analysis.groups, policy)
-    hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, _attention(model)))
+    attention = _attention(model)  # builds a probe on the meta device: once per call
+    hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
     scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, None)
     _step(bar, "match and score")
     options = PruneOptions(sparsity, criterion_name(criterion), "export", reduce, global_ranking, round_to,
                            min_keep, tuple(ignore), split_axis=analysis_split(hf_compatible), seed=seed)
-    attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, widths, inputs,
+    attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, widths, attention, inputs,
                                 hf_compatible, layer_indices, tolerance, options)
     try:
         out = attempt({})
@@ -127,9 +128,9 @@ class HiddenSizeReadError(VerificationError):
 
 
 def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
-                       widths: Mapping[str, float], inputs: tuple, hf_compatible: bool, layer_indices: str, tolerance: Optional[float],
-                       options: PruneOptions, whole_fields: Mapping[str, str]) -> HFPruneResult:
-    attention = _attention(model)
+                       widths: Mapping[str, float], attention: Optional[hf_policy.Attention], inputs: tuple,
+                       hf_compatible: bool, layer_indices: str, tolerance: Optional[float], options: PruneOptions,
+                       whole_fields: Mapping[str, str]) -> HFPruneResult:
     drop, notes = _select(analysis, scores, policy, widths, model.config, hf_compatible, layer_indices,
                           attention, whole_fields)
     options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,

@@ -102,21 +102,13 @@ def _fixed_batch(m: nn.Module):
 
 def _deploy_without(package: str, to: str):
     """Deploy with ``package`` unimportable, as when its extra is not installed."""
-    import sys
     import tempfile
+    from unittest import mock
 
     import fxprune.deploy
     result = fxprune.prune(_model(), X, 0.5)
-    saved = sys.modules.get(package)
-    sys.modules[package] = None  # what `import package` sees when it is not installed
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            return fxprune.deploy.deploy(result, (X,), f"{tmp}/model{fxprune.deploy.SUFFIX[to]}", to)
-    finally:
-        if saved is None:
-            del sys.modules[package]
-        else:
-            sys.modules[package] = saved
+    with mock.patch.dict("sys.modules", {package: None}), tempfile.TemporaryDirectory() as tmp:
+        return fxprune.deploy.deploy(result, (X,), f"{tmp}/model{fxprune.deploy.SUFFIX[to]}", to)
 
 
 def _hf_per_layer_widths(m: nn.Module):
