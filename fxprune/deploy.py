@@ -35,6 +35,7 @@ torch.Size([1, 1000])
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
@@ -330,10 +331,45 @@ def _quantizer(to: str):
     if to == "executorch":
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer, get_symmetric_quantization_config)
-        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+
+        class FloatScalarsOnly(XNNPACKQuantizer):
+            def transform_for_annotation(self, model: fx.GraphModule) -> fx.GraphModule:
+                return scalars_to_float_constants(model)
+
+        return FloatScalarsOnly().set_global(get_symmetric_quantization_config(is_per_channel=True))
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+
+
+def scalars_to_float_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """The scalar operand of each floating ``add``/``mul`` as a float constant the quantizer can observe
+    (in place; returns ``gm``).
+
+    XNNPACKQuantizer does this for *every* ``add``/``mul`` — also the ``0`` of an integer
+    ``arange(n) + 0`` (positions of a causal mask), which a float constant promotes to float, so the
+    ``index`` they feed fails at calibration ("tensors used as indices must be long"). Integer arithmetic
+    is never quantized: it keeps its scalar here.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor):
+            continue
+        value = node.meta.get("val")
+        if not (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
+            continue
+        node.args = tuple(a if isinstance(a, fx.Node) else _float_constant(gm, node, a) for a in node.args)
+    gm.recompile()
+    return gm
+
+
+def _float_constant(gm: fx.GraphModule, user: fx.Node, scalar: Any) -> fx.Node:
+    name = next(f"_tensor_constant_{k}" for k in itertools.count() if not hasattr(gm, f"_tensor_constant_{k}"))
+    constant = torch.tensor(float(scalar))
+    gm.register_buffer(name, constant)
+    with gm.graph.inserting_before(user):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = user.meta["val"].fake_mode.from_tensor(constant, static_shapes=True)
+    return node
 
 
 def _calibrate(prepared: fx.GraphModule, inputs: tuple, calibration: Any) -> int:

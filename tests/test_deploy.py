@@ -208,6 +208,32 @@ def test_int8_of_a_model_that_calls_one_relu_twice(tmp_path, to):
     assert SQNR_MIN_DB <= int8.agreement.sqnr_db < 100, int8.agreement
 
 
+class IntegerPositions(nn.Module):
+    """An LM's position lookup: ``arange(T) + 0`` (integer arithmetic with a scalar) indexes a table,
+    beside a float ``* 0.5`` that int8 does quantize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(16, 8))
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1]) + 0
+        return self.fc2(torch.relu(self.fc1(x + self.table[positions])) * 0.5)
+
+
+@pytest.mark.parametrize("to", deploy.TARGETS)
+def test_int8_of_integer_position_arithmetic(tmp_path, to):
+    # XNNPACKQuantizer turned the integer add's 0 into a float constant: the positions became float and
+    # calibration failed in the index ("tensors used as indices must be long"; bench_deploy's LLaMA)
+    torch.manual_seed(0)
+    model, x = IntegerPositions().eval(), torch.randn(2, 6, 8)
+    result = fxprune.prune(model, x, 0.5, capture="export")
+    int8 = deploy.deploy(result, (x,), tmp_path / f"m{deploy.SUFFIX[to]}", to, quantize="int8",
+                         calibration=[torch.randn(4, 6, 8) for _ in range(3)])
+    assert SQNR_MIN_DB <= int8.agreement.sqnr_db < 100, int8.agreement
+
+
 class FixedBatch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
