@@ -234,6 +234,33 @@ def test_int8_of_integer_position_arithmetic(tmp_path, to):
     assert SQNR_MIN_DB <= int8.agreement.sqnr_db < 100, int8.agreement
 
 
+class ResidualMLP(nn.Module):
+    """A transformer's residual stream: linear -> add, and a gate's product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.gate, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.down(self.up(x) * torch.sigmoid(self.gate(x)))
+
+
+def _annotated_arithmetic(model: nn.Module, x: torch.Tensor) -> list[bool]:
+    """Whether the ExecuTorch int8 quantizer annotates each add/mul of ``model``."""
+    quantizer = deploy._quantizer("executorch")
+    gm = quantizer.transform_for_annotation(torch.export.export(model, (x,)).module())
+    quantizer.annotate(gm)
+    return [bool(n.meta.get("quantization_annotation")) for n in gm.graph.nodes
+            if n.target in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)]
+
+
+def test_int8_pte_quantizes_a_cnns_residual_add_and_not_a_transformers_arithmetic():
+    # XNNPACKQuantizer made every add/mul int8: bench_deploy's LLaMA fell to 17 dB from 29
+    torch.manual_seed(0)
+    assert _annotated_arithmetic(ReusedReLU().eval(), torch.randn(2, 3, 8, 8)) == [True]
+    assert _annotated_arithmetic(ResidualMLP().eval(), torch.randn(2, 4, 8)) == [False, False]
+
+
 class FixedBatch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
