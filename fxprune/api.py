@@ -98,6 +98,8 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
         normalize: how ``global_ranking`` compares groups: ``"mean"``, ``"none"``, ``"max"``,
             ``"standardize"`` (FLAP's adaptive ratios) or ``"lamp"``.
         min_keep_ratio: every group keeps at least this fraction of its units.
+        round_to: kept channel counts are a multiple of ``round_to`` (vector kernels want aligned
+            widths); a unit of several channels (an attention head) counts as that many channels.
         capture: ``"fx"`` (symbolic_trace) or ``"export"`` (torch.export, ATen level).
         propagate_bias: fold each dropped channel's constant part (its bias through BN and
             activations) into the consumers' biases, like torch.ao's ``prune_bias=False``.

@@ -32,7 +32,7 @@ import torch
 from .analysis import Analysis
 from .errors import InvalidOptionError
 from .groups import Group
-from .select import Policy, check_sparsity
+from .select import Policy, check_sparsity, round_up_units
 
 LAYER_INDICES = ("own", "shared")
 INTERMEDIATE_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size",
@@ -168,13 +168,20 @@ def decide(kinds_: list[Kind], requested: Mapping[str, int], policy: Policy,
     asked for a kind directly."""
     whole_fields, widths = whole_fields or {}, widths or {}
     decisions = {id(k): Decision(k, k.size, whole_fields[k.field]) if k.field in whole_fields
-                 else _decide(k, requested, policy, widths.get(k.field)) for k in kinds_}
+                 else _decide(k, requested, policy, widths.get(k.field), _unit_channels(k, attention))
+                 for k in kinds_}
     if attention is not None and not attention.explicit_head_dim:
         _tie_heads_to_hidden(kinds_, decisions, requested, policy, attention)
     return [decisions[id(k)] for k in kinds_]
 
 
-def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Optional[float] = None) -> Decision:
+def _unit_channels(kind: Kind, attention: Optional[Attention]) -> int:
+    """Channels one unit of ``kind`` is in a key/value projection: ``round_to`` counts channels."""
+    return attention.head_dim if attention is not None and kind.field == HEADS else 1
+
+
+def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Optional[float] = None,
+            unit_channels: int = 1) -> Decision:
     whole = [g for g in kind.groups if not g.prunable]
     size = kind.size
     if len(kind.groups) == len(whole):
@@ -186,7 +193,7 @@ def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Opt
         return Decision(kind, size, "kept whole: no config field holds a per-layer width of "
                                     f"{size} here")
     asked = [requested.get(g.name, size) for g in kind.groups] if ratio is None else [size * (1 - ratio)]
-    keep = _rounded_keep(sum(asked) / len(asked), kind, policy)
+    keep = _rounded_keep(sum(asked) / len(asked), kind, policy, unit_channels)
     what = f"{kind.field}={keep}" if kind.field != HEADS else f"{keep} of {size} key/value heads"
     how = "asked" if len(set(asked)) == 1 else f"the mean of the per-layer widths asked, {sorted(set(asked))}"
     how = f"{kind.field}: {ratio:g} asked" if ratio is not None else how
@@ -195,10 +202,8 @@ def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Opt
                     f"{what} in every layer ({how}): a config holds one {kind.field}")
 
 
-def _rounded_keep(mean: float, kind: Kind, policy: Policy) -> int:
-    keep = int(math.floor(mean + 0.5))
-    if policy.round_to > 1:
-        keep = -(-keep // policy.round_to) * policy.round_to
+def _rounded_keep(mean: float, kind: Kind, policy: Policy, unit_channels: int) -> int:
+    keep = round_up_units(int(math.floor(mean + 0.5)), policy.round_to, unit_channels)
     frozen = max(len(g.frozen_units) for g in kind.groups)
     return min(kind.size, max(keep, policy.min_keep, frozen))
 

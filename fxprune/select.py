@@ -2,8 +2,9 @@
 
 Per group, the lowest-scoring units go first (ties broken by unit order, so selection is deterministic)
 until the group's ratio is met, subject to ``min_keep`` (never below, per group and per tensor dim the
-group spans: a channel-split half never empties), ``round_to`` (kept counts a multiple of N) and frozen
-units. ``global_ranking`` ranks units of all groups together on scores normalised per group
+group spans: a channel-split half never empties), ``round_to`` (kept *channels* a multiple of N: a unit
+that spans several channels, such as an attention head of ``head_dim`` channels, counts as that many) and
+frozen units. ``global_ranking`` ranks units of all groups together on scores normalised per group
 (``normalize``: ``mean`` by default, ``none``, ``max``, ``standardize`` or ``lamp``), which gives each
 group its own ratio — FLAP's adaptive per-layer ratios with ``normalize="standardize"`` — bounded
 below by ``min_keep_ratio`` (the fraction of its units every group keeps) and ``min_keep``.
@@ -108,7 +109,7 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Polic
         if group.name not in scores:
             continue
         ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
-        count = _drop_count(group, ratio, policy)  # global shares too get round_to and the bounds
+        count = _drop_count(group, ratio, policy, unit_width(analysis, group))  # global shares get round_to too
         count = counts.get(group.name, count) if counts else count
         mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
         for unit in _choose(group, scores[group.name], count, mine, policy.min_keep):
@@ -116,14 +117,35 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Polic
     return drop
 
 
-def _drop_count(group: Group, ratio: float, policy: Policy) -> int:
+def _drop_count(group: Group, ratio: float, policy: Policy, width: int) -> int:
     keep = group.size - math.floor(ratio * group.size + 1e-9)
-    keep = min(group.size, max(policy.min_keep, _min_keep_of(group, policy), _round_up(keep, policy.round_to)))
+    keep = round_up_units(keep, policy.round_to, width)
+    keep = min(group.size, max(policy.min_keep, _min_keep_of(group, policy), keep))
     return max(0, group.size - max(keep, len(group.frozen_units)))
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def round_up_units(keep: int, round_to: int, width: int = 1) -> int:
+    """``keep`` units raised until they hold a multiple of ``round_to`` channels, each unit being ``width``
+    channels: kernels want channel counts aligned, and 6 heads of 64 channels already are.
+
+    >>> round_up_units(6, 16), round_up_units(6, 16, width=64), round_up_units(5, 16, width=12)
+    (16, 6, 8)
+    """
+    step = round_to // math.gcd(round_to, width)
+    return -(-keep // step) * step
+
+
+def unit_width(analysis: Analysis, group: Group) -> int:
+    """Channels per unit in the group's first producer dim (1 unless units are tied channel sets, such
+    as whole attention heads)."""
+    producer = next((m for m in group.members if m.producer), None)
+    dims = analysis.params.get(analysis.canonical(producer.key)) if producer else None
+    ids = dims[producer.dim] if dims is not None else None
+    if ids is None:
+        return 1
+    ids = ids[ids >= 0]
+    classes = analysis.solution.root[ids].unique().numel()
+    return ids.numel() // classes if classes and ids.numel() % classes == 0 else 1
 
 
 def _choose(group: Group, scores: torch.Tensor, count: int, mine: list, min_keep: int) -> list[int]:
@@ -242,5 +264,5 @@ def adaptive_ratios(analysis: Analysis, scores: Mapping[str, torch.Tensor], poli
     for group in analysis.groups:
         if group.name in scores:
             ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
-            out[group.name] = _drop_count(group, ratio, policy) / group.size
+            out[group.name] = _drop_count(group, ratio, policy, unit_width(analysis, group)) / group.size
     return out

@@ -179,6 +179,16 @@ def test_a_ratio_per_config_field():
 
 
 @pytest.mark.slow
+def test_round_to_counts_channels_not_heads():
+    # round_to=8: one kv head is head_dim = 8 channels, so 1 of 2 is aligned (rounding the head count
+    # up to 8 kept every head); the MLP's 45 of 64 become 48
+    result = fxprune.hf.prune_with_result(_model("llama"), _inputs("llama", 2, 8), round_to=8,
+                                          sparsity={"intermediate_size": 0.3, "num_attention_heads": 0.5})
+    config = result.model.config
+    assert (config.intermediate_size, config.num_key_value_heads, config.num_attention_heads) == (48, 1, 2)
+
+
+@pytest.mark.slow
 def test_unconstrained_head_dims_are_refused():
     # without the policy the export level prunes rotary pairs inside every head: no config holds that
     with pytest.raises(ConfigMismatchError, match="a width no field of the config holds"):
