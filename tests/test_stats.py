@@ -60,6 +60,32 @@ def test_linear_and_attention_macs() -> None:
     assert count_macs(Bmm(), (torch.randn(2, 3, 4), torch.randn(2, 4, 6))) == 2 * 3 * 4 * 6
 
 
+def test_cpu_attention_kernel_is_counted() -> None:
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, kv = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8)
+    assert count_macs(Attention(), (q, kv, kv)) == 2 * (2 * 4 * 5 * 7 * 8)  # scores, then the mix
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_multihead_attention_macs_do_not_depend_on_the_head_count(heads: int) -> None:
+    # in eval an even head count takes MHA's fused fast path, which FlopCounterMode does not see
+    batch, tokens, dim = 2, 5, 8
+    mha = nn.MultiheadAttention(dim, heads, batch_first=True).eval()
+    x = torch.randn(batch, tokens, dim)
+
+    class SelfAttention(nn.Module):
+        def forward(self, x):
+            return mha(x, x, x, need_weights=False)[0]
+
+    projections = 4 * batch * tokens * dim * dim  # q, k, v and out
+    scores_and_mix = 2 * batch * tokens * tokens * dim
+    assert count_macs(SelfAttention(), (x,)) == projections + scores_and_mix
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
 def test_training_mode_module_is_not_mutated() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     assert model.training
