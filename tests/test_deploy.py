@@ -261,6 +261,19 @@ def test_int8_pte_quantizes_a_cnns_residual_add_and_not_a_transformers_arithmeti
     assert _annotated_arithmetic(ResidualMLP().eval(), torch.randn(2, 4, 8)) == [False, False]
 
 
+def test_unaligned_pruned_widths_get_a_note_that_names_round_to(tmp_path):
+    # 30% of 16 and 32 channels keeps 12 and 23: vector kernels pad those; round_to=8 aligns them
+    torch.manual_seed(0)
+    model, x = TinyCNN().eval(), torch.randn(2, 3, 16, 16)
+    unaligned = deploy.to_onnx(fxprune.prune(model, x, 0.3), x, tmp_path / "a.onnx")
+    (note,) = [n for n in unaligned.notes if "not a multiple of 8" in n]
+    assert note.startswith("3 of 3 pruned conv/linear widths") and "stem.0, 12 of 16" in note
+    assert "round_to=8" in note
+    aligned = deploy.to_onnx(fxprune.prune(model, x, 0.3, round_to=8), x, tmp_path / "b.onnx")
+    assert not any("multiple of" in n for n in aligned.notes)
+    assert not any("multiple of" in n for n in deploy.to_onnx(model, x, tmp_path / "c.onnx").notes)
+
+
 class FixedBatch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
