@@ -363,30 +363,46 @@ def _quantizer(to: str):
             def transform_for_annotation(self, model: fx.GraphModule) -> fx.GraphModule:
                 return scalars_to_float_constants(model)
 
-        quantizer = Int8ForXnnpack().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        return quantizer.set_filter_function(_not_transformer_arithmetic)
+            def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
+                return super().annotate(keep_joins_fp32(model))
+
+        return Int8ForXnnpack().set_global(get_symmetric_quantization_config(is_per_channel=True))
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
 
 
 _ARITHMETIC = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)
-_THROUGH = ("batch_norm", "relu", "hardtanh", "hardswish", "silu", "sigmoid", "gelu")
+_JOINS = (*_ARITHMETIC, torch.ops.aten.cat.default)
+_THROUGH = ("batch_norm", "relu", "hardtanh", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "pool")
 
 
-def _not_transformer_arithmetic(node: fx.Node) -> bool:
-    """Whether XNNPACKQuantizer may make ``node`` int8: anything but an ``add``/``mul`` none of whose
-    inputs comes from a convolution.
+def _int8_joins_only_after_convolutions(node: fx.Node) -> bool:
+    """Whether XNNPACKQuantizer may make ``node`` int8: anything but an ``add``, ``mul`` or ``cat``
+    none of whose inputs comes from a convolution.
 
-    XNNPACKQuantizer quantizes every add and mul. A CNN's residual adds (conv -> batch norm -> add) and
-    squeeze-excitation products keep their int8 there; a transformer's adds and muls are its residual
-    stream, norms, gates and rotary embeddings, whose range int8 does not hold (bench_deploy's LLaMA at
-    50%: SQNR 17.3 dB with them, 29.0 dB without, as large a file). X86InductorQuantizer, ONNX's, draws
-    the same line.
+    XNNPACKQuantizer quantizes every add, mul and cat, a cat's inputs at its output's scale. A CNN's
+    residual adds (conv -> batch norm -> add), squeeze-excitation products and concatenated branches
+    keep their int8 there. A transformer's are its residual stream, norms, gates, rotary embeddings
+    and the class token joined to the patches, whose ranges one int8 scale does not hold:
+    bench_deploy's LLaMA at 50% gave SQNR 17.3 dB with them and 29.0 dB without. vit_b_16 gave 10-11 dB.
+    Its small class token rounded at the patches' scale, and the head reads only that token.
+    X86InductorQuantizer, ONNX's, draws the same line.
     """
-    if node.op != "call_function" or node.target not in _ARITHMETIC:
+    if node.op != "call_function" or node.target not in _JOINS:
         return True
     return any(_from_convolution(a) for a in node.all_input_nodes)
+
+
+def keep_joins_fp32(gm: fx.GraphModule) -> fx.GraphModule:
+    """Mark each add, mul and cat that may not be int8 as annotated with nothing, which the quantizer's
+    patterns skip and leave fp32 (in place; returns ``gm``). A filter function would not do: the cat
+    pattern ignores it."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    for node in gm.graph.nodes:
+        if not _int8_joins_only_after_convolutions(node):
+            node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
+    return gm
 
 
 def _from_convolution(node: fx.Node) -> bool:

@@ -245,20 +245,48 @@ class ResidualMLP(nn.Module):
         return x + self.down(self.up(x) * torch.sigmoid(self.gate(x)))
 
 
-def _annotated_arithmetic(model: nn.Module, x: torch.Tensor) -> list[bool]:
-    """Whether the ExecuTorch int8 quantizer annotates each add/mul of ``model``."""
+class ClassToken(nn.Module):
+    """A ViT's stem: patches from a conv, flattened, joined to a learned class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, 8, 4, stride=4)
+        self.token = nn.Parameter(torch.full((1, 1, 8), 0.01))
+
+    def forward(self, x):
+        p = self.patches(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.token.expand(x.shape[0], -1, -1), p], dim=1)
+
+
+class Branches(nn.Module):
+    """An Inception block: two conv branches concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+
+
+def _annotated_joins(model: nn.Module, x: torch.Tensor) -> list[bool]:
+    """Whether the ExecuTorch int8 quantizer annotates each add/mul/cat of ``model``."""
     quantizer = deploy._quantizer("executorch")
     gm = quantizer.transform_for_annotation(torch.export.export(model, (x,)).module())
     quantizer.annotate(gm)
-    return [bool(n.meta.get("quantization_annotation")) for n in gm.graph.nodes
-            if n.target in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)]
+    notes = [n.meta.get("quantization_annotation") for n in gm.graph.nodes if n.target in deploy._JOINS]
+    return [bool(a and (a.output_qspec or a.input_qspec_map)) for a in notes]
 
 
-def test_int8_pte_quantizes_a_cnns_residual_add_and_not_a_transformers_arithmetic():
-    # XNNPACKQuantizer made every add/mul int8: bench_deploy's LLaMA fell to 17 dB from 29
+def test_int8_pte_quantizes_a_cnns_joins_and_not_a_transformers():
+    # XNNPACKQuantizer made every add/mul/cat int8: bench_deploy's LLaMA fell to 17 dB from 29, and
+    # vit_b_16 to 10 dB (its class token rounded at the patches' scale)
     torch.manual_seed(0)
-    assert _annotated_arithmetic(ReusedReLU().eval(), torch.randn(2, 3, 8, 8)) == [True]
-    assert _annotated_arithmetic(ResidualMLP().eval(), torch.randn(2, 4, 8)) == [False, False]
+    image = torch.randn(2, 3, 8, 8)
+    assert _annotated_joins(ReusedReLU().eval(), image) == [True]
+    assert _annotated_joins(Branches().eval(), image) == [True]
+    assert _annotated_joins(ResidualMLP().eval(), torch.randn(2, 4, 8)) == [False, False]
+    assert _annotated_joins(ClassToken().eval(), image) == [False]
 
 
 def test_unaligned_pruned_widths_get_a_note_that_names_round_to(tmp_path):
