@@ -385,7 +385,7 @@ def _int8_joins_only_after_convolutions(node: fx.Node) -> bool:
     residual adds (conv -> batch norm -> add), squeeze-excitation products and concatenated branches
     keep their int8 there. A transformer's are its residual stream, norms, gates, rotary embeddings
     and the class token joined to the patches, whose ranges one int8 scale does not hold:
-    bench_deploy's LLaMA at 50% gave SQNR 17.3 dB with them and 29.0 dB without. vit_b_16 gave 10-11 dB.
+    bench_deploy's LLaMA at 50% gave SQNR 17.3 dB with them and 28.8 dB without. vit_b_16 gave 10-11 dB.
     Its small class token rounded at the patches' scale, and the head reads only that token.
     X86InductorQuantizer, ONNX's, draws the same line.
     """
