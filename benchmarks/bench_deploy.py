@@ -365,21 +365,21 @@ def plot(data: dict[str, Any]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    table = [r for r in rows(data) if r["batch"] == 16 and r["variant"] in ("p30", "p50", "p30+int8", "p50+int8")]
+    labels = ["p30", "p30_r16", "p50", "p50_r16", "p30+int8", "p50+int8"]
+    table = [r for r in rows(data) if r["batch"] == 16 and r["variant"] in labels]
     models = [m for m in MODELS if any(r["model"] == m for r in table)]
     if not models:
         return
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(2, (len(models) + 1) // 2, figsize=(12, 7.6), dpi=100, squeeze=False)
     colors = dict(zip(RUNTIMES, ("#7f7f7f", "#ff7f0e", "#1f77b4", "#2ca02c")))
-    labels = ["p30", "p50", "p30+int8", "p50+int8"]
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes.flat, models):
         for i, rt in enumerate(RUNTIMES):
             vals = {r["variant"]: r["efficiency"] for r in table if r["model"] == model and r["runtime"] == rt}
             xs = [j + (i - 1.5) * 0.2 for j in range(len(labels))]
             ax.bar(xs, [vals.get(v, 0) for v in labels], width=0.2, color=colors[rt], label=rt)
         ax.axhline(0.8, color="red", linewidth=0.8, linestyle="--")
         ax.axhline(1.0, color="black", linewidth=0.5)
-        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xticks(range(len(labels)), [label.replace("_r16", "\nround_to 16") for label in labels], fontsize=8)
         ax.set_title(f"{model}, batch 16")
         ax.set_ylabel("speedup / MACs reduction")
     axes[0][0].legend(fontsize=8)
