@@ -35,7 +35,6 @@ torch.Size([1, 1000])
 """
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import os
@@ -412,27 +411,25 @@ def _from_convolution(node: fx.Node) -> bool:
 
 
 def scalars_to_float_constants(gm: fx.GraphModule) -> fx.GraphModule:
-    """The scalar operand of each floating ``add``/``mul`` as a float constant the quantizer can observe
-    (in place; returns ``gm``).
+    """The scalar operand of each ``add``/``mul`` that may be int8 as a float constant the quantizer can
+    observe (in place; returns ``gm``).
 
     XNNPACKQuantizer does this for *every* ``add``/``mul`` — also the ``0`` of an integer
     ``arange(n) + 0`` (positions of a causal mask), which a float constant promotes to float, so the
-    ``index`` they feed fails at calibration ("tensors used as indices must be long"). Integer arithmetic
-    is never quantized: it keeps its scalar here.
+    ``index`` they feed fails at calibration ("tensors used as indices must be long"). Only the joins
+    :func:`keep_joins_fp32` leaves to the quantizer, which follow a convolution and so are floating,
+    get a constant here.
     """
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _ARITHMETIC:
-            continue
-        value = node.meta.get("val")
-        if not (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
-            continue
-        node.args = tuple(a if isinstance(a, fx.Node) else _float_constant(gm, node, a) for a in node.args)
+        if node.op == "call_function" and node.target in _ARITHMETIC and _int8_joins_only_after_convolutions(node):
+            node.args = tuple(a if isinstance(a, fx.Node) else _float_constant(gm, node, a) for a in node.args)
     gm.recompile()
     return gm
 
 
 def _float_constant(gm: fx.GraphModule, user: fx.Node, scalar: Any) -> fx.Node:
-    name = next(f"_tensor_constant_{k}" for k in itertools.count() if not hasattr(gm, f"_tensor_constant_{k}"))
+    from torchao.quantization.pt2e.utils import get_new_attr_name_with_prefix
+    name = get_new_attr_name_with_prefix("_tensor_constant_")(gm)
     constant = torch.tensor(float(scalar))
     gm.register_buffer(name, constant)
     with gm.graph.inserting_before(user):
