@@ -61,16 +61,26 @@ class SumOverChannels(nn.Module):
         return self.fc(self.c1(x).sum(dim=1).flatten(1))
 
 
-class MeanOverChannels(nn.Module):
-    """CBAM-style spatial attention: a mean over channels depends on how many there are."""
+def _channel_mean(y):
+    return y.mean(dim=1, keepdim=True)
 
-    def __init__(self):
+
+def _channel_max_of_squares(y):
+    return (y * y).amax(dim=1, keepdim=True)
+
+
+class ChannelStatistic(nn.Module):
+    """CBAM-style spatial attention: a statistic over channels (a mean by default) depends on how many
+    there are."""
+
+    def __init__(self, statistic=_channel_mean):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(2, 8, 1), nn.Conv2d(8, 3, 1)
+        self.statistic = statistic
 
     def forward(self, x):
         y = self.c1(x)
-        return self.c2(y * torch.sigmoid(y.mean(dim=1, keepdim=True)))
+        return self.c2(y * torch.sigmoid(self.statistic(y)))
 
 
 CASES = {
@@ -109,29 +119,16 @@ def test_sum_over_channels_is_an_exact_consumer(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_mean_over_channels_freezes(level):
-    torch.manual_seed(0)
-    analysis = fxprune.analyze(MeanOverChannels().eval(), torch.randn(1, 2, 4, 4), level)
-    group = next(g for g in analysis.groups if g.name == "c1")
-    assert not group.prunable and "mean" in group.reasons[0]
-
-
-@pytest.mark.parametrize("level", LEVELS)
-def test_max_of_squares_over_channels_freezes(level):
+@pytest.mark.parametrize("statistic,reason", [
+    (_channel_mean, "mean"),
     # only a *mean* of squares is a norm's statistic (RMSNorm); a max of them depends on every channel
-    class MaxOfSquares(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1, self.c2 = nn.Conv2d(2, 8, 1), nn.Conv2d(8, 3, 1)
-
-        def forward(self, x):
-            y = self.c1(x)
-            return self.c2(y * torch.sigmoid((y * y).amax(dim=1, keepdim=True)))
-
+    (_channel_max_of_squares, "a mean/max/norm over a channel dim"),
+], ids=["mean", "max_of_squares"])
+def test_a_statistic_over_channels_freezes(level, statistic, reason):
     torch.manual_seed(0)
-    analysis = fxprune.analyze(MaxOfSquares().eval(), torch.randn(1, 2, 4, 4), level)
+    analysis = fxprune.analyze(ChannelStatistic(statistic).eval(), torch.randn(1, 2, 4, 4), level)
     group = next(g for g in analysis.groups if g.name == "c1")
-    assert not group.prunable and "a mean/max/norm over a channel dim" in group.reasons[0]
+    assert not group.prunable and reason in group.reasons[0]
 
 
 @pytest.mark.parametrize("level", LEVELS)
