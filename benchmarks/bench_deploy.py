@@ -95,7 +95,7 @@ def _vision(name: str, image: int):
 def build_variants(name: str, image: int) -> tuple[dict[str, Any], Any, dict[str, int]]:
     """{variant: fp32 module}, the batch-1 example input, {variant: MACs}."""
     import fxprune
-    from fxprune.stats import count_macs
+    from fxprune.measure import count_macs
     model, x, level = _llama() if name == "llama" else _vision(name, image)
     variants = {"original": model}
     for variant, (ratio, round_to) in FP32.items():

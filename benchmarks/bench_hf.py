@@ -25,7 +25,7 @@ its default ``group_magnitude`` (the L2 norm over every member of a group, like 
   the widths pruned are the ones fxprune prunes (equal parameters).
 
 Reported per variant: perplexity, parameters kept, wall time of the pruning call and its peak RSS over
-the RSS before it (:func:`fxprune.stats.measure`; for fxprune.hf the whole path: export, analysis,
+the RSS before it (:func:`fxprune.measure.measure`; for fxprune.hf the whole path: export, analysis,
 rewrite, rebuild from the config and the output check).
 
     python benchmarks/bench_hf.py               # writes benchmarks/bench_hf.md
@@ -103,7 +103,7 @@ def worker(variant: str, sparsity: float) -> dict:
     import torch
     torch.set_num_threads(1)
     from quality_models import trained_llama
-    from fxprune.stats import count_params, measure
+    from fxprune.measure import count_params, measure
     trained = trained_llama()
     model, inputs = trained.model, trained.example_inputs
     params_before = count_params(model)

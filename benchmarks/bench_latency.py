@@ -42,7 +42,7 @@ def _variants(name: str, image: int, ratio: float) -> tuple[dict, Any, dict]:
     import torch
     import torchvision
     import fxprune
-    from fxprune.stats import count_macs
+    from fxprune.measure import count_macs
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(1))

@@ -76,7 +76,7 @@ def _peak(m: Any) -> float:
 
 
 def timed_call(tool: str, name: str, image: int, ratio: float) -> tuple[Any, Any, Any, dict]:
-    from fxprune.stats import measure
+    from fxprune.measure import measure
     model, x = build(name, image)
     gc.collect()
     with measure(interval_s=0.005) as m:
@@ -90,7 +90,7 @@ def worker(tool: str, name: str, image: int, ratio: float, threads: int) -> dict
     import torchvision  # noqa: F401
     import fxprune
     import peers
-    from fxprune.stats import count_macs, count_params, current_rss_mb
+    from fxprune.measure import count_macs, count_params, current_rss_mb
     if tool == "torch-pruning":
         import torch_pruning  # noqa: F401
     import_s = time.perf_counter() - t0

@@ -49,9 +49,9 @@ from common import run_worker  # noqa: E402
 from quality_models import logits_of, trained_digits_cnn, trained_llama  # noqa: E402
 
 import fxprune  # noqa: E402
-from fxprune.capture import capture  # noqa: E402
-from fxprune.importance import CRITERIA  # noqa: E402
-from fxprune.recovery import recover  # noqa: E402
+from fxprune.core.capture import capture  # noqa: E402
+from fxprune.data.criteria import CRITERIA  # noqa: E402
+from fxprune.data.recovery import recover  # noqa: E402
 
 JSON = HERE / "bench_quality.json"
 MD = HERE / "bench_quality.md"

@@ -84,7 +84,7 @@ def _call(tool: str, model: Any, x: Any) -> Callable[[], Any]:
 
 def worker(tool: str, blocks: int, channels: int, image: int, repeat: int, threads: int) -> dict[str, Any]:
     import torch
-    from fxprune.stats import current_rss_mb, measure
+    from fxprune.measure import current_rss_mb, measure
     common.pin_threads(threads)
     if tool.startswith("tp-"):
         import torch_pruning  # noqa: F401

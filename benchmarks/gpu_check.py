@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.stats import count_macs
+from fxprune.measure import count_macs
 
 
 def _devices_and_dtypes(gm: torch.nn.Module) -> tuple[set, set]:

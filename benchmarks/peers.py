@@ -559,7 +559,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     import torchvision
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fxprune.stats import count_macs, count_params, peak_rss_mb
+    from fxprune.measure import count_macs, count_params, peak_rss_mb
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, weights=None).eval()

@@ -5,7 +5,7 @@ is pruned at 50% with L1, uniform, classifier output kept (the default), at the 
 ``torch.fx.symbolic_trace`` captures it) and at the ``export`` level. Each model and level runs in a
 **fresh subprocess**, so a crash or a leak stays there and the child's ``ru_maxrss`` is its own peak.
 
-Per row: status, parameters and MACs before/after (MACs from :func:`fxprune.stats.count_macs`, i.e.
+Per row: status, parameters and MACs before/after (MACs from :func:`fxprune.measure.count_macs`, i.e.
 ``FlopCounterMode``), the model's own forward time, the time of each stage (capture, match, score and
 select, rewrite), the peak resident memory of the prune against the memory of the model's tensors, and
 the verify error (exact or approximate). The status is ``ok`` only when the pruned model runs, keeps the
@@ -286,7 +286,7 @@ def macs(model: Any, inputs: tuple) -> int:
     """MACs with nn.MultiheadAttention's eval fast path off: FlopCounterMode does not see inside
     ``torch._native_multi_head_attention``, which would hide ViT's projections and attention."""
     import torch
-    from fxprune.stats import count_macs
+    from fxprune.measure import count_macs
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -326,14 +326,14 @@ def no_rule_reasons(analysis: Any) -> list[str]:
 def run_worker(name: str, level: str, source: str = "torchvision",
                built: Optional[tuple[Any, tuple]] = None) -> dict[str, Any]:
     import torch
-    from fxprune.analysis import AnalysisOptions, match
+    from fxprune.core.analysis import AnalysisOptions, match
     from fxprune.api import PruneResult, finish, make_plan, verify
     from fxprune.options import PruneOptions
-    from fxprune.capture import capture
+    from fxprune.core.capture import capture
     from fxprune.errors import CaptureError
-    from fxprune.importance import score_groups
-    from fxprune.select import Policy, select
-    from fxprune.stats import count_params, current_rss_mb, measure
+    from fxprune.data.criteria import score_groups
+    from fxprune.core.select import Policy, select
+    from fxprune.measure import count_params, current_rss_mb, measure
 
     torch.set_grad_enabled(False)
     model, inputs = built or build(name, source)
@@ -399,7 +399,7 @@ def run_torch_pruning(name: str, model: Any, inputs: tuple) -> dict[str, Any]:
     be verified against a reference (Torch-Pruning keeps no record of what it dropped)."""
     import peers
     import torch
-    from fxprune.stats import count_params
+    from fxprune.measure import count_params
     record: dict[str, Any] = {"model": name, "level": TORCH_PRUNING, "input": list(inputs[0].shape),
                               "params_before": count_params(model)}
     before = fingerprint(model)
@@ -437,7 +437,7 @@ def classifiers(model: Any) -> list[Any]:
 def worker_main(name: str, levels: str, source: str = "torchvision") -> int:
     """Run ``name`` at each of the comma-separated ``levels`` in this process, one JSON line each."""
     import traceback
-    from fxprune.stats import peak_rss_mb
+    from fxprune.measure import peak_rss_mb
     if source == "timm":
         common.pin_threads(1)
     built = None

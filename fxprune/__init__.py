@@ -3,21 +3,35 @@
 >>> import fxprune
 >>> result = fxprune.prune(model, (x,), sparsity=0.5, criterion="l1", capture="fx")  # doctest: +SKIP
 >>> result.graph_module, result.plan                                               # doctest: +SKIP
+
+The layers, each importing only the ones above it (``tests/test_imports.py`` checks):
+
+- :mod:`fxprune.errors`, :mod:`fxprune.options`: the typed errors and the one declaration of the options.
+- :mod:`fxprune.core`: the graph stages: capture, match (the rule table in ``core.rules``), select, plan,
+  rewrite, verify.
+- :mod:`fxprune.data`: the data-aware stages: criteria, calibration statistics, recovery.
+- :mod:`fxprune.stages`: the one composition of the stages (capture -> match -> score -> select -> plan
+  -> rewrite) that the API, the passes and the adapters share.
+- :mod:`fxprune.passes`: the pass infrastructure (``passes.pipeline``) and the pass library.
+- :mod:`fxprune.api`, :mod:`fxprune.io`: the one-call API and fxprune's file formats.
+- adapters and runtimes: :mod:`fxprune.hf` (HuggingFace), :mod:`fxprune.deploy` (ExecuTorch, ONNX Runtime).
+- :mod:`fxprune.cli` (the command line) and :mod:`fxprune.testing` (the pytest plugin, ``check_pruned``).
 """
 from . import errors
-from . import rules  # noqa: F401  (every op family registers itself; analysis looks them up in fxprune.registry)
-from .analysis import Analysis, AnalysisOptions, match
+from .core import rules  # noqa: F401  (every op family registers itself with fxprune.core.registry)
+from .core.analysis import Analysis, AnalysisOptions, match
 from .api import PruneResult, analyze, apply_plan, prune, verify
-from .calibration import Calibration
-from .capture import capture
-from .groups import Group, Member
+from .data.calibration import Calibration
+from .core.capture import capture
+from .core.groups import Group, Member
 from .io import load, save
-from .pipeline import Pass, Pipeline
-from .plan import Plan
-from .verify import VerifyReport
-from . import passes  # noqa: E402,F401  (last: the pass library registers itself with the pipeline)
+from .options import PruneOptions
+from .passes.pipeline import Pass, Pipeline
+from .passes import schedule
+from .core.plan import Plan
+from .core.verify import VerifyReport
 
 __all__ = ["prune", "apply_plan", "verify", "analyze", "capture", "match", "Plan", "PruneResult",
-           "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors",
-           "save", "load", "Pass", "Pipeline", "Calibration"]
+           "PruneOptions", "Group", "Member", "Analysis", "AnalysisOptions", "VerifyReport", "errors",
+           "save", "load", "Pass", "Pipeline", "Calibration", "schedule"]
 __version__ = "0.1.0"

@@ -18,18 +18,18 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .analysis import Analysis, AnalysisOptions, match
-from .capture import as_inputs, capture as capture_graph, propagate_values
-from .errors import CalibrationError, InvalidOptionError, PlanMismatchError
-from .fold import constant_reference, fold_biases, folded_biases, folding_is_exact
-from .importance import DEFAULT_CRITERION, Criterion, check_criterion, check_data, gather_evidence, score_groups
-from .gaps import ungrouped
-from .options import PruneOptions
-from .plan import GroupSummary, Plan
-from .recovery import recover as recover_model, recovery_steps
-from .rewrite import Pruning, rewrite
-from .select import Policy, Sparsity, check_patterns, select
-from .verify import VerifyReport, compare, output_masks, quantizer_state_mismatch, reference_model
+from fxprune.core.analysis import Analysis, AnalysisOptions, match
+from fxprune.core.capture import as_inputs, capture as capture_graph, propagate_values
+from fxprune.errors import CalibrationError, InvalidOptionError, PlanMismatchError
+from fxprune.core.bias_folding import constant_reference, fold_biases, folded_biases, folding_is_exact
+from fxprune.data.criteria import DEFAULT_CRITERION, Criterion, check_criterion, check_data, gather_evidence, score_groups
+from fxprune.core.ungrouped import ungrouped
+from fxprune.options import PruneOptions
+from fxprune.core.plan import GroupSummary, Plan
+from fxprune.data.recovery import recover as recover_model, recovery_steps
+from fxprune.core.rewrite import Pruning, rewrite
+from fxprune.core.select import Policy, Sparsity, check_patterns, select
+from fxprune.core.verify import VerifyReport, compare, output_masks, quantizer_state_mismatch, reference_model
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class PruneResult:
     drop: torch.Tensor
     example_inputs: tuple
     recovery: tuple = ()
-    """The :class:`~fxprune.recovery.RecoveryReport` of each ``recover=`` step (per-layer fit errors)."""
+    """The :class:`~fxprune.data.recovery.RecoveryReport` of each ``recover=`` step (per-layer fit errors)."""
     structural: Optional[fx.GraphModule] = None
     """With ``recover=``: the pruned model before recovery, what :func:`verify` checks."""
 
@@ -90,7 +90,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
         model: an ``nn.Module``, a ``GraphModule`` (used as it is) or an ``ExportedProgram``.
         example_inputs: a tensor or tuple of tensors the model accepts.
         sparsity: fraction of each group's units to drop, or ``{module pattern: ratio}``.
-        criterion: a name from ``fxprune.importance.CRITERIA`` (``"l1"``, ``"group_magnitude"``,
+        criterion: a name from ``fxprune.data.criteria.CRITERIA`` (``"l1"``, ``"group_magnitude"``,
             ``"wanda"``, ``"flap"``, ``"taylor"``, ...) or a callable ``(group, tensors) -> scores``.
         calibration: batches for the data-aware criteria (``activation``, ``wanda``, ``flap``,
             ``taylor``, ``hessian``): any iterable of batches, or ``fxprune.Calibration(data,
@@ -104,7 +104,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: 
         propagate_bias: fold each dropped channel's constant part (its bias through BN and
             activations) into the consumers' biases, like torch.ao's ``prune_bias=False``.
         recover: recovery steps run on ``calibration`` after pruning, in order (see
-            :mod:`fxprune.recovery`): ``"compensate-bias"`` (or ``"bias"``), ``"reconstruct"``,
+            :mod:`fxprune.data.recovery`): ``"compensate-bias"`` (or ``"bias"``), ``"reconstruct"``,
             ``"recalibrate-batchnorm"`` (or ``"batchnorm"``). ``result.recovery`` reports each layer's
             fit; :func:`verify` checks the structural pruning before recovery.
         dynamic_shapes: export level: ``"auto"`` (dynamic batch, and sequence for token inputs),
@@ -262,6 +262,6 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     if mismatch:
         report = dataclasses.replace(report, passed=False, quantizer_mismatch=mismatch)
     if raise_on_failure and not report.passed:
-        from .errors import VerificationError
+        from fxprune.errors import VerificationError
         raise VerificationError(str(report))
     return report

@@ -2,7 +2,7 @@
 
 ``save(result, directory)`` writes four files, all plain data or plain source:
 
-* ``plan.json`` — the :class:`~fxprune.plan.Plan` (which indices of which tensors survive);
+* ``plan.json`` — the :class:`~fxprune.core.plan.Plan` (which indices of which tensors survive);
 * ``model.safetensors`` — the pruned GraphModule's ``state_dict`` (plus any non-persistent buffer),
   tied tensors stored once and re-tied on load (safetensors refuses shared storage);
 * ``module.py`` — the pruned model as source: one ``torch.nn.Module`` class whose ``forward`` is the
@@ -43,8 +43,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .errors import PlanMismatchError, UnsafeFileError, UnsupportedModelError
-from .plan import Plan
+from fxprune.errors import PlanMismatchError, UnsafeFileError, UnsupportedModelError
+from fxprune.core.plan import Plan
 
 PLAN_FILE, TENSORS_FILE, MODULE_FILE, README_FILE = "plan.json", "model.safetensors", "module.py", "README.md"
 CLASS_NAME = "PrunedModel"
@@ -485,7 +485,7 @@ def load(directory: Union[str, os.PathLike], model: Any, example_inputs: Any) ->
     :class:`~fxprune.errors.PlanMismatchError` or :class:`~fxprune.errors.UnsafeFileError` before
     anything is loaded. ``model`` is not modified.
     """
-    from .api import PruneResult, apply_plan
+    from fxprune.api import PruneResult, apply_plan
     root = Path(directory)
     plan = read_plan(root / PLAN_FILE)
     state, non_persistent = read_tensors(root / TENSORS_FILE)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Union
 
-from .errors import InvalidOptionError
+from fxprune.errors import InvalidOptionError
 
 DEFAULT_CRITERION = "group_magnitude"
-"""The criterion every entry point uses by default (see :mod:`fxprune.importance`)."""
+"""The criterion every entry point uses by default (see :mod:`fxprune.data.criteria`)."""
 CAPTURES = ("fx", "export")
 SPLIT_AXES = ("largest", "outer")
 

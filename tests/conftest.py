@@ -6,7 +6,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fxprune.check import CheckReport, check_pruned
+from fxprune.testing.check import CheckReport, check_pruned
 
 LEVELS = ("fx", "export")
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 LEVELS = ("fx", "export")
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.api import analyze
-from fxprune.calibration import (Calibration, Sums, calibration_sites, collect, gram_sites,
+from fxprune.data.calibration import (Calibration, Sums, calibration_sites, collect, gram_sites,
                                  iter_batches)
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
 

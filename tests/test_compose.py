@@ -21,10 +21,10 @@ import torchvision
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 from fxprune.errors import UnsupportedModelError
 from fxprune.passes import MaskChannels
-from fxprune.stats import count_params
+from fxprune.measure import count_params
 
 pytestmark = pytest.mark.slow
 

@@ -11,13 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.calibration import Calibration
+from fxprune.data.calibration import Calibration
 from fxprune.cli import main
 from fxprune.errors import InvalidOptionError
-from fxprune.importance import CRITERIA, DATA_CRITERIA, gather_evidence, score_groups
+from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, gather_evidence, score_groups
 from fxprune.passes import MaskChannels, PruneChannels
-from fxprune.pipeline import Pipeline
-from fxprune.select import NORMALIZATIONS, Policy, adaptive_ratios, normalize_scores
+from fxprune.passes.pipeline import Pipeline
+from fxprune.core.select import NORMALIZATIONS, Policy, adaptive_ratios, normalize_scores
 
 LEVELS = ("fx", "export")
 
@@ -151,7 +151,7 @@ def test_hessian_is_the_per_sample_fisher(capture: str) -> None:
 
 def test_hessian_in_a_graph_specialised_to_a_batch_size() -> None:
     """An export graph fixed at batch 4 runs each sample as 4 copies of itself: the same Fisher."""
-    from fxprune.calibration import fixed_batch_size
+    from fxprune.data.calibration import fixed_batch_size
     loader = _loader(2)
     one = fxprune.analyze(_net(), (X,), "export", dynamic_shapes=None)
     four = fxprune.analyze(_net(), (loader[0][0],), "export", dynamic_shapes=None)

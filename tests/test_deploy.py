@@ -17,7 +17,7 @@ from torchvision.models import VisionTransformer
 import fxprune
 from fxprune import deploy
 from fxprune.errors import InvalidOptionError, MissingExtraError
-from fxprune.stats import count_params
+from fxprune.measure import count_params
 
 SQNR_MIN_DB = 20.0  # int8 with per-channel weights on these random models gives 25-45 dB; a broken one ~0
 

@@ -48,8 +48,8 @@ def _results(batches: list, criteria: tuple = CRITERIA) -> dict:
     import fxprune
     from fxprune.api import make_plan
     from fxprune.options import PruneOptions
-    from fxprune.importance import gather_evidence, score_groups
-    from fxprune.select import Policy, select
+    from fxprune.data.criteria import gather_evidence, score_groups
+    from fxprune.core.select import Policy, select
     analysis = fxprune.analyze(_net(), (batches[0][0][:1],), "fx")
     policy = Policy(0.5, global_ranking=True, normalize="standardize")
     out: dict = {"scores": {}, "plans": {}}

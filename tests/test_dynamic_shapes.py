@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.capture import default_dynamic_shapes
+from fxprune.core.capture import default_dynamic_shapes
 from fxprune.errors import DynamicShapesError
 
 

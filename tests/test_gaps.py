@@ -1,7 +1,7 @@
 """No silent gaps: every tensor a graph reads is in a group or listed in the plan with its reason.
 
 Over the HuggingFace set (tiny random configs, export level, analysis only): each parameter and buffer
-the exported graph reads is a group member or in ``fxprune.gaps.ungrouped`` with a reason; no weight
+the exported graph reads is a group member or in ``fxprune.core.ungrouped.ungrouped`` with a reason; no weight
 matrix is left in no group (Falcon's ``x @ self.weight.T`` and the MoE experts were); and no tensor has
 a dim whose channels reach the graph with no producer (the dim-level gap). The torchvision zoo gets the
 same assertion inside ``tests/zoo/test_zoo.py``'s own runs.
@@ -16,8 +16,8 @@ import torch
 import fxprune
 from fxprune.cli import main
 from fxprune.errors import UnsafeFileError
-from fxprune.gaps import DEAD, DIM_GAP, silent_gaps, ungrouped
-from fxprune.rules import linear as linear_rules
+from fxprune.core.ungrouped import DEAD, DIM_GAP, silent_gaps, ungrouped
+from fxprune.core.rules import linear as linear_rules
 
 transformers = pytest.importorskip("transformers")
 

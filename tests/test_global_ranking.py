@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 
 def _mlp() -> nn.Module:

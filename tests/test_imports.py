@@ -46,7 +46,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 else node.module or ""
             base = base.rstrip(".")
             found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
-    if path.name == "__init__.py" and "pkgutil.iter_modules" in path.read_text():  # fxprune.rules imports
+    if path.name == "__init__.py" and "pkgutil.iter_modules" in path.read_text():  # fxprune.core.rules imports
         found.update(m for m in modules if m.rpartition(".")[0] == name)     # every module of its package
     return {m for m in found if m in modules and m != name}
 
@@ -81,7 +81,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
 def test_the_import_graph_has_no_cycle():
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
-    assert "fxprune.rules.conv" in graph and "fxprune.passes.prune_channels" in graph  # the walk found them
+    assert "fxprune.core.rules.conv" in graph and "fxprune.passes.prune_channels" in graph  # the walk found them
     assert _cycle(graph) == [], " -> ".join(_cycle(graph))
 
 
@@ -92,19 +92,19 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_rule_package_counts_as_importing_every_family():
     modules = _modules()
-    assert {"fxprune.rules.conv", "fxprune.rules.shape"} <= _imports("fxprune.rules", modules["fxprune.rules"], modules)
+    assert {"fxprune.core.rules.conv", "fxprune.core.rules.shape"} <= _imports("fxprune.core.rules", modules["fxprune.core.rules"], modules)
 
 
 def test_the_shared_helpers_are_leaves():
     modules = _modules()
-    leaves = ("fxprune.predicates", "fxprune.registry", "fxprune.channels", "fxprune.graph", "fxprune.options")
+    leaves = ("fxprune.core.predicates", "fxprune.core.registry", "fxprune.core.channels", "fxprune.core.graph", "fxprune.options")
     for leaf in leaves:
         assert _imports(leaf, modules[leaf], modules) <= {"fxprune.errors"}, leaf
     # the op-call API the rules use stands on the leaves only: not on the walk, capture or groups
-    assert _imports("fxprune.opcall", modules["fxprune.opcall"], modules) <= set(leaves) | {"fxprune.errors"}
+    assert _imports("fxprune.core.opcall", modules["fxprune.core.opcall"], modules) <= set(leaves) | {"fxprune.errors"}
 
 
 def test_rules_import_the_op_call_api_not_the_walk():
     modules = _modules()
-    for name in [m for m in modules if m.startswith("fxprune.rules.")]:
+    for name in [m for m in modules if m.startswith("fxprune.core.rules.")]:
         assert "fxprune.analysis" not in _imports(name, modules[name], modules), name

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.testing._internal import common_pruning as cp
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 LEVELS = ("fx", "export")
 

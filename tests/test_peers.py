@@ -11,7 +11,7 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
 import peers  # noqa: E402
 
-from fxprune.stats import count_params  # noqa: E402
+from fxprune.measure import count_params  # noqa: E402
 
 
 def _conv_chain() -> nn.Sequential:

@@ -14,10 +14,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, PipelineError
 from fxprune.passes import ApplyPlan, DeadChannels, FoldBatchNorm, PruneChannels
-from fxprune.pipeline import (Pass, Pipeline, example_inputs, graph_changed, register,
+from fxprune.passes.pipeline import (Pass, Pipeline, example_inputs, graph_changed, register,
                               registered_passes)
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 
 LEVELS = ("fx", "export")
 X = torch.randn(2, 3, 32, 32)
@@ -91,7 +91,7 @@ def test_names_modes_and_grads_are_preserved(level):
 @pytest.mark.parametrize("level", LEVELS)
 def test_result_can_be_pruned_again(level):
     first = fxprune.prune(_resnet(), X, 0.5, capture=level)
-    second = fxprune.check.check_pruned(first.graph_module, X, sparsity=0.5)
+    second = fxprune.testing.check.check_pruned(first.graph_module, X, sparsity=0.5)
     assert second.result.level == level and second.params_after < second.params_before
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 LEVELS = ("fx", "export")
 
@@ -66,6 +66,6 @@ def test_without_folding_the_dropped_constant_is_lost():
     """The default compares with the zeroed-consumer reference, not the zeroed-filter one."""
     model, x = _model(Unpadded), torch.randn(2, 3, 6, 6)
     result = fxprune.prune(model, x, 0.5)
-    reference = fxprune.fold.constant_reference(result.analysis, result.drop)
+    reference = fxprune.core.bias_folding.constant_reference(result.analysis, result.drop)
     with torch.no_grad():
         assert (reference(x) - result.graph_module(x)).abs().max() > 1e-3

@@ -10,13 +10,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune import rules
-from fxprune.check import check_pruned
+from fxprune.core import rules
+from fxprune.testing.check import check_pruned
 from fxprune.errors import RuleTableError
 import fxprune
-from fxprune import registry
-from fxprune.registry import OpFamily, OpRule
-from fxprune.rules import conv, elementwise, shape
+from fxprune.core import registry
+from fxprune.core.registry import OpFamily, OpRule
+from fxprune.core.rules import conv
+from fxprune.core.rules import elementwise
+from fxprune.core.rules import shape
 
 LEVELS = ("fx", "export")
 

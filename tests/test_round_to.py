@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 import fxprune
-from fxprune.select import round_up_units, unit_width
+from fxprune.core.select import round_up_units, unit_width
 
 
 @pytest.mark.parametrize("keep,round_to,width,expected", [

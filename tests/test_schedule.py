@@ -7,13 +7,13 @@ import torch.nn as nn
 from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
 
 import fxprune
-from fxprune import schedule
-from fxprune.capture import capture
-from fxprune.check import check_pruned
+from fxprune.passes import schedule
+from fxprune.core.capture import capture
+from fxprune.testing.check import check_pruned
 from fxprune.errors import InvalidOptionError
 from fxprune.passes import MaskChannels, Materialize
 from fxprune.passes.mask_channels import masked_plan
-from fxprune.stats import count_params
+from fxprune.measure import count_params
 
 X = torch.randn(2, 3, 8, 8)
 

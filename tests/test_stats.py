@@ -1,4 +1,4 @@
-"""Tests of fxprune.stats: parameter and MAC counts, memory/time measurement."""
+"""Tests of fxprune.measure: parameter and MAC counts, memory/time measurement."""
 from __future__ import annotations
 
 import doctest
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from fxprune import stats
+from fxprune import measure as stats
 from fxprune.errors import ExampleInputError
-from fxprune.stats import count_macs, count_params, current_rss_mb, measure, peak_rss_mb
+from fxprune.measure import count_macs, count_params, current_rss_mb, measure, peak_rss_mb
 
 
 def test_linear_params() -> None:
@@ -143,7 +143,7 @@ def test_rss_helpers_positive() -> None:
 
 _ALLOCATE_IN_A_FRESH_PROCESS = """
 import json, time, torch
-from fxprune.stats import measure
+from fxprune.measure import measure
 with measure(interval_s=0.001) as m:
     x = torch.ones(64, 1024, 1024)  # 256 MiB, touched
     x.add_(1)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 
 class TiedLM(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,7 +21,7 @@ from torch import nn
 import fxprune
 from fxprune import io as fio
 from fxprune.errors import UnsafeFileError
-from fxprune.plan import FORMAT, Plan
+from fxprune.core.plan import FORMAT, Plan
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

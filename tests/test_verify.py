@@ -1,6 +1,6 @@
 """verify is exact for every model: the reference recomputes each norm's statistics over kept positions.
 
-The kept-only statistics (fxprune.kept_only) equal torch's ops on the sliced tensor; a pruned LayerNorm,
+The kept-only statistics (fxprune.core.kept_norms) equal torch's ops on the sliced tensor; a pruned LayerNorm,
 RMSNorm or GroupNorm(1) model equals the reference to float tolerance at both levels, and a wrong slice of
 a norm's weight, or the statistics over all channels, fails; the drift from the original is reported
 beside the verdict. A mean over a pruned dim (an RMS norm written by hand) has its reference too.
@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune import kept_only
-from fxprune.check import check_pruned
-from fxprune.rewrite import rewrite
-from fxprune.verify import compare, reference_model
+from fxprune.core import kept_norms as kept_only
+from fxprune.testing.check import check_pruned
+from fxprune.core.rewrite import rewrite
+from fxprune.core.verify import compare, reference_model
 
 LEVELS = ("fx", "export")
 KEEP = torch.tensor([0, 2, 3, 5])

@@ -4,7 +4,7 @@ Hypothesis draws a network from the block DSL in ``netspec.py`` (conv, grouped a
 activations as modules and functions, pooling, residual adds, squeeze-excite gating, cat, split/chunk,
 channels-last permutes, flatten, LSTM, LayerNorm, Linear, channel and pixel shuffles, GLU, transformer
 encoder layers) and pruning options (sparsity, criterion,
-``round_to``, ``global_ranking``, ``min_keep``, capture level), then :func:`fxprune.check.check_pruned`
+``round_to``, ``global_ranking``, ``min_keep``, capture level), then :func:`fxprune.testing.check.check_pruned`
 asserts every promise: the input is untouched, the result runs and keeps its output shape, ``verify``
 passes, a rerun is byte-identical and the plan survives JSON and re-applies.
 
@@ -27,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 from netspec import ACTIVATIONS, SIZE, build, prunable_width
 
 CI_EXAMPLES = 25

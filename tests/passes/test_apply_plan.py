@@ -7,10 +7,10 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, PipelineError, PlanMismatchError
 from fxprune.passes import ApplyPlan
-from fxprune.pipeline import Pipeline
+from fxprune.passes.pipeline import Pipeline
 
 X = torch.randn(2, 3, 8, 8)
 

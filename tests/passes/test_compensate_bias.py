@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import CalibrationError, InvalidOptionError, PipelineError
 from fxprune.passes import CompensateBias
-from fxprune.pipeline import Pipeline
+from fxprune.passes.pipeline import Pipeline
 
 
 class Mlp(nn.Module):

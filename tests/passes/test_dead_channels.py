@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.passes import DeadChannels
 
 X = torch.randn(2, 3, 8, 8)

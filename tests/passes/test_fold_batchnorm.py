@@ -9,10 +9,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.passes import FoldBatchNorm
 from fxprune.passes.fold_batchnorm import output_scale
-from fxprune.stats import count_params
+from fxprune.measure import count_params
 
 aten = torch.ops.aten
 

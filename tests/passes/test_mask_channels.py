@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, UnsupportedModelError
 from fxprune.passes import MaskChannels, Materialize, PruneChannels
 from fxprune.passes.mask_channels import PLAN_KEY, is_mask, masked_plan
-from fxprune.pipeline import Pipeline
-from fxprune.stats import count_params
+from fxprune.passes.pipeline import Pipeline
+from fxprune.measure import count_params
 from pass_nets import ResidualNet as Net
 
 X = torch.randn(2, 3, 8, 8)

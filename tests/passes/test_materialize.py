@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import PipelineError
 from fxprune.passes import MaskChannels, Materialize
 from fxprune.passes.mask_channels import PLAN_KEY, is_mask
-from fxprune.stats import count_params
+from fxprune.measure import count_params
 from pass_nets import ResidualNet as Net
 
 X = torch.randn(2, 3, 8, 8)

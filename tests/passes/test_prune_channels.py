@@ -8,10 +8,10 @@ import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, PipelineError
 from fxprune.passes import PruneChannels
-from fxprune.stats import count_params
+from fxprune.measure import count_params
 from pass_nets import ResidualNet as Net
 
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import CalibrationError, PipelineError
 from fxprune.passes import RecalibrateBatchNorm
-from fxprune.pipeline import Pipeline
-from fxprune.recovery import batch_norms
+from fxprune.passes.pipeline import Pipeline
+from fxprune.data.recovery import batch_norms
 
 from pass_nets import ResidualNet
 
@@ -55,7 +55,7 @@ def test_several_batches_give_population_moments() -> None:
     loader = _loader(batches=3)
     model = ResidualNet().eval()
     gm = capture(model, (loader[0],)).gm
-    new, report = fxprune.recovery.recalibrate_batchnorm(gm, loader)
+    new, report = fxprune.data.recovery.recalibrate_batchnorm(gm, loader)
     with torch.no_grad():
         y = model.conv1(torch.cat(loader)).double()
     torch.testing.assert_close(new.bn1.running_mean.double(), y.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.capture import capture
+from fxprune.core.capture import capture
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError, PipelineError
 from fxprune.passes import Reconstruct
-from fxprune.pipeline import Pipeline
-from fxprune.recovery import RecoveryWarning
+from fxprune.passes.pipeline import Pipeline
+from fxprune.data.recovery import RecoveryWarning
 
 from pass_nets import ResidualNet
 
@@ -81,7 +81,7 @@ def test_layers_are_fitted_in_order_to_the_pruned_models_inputs() -> None:
     model = TwoLayers().eval()
     loader = _loader((6,), batches=2, rows=64)
     result = _pruned(model, loader[0], "fx")
-    out, report = fxprune.recovery.reconstruct(result.analysis, result.drop, result.graph_module, loader,
+    out, report = fxprune.data.recovery.reconstruct(result.analysis, result.drop, result.graph_module, loader,
                                                ridge=0.0)
     x = torch.cat(loader).double()
     ref = copy.deepcopy(model).double()
@@ -108,7 +108,7 @@ def test_both_levels_fit_the_same_weights() -> None:
     fits = {}
     for level in ("fx", "export"):
         result = _pruned(model, loader[0], level)
-        out, report = fxprune.recovery.reconstruct(result.analysis, result.drop, result.graph_module, loader)
+        out, report = fxprune.data.recovery.reconstruct(result.analysis, result.drop, result.graph_module, loader)
         fits[level] = ({r.layer: round(r.after, 4) for r in report.layers}, out.state_dict()["conv3.weight"])
     assert fits["fx"][0] == fits["export"][0] and set(fits["fx"][0]) == {"conv2", "conv3", "fc"}
     torch.testing.assert_close(fits["fx"][1], fits["export"][1], atol=1e-5, rtol=1e-4)
@@ -149,7 +149,7 @@ def test_skipped_layers_say_why() -> None:
 
     loader = _loader((3, 9), batches=1)
     result = fxprune.prune(Conv1d().eval(), (loader[0],), sparsity=0.5)
-    _, report = fxprune.recovery.reconstruct(result.analysis, result.drop, result.graph_module, loader)
+    _, report = fxprune.data.recovery.reconstruct(result.analysis, result.drop, result.graph_module, loader)
     assert [r.layer for r in report.layers] == ["fc"]
     assert report.skipped == (("b", "module b is not an ungrouped, zero-padded conv2d"),)
     assert "b: skipped (" in str(report)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchvision.models import VisionTransformer
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 LEVELS = ("fx", "export")
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.check import check_pruned
-from fxprune.rules.elementwise import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES
+from fxprune.testing.check import check_pruned
+from fxprune.core.rules.elementwise import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES
 
 LEVELS = ("fx", "export")
 # The 21 activations of torch.ao's structured pruner (PReLU has weights: see test_norm.py).
@@ -53,7 +53,7 @@ def test_rule_table_covers_torch_ao_activations():
 @pytest.mark.parametrize("act", AO_MODULES, ids=lambda a: a.__name__)
 def test_activation_module(act, level):
     torch.manual_seed(0)
-    report = fxprune.check.check_pruned(WithModule(act()).eval(), torch.randn(4, 5), capture=level)
+    report = fxprune.testing.check.check_pruned(WithModule(act()).eval(), torch.randn(4, 5), capture=level)
     assert report.verify.max_abs_error < 1e-5
 
 
@@ -61,7 +61,7 @@ def test_activation_module(act, level):
 @pytest.mark.parametrize("fn", AO_FUNCTIONS, ids=lambda f: f.__name__)
 def test_activation_function(fn, level):
     torch.manual_seed(0)
-    report = fxprune.check.check_pruned(WithFunction(fn).eval(), torch.randn(4, 5), capture=level)
+    report = fxprune.testing.check.check_pruned(WithFunction(fn).eval(), torch.randn(4, 5), capture=level)
     assert report.verify.max_abs_error < 1e-5
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 LEVELS = ("fx", "export")
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 12, 4, 2

@@ -13,7 +13,7 @@ from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObser
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 from fxprune.errors import UnsupportedModelError
 
 X = torch.randn(4, 3, 8, 8)

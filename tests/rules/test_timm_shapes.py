@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxprune
-from fxprune.capture import capture, propagate_values
+from fxprune.core.capture import capture, propagate_values
 from fxprune.errors import ExampleInputError, PrunedGraphError
 
 LEVELS = ("fx", "export")

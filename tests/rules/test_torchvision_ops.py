@@ -11,7 +11,7 @@ from torchvision.models.swin_transformer import (PatchMerging, ShiftedWindowAtte
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
 import fxprune
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 
 LEVELS = ("fx", "export")
 

@@ -3,7 +3,7 @@ keeps every promise (``check_pruned``), at the fx level and at the export level.
 
 - ``pytest -m zoo``: every model of ``torchvision.models.list_models(module=torchvision.models)`` at both
   levels (what CI runs; about an hour on 2 cores). The zoo checks run, output shape, shrink, verify, no
-  silent gap (``fxprune.gaps.silent_gaps``) and the input left untouched; the rerun/plan round trip (``deterministic``) is checked on the default subset.
+  silent gap (``fxprune.core.ungrouped.silent_gaps``) and the input left untouched; the rerun/plan round trip (``deterministic``) is checked on the default subset.
 - default (``-m "not zoo"``): a handful of families at both levels with the full check, and a snapshot
   of the pruned graph's normalized report for one model per family.
 
@@ -17,8 +17,8 @@ import gc
 import pytest
 import torchvision
 
-from fxprune.check import check_pruned
-from fxprune.gaps import silent_gaps
+from fxprune.testing.check import check_pruned
+from fxprune.core.ungrouped import silent_gaps
 from zoo_script import ZOO
 
 LEVELS = ("fx", "export")

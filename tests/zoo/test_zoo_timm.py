@@ -15,7 +15,7 @@ import gc
 
 import pytest
 
-from fxprune.check import check_pruned
+from fxprune.testing.check import check_pruned
 from fxprune.errors import CaptureError
 from zoo_script import ZOO
 

@@ -1,0 +1,83 @@
+"""``fxprune prune hf:PATH_OR_CONFIG ... --out DIR``: the command line's HuggingFace route.
+
+``PATH_OR_CONFIG`` is a model directory (``config.json`` and safetensors weights, as ``save_pretrained``
+writes it; a directory with only ``config.json``, or a ``config.json`` file, gives random weights). The
+class is the config's first ``architectures`` entry. Weights load from safetensors only (nothing is
+unpickled). ``--out`` becomes a directory ``from_pretrained`` loads, plus ``plan.json`` and ``summary.md``.
+
+    fxprune prune hf:tiny-llama/ --input-shape 2,16 --sparsity 0.5 --out pruned/
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from fxprune.cli.format import CliError, markdown_table as _table
+
+FILES = "config.json model.safetensors plan.json summary.md"
+
+
+def load(path_text: str) -> Any:
+    """The model an ``hf:`` SPEC names, in eval mode (random weights from the global seed)."""
+    import transformers
+    path = Path(path_text)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise CliError(f"bad SPEC hf:{path_text}: no config.json there")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(config_file.parent if path.is_dir() else config_file))
+    except Exception as exc:  # not a config transformers understands
+        raise CliError(f"bad SPEC hf:{path_text}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    cls = _model_class(transformers, config, path_text)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return cls.from_pretrained(str(path), use_safetensors=True).eval()
+    return cls(config).eval()
+
+
+def _model_class(transformers: Any, config: Any, path_text: str) -> Any:
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise CliError(f"bad SPEC hf:{path_text}: its config names no transformers class in "
+                          f"'architectures' (got {names})")
+    return cls
+
+
+def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+    """Random inputs of ``--input-shape``: token ids below the vocabulary size for a model whose main
+    input is ``input_ids``, normal floats otherwise (``pixel_values``)."""
+    if not shapes:
+        raise CliError("--input-shape is required (e.g. --input-shape 2,16 for token ids)")
+    generator = torch.Generator().manual_seed(seed)
+    if getattr(model, "main_input_name", "") == "input_ids":
+        vocab = int(model.config.vocab_size)
+        return tuple(torch.randint(0, vocab, s, generator=generator) for s in shapes)
+    return tuple(torch.randn(s, generator=generator) for s in shapes)
+
+
+def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
+    """Prune with :func:`fxprune.hf.prune_with_result` and write ``--out``; returns the summary text."""
+    from fxprune import hf
+    result = hf.prune_with_result(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
+                                  ignore=tuple(args.ignore), round_to=args.round_to,
+                                  global_ranking=args.global_ranking, seed=args.seed)
+    out = Path(args.out)
+    result.model.save_pretrained(out)
+    (out / "plan.json").write_text(result.plan.to_json(), encoding="utf-8")
+    text = summary(args.spec, args.sparsity, model, result)
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def summary(spec: str, sparsity: float, model: Any, result: Any) -> str:
+    rows = [("config field", "before", "after")]
+    rows += [(field, str(before), str(after)) for field, (before, after) in result.changes.items()]
+    before, after = model.num_parameters(), result.model.num_parameters()
+    lines = [f"# fxprune: {spec}, sparsity {sparsity:g}, HF-compatible", "", *_table(rows), "",
+             f"params: {before:,} -> {after:,} ({after / before:.1%})",
+             f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", ""]
+    return "\n".join(lines)
+

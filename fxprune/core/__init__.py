@@ -1,0 +1,1 @@
+"""The graph stages: capture, match (``rules``: one module per op family), select, plan, rewrite, verify.\n\nImports nothing outside ``fxprune.core`` but :mod:`fxprune.errors` and :mod:`fxprune.options`."""

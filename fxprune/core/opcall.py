@@ -1,0 +1,239 @@
+"""The op-call API the rules use: what a rule sees of one node (:class:`OpCall`) and the facts it
+records (producers, contractions, foldable consumers, norm statistics) on the walk's :class:`Context`.
+
+A leaf of the package's import graph below :mod:`fxprune.analysis`: rules import this module, the
+walk in :mod:`fxprune.analysis` drives it, and neither rules nor this module import the walk.
+
+A rule reads its node through :class:`OpCall` and records facts with it::
+
+    def relu_like(op: OpCall):
+        # f(x) -> f(x): channels pass through
+        return op.ids(op.arg(0, "input"))
+
+    def layer_norm(op: OpCall):
+        x = op.arg(0, "input")
+        op.approximate(op.ids(x)[-1])   # statistics over the kept channels
+        return op.ids(x)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from fxprune.core.channels import ChannelTable, TensorIds
+from fxprune.core.graph import describe_target, fixed_like, iter_arrays, meta_value, tensor_at
+from fxprune.core.predicates import weight_source
+
+class Unsupported(Exception):
+    """Raised by a rule for a variant it does not handle; the node then freezes its channels."""
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Choices that change which channels are tied together."""
+
+    prune_outputs: bool = False
+    """When False, channels that reach a graph output are kept (the output is a fixed interface)."""
+    split_axis: str = "largest"
+    """Which axis carries the channels when a view splits a channel dim in two (``"largest"`` prunes
+    head dims and shuffle-group widths; ``"outer"`` prunes whole heads)."""
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A parameter dim whose slices create channels (a conv's output rows): the scores' source."""
+
+    key: str
+    dim: int
+    node: str
+
+
+@dataclass(frozen=True)
+class ActSink:
+    """An activation consumed by a contraction (matmul, sum): verify masks its dropped positions."""
+
+    node: str
+    arg: int
+    dim: int
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A statistic over channels (LayerNorm, RMSNorm, GroupNorm, a mean or variance): verify's reference
+    recomputes it over the kept positions only, as ``kept_only(x, keep, *args)`` (``keep``: 1 at kept
+    positions, shaped to broadcast against ``x``)."""
+
+    node: str
+    dims: tuple[int, ...]
+    """The dims of ``x`` the statistic runs over that carry channels."""
+    ids: tuple[torch.Tensor, ...]
+    """Their channel ids, one array per dim of ``dims``."""
+    kept_only: Callable
+    args: tuple
+    """``x`` then what ``kept_only`` takes after ``keep``: nodes, literals, or a ``str`` naming a parameter."""
+
+
+@dataclass(frozen=True)
+class Foldable:
+    """A conv/linear whose dropped inputs' constant part can be folded into its bias."""
+
+    node: str
+    weight: str
+    in_dim: int
+    bias: Optional[str]
+    input: str
+    channel_dim: int
+    exact: bool
+    """False for a padded conv: the constant does not reach the zero-padded border."""
+
+
+@dataclass
+class Context:
+    """Mutable state of one analysis walk; rules talk to it through :class:`OpCall`."""
+
+    gm: fx.GraphModule
+    options: AnalysisOptions
+    table: ChannelTable = field(default_factory=ChannelTable)
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    params: dict[str, TensorIds] = field(default_factory=dict)
+    producers: list[Producer] = field(default_factory=list)
+    param_sinks: list[tuple[str, int]] = field(default_factory=list)
+    act_sinks: list[ActSink] = field(default_factory=list)
+    foldables: list[Foldable] = field(default_factory=list)
+    norm_sites: list[NormSite] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Every parameter name seen -> its canonical name (see :meth:`canonical`)."""
+    _names: dict[int, str] = field(default_factory=dict)
+
+    def param(self, key: str) -> TensorIds:
+        """The channel map of a parameter or buffer, one fresh id per position the first time."""
+        key = self.canonical(key)
+        if key not in self.params:
+            shape = tensor_at(self.gm, key).shape
+            self.params[key] = tuple(self.table.fresh(n) for n in shape)
+        return self.params[key]
+
+    def canonical(self, key: str) -> str:
+        """The first name under which a tensor was seen: tied weights (an embedding shared with the
+        output layer) are one tensor to analysis, plan and rewrite."""
+        if key not in self.aliases:
+            tensor = tensor_at(self.gm, key)
+            self.aliases[key] = self._names.setdefault(id(tensor), key)
+        return self.aliases[key]
+
+
+class OpCall:
+    """What a rule sees of one node: its args' channel maps, shapes and literals."""
+
+    def __init__(self, ctx: Context, node: fx.Node, module: Optional[torch.nn.Module]):
+        self.ctx, self.node, self.module = ctx, node, module
+        self.table = ctx.table
+
+    # --- reading the node -------------------------------------------------------------------
+    def arg(self, index: int, name: str = "", default: Any = None) -> Any:
+        """The raw argument by position or keyword (a Node, a literal, a list...)."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def ids(self, value: Any) -> Any:
+        """The channel map of an argument (None for literals)."""
+        if isinstance(value, fx.Node):
+            return self.ctx.env.get(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.ids(v) for v in value)
+        if isinstance(value, dict):  # e.g. a graph output {"out": ..., "aux": ...}
+            return {k: self.ids(v) for k, v in value.items()}
+        return None
+
+    def shape(self, value: Any) -> tuple[int, ...]:
+        val = meta_value(value) if isinstance(value, fx.Node) else value
+        return tuple(int(s) for s in val.shape)
+
+    def value(self, value: Any) -> Any:
+        """A literal, or the traced value of a node (ints from ``size()``)."""
+        return meta_value(value) if isinstance(value, fx.Node) else value
+
+    @property
+    def out(self) -> Any:
+        return meta_value(self.node)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def where(self) -> str:
+        return f"node {self.node.name!r} ({describe_target(self.node)})"
+
+    # --- recording facts --------------------------------------------------------------------
+    def unify(self, a: Optional[torch.Tensor], b: Optional[torch.Tensor], why: str = "") -> None:
+        """Tie two per-position id arrays; a None (fixed) side freezes the other."""
+        reason = why or f"meets a fixed dim at {self.where()}"
+        if a is None and b is None:
+            return
+        if a is None or b is None:
+            self.table.freeze(a if b is None else b, reason)
+            return
+        self.table.unify(a, b, reason)
+
+    def freeze(self, ids: Any, why: str) -> None:
+        for array in iter_arrays(ids):
+            self.table.freeze(array, f"{why} at {self.where()}")
+
+    def approximate(self, ids: Optional[torch.Tensor]) -> None:
+        self.table.approximate(ids)
+
+    def param(self, key: str) -> TensorIds:
+        return self.ctx.param(key)
+
+    def param_key(self, value: Any) -> Optional[str]:
+        """The state_dict key behind an argument that is a parameter: a get_attr, seen through the
+        fake-quantizers and folded-BatchNorm scalings QAT puts on weights (``rules.quantization``)."""
+        value = weight_source(value, self.ctx.gm)
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            return str(value.target)
+        return None
+
+    def produce(self, key: str, dim: int) -> torch.Tensor:
+        """Declare that this param dim creates channels; returns their ids."""
+        ids = self.ctx.param(key)[dim]
+        self.ctx.producers.append(Producer(self.ctx.canonical(key), dim, self.node.name))
+        return ids
+
+    def consume_param(self, key: str, dim: int) -> None:
+        """Declare that this param dim contracts over channels (verify zeroes its dropped slices)."""
+        self.ctx.param(key)
+        self.ctx.param_sinks.append((self.ctx.canonical(key), dim))
+
+    def foldable(self, weight: str, in_dim: int, bias: Optional[str], x: Any, channel_dim: int,
+                 exact: bool = True) -> None:
+        """Declare a consumer whose bias can absorb dropped inputs' constants (``propagate_bias``)."""
+        if isinstance(x, fx.Node):
+            bias = None if bias is None else self.ctx.canonical(bias)
+            self.ctx.foldables.append(Foldable(self.node.name, self.ctx.canonical(weight), in_dim, bias,
+                                               x.name, channel_dim, exact))
+
+    def consume_act(self, arg: int, dim: int, ids: Optional[torch.Tensor]) -> None:
+        """Declare that input ``arg`` is contracted over ``dim`` (verify masks it)."""
+        if ids is not None:
+            self.ctx.act_sinks.append(ActSink(self.node.name, arg, dim, ids))
+
+    def normalizes(self, kept_only: Callable, x: Any, dims: Any, *args: Any) -> None:
+        """Declare that this node computes a statistic of ``x`` over ``dims`` (LayerNorm, a mean...):
+        verify's reference runs ``kept_only(x, keep, *args)`` in its place, the statistic over kept
+        positions only. Dims without channels are left out; nothing is recorded if none has any."""
+        x_ids = self.ids(x)
+        if not isinstance(x, fx.Node) or not isinstance(x_ids, tuple):
+            return
+        dims = tuple(sorted({d % len(x_ids) for d in dims if x_ids[d % len(x_ids)] is not None}))
+        if dims:
+            self.ctx.norm_sites.append(NormSite(self.node.name, dims, tuple(x_ids[d] for d in dims),
+                                                kept_only, (x, *args)))
+
+    def fixed(self, value: Any = None) -> Any:
+        """A channel map with no channel on any dim, shaped like ``value`` (default: the output)."""
+        return fixed_like(self.out if value is None else value)

@@ -1,0 +1,268 @@
+"""Select: scores and a policy become the set of dropped channel classes.
+
+Per group, the lowest-scoring units go first (ties broken by unit order, so selection is deterministic)
+until the group's ratio is met, subject to ``min_keep`` (never below, per group and per tensor dim the
+group spans: a channel-split half never empties), ``round_to`` (kept *channels* a multiple of N: a unit
+that spans several channels, such as an attention head of ``head_dim`` channels, counts as that many) and
+frozen units. ``global_ranking`` ranks units of all groups together on scores normalised per group
+(``normalize``: ``mean`` by default, ``none``, ``max``, ``standardize`` or ``lamp``), which gives each
+group its own ratio — FLAP's adaptive per-layer ratios with ``normalize="standardize"`` — bounded
+below by ``min_keep_ratio`` (the fraction of its units every group keeps) and ``min_keep``.
+
+>>> policy = Policy(0.5, global_ranking=True, normalize="standardize", min_keep_ratio=0.2)
+>>> adaptive_ratios(analysis, scores, policy)                     # doctest: +SKIP
+{'conv1': 0.25, 'layer1.0.conv1': 0.625, ...}
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+import torch
+
+from fxprune.core.analysis import Analysis
+from fxprune.errors import InvalidOptionError
+from fxprune.core.groups import Group
+
+Sparsity = Union[float, Mapping[str, float]]
+#: How scores are made comparable across groups for global ranking.
+NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How many units each group loses."""
+
+    sparsity: Sparsity = 0.5
+    global_ranking: bool = False
+    round_to: int = 1
+    min_keep: int = 1
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+    normalize: str = "mean"
+    """How ``global_ranking`` makes groups' scores comparable (one of :data:`NORMALIZATIONS`)."""
+    min_keep_ratio: float = 0.0
+    """Every group keeps at least this fraction of its units (bounds adaptive ratios)."""
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.normalize not in NORMALIZATIONS:
+            raise InvalidOptionError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if isinstance(self.min_keep_ratio, bool) or not isinstance(self.min_keep_ratio, (int, float)) \
+                or not 0 <= self.min_keep_ratio <= 1:
+            raise InvalidOptionError(f"min_keep_ratio must be a float in [0, 1], got {self.min_keep_ratio!r}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise InvalidOptionError(f"round_to must be a positive int, got {self.round_to!r}")
+        if not isinstance(self.min_keep, int) or self.min_keep < 1:
+            raise InvalidOptionError(f"min_keep must be a positive int, got {self.min_keep!r}")
+
+
+def check_sparsity(sparsity: Sparsity) -> None:
+    values = sparsity.items() if isinstance(sparsity, Mapping) else [("sparsity", sparsity)]
+    for name, value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                or not 0 <= value < 1:
+            raise InvalidOptionError(f"sparsity for {name!r} must be a float in [0, 1), got {value!r}")
+
+
+def module_names(group: Group) -> list[str]:
+    """The producer modules of a group (parameter keys without their last part)."""
+    return [m.key.rsplit(".", 1)[0] for m in group.members if m.producer]
+
+
+def _matches(pattern: str, names: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def check_patterns(groups: tuple[Group, ...], policy: Policy) -> None:
+    """A ratio or ignore pattern that matches no module is a typo: say so."""
+    names = [n for g in groups for n in module_names(g)] + [m.key.rsplit(".", 1)[0] for g in groups
+                                                            for m in g.members]
+    patterns = list(policy.ignore) + (list(policy.sparsity) if isinstance(policy.sparsity, Mapping) else [])
+    for pattern in patterns:
+        if not _matches(pattern, names):
+            raise InvalidOptionError(f"pattern {pattern!r} matches no prunable module; known modules "
+                                     f"include {sorted(set(names))[:8]}")
+
+
+def group_ratio(group: Group, policy: Policy) -> float:
+    names = module_names(group)
+    if any(_matches(p, names) for p in policy.ignore):
+        return 0.0
+    if not isinstance(policy.sparsity, Mapping):
+        return float(policy.sparsity)
+    ratios = [r for p, r in policy.sparsity.items() if _matches(p, names)]
+    return max(ratios) if ratios else 0.0
+
+
+def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
+           counts: Optional[Mapping[str, int]] = None) -> torch.Tensor:
+    """Bool per channel id, true on the roots of dropped classes. ``counts`` ({group name: units to
+    drop}) overrides the policy's count for those groups (an adapter that imposes one width per layer
+    kind, such as :mod:`fxprune.hf`)."""
+    drop = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
+    segments = _segments(analysis)
+    holding = _segments_of_units(segments)
+    budgets = _global_budgets(analysis, scores, policy) if policy.global_ranking else {}
+    for group in analysis.groups:
+        if group.name not in scores:
+            continue
+        ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
+        count = _drop_count(group, ratio, policy, unit_width(analysis, group))  # global shares get round_to too
+        count = counts.get(group.name, count) if counts else count
+        mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
+        for unit in _choose(group, scores[group.name], count, mine, policy.min_keep):
+            drop[unit] = True
+    return drop
+
+
+def _drop_count(group: Group, ratio: float, policy: Policy, width: int) -> int:
+    keep = group.size - math.floor(ratio * group.size + 1e-9)
+    keep = round_up_units(keep, policy.round_to, width)
+    keep = min(group.size, max(policy.min_keep, _min_keep_of(group, policy), keep))
+    return max(0, group.size - max(keep, len(group.frozen_units)))
+
+
+def round_up_units(keep: int, round_to: int, width: int = 1) -> int:
+    """``keep`` units raised until they hold a multiple of ``round_to`` channels, each unit being ``width``
+    channels: kernels want channel counts aligned, and 6 heads of 64 channels already are.
+
+    >>> round_up_units(6, 16), round_up_units(6, 16, width=64), round_up_units(5, 16, width=12)
+    (16, 6, 8)
+    """
+    step = round_to // math.gcd(round_to, width)
+    return -(-keep // step) * step
+
+
+def unit_width(analysis: Analysis, group: Group) -> int:
+    """Channels per unit in the group's first producer dim (1 unless units are tied channel sets, such
+    as whole attention heads)."""
+    producer = next((m for m in group.members if m.producer), None)
+    dims = analysis.params.get(analysis.canonical(producer.key)) if producer else None
+    ids = dims[producer.dim] if dims is not None else None
+    if ids is None:
+        return 1
+    ids = ids[ids >= 0]
+    classes = analysis.solution.root[ids].unique().numel()
+    return ids.numel() // classes if classes and ids.numel() % classes == 0 else 1
+
+
+def _choose(group: Group, scores: torch.Tensor, count: int, mine: list, min_keep: int) -> list[int]:
+    """The ``count`` lowest-scoring free units, never emptying a segment (of ``mine``, the segments
+    holding any of the group's units, in segment order) below ``min_keep``.
+
+    A first pass also keeps every segment (a tensor dim the group spans, like one half of a split)
+    at least as full as the group's overall keep ratio, so a split's halves shrink alike; a second pass
+    fills what remains of the budget with only ``min_keep`` as the bound.
+    """
+    frozen = set(group.frozen_units)
+    values = scores.tolist()  # one conversion, not one tensor index per comparison key
+    order = [group.units[i] for i in sorted(range(group.size), key=lambda i: (values[i], i))]
+    order = [u for u in order if u not in frozen]
+    of_unit: dict[int, list[int]] = {}
+    for index, segment in enumerate(mine):
+        for unit in segment:
+            of_unit.setdefault(unit, []).append(index)
+    kept = [len(s) for s in mine]
+    keep_ratio = 1 - count / max(group.size, 1)
+    balanced = [max(min(min_keep, len(s)), int(len(s) * keep_ratio)) for s in mine]
+    floors = [min(min_keep, len(s)) for s in mine]
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    for bound in (balanced, floors):
+        for unit in order:
+            if len(chosen) == count:
+                return list(chosen)
+            touched = of_unit.get(unit, [])
+            if unit in chosen or any(kept[i] - 1 < bound[i] for i in touched):
+                continue
+            for i in touched:
+                kept[i] -= 1
+            chosen[unit] = None
+    return list(chosen)
+
+
+def _segments(analysis: Analysis) -> list[frozenset]:
+    """The distinct sets of classes that some tensor dim holds: none may lose all its channels."""
+    seen: dict[frozenset, None] = {}
+    root = analysis.solution.root
+    for ids in analysis.id_arrays():
+        valid = ids[ids >= 0]
+        if valid.numel():
+            seen.setdefault(frozenset(root[valid].unique().tolist()), None)
+    return list(seen)
+
+
+def _segments_of_units(segments: list[frozenset]) -> dict[int, list[int]]:
+    """unit -> indices of the segments holding it (one pass, instead of testing every segment per group)."""
+    holding: dict[int, list[int]] = {}
+    for index, segment in enumerate(segments):
+        for unit in segment:
+            holding.setdefault(unit, []).append(index)
+    return holding
+
+
+def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict:
+    """Rank all units together on normalised scores; each group's share of the drops."""
+    entries = []
+    for group in analysis.groups:
+        if group.name in scores and group_ratio(group, policy) > 0:
+            norm = normalize_scores(scores[group.name], policy.normalize)
+            entries += [(v, group.name, i) for i, v in enumerate(norm.tolist())]
+    total = sum(g.size for g in analysis.groups if g.name in scores and group_ratio(g, policy) > 0)
+    if isinstance(policy.sparsity, Mapping):  # the mapping's groups share the drops it asks for in all
+        budget = sum(math.floor(group_ratio(g, policy) * g.size + 1e-9) for g in analysis.groups if g.name in scores)
+    else:
+        budget = math.floor(float(policy.sparsity) * total + 1e-9)
+    counts: dict[str, int] = {g.name: 0 for g in analysis.groups}
+    sizes = {g.name: g.size - max(policy.min_keep, _min_keep_of(g, policy), len(g.frozen_units))
+             for g in analysis.groups}
+    for _, name, _ in sorted(entries):
+        if budget == 0:
+            break
+        if counts[name] < sizes[name]:
+            counts[name] += 1
+            budget -= 1
+    return counts
+
+
+def _min_keep_of(group: Group, policy: Policy) -> int:
+    return math.ceil(policy.min_keep_ratio * group.size - 1e-9)
+
+
+def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """One group's scores on a scale comparable across groups (order within the group unchanged).
+
+    ``lamp``: each score over the sum of the scores at least as large (LAMP, Lee et al. 2021), so a
+    group's least important unit always scores lowest against the whole group.
+
+    >>> normalize_scores(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), "lamp")
+    tensor([0.1667, 0.4000, 1.0000], dtype=torch.float64)
+    """
+    s = scores.double()
+    if how == "none":
+        return s
+    if how == "mean":
+        return s / s.mean().clamp_min(1e-12)
+    if how == "max":
+        return s / s.max().clamp_min(1e-12)
+    if how == "standardize":
+        return (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-12)
+    if how == "lamp":
+        order = torch.argsort(s, descending=True, stable=True)
+        lamp = torch.empty_like(s)
+        lamp[order] = s[order] / torch.cumsum(s[order], 0).clamp_min(1e-12)
+        return lamp
+    raise InvalidOptionError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
+
+
+def adaptive_ratios(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict[str, float]:
+    """The fraction of its units each scored group loses under ``policy`` (global ranking gives each
+    group its own; ``round_to`` and the keep bounds applied)."""
+    budgets = _global_budgets(analysis, scores, policy) if policy.global_ranking else {}
+    out = {}
+    for group in analysis.groups:
+        if group.name in scores:
+            ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
+            out[group.name] = _drop_count(group, ratio, policy, unit_width(analysis, group)) / group.size
+    return out

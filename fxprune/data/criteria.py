@@ -1,0 +1,421 @@
+"""Score: importance functions are pure, ``(group, tensors[, evidence]) -> one score per unit``.
+
+Weight criteria read the group's *producer* members (a conv's output filters, an LSTM unit's gate
+rows); a unit spread over several positions (a flattened channel, a shuffled pair) sums them, and
+members are reduced with ``mean`` (default), ``sum`` or ``max``. Lower scores are pruned first.
+
+- ``l1``, ``l2``, ``fpgm``, ``bn_scale``, ``random``: producer weights only.
+- ``group_magnitude``: every member of the group — producer rows, consumer input columns, norm
+  scales — each ``Σ w²`` per unit, averaged over members (Torch-Pruning's ``GroupMagnitudeImportance``).
+- Data-aware, from calibration statistics (:mod:`fxprune.data.calibration`): ``activation`` (mean ``|x|``
+  of the unit at its consumers' inputs), ``wanda`` (``Σ |W_ij| · ‖X_j‖₂`` over the consumer columns
+  of the unit: structured Wanda), ``flap`` (FLAP's fluctuation: ``Var(X_j) · ‖W_:j‖²``).
+- Gradient-based, over the whole calibration set: ``taylor`` (``Σ |w · ∂L/∂w|`` with the gradient
+  accumulated over all batches; ``batch=`` still gives the one-batch form) and ``hessian`` (``Σ w² ·
+  F`` with ``F`` the diagonal empirical Fisher, per-sample gradients from ``torch.func.vmap``).
+
+A group whose units reach no conv/linear consumer (attention queries and keys) has no consumer
+columns: ``wanda`` and ``flap`` then read its producers' outputs and rows instead.
+
+>>> fxprune.prune(model, (x,), sparsity=0.5, criterion="fpgm")          # doctest: +SKIP
+>>> fxprune.prune(model, (x,), criterion="wanda", calibration=loader)   # doctest: +SKIP
+>>> fxprune.prune(model, (x,), sparsity=0.5, criterion=my_fn)           # my_fn(group, tensors) -> scores
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from fxprune.core.analysis import Analysis
+from fxprune.errors import CalibrationError, InvalidOptionError
+from fxprune.core.groups import Group
+
+Criterion = Union[str, Callable[..., torch.Tensor]]
+#: Criteria that read weights only.
+WEIGHT_CRITERIA = ("l1", "l2", "fpgm", "bn_scale", "random", "group_magnitude")
+#: Criteria that read calibration statistics (``calibration=`` required).
+ACTIVATION_CRITERIA = ("activation", "wanda", "flap")
+#: Criteria that read gradients of a loss (``loss_fn=`` and ``calibration=``; ``taylor`` also ``batch=``).
+GRADIENT_CRITERIA = ("taylor", "hessian")
+#: Every criterion by name: the one list the API, the passes and the CLI offer.
+CRITERIA = WEIGHT_CRITERIA + ACTIVATION_CRITERIA + GRADIENT_CRITERIA
+#: Criteria that need calibration data.
+DATA_CRITERIA = ACTIVATION_CRITERIA + GRADIENT_CRITERIA
+#: What ``prune``, the passes and the CLI use unless told otherwise: a unit's whole group votes, not its
+#: producers alone, which keeps far more accuracy than ``l1`` on ``benchmarks/bench_quality.py``'s CNN.
+from fxprune.options import DEFAULT_CRITERION  # noqa: E402  (one default, in the options module)
+REDUCTIONS = ("mean", "sum", "max")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a data-aware criterion reads besides weights (see :func:`gather_evidence`)."""
+
+    gradients: Optional[dict] = None
+    """``taylor``: ``∂L/∂w`` summed over batches; ``hessian``: ``Σ (∂l_i/∂w)²`` over samples."""
+    statistics: Any = None
+    """:class:`fxprune.data.calibration.Statistics` for ``activation``, ``wanda`` and ``flap``."""
+
+
+def check_criterion(criterion: Any, reduce: str = "mean") -> None:
+    if not callable(criterion) and criterion not in CRITERIA:
+        raise InvalidOptionError(f"unknown criterion {criterion!r}; expected one of {CRITERIA} or a "
+                                 f"callable (group, tensors) -> scores")
+    if reduce not in REDUCTIONS:
+        raise InvalidOptionError(f"unknown reduce {reduce!r}; expected one of {REDUCTIONS}")
+
+
+def check_data(criterion: Any, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple]) -> None:
+    """A data-aware criterion without its data is an error naming the missing option."""
+    if criterion == "taylor" and loss_fn is not None and (calibration is not None or batch is not None):
+        return
+    if criterion in GRADIENT_CRITERIA:
+        if calibration is None or loss_fn is None:
+            missing = [n for n, v in (("calibration", calibration), ("loss_fn", loss_fn)) if v is None]
+            raise InvalidOptionError(f"criterion {criterion!r} needs {' and '.join(missing)}: "
+                                     f"calibration=<batches of (inputs, target)> and loss_fn=(output, "
+                                     f"target) -> loss" + (" (or batch=(inputs, target) for one batch)"
+                                                           if criterion == "taylor" else ""))
+    if criterion in ACTIVATION_CRITERIA and calibration is None:
+        raise InvalidOptionError(f"criterion {criterion!r} reads activations: it needs calibration=<batches> "
+                                 f"(a DataLoader, a list of tensors, or fxprune.Calibration(...))")
+
+
+def gather_evidence(analysis: Analysis, criterion: Any, calibration: Any = None,
+                    loss_fn: Optional[Callable] = None, batch: Optional[tuple] = None,
+                    progress: bool = False) -> Evidence:
+    """Run the calibration data through ``analysis.gm`` for what ``criterion`` reads (nothing for a
+    weight criterion)."""
+    from fxprune.data import calibration as calib  # the calibration stage imports the capture stack lazily
+    check_data(criterion, calibration, loss_fn, batch)
+    if criterion in ACTIVATION_CRITERIA:
+        return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis),
+                                                 progress=progress))
+    if criterion == "taylor":
+        if calibration is None:
+            return Evidence(gradients=taylor_gradients(analysis.gm, loss_fn, batch))
+        return Evidence(gradients=accumulated_gradients(analysis.gm, loss_fn, calibration, progress))
+    if criterion == "hessian":
+        return Evidence(gradients=fisher_diagonal(analysis.gm, loss_fn, calibration, progress))
+    return Evidence()
+
+
+def score_groups(analysis: Analysis, groups: tuple[Group, ...], criterion: Criterion,
+                 reduce: str = "mean", seed: int = 0, gradients: Optional[dict] = None,
+                 evidence: Optional[Evidence] = None) -> dict[str, torch.Tensor]:
+    """One float64 score per unit of every prunable group, keyed by group name."""
+    evidence = evidence if evidence is not None else Evidence(gradients=gradients)
+    scores = {}
+    for group in groups:
+        if group.prunable:
+            scores[group.name] = score_group(analysis, group, criterion, reduce, seed, evidence=evidence)
+    return scores
+
+
+def score_group(analysis: Analysis, group: Group, criterion: Criterion, reduce: str = "mean",
+                seed: int = 0, gradients: Optional[dict] = None,
+                evidence: Optional[Evidence] = None) -> torch.Tensor:
+    evidence = evidence if evidence is not None else Evidence(gradients=gradients)
+    if callable(criterion):
+        tensors = {m.key: analysis.tensor(m.key) for m in group.members}
+        scores = torch.as_tensor(criterion(group, tensors), dtype=torch.float64)
+        if scores.shape != (group.size,):
+            raise InvalidOptionError(f"criterion {getattr(criterion, '__name__', criterion)!r} returned "
+                                     f"shape {tuple(scores.shape)} for group {group.name!r}; expected ({group.size},)")
+        return scores
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed + zlib.crc32(group.name.encode()))
+        return torch.rand(group.size, generator=gen, dtype=torch.float64)
+    lookup = _unit_lookup(analysis, group)
+    if criterion in ACTIVATION_CRITERIA:
+        return _activation_scores(analysis, group, lookup, criterion, evidence.statistics, reduce)
+    members = _scored_members(analysis, group, criterion)
+    per_member = [_member_scores(analysis, group, lookup, m, criterion, evidence.gradients) for m in members]
+    return _reduce(per_member, reduce, group.size)
+
+
+def _scored_members(analysis: Analysis, group: Group, criterion: str) -> list:
+    if criterion == "bn_scale":
+        scales = [m for m in group.members if not m.producer and m.key.endswith(".weight")
+                  and analysis.tensor(m.key).dim() == 1]
+        if scales:
+            return scales
+    if criterion == "group_magnitude":  # every weight member; a group of buffers only: its producers
+        return [m for m in group.members if _is_weight(analysis, m.key)] or \
+            [m for m in group.members if m.producer]
+    return [m for m in group.members if m.producer]
+
+
+def _is_weight(analysis: Analysis, key: str) -> bool:
+    """A parameter that multiplies (a conv/linear/embedding weight, a norm scale), not a bias or a
+    buffer such as BatchNorm's running statistics."""
+    tensor = analysis.tensor(key)
+    if not isinstance(tensor, torch.nn.Parameter) or not tensor.is_floating_point():
+        return False
+    return tensor.dim() >= 2 or key.rsplit(".", 1)[-1] == "weight"
+
+
+def _unit_lookup(analysis: Analysis, group: Group) -> dict[int, int]:
+    """Class root -> index of the unit in ``group.units``."""
+    return {u: i for i, u in enumerate(group.units)}
+
+
+def _unit_index(analysis: Analysis, lookup: dict[int, int], key: str, dim: int) -> torch.Tensor:
+    """For each position of a member dim, the index of its unit in the group (-1: other group)."""
+    return _index_of(analysis, lookup, analysis.params[key][dim])
+
+
+def _index_of(analysis: Analysis, lookup: dict[int, int], ids: torch.Tensor) -> torch.Tensor:
+    roots = analysis.solution.root[ids].tolist()
+    return torch.tensor([lookup.get(r, -1) for r in roots], dtype=torch.long)
+
+
+#: Norm order per position of the criteria that read one tensor's slices (no copy: reduced in place).
+_NORMS = {"l1": 1, "bn_scale": 1, "l2": 2, "group_magnitude": 2}
+
+
+def _member_scores(analysis: Analysis, group: Group, lookup: dict[int, int], member: Any,
+                   criterion: str, gradients: Optional[dict]) -> torch.Tensor:
+    if criterion in _NORMS:
+        position = _slice_norms(analysis.tensor(member.key).detach(), member.dim, _NORMS[criterion])
+        if criterion == "group_magnitude":
+            position = position * position  # Σw² per slice
+        return _to_units(position.cpu(), _unit_index(analysis, lookup, member.key, member.dim), group.size)
+    rows = _rows(analysis, member.key, member.dim)
+    if criterion in GRADIENT_CRITERIA:
+        if gradients is None or member.key not in gradients:
+            raise InvalidOptionError(f"criterion {criterion!r} needs loss_fn and calibration data")
+        grad = gradients[member.key].detach().to(rows.dtype).movedim(member.dim, 0).reshape(rows.shape)
+        rows = rows * grad if criterion == "taylor" else rows * rows * grad  # hessian: w² · F
+    position = _position_scores(rows, criterion).cpu()  # one score per row: small, and on the CPU
+    return _to_units(position, _unit_index(analysis, lookup, member.key, member.dim), group.size)
+
+
+def _slice_norms(tensor: torch.Tensor, dim: int, order: int) -> torch.Tensor:
+    """The ``order``-norm (1 or 2) of each slice of ``tensor`` along ``dim`` (float64). Viewed as
+    (outer, dim, inner) and summed inner first: contiguous reductions, many times faster on the CPU
+    than one reduction over the scattered dims of a consumer's input columns."""
+    tensor = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+    shape = tensor.shape
+    blocks = tensor.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+    power = blocks.abs() if order == 1 else blocks.square()
+    total = power.sum(2).sum(0).double()
+    return total if order == 1 else total.sqrt()
+
+
+def _rows(analysis: Analysis, key: str, dim: int) -> torch.Tensor:
+    """The tensor as one row per position of ``dim``."""
+    tensor = analysis.tensor(key).detach()
+    tensor = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+    return tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1)
+
+
+def _to_units(position: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum per-position scores into their units (positions of other groups, index -1, are left out)."""
+    valid = index >= 0
+    out = torch.zeros(size, dtype=torch.float64)
+    out.index_add_(0, index[valid], position.double()[valid])
+    return out
+
+
+def _position_scores(rows: torch.Tensor, criterion: str) -> torch.Tensor:
+    if criterion in ("l1", "bn_scale", "taylor", "hessian"):
+        return torch.linalg.vector_norm(rows, ord=1, dim=1).double()
+    if criterion == "l2":
+        return torch.linalg.vector_norm(rows, ord=2, dim=1).double()
+    if criterion == "group_magnitude":
+        return rows.double().pow(2).sum(1)
+    if criterion == "fpgm":
+        # distance to all other filters: the ones nearest the geometric median are the most replaceable
+        rows = rows.double()
+        return torch.cdist(rows[None], rows[None])[0].sum(1)
+    raise InvalidOptionError(f"unknown criterion {criterion!r}")
+
+
+# --- activation-aware criteria --------------------------------------------------------------------
+def _activation_scores(analysis: Analysis, group: Group, lookup: dict[int, int], criterion: str,
+                       statistics: Any, reduce: str) -> torch.Tensor:
+    if statistics is None:
+        raise InvalidOptionError(f"criterion {criterion!r} needs calibration data")
+    consumers = [c for c in analysis.foldables if _in_group(analysis, lookup, c.weight, c.in_dim)
+                 and _site_matches(statistics, c.input, c.channel_dim)]
+    if criterion == "activation":
+        sites = [(c.input, c.channel_dim) for c in consumers] or _producer_sites(analysis, group, statistics)
+        return _mean_abs(analysis, lookup, statistics, dict.fromkeys(sites), group.size)
+    if consumers:
+        per = [_consumer_score(analysis, lookup, statistics, c.weight, c.in_dim, c.input, criterion, group.size)
+               for c in consumers]
+    else:  # no conv/linear reads these units (attention queries/keys): their producers' outputs
+        per = [_consumer_score(analysis, lookup, statistics, m.key, m.dim, node, criterion, group.size)
+               for m, node in _producer_members(analysis, group, statistics)]
+    return _reduce(per, reduce, group.size)
+
+
+def _in_group(analysis: Analysis, lookup: dict[int, int], key: str, dim: int) -> bool:
+    return bool((_unit_index(analysis, lookup, key, dim) >= 0).any())
+
+
+def _site_matches(statistics: Any, node: str, dim: int) -> bool:
+    site = statistics.sites.get(node)
+    return site is not None and site.dim == dim
+
+
+def _producer_members(analysis: Analysis, group: Group, statistics: Any) -> list[tuple[Any, str]]:
+    """(producer member, its output node) for producers whose output was watched."""
+    out = []
+    for producer in analysis.producers:
+        member = next((m for m in group.members if m.producer and m.key == producer.key
+                       and m.dim == producer.dim), None)
+        if member is not None and producer.node in statistics.sites:
+            out.append((member, producer.node))
+    return out
+
+
+def _producer_sites(analysis: Analysis, group: Group, statistics: Any) -> list[tuple[str, int]]:
+    return [(node, statistics.sites[node].dim) for _, node in _producer_members(analysis, group, statistics)]
+
+
+def _site_index(analysis: Analysis, lookup: dict[int, int], node: str, dim: int) -> torch.Tensor:
+    """For each position of ``node``'s output ``dim``, the index of its unit (-1: other group)."""
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    return _index_of(analysis, lookup, analysis.env[nodes[node]][dim])
+
+
+def _mean_abs(analysis: Analysis, lookup: dict[int, int], statistics: Any, sites: dict, size: int
+              ) -> torch.Tensor:
+    """Mean |x| per unit over every element of its positions at ``sites``."""
+    total, count = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+    for node, dim in sites:
+        index = _site_index(analysis, lookup, node, dim)
+        total += _to_units(statistics.sums[f"{node}:abs"], index, size)
+        count += _to_units(statistics.count(node).expand(index.numel()), index, size)
+    return total / count.clamp_min(1)
+
+
+def _consumer_score(analysis: Analysis, lookup: dict[int, int], statistics: Any, key: str, dim: int,
+                    node: str, criterion: str, size: int) -> torch.Tensor:
+    """``wanda``: ``Σ|W| · ‖X‖₂``; ``flap``: ``‖W‖² · Var(X)`` per position of ``key``'s ``dim``, read
+    against the watched activation of ``node`` (the consumer's input, or the producer's output)."""
+    rows = _rows(analysis, key, dim).double().cpu()
+    if criterion == "wanda":
+        position = rows.abs().sum(1) * statistics.l2(node)
+    else:
+        position = rows.pow(2).sum(1) * statistics.var(node)
+    return _to_units(position, _unit_index(analysis, lookup, key, dim), size)
+
+
+def _reduce(per_member: list[torch.Tensor], reduce: str, size: int) -> torch.Tensor:
+    if not per_member:
+        return torch.zeros(size, dtype=torch.float64)
+    stacked = torch.stack(per_member)
+    if reduce == "sum":
+        return stacked.sum(0)
+    if reduce == "max":
+        return stacked.max(0).values
+    return stacked.mean(0)
+
+
+# --- gradients ------------------------------------------------------------------------------------
+def _functional(gm: torch.nn.Module, loss_fn: Callable) -> tuple[dict, Callable]:
+    """The parameters of ``gm`` and ``loss(params, inputs, target)`` through ``functional_call``."""
+    params = {k: v.detach() for k, v in gm.named_parameters()}
+    buffers = {k: v for k, v in gm.named_buffers()}
+
+    def loss(p: dict, inputs: tuple, target: Any) -> torch.Tensor:
+        return loss_fn(torch.func.functional_call(gm, {**p, **buffers}, inputs), target)
+
+    return params, loss
+
+
+def taylor_gradients(gm: torch.nn.Module, loss_fn: Callable, batch: tuple) -> dict[str, torch.Tensor]:
+    """∂loss/∂w for every parameter on one batch, with ``torch.func.grad`` over ``functional_call``."""
+    params, loss = _functional(gm, loss_fn)
+    inputs, target = batch
+    return torch.func.grad(loss)(params, (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs), target)
+
+
+def accumulated_gradients(gm: torch.nn.Module, loss_fn: Callable, calibration: Any,
+                          progress: bool = False) -> dict[str, torch.Tensor]:
+    """``Σ_batches ∂L_b/∂w`` over the calibration set (and over ranks), in eval mode."""
+    params, loss = _functional(gm, loss_fn)
+    grad = torch.func.grad(loss)
+    return _sum_over_batches(gm, calibration, lambda inputs, target: grad(params, inputs, target), progress)
+
+
+def fisher_diagonal(gm: torch.nn.Module, loss_fn: Callable, calibration: Any, progress: bool = False,
+                    chunk_size: int = 16) -> dict[str, torch.Tensor]:
+    """The diagonal empirical Fisher ``Σ_i (∂l_i/∂w)²``: per-sample gradients with ``torch.func.vmap``
+    (``chunk_size`` samples at a time bound the memory). Each sample runs as a batch of one, or, in a
+    graph specialised to batch size ``b``, as ``b`` copies of itself (an eval-mode model treats rows
+    independently, so a mean loss over the copies is the sample's own loss)."""
+    from fxprune.data.calibration import fixed_batch_size
+    copies = fixed_batch_size(gm) or 1
+    params, loss = _functional(gm, loss_fn)
+
+    def tile(x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0).expand(copies, *x.shape)
+
+    def sample_loss(p: dict, inputs: tuple, target: Any) -> torch.Tensor:
+        return loss(p, tuple(tile(x) for x in inputs), tile(target) if isinstance(target, torch.Tensor) else target)
+
+    def squared(inputs: tuple, target: Any) -> dict:
+        in_dims = (None, 0, 0 if isinstance(target, torch.Tensor) else None)
+        per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=in_dims,
+                                     chunk_size=chunk_size)(params, inputs, target)
+        return {k: g.pow(2).sum(0) for k, g in per_sample.items()}
+
+    return _sum_over_batches(gm, calibration, squared, progress, split=False)
+
+
+def _sum_over_batches(gm: torch.nn.Module, calibration: Any, per_batch: Callable, progress: bool,
+                      split: bool = True) -> dict[str, torch.Tensor]:
+    from fxprune.data.calibration import Sums, as_calibration, check_batch, empty_error, eval_mode, \
+        fixed_batch_size, is_distributed, placeholder_shapes, split_batch
+    calibration = as_calibration(calibration)
+    expected = placeholder_shapes(gm)
+    sums, batches = Sums(), 0
+    with eval_mode(gm):
+        for index, inputs, target in _maybe_progress(calibration.pairs(len(expected), is_distributed()),
+                                                     progress):
+            check_batch(inputs, expected, index)
+            chunks = split_batch(inputs + (target,), fixed_batch_size(gm) if split else None, index) \
+                if isinstance(target, torch.Tensor) else [inputs + (target,)]
+            for chunk in chunks:  # a graph specialised to a smaller batch: each chunk's share of it
+                share = chunk[0].shape[0] / inputs[0].shape[0] if inputs[0].dim() else 1.0
+                for key, value in _run_gradient(per_batch, chunk[:-1], chunk[-1], index).items():
+                    sums.add(key, value * share if split else value)
+            batches += 1
+    sums.add(":batches", torch.tensor(float(batches)))
+    for key, value in gm.named_parameters():  # every rank reduces the same names, even with no batch
+        if key not in sums:
+            sums.add(key, torch.zeros_like(value))
+    sums.all_reduce()
+    if sums[":batches"].item() == 0:
+        raise empty_error(calibration.data)
+    return {k: v for k, v in sums.values.items() if k != ":batches"}
+
+
+def _run_gradient(per_batch: Callable, inputs: tuple, target: Any, index: int) -> dict:
+    try:
+        grads = per_batch(inputs, target)
+    except (InvalidOptionError, CalibrationError):
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CalibrationError(f"the model or loss_fn rejects calibration batch {index} (inputs of shapes "
+                               f"{[tuple(x.shape) for x in inputs]}): {type(exc).__name__}: {first}") from exc
+    for key, grad in grads.items():
+        if not bool(grad.isfinite().all()):
+            raise CalibrationError(f"calibration batch {index} gives a non-finite gradient for {key!r}")
+    return grads
+
+
+def _maybe_progress(items: Any, progress: bool) -> Any:
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+    return tqdm(items, desc="gradients", unit="batch", leave=False)

@@ -1,0 +1,390 @@
+"""HuggingFace models in, HuggingFace models out: prune a ``PreTrainedModel`` into a smaller
+``PreTrainedModel`` of the same class that ``save_pretrained`` / ``from_pretrained`` round-trip and whose
+``generate`` runs.
+
+>>> import fxprune.hf, transformers, torch
+>>> model = transformers.LlamaForCausalLM(config).eval()                           # doctest: +SKIP
+>>> ids = torch.randint(0, config.vocab_size, (2, 16))
+>>> pruned = fxprune.hf.prune(model, (ids,), sparsity=0.5)                          # doctest: +SKIP
+>>> pruned.config.intermediate_size, pruned.config.num_key_value_heads             # doctest: +SKIP
+(5504, 4)
+>>> pruned.save_pretrained("pruned/")                                               # doctest: +SKIP
+
+How: the model is exported (``torch.export``, a dynamic batch and sequence, no KV cache) and analysed at
+the export level with whole attention heads as units; :mod:`fxprune.hf.policy` makes a plan a config can
+hold (one width per kind in every layer, GQA's ratio, ``head_dim`` and rotary frequencies unchanged); the
+graph is rewritten as usual. Then a fresh model of the same class is built from the new config (HF's
+own ``from_config``) and loaded with the original ``state_dict`` sliced per the plan, so HF's own forward
+runs at any shape. Its outputs are compared with the pruned graph's on the example inputs: a model that
+would compute something else is never returned. ``pruned.config.fxprune`` records what changed and why
+(it is saved in ``config.json``); :func:`prune_with_result` also returns the plan and the graph.
+
+transformers is an optional dependency: ``pip install fxprune[hf]``.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from fxprune.hf import policy as hf_policy
+from fxprune.core.analysis import Analysis
+from fxprune.api import PruneResult, analyze, criterion_name, finish, make_plan
+from fxprune.core.capture import AUTO, as_inputs, export
+from fxprune.errors import (ConfigMismatchError, InvalidOptionError, TrainingModeError, UnsupportedModelError,
+                     VerificationError)
+from fxprune.data.criteria import DEFAULT_CRITERION, Criterion, check_criterion, score_groups
+from fxprune.options import PruneOptions
+from fxprune.core.select import Policy, Sparsity, check_patterns, select
+
+FORMAT = "fxprune.hf/1"
+
+
+@dataclass(frozen=True)
+class HFPruneResult:
+    """What :func:`prune_with_result` returns: the HF model and the export-level result it came from."""
+
+    model: Any
+    """The pruned ``PreTrainedModel`` (same class as the input, new config)."""
+    result: PruneResult
+    """The export-level pruning: ``result.plan``, ``result.graph_module``, ``result.analysis``."""
+    changes: Mapping[str, tuple[Any, Any]]
+    """{config field: (before, after)}."""
+    max_abs_error: float
+    """The largest difference between the HF model's outputs and the pruned graph's (example inputs)."""
+
+    @property
+    def plan(self):
+        return self.result.plan
+
+
+def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
+          criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True, layer_indices: str = "own",
+          **options: Any) -> Any:
+    """Prune a ``PreTrainedModel`` and return a new one of the same class; ``model`` is untouched.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` in eval mode.
+        example_inputs: a tensor or tuple of tensors for ``model.forward``'s leading arguments
+            (``input_ids``, ``pixel_values``...).
+        sparsity: fraction of each kind of width to drop, or a mapping: ``{config field: ratio}`` for
+            one kind of width (``{"intermediate_size": 0.5, "num_attention_heads": 0.25}``: the
+            kinds not named, the hidden size here, are kept), ``{module pattern: ratio}``, or both.
+        criterion: as in :func:`fxprune.prune`.
+        hf_compatible: make only plans a config can hold (:mod:`fxprune.hf.policy`). With False, the
+            ordinary policy selects, and a plan no config can hold raises ``ConfigMismatchError``.
+        layer_indices: ``"own"`` (each layer keeps its best units at the common count) or
+            ``"shared"`` (the same indices in every layer, from the layers' summed scores).
+        options: ``global_ranking``, ``round_to``, ``min_keep``, ``ignore``, ``reduce``, ``seed``,
+            ``dynamic_shapes`` (default: dynamic batch and sequence), ``tolerance``, ``progress``.
+    """
+    return prune_with_result(model, example_inputs, sparsity, criterion, hf_compatible=hf_compatible,
+                             layer_indices=layer_indices, **options).model
+
+
+def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
+                      criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True,
+                      layer_indices: str = "own", global_ranking: bool = False, round_to: int = 1,
+                      min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean", seed: int = 0,
+                      dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
+                      progress: bool = False) -> HFPruneResult:
+    """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
+    _check_model(model)
+    if layer_indices not in hf_policy.LAYER_INDICES:
+        raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
+    widths, module_sparsity = hf_policy.split_width_ratios(sparsity)
+    policy = Policy(module_sparsity, global_ranking, round_to, min_keep, tuple(ignore))
+    check_criterion(criterion, reduce)
+    inputs = as_inputs(example_inputs)
+    bar = _bar(progress)
+    program = export(_without_cache(model), inputs, _dynamic_shapes(model, inputs, dynamic_shapes))
+    _step(bar, "export")
+    analysis = analyze(program, inputs, "export", split_axis="outer" if hf_compatible else "largest")
+    check_patterns(analysis.groups, policy)
+    attention = _attention(model)  # builds a probe on the meta device: once per call
+    hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
+    scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, None)
+    _step(bar, "match and score")
+    options = PruneOptions(sparsity, criterion_name(criterion), "export", reduce, global_ranking, round_to,
+                           min_keep, tuple(ignore), split_axis=analysis_split(hf_compatible), seed=seed)
+    attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, widths, attention, inputs,
+                                hf_compatible, layer_indices, tolerance, options)
+    try:
+        out = attempt({})
+    except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
+        out = attempt({hf_policy.HIDDEN: str(exc)})
+    _step(bar, "rewrite and rebuild")
+    if bar is not None:
+        bar.close()
+    return out
+
+
+class HiddenSizeReadError(VerificationError):
+    """The rebuilt model differs only because its forward reads ``hidden_size`` as a number."""
+
+
+def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
+                       widths: Mapping[str, float], attention: Optional[hf_policy.Attention], inputs: tuple,
+                       hf_compatible: bool, layer_indices: str, tolerance: Optional[float], options: PruneOptions,
+                       whole_fields: Mapping[str, str]) -> HFPruneResult:
+    drop, notes = _select(analysis, scores, policy, widths, model.config, hf_compatible, layer_indices,
+                          attention, whole_fields)
+    options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
+                                  "constraints": notes})
+    plan = make_plan(analysis, drop, options)
+    graph = finish(analysis, drop, inputs)
+    config, changes = new_config(model, analysis, drop, attention)
+    pruned = _rebuild(model, config, analysis, plan)
+    try:
+        error = _check_outputs(pruned, graph, inputs, tolerance)
+    except VerificationError as exc:
+        if hf_compatible and hf_policy.HIDDEN in changes and not whole_fields:
+            raise HiddenSizeReadError(
+                f"kept whole: {type(model).__name__}'s forward reads hidden_size as a number, not only as "
+                f"a shape (Gemma scales its embeddings by sqrt(hidden_size)), so a config with a smaller "
+                f"hidden_size computes something else ({exc})") from exc
+        raise
+    pruned.config.fxprune = _record(plan, changes, notes, error)
+    return HFPruneResult(pruned, PruneResult(graph, plan, analysis, drop, inputs), changes, error)
+
+
+def analysis_split(hf_compatible: bool) -> str:
+    return "outer" if hf_compatible else "largest"
+
+
+# --- input checks ---------------------------------------------------------------------------------
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # an optional dependency
+        raise ImportError("fxprune.hf needs transformers: pip install 'fxprune[hf]'") from exc
+    return transformers
+
+
+def _check_model(model: Any) -> None:
+    transformers = _transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise UnsupportedModelError(f"fxprune.hf prunes a transformers PreTrainedModel, got "
+                                    f"{type(model).__name__}; use fxprune.prune for other models")
+    if model.training:
+        raise TrainingModeError(f"{type(model).__name__} is in training mode: its dropout would be "
+                                f"exported into the graph. Call model.eval() first.")
+
+
+def _without_cache(model: Any) -> Any:
+    """A shallow copy of the model whose ``forward`` passes ``use_cache=False``: a KV cache in the
+    outputs would be a fixed interface holding every key/value head. The model itself is not touched."""
+    if "use_cache" not in inspect.signature(model.forward).parameters:
+        return model
+    view = copy.copy(model)
+    view.forward = functools.partial(type(model).forward, view, use_cache=False)
+    return view
+
+
+def _dynamic_shapes(model: Any, inputs: tuple, dynamic_shapes: Any) -> Any:
+    """The default marks batch and sequence dynamic; a learned position table bounds the sequence."""
+    if dynamic_shapes != AUTO:
+        return dynamic_shapes
+    from fxprune.core.capture import default_dynamic_shapes
+    spec = default_dynamic_shapes(inputs)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if spec is None or not isinstance(limit, int):
+        return spec
+    return tuple(_bounded(s, limit) for s in spec)
+
+
+def _bounded(spec: Optional[dict], limit: int) -> Optional[dict]:
+    if spec is None or 1 not in spec:
+        return spec
+    return {**spec, 1: torch.export.Dim(spec[1].__name__, min=1, max=limit)}
+
+
+def _attention(model: Any) -> Optional[hf_policy.Attention]:
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int):
+        return None
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return hf_policy.Attention(heads, kv, head_dim, _honours_head_dim(model, head_dim))
+
+
+def _honours_head_dim(model: Any, head_dim: int) -> bool:
+    """Whether the modules read ``config.head_dim`` (LLaMA, Qwen, Mistral, Phi-3, Gemma) rather than
+    derive it from ``hidden_size / num_attention_heads`` (GPT-2, BERT, ViT): build the model on the meta
+    device with another ``head_dim`` and see whether any tensor changes shape."""
+    probe = copy.deepcopy(model.config)
+    probe.head_dim = head_dim * 2
+    try:
+        with torch.device("meta"):
+            other = type(model)(probe)
+    except Exception:  # a class that cannot be built with another head_dim does not honour it
+        return False
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return any(before.get(k) != tuple(v.shape) for k, v in other.state_dict().items())
+
+
+# --- selection ------------------------------------------------------------------------------------
+def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
+            widths: Mapping[str, float], config: Any,
+            hf_compatible: bool, layer_indices: str, attention: Optional[hf_policy.Attention],
+            whole_fields: Mapping[str, str]) -> tuple[torch.Tensor, dict[str, str]]:
+    wished = select(analysis, scores, policy)
+    if not hf_compatible:
+        return wished, {}
+    kinds = hf_policy.kinds(analysis, config, attention)
+    decisions = hf_policy.decide(kinds, hf_policy.requested_keeps(analysis, wished), policy, attention,
+                                 whole_fields, widths)
+    if layer_indices == "shared":
+        scores = hf_policy.shared_scores(decisions, scores)
+    drop = select(analysis, scores, policy, hf_policy.drop_counts(decisions))
+    notes = {g.name: d.reason for d in decisions for g in d.kind.groups}
+    return drop, notes
+
+
+# --- the new config ---------------------------------------------------------------------------------
+def new_config(model: Any, analysis: Analysis, drop: torch.Tensor,
+               attention: Optional[hf_policy.Attention]) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """The config that holds the plan, and what changed; ``ConfigMismatchError`` where none can."""
+    config = copy.deepcopy(model.config)
+    kept = hf_policy.requested_keeps(analysis, drop)
+    changes: dict[str, tuple[Any, Any]] = {}
+    for kind in hf_policy.kinds(analysis, config, attention):
+        widths = {g.name: kept[g.name] for g in kind.groups}
+        if all(w == kind.size for w in widths.values()):
+            continue
+        width = _common_width(kind, widths)
+        for field, value in _fields(kind, width, model.config, attention).items():
+            changes[field] = (_value(model.config, field), value)
+    for field, (_, value) in changes.items():
+        setattr(config, field, value)
+    if "num_attention_heads" in changes and attention is not None and attention.explicit_head_dim:
+        config.head_dim = attention.head_dim  # Qwen2, Phi-3 derive it unless it is written
+    return config, changes
+
+
+def _common_width(kind: hf_policy.Kind, widths: Mapping[str, int]) -> int:
+    if not kind.field:
+        name, width = next((n, w) for n, w in widths.items() if w != kind.size)
+        raise ConfigMismatchError(
+            f"group {name!r} was pruned from {kind.size} to {width} units, a width no field of the "
+            f"config holds (e.g. a part of each attention head); use hf_compatible=True, which prunes "
+            f"whole heads and only widths a config holds")
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"{n}: {w}" for n, w in list(widths.items())[:4])
+        raise ConfigMismatchError(
+            f"{kind.field} would differ between layers ({shown}; of {kind.size}), and a config holds one "
+            f"{kind.field}: use hf_compatible=True (one width per kind, the default), or the same ratio "
+            f"for every layer")
+    return next(iter(widths.values()))
+
+
+def _fields(kind: hf_policy.Kind, width: int, config: Any,
+            attention: Optional[hf_policy.Attention]) -> dict[str, int]:
+    if kind.field != hf_policy.HEADS:
+        return {kind.field: width}
+    fields = {"num_attention_heads": width * attention.per_unit}
+    if getattr(config, "num_key_value_heads", None) is not None:
+        fields["num_key_value_heads"] = width
+    return fields
+
+
+def _value(config: Any, field: str) -> Any:
+    return hf_policy.intermediate_of(config, field) if field in hf_policy.INTERMEDIATE_FIELDS else \
+        getattr(config, field)
+
+
+# --- the new model --------------------------------------------------------------------------------
+def _rebuild(model: Any, config: Any, analysis: Analysis, plan) -> Any:
+    """A fresh model of the same class from ``config``, loaded with the state_dict sliced per the plan."""
+    from transformers.initialization import no_init_weights  # skips the random init we overwrite
+    try:
+        with no_init_weights():
+            new = type(model)._from_config(config, dtype=model.dtype)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{type(model).__name__}.from_config could not rebuild the model from "
+                                    f"the pruned config: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
+    _check_shapes(new, state, type(model).__name__)
+    new.load_state_dict(state, strict=True)
+    return new.to(model.device).eval()
+
+
+def sliced_state_dict(state: Mapping[str, torch.Tensor], kept: Mapping[str, Mapping[int, Sequence[int]]],
+                      aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state`` with the plan's kept indices selected (tied names share the slice)."""
+    out = {}
+    for key, tensor in state.items():
+        dims = kept.get(aliases.get(key, key), {})
+        for dim, index in sorted(dims.items()):
+            tensor = tensor.index_select(int(dim), torch.tensor(list(index), dtype=torch.long,
+                                                                device=tensor.device))
+        out[key] = tensor.detach().clone() if dims else tensor.detach()
+    return out
+
+
+def _check_shapes(new: Any, state: Mapping[str, torch.Tensor], name: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+    missing = sorted(set(expected) ^ set(state))
+    if missing:
+        raise ConfigMismatchError(f"the rebuilt {name} and the pruned state_dict name different tensors, "
+                                  f"first {missing[:3]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != expected[key]:
+            raise ConfigMismatchError(
+                f"the pruned config builds {key!r} of shape {list(expected[key])}, the plan keeps "
+                f"{list(tensor.shape)}: {name}'s config cannot hold this plan (use hf_compatible=True)")
+
+
+def _check_outputs(pruned: Any, graph: torch.nn.Module, inputs: tuple, tolerance: Optional[float]) -> float:
+    """The HF model must compute what the pruned graph computes (never a model that runs but differs)."""
+    with torch.no_grad():
+        ours = _leaves(_without_cache(pruned)(*inputs))
+        theirs = _leaves(graph(*inputs))
+    if len(ours) != len(theirs):
+        raise VerificationError(f"the rebuilt model returns {len(ours)} tensors, the pruned graph "
+                                f"{len(theirs)}")
+    error = max((float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs) if a.numel()),
+                default=0.0)
+    scale = max((float(b.float().abs().max()) for b in theirs if b.numel()), default=1.0)
+    limit = tolerance if tolerance is not None else 1e-4 * max(1.0, scale)
+    if not error <= limit:
+        raise VerificationError(f"the rebuilt {type(pruned).__name__} differs from the pruned graph by "
+                                f"{error:.3g} (tolerance {limit:.3g}); this is a bug in fxprune.hf")
+    return error
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    values = output.to_tuple() if hasattr(output, "to_tuple") else output
+    return [x for x in torch.utils._pytree.tree_leaves(values) if isinstance(x, torch.Tensor)]
+
+
+def _record(plan, changes: Mapping[str, tuple[Any, Any]], notes: Mapping[str, str], error: float) -> dict:
+    """What ``config.fxprune`` holds (JSON, saved in config.json): what changed and why."""
+    return {"format": FORMAT,
+            "changes": {k: [a, b] for k, a, b in ((k, *v) for k, v in changes.items())},
+            "groups": {g.name: [g.size, g.kept] for g in plan.groups if g.kept < g.size},
+            "constraints": dict(notes),
+            "options": {k: v for k, v in plan.options.to_dict().items() if k != "hf"},
+            "max_abs_error_vs_graph": error}
+
+
+def _bar(progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=3, desc="fxprune.hf", unit="stage", leave=False)
+
+
+def _step(bar, name: str) -> None:
+    if bar is not None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+
+__all__ = ["prune", "prune_with_result", "HFPruneResult", "new_config", "sliced_state_dict"]

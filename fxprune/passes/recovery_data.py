@@ -1,0 +1,90 @@
+"""What the three recovery passes share: their calibration data and source graph, bound at run time.
+
+A recovery pass's options are typed fields like any pass's; its *data* is not an option (it is not
+printed, parsed or compared): ``Pipeline(...)(gm, calibration=loader)`` binds the calibration batches
+to each recovery pass, with the graph the last pruning pass received (``source``); a direct call binds
+them with :meth:`RecoveryPass.with_calibration`. The layers of the source and the pruned graph are
+matched through the plan the pruning pass recorded on its output (``prune-channels`` and
+``apply-plan`` do, see :func:`fxprune.passes.pipeline.record_plan`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.fx as fx
+
+from fxprune.core.analysis import Analysis
+from fxprune.api import PruneResult, analyze, drop_from_plan
+from fxprune.core.capture import graph_level
+from fxprune.errors import CalibrationError, InvalidOptionError
+from fxprune.passes.pipeline import PRUNED_PLAN_KEY, Pass, example_inputs
+from fxprune.core.plan import Plan
+from fxprune.data.recovery import RecoveryReport
+
+@dataclass(frozen=True)
+class RecoveryPass(Pass):
+    """Base of the recovery passes (not registered itself): options are typed fields as for any pass;
+    the calibration data, and for the passes that compare with the original model the graph before
+    pruning (``source``), are bound when the pass runs — by ``Pipeline(...)(gm, calibration=loader)``,
+    which hands each recovery pass the graph that the last pruning pass received, or directly::
+
+        Reconstruct().with_calibration(loader, source=original_gm)(pruned_gm)
+
+    A bound pass equals and prints as the unbound one (the data is not an option). Each run returns a
+    new GraphModule whose ``meta["fxprune_recovery"]`` lists the reports of every recovery pass so far.
+    """
+
+    needs_calibration: ClassVar[bool] = True
+    needs_source: ClassVar[bool] = True
+
+    def with_calibration(self, calibration: Any, source: Any = None) -> "RecoveryPass":
+        """This pass with its run-time data bound: ``calibration`` (any iterable of batches, or a
+        :class:`~fxprune.data.calibration.Calibration`) and ``source`` (the GraphModule before pruning, or
+        the :class:`~fxprune.api.PruneResult`)."""
+        bound = copy.copy(self)
+        object.__setattr__(bound, "_bound", (calibration, source))
+        return bound
+
+    def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return self.run(gm)[0]
+
+    def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, RecoveryReport]:
+        """The new GraphModule and the report of what changed."""
+        calibration, source = self.__dict__.get("_bound", (None, None))
+        if calibration is None:
+            raise CalibrationError(f"pass {self.name!r} needs calibration data: run the pipeline as "
+                                   f"pipeline(gm, calibration=loader), or bind it with "
+                                   f"{type(self).__name__}(...).with_calibration(loader, source=...)")
+        analysis, drop = _source(self, source, gm) if self.needs_source else (None, None)
+        new, report = self.recover(gm, calibration, analysis, drop)
+        new.meta[REPORTS_KEY] = tuple(gm.meta.get(REPORTS_KEY, ())) + (report,)
+        return new, report
+
+    def recover(self, gm: fx.GraphModule, calibration: Any, analysis: Optional[Analysis],
+                drop: Optional[torch.Tensor]) -> tuple[fx.GraphModule, RecoveryReport]:
+        raise NotImplementedError
+
+
+REPORTS_KEY = "fxprune_recovery"
+
+
+def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analysis, torch.Tensor]:
+    """The original model's analysis and the dropped classes, from a PruneResult or from the graph
+    before pruning plus the plan the pruning pass recorded on ``pruned``."""
+    if isinstance(source, PruneResult):
+        return source.analysis, source.drop
+    if not isinstance(source, fx.GraphModule):
+        raise InvalidOptionError(f"pass {p.name!r} compares with the model before pruning: give it as "
+                                 f"source= (a GraphModule or a PruneResult), got {type(source).__name__}; "
+                                 f"in a pipeline, put a pruning pass (prune-channels, apply-plan) before it")
+    text = pruned.meta.get(PRUNED_PLAN_KEY)
+    if text is None:
+        raise InvalidOptionError(f"pass {p.name!r}: the graph carries no pruning plan "
+                                 f"(meta[{PRUNED_PLAN_KEY!r}]); run prune-channels or apply-plan before it")
+    plan = Plan.from_json(text)
+    analysis = analyze(source, example_inputs(source), graph_level(source),
+                       prune_outputs=plan.options.prune_outputs, split_axis=plan.options.split_axis)
+    return analysis, drop_from_plan(analysis, plan)
