@@ -87,6 +87,9 @@ def record(model: nn.Module, inputs: tuple) -> Recording:
     try:
         with eval_mode(model), torch.no_grad(), _Ops(stack, rec.ops):
             rec.output = model(*inputs)
+    except Exception as exc:
+        exc.fxprune_module = stack[-1] if stack else ""  # the innermost module running, for the message
+        raise
     finally:
         for hook in hooks:
             hook.remove()
@@ -375,8 +378,12 @@ def check_parts(small: nn.Module, graph: fx.GraphModule, joined: Joined, example
         try:
             rec = record(small, inputs)
         except Exception as exc:
-            raise ModuleForwardError(f"{type(small).__name__}'s own forward fails on the pruned parameters: "
-                                     f"{type(exc).__name__}: {str(exc)[:300]}; {GRAPH_HINT}") from exc
+            where = getattr(exc, "fxprune_module", "")
+            cls = type(small.get_submodule(where)).__name__
+            raise ModuleForwardError(f"{type(small).__name__}'s own forward fails on the pruned parameters in "
+                                     f"module {where or '(the root)'!r} ({cls}): {type(exc).__name__}: "
+                                     f"{str(exc)[:300]}. Its code computes with a size the plan changed; "
+                                     f"{GRAPH_HINT}") from exc
         if any(len(rec.calls.get(p, [])) != 1 for p, _ in joined.inputs + joined.outputs):
             continue  # another batch took another path through untraced code
         with eval_mode(graph), torch.no_grad():

@@ -29,10 +29,12 @@ from fxprune.core.registry import lookup_resize
 from fxprune.core.rewrite import Pruning, RewriteCall
 from fxprune.errors import PlanMismatchError
 
-WIDTHS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "num_features", "head_hidden_size", "dim")
-"""Attribute names a user's module keeps a channel width under (``x.reshape(n, self.hidden_dim, -1)``)."""
+WIDTHS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "num_features", "head_hidden_size", "dim", "c",
+          "hidden_channels", "mid_channels")
+"""Attribute names a user's module keeps a channel width under (``x.reshape(n, self.hidden_dim, -1)``;
+YOLO's C2f splits ``(self.c, self.c)`` in the forward its exporter uses)."""
 SIZES = WIDTHS + ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "head_dim", "head_size",
-                  "attention_head_size", "all_head_size", "inner_dim")
+                  "attention_head_size", "all_head_size", "inner_dim", "key_dim", "qk_dim", "value_dim")
 """Attribute names a user's module keeps a size its forward computes with (head counts and widths)."""
 
 
@@ -242,7 +244,7 @@ def changed_literals(result: Any) -> dict[str, dict[int, set[int]]]:
     out: dict[str, dict[int, set[int]]] = {}
     for old, new in zip(old_nodes, new_nodes):
         for a, b in zip(_ints((old.args, old.kwargs)), _ints((new.args, new.kwargs))):
-            if a != b:
+            if a is not None and b is not None and a != b:
                 out.setdefault(_owner(old), {}).setdefault(a, set()).add(b)
     return out
 
