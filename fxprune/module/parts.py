@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
@@ -43,6 +44,8 @@ class Call:
     args: tuple
     kwargs: dict
     output: Any = None
+    done: int = 0
+    """How many operations had run when the call returned: later ones may read its output."""
 
 
 @dataclass
@@ -80,7 +83,8 @@ def record(model: nn.Module, inputs: tuple) -> Recording:
         rec.calls.setdefault(stack[-1], []).append(Call(args, kwargs))
 
     def leave(module, args, kwargs, output):
-        rec.calls[stack.pop()][-1].output = output
+        call = rec.calls[stack.pop()][-1]
+        call.output, call.done = output, len(rec.ops)
 
     hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
                                                   m.register_forward_hook(leave, with_kwargs=True))]
@@ -102,29 +106,37 @@ def _tensors_only(value: Any) -> bool:
 
 
 class _PieceProxy(fx.Proxy):
-    """A proxy whose length is known where it is a chunk/split with a literal count."""
+    """A proxy whose length is known: a chunk/split with a literal count, or an argument that was a list."""
 
     def __len__(self) -> int:
-        count = _pieces(self.node)
+        count = _pieces(self.node, self.tracer.lengths)
         return super().__len__() if count is None else count
 
 
 class PartTracer(fx.Tracer):
     """``symbolic_trace``'s tracer that can also iterate the pieces of a ``chunk`` or ``split`` whose
-    count is in the code (``list(self.cv1(x).chunk(2, 1))`` in YOLO's C2f)."""
+    count is in the code (``list(self.cv1(x).chunk(2, 1))`` in YOLO's C2f) and an argument that was a
+    list of tensors in the recorded call (``for feature in x`` in a detection head)."""
+
+    def __init__(self, lengths: Optional[Mapping[str, int]] = None):
+        super().__init__()
+        self.lengths = dict(lengths or {})
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _PieceProxy(node, self)
 
     def iter(self, obj: fx.Proxy):
-        count = _pieces(obj.node)
+        count = _pieces(obj.node, self.lengths)
         if count is None:
             return super().iter(obj)
         return iter([obj[i] for i in range(count)])
 
 
-def _pieces(node: fx.Node) -> Optional[int]:
-    """How many tensors a chunk/split node returns, where its literal arguments say."""
+def _pieces(node: fx.Node, lengths: Mapping[str, int]) -> Optional[int]:
+    """How many tensors a node holds where the code or the recorded call says: a chunk/split with a
+    literal count, an argument recorded as a list."""
+    if node.op == "placeholder":
+        return lengths.get(str(node.target))
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
     if name == "chunk" and isinstance(sizes, int):
@@ -134,10 +146,11 @@ def _pieces(node: fx.Node) -> Optional[int]:
     return None
 
 
-def traces(module: nn.Module) -> Optional[fx.GraphModule]:
+def traces(module: nn.Module, call: Optional[Call] = None) -> Optional[fx.GraphModule]:
     """The module's fx graph, or None where the tracer cannot follow its forward."""
+    lengths = {name: len(v) for name, v in arguments(module, call) if isinstance(v, (list, tuple))} if call else {}
     try:
-        graph = PartTracer().trace(module)
+        graph = PartTracer(lengths).trace(module)
     except Exception:  # any failure of the tracer means "not a part": its children are tried
         return None
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -165,7 +178,7 @@ def _named_part(model: nn.Module, rec: Recording, path: str) -> fx.GraphModule:
 def _part(module: nn.Module, calls: list[Call]) -> Optional[fx.GraphModule]:
     if len(calls) != 1 or not _tensors_only((calls[0].args, calls[0].kwargs)) or not _tensors_only(calls[0].output):
         return None
-    return traces(module)
+    return traces(module, calls[0])
 
 
 def _search(module: nn.Module, path: str, rec: Recording, found: dict) -> None:
@@ -263,12 +276,20 @@ def _copy_nodes(graph: fx.Graph, part: fx.GraphModule, path: str, env: dict) -> 
             continue
         if node.op == "output":
             return fx.node.map_arg(node.args[0], lambda n: env[n])
+        if _is_item_of_list(node, env):  # x[i] of an argument that was a list: the element itself
+            env[node] = env[node.args[0]][node.args[1]]
+            continue
         new = graph.node_copy(node, lambda n: env[n])
         if node.op in ("call_module", "get_attr"):
             new.target = f"{path}.{node.target}" if path else node.target
         new.meta["nn_module_stack"] = _stack(part, path, node)
         env[node] = new
     raise CaptureError(f"the graph of {path!r} has no output")
+
+
+def _is_item_of_list(node: fx.Node, env: dict) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)
+            and isinstance(env.get(node.args[0]), (list, tuple)))
 
 
 def _stack(part: nn.Module, path: str, node: fx.Node) -> OrderedDict:
@@ -281,12 +302,16 @@ def _stack(part: nn.Module, path: str, node: fx.Node) -> OrderedDict:
 
 
 def _outside_readers(rec: Recording, parts: set[str]) -> dict[int, str]:
-    """{tensor id: where} for every tensor an operation outside all parts read; the model's outputs too."""
+    """{tensor id: where} for every part output an operation outside all parts read after the part returned
+    it (an earlier op's id may be a freed tensor's); the model's outputs too."""
+    born = {id(v): rec.calls[p][0].done for p in parts for v in pytree.tree_leaves(rec.calls[p][0].output)}
     out: dict[int, str] = {}
-    for stack, ids, name in rec.ops:
-        if not parts.intersection(stack):
-            where = f"read by untraced code ({name} in {stack[-1] if stack and stack[-1] else 'the model'})"
-            for i in ids:
+    for index, (stack, ids, name) in enumerate(rec.ops):
+        if parts.intersection(stack):
+            continue
+        where = f"read by untraced code ({name} in {stack[-1] if stack and stack[-1] else 'the model'})"
+        for i in ids:
+            if index >= born.get(i, len(rec.ops)):
                 out.setdefault(i, where)
     for value in pytree.tree_leaves(rec.output):
         if isinstance(value, torch.Tensor):
