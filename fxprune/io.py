@@ -54,7 +54,7 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle protocol >= 2; a torch.save
 
 # --- save ----------------------------------------------------------------------------------------
 def save(result: Any, directory: Union[str, os.PathLike]) -> Path:
-    """Write ``result`` (a :class:`~fxprune.api.PruneResult`, or a bare GraphModule) to ``directory``.
+    """Write ``result`` (a :class:`~fxprune.stages.PruneResult`, or a bare GraphModule) to ``directory``.
 
     Everything is generated in memory first, so a model that cannot be written leaves no partial
     output. Returns the directory.

@@ -83,7 +83,7 @@ def gm() -> fx.GraphModule:
 @pytest.mark.parametrize("spec", [
     "prune-channels{sparsity=0.5,criterion=l2},fold-batchnorm",
     "fold-batchnorm,prune-channels{sparsity=0.3,global_ranking=true,ignore=[fc,layer4.*]},dead-channels",
-    "prune-channels{sparsity=0.5,round_to=8,min_keep=2,seed=7,split_axis=outer,prune_outputs=true}",
+    "prune-channels{sparsity=0.5,round_to=8,min_keep=2,prune_outputs=true,split_axis=outer,seed=7}",
     "dead-channels",
     "",
 ])

@@ -35,11 +35,12 @@ import torch
 
 from fxprune import __version__
 from fxprune.errors import FxPruneError
+from fxprune.options import PruneOptions
+from fxprune.cli.flags import MODEL_FLAGS, add_option_flags, given_options
 from fxprune.core.ungrouped import ungrouped
-from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA
-from fxprune.core.select import NORMALIZATIONS
+from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA
 from fxprune.core.plan import ungrouped_lines
-from fxprune.cli.format import CliError, markdown_table as _table
+from fxprune.cli.format import CliError, format_sparsity, markdown_table as _table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Prune SPEC and write the result, summary.md and widths.png to --out.")
     _model_arguments(prune)
     prune.add_argument("--out", required=True, type=Path, help="directory to write to (created)")
-    prune.add_argument("--sparsity", type=_sparsity, default=0.5, help="fraction of each group to drop "
-                                                                       "(default 0.5)")
-    prune.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
-                       help=f"importance (default {DEFAULT_CRITERION}); {', '.join(DATA_CRITERIA)} read --calibration")
+    add_option_flags(prune, exclude=MODEL_FLAGS)
     prune.add_argument("--calibration", type=Path, metavar="FILE.safetensors",
                        help="calibration data: tensors 'input' (or 'input_0', 'input_1', ...) whose rows are "
                             "samples, and for taylor/hessian 'target' (class indices, cross-entropy loss)")
@@ -68,16 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rows per calibration batch (default 32)")
     prune.add_argument("--max-batches", type=_positive, default=None, metavar="N",
                        help="read at most N calibration batches")
-    prune.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="PATTERN",
-                       help="keep whole every group a module matching PATTERN (fnmatch) produces")
-    prune.add_argument("--round-to", type=_positive, default=1, metavar="N",
-                       help="keep a multiple of N channels per group")
-    prune.add_argument("--global-ranking", action="store_true", help="rank units across groups")
-    prune.add_argument("--normalize", choices=NORMALIZATIONS, default="mean",
-                       help="how --global-ranking compares groups (default mean; standardize: FLAP's "
-                            "adaptive ratios)")
-    prune.add_argument("--min-keep-ratio", type=_fraction, default=0.0, metavar="F",
-                       help="every group keeps at least this fraction of its units")
     prune.add_argument("--to", choices=("executorch", "onnx"), help="also write model.pte (ExecuTorch, "
                                                                    "XNNPACK) or model.onnx (ONNX Runtime)")
     prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
@@ -95,9 +83,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "hf:PATH_OR_CONFIG (a HuggingFace model directory)")
     parser.add_argument("--input-shape", type=_shape, action="append", metavar="N,C,H,W",
                         help="shape of a random example input (repeat for several inputs)")
-    parser.add_argument("--capture", choices=("fx", "export"), default="fx",
-                        help="graph level: fx (symbolic_trace) or export (ATen); a .pt2 is export")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    add_option_flags(parser, only=MODEL_FLAGS)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -109,26 +95,6 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected positive integers separated by "
                                          f"commas, like 1,3,224,224")
     return dims
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"bad sparsity {text!r}: expected a number in [0, 1)")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"bad fraction {text!r}: expected a number in [0, 1]")
-    return value
 
 
 def _positive(text: str) -> int:
@@ -250,9 +216,10 @@ def _group_rows(plan) -> tuple[tuple[str, int, int, str], ...]:
 def run_prune(args: argparse.Namespace) -> int:
     _check_chart(args.no_chart)
     _check_deploy(args.to, args.quantize)
-    torch.manual_seed(args.seed)
+    options = PruneOptions.build(**given_options(args))
+    torch.manual_seed(options.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, args.seed)
+    inputs = example_inputs(model, args.input_shape, options.seed)
     bar = _bar(not args.no_progress)
     try:
         text = _prune_and_write(args, model, inputs, bar)
@@ -303,11 +270,9 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
     if _is_hf(model):  # a PreTrainedModel in, a PreTrainedModel out (fxprune.hf)
         from fxprune.cli.hf import prune_and_write
         return prune_and_write(args, model, inputs)
-    calibration, loss_fn = calibration_data(args)
-    result = fxprune.prune(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
-                           capture=args.capture, ignore=tuple(args.ignore), round_to=args.round_to,
-                           global_ranking=args.global_ranking, seed=args.seed, calibration=calibration,
-                           loss_fn=loss_fn, normalize=args.normalize, min_keep_ratio=args.min_keep_ratio)
+    options = PruneOptions.build(**given_options(args))
+    calibration, loss_fn = calibration_data(args, options.criterion)
+    result = fxprune.prune(model, inputs, options=options, calibration=calibration, loss_fn=loss_fn)
     _advance(bar, "verify")
     report = fxprune.verify(model, result, inputs)
     artefact, deployed = _deploy(args, result, inputs, calibration)
@@ -319,7 +284,8 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
                       tuple(ungrouped_lines(result.plan.ungrouped)))
     _advance(bar, "save")
     out = fxprune.save(result, args.out)
-    text = summary.markdown(f"{args.spec}, sparsity {args.sparsity:g}, {args.criterion}, {result.level} level")
+    text = summary.markdown(f"{args.spec}, sparsity {format_sparsity(options.sparsity)}, {options.criterion}, "
+                            f"{result.level} level")
     if artefact is not None:
         text = f"{text}\n{deployed}\n"
         (out / f"model{_suffix(args.to)}").write_bytes(artefact)
@@ -331,11 +297,11 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
     return text
 
 
-def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
+def calibration_data(args: argparse.Namespace, criterion: str) -> tuple[Any, Any]:
     """``(Calibration, loss_fn)`` from ``--calibration`` (a safetensors file: nothing is unpickled)."""
     if args.calibration is None:
-        if args.criterion in DATA_CRITERIA:
-            raise CliError(f"criterion {args.criterion!r} reads calibration data: pass --calibration "
+        if criterion in DATA_CRITERIA:
+            raise CliError(f"criterion {criterion!r} reads calibration data: pass --calibration "
                            f"FILE.safetensors")
         return None, None
     from safetensors.torch import load_file
@@ -353,9 +319,9 @@ def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
     columns = [tensors[n] for n in names] + ([tensors["target"]] if "target" in tensors else [])
     size = args.calibration_batch_size
     batches = [tuple(c[i:i + size] for c in columns) for i in range(0, columns[0].shape[0], size)]
-    loss_fn = torch.nn.functional.cross_entropy if args.criterion in GRADIENT_CRITERIA else None
+    loss_fn = torch.nn.functional.cross_entropy if criterion in GRADIENT_CRITERIA else None
     if loss_fn is not None and "target" not in tensors:
-        raise CliError(f"criterion {args.criterion!r} needs a 'target' tensor in --calibration")
+        raise CliError(f"criterion {criterion!r} needs a 'target' tensor in --calibration")
     inputs = tuple(range(len(names)))
     return Calibration(batches, inputs=inputs, target=-1 if "target" in tensors else None,
                        max_batches=args.max_batches), loss_fn
@@ -425,10 +391,11 @@ def plot_widths(rows: list[tuple[str, int, int]], path: Path, title: str) -> Non
 # --- inspect ------------------------------------------------------------------------------------------
 def run_inspect(args: argparse.Namespace) -> int:
     import fxprune
-    torch.manual_seed(args.seed)
+    options = PruneOptions.build(**given_options(args))
+    torch.manual_seed(options.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, args.seed)
-    analysis = fxprune.analyze(model, inputs, args.capture)
+    inputs = example_inputs(model, args.input_shape, options.seed)
+    analysis = fxprune.analyze(model, inputs, options.capture)
     groups = analysis.groups
     prunable = sum(g.prunable for g in groups)
     print(f"{args.spec} ({analysis.level} level): {len(groups)} groups, {prunable} prunable")

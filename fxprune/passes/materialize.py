@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from fxprune.api import apply_plan
+from fxprune.stages import apply
 from fxprune.core.capture import graph_level
 from fxprune.errors import PipelineError
 from fxprune.passes.pipeline import Pass, example_inputs, register
@@ -40,4 +40,4 @@ class Materialize(Pass):
         if plan is None:
             return copy.deepcopy(gm)
         stripped = strip_masks(gm)
-        return apply_plan(stripped, plan, example_inputs(gm), capture=graph_level(gm)).graph_module
+        return apply(stripped, plan, example_inputs(gm), graph_level(gm)).graph_module

@@ -23,7 +23,7 @@ Option values are parsed by the field's type (``float``, ``int``, ``bool`` as ``
 ``str``, ``tuple[str, ...]`` as ``[a,b]``); a string with spaces or any of ``,{}[]="`` is written as a
 JSON string. Printing omits options left at their default, so ``Pipeline.parse(str(p)) == p``.
 
->>> from fxprune.capture import capture
+>>> from fxprune import capture
 >>> gm = capture(model, (x,)).gm                                                       # doctest: +SKIP
 >>> pipeline = Pipeline.parse("fold-batchnorm,prune-channels{sparsity=0.5}")          # doctest: +SKIP
 >>> result = pipeline(gm, hook=lambda p, before, after: print(p))                     # doctest: +SKIP

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.core.analysis import Analysis
-from fxprune.api import PruneResult, analyze, drop_from_plan
+from fxprune.stages import PruneResult, analyze, drop_from_plan
 from fxprune.core.capture import graph_level
 from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.passes.pipeline import PRUNED_PLAN_KEY, Pass, example_inputs
@@ -43,7 +43,7 @@ class RecoveryPass(Pass):
     def with_calibration(self, calibration: Any, source: Any = None) -> "RecoveryPass":
         """This pass with its run-time data bound: ``calibration`` (any iterable of batches, or a
         :class:`~fxprune.data.calibration.Calibration`) and ``source`` (the GraphModule before pruning, or
-        the :class:`~fxprune.api.PruneResult`)."""
+        the :class:`~fxprune.stages.PruneResult`)."""
         bound = copy.copy(self)
         object.__setattr__(bound, "_bound", (calibration, source))
         return bound
@@ -85,6 +85,5 @@ def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analy
         raise InvalidOptionError(f"pass {p.name!r}: the graph carries no pruning plan "
                                  f"(meta[{PRUNED_PLAN_KEY!r}]); run prune-channels or apply-plan before it")
     plan = Plan.from_json(text)
-    analysis = analyze(source, example_inputs(source), graph_level(source),
-                       prune_outputs=plan.options.prune_outputs, split_axis=plan.options.split_axis)
+    analysis = analyze(source, example_inputs(source), plan.options.replace(capture=graph_level(source)))
     return analysis, drop_from_plan(analysis, plan)
