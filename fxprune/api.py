@@ -25,6 +25,7 @@ from fxprune.core.bias_folding import constant_reference, fold_biases, folded_bi
 from fxprune.data.criteria import DEFAULT_CRITERION, Criterion, check_criterion, check_data, gather_evidence, score_groups
 from fxprune.core.ungrouped import ungrouped
 from fxprune.options import PruneOptions
+from fxprune.progress import progress_bar
 from fxprune.core.plan import GroupSummary, Plan
 from fxprune.data.recovery import recover as recover_model, recovery_steps
 from fxprune.core.rewrite import Pruning, rewrite
@@ -56,10 +57,7 @@ class PruneResult:
 
 
 def _stages(progress: bool, total: int):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="fxprune", unit="stage", leave=False)
+    return progress_bar(None, progress, desc="fxprune", unit="stage", total=total)
 
 
 def _step(bar, name: str) -> None:

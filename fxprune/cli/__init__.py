@@ -40,6 +40,8 @@ from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GR
 from fxprune.core.select import NORMALIZATIONS
 from fxprune.core.plan import ungrouped_lines
 from fxprune.cli.format import CliError, markdown_table as _table
+from fxprune.deploy import TARGETS
+from fxprune.progress import progress_bar
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "adaptive ratios)")
     prune.add_argument("--min-keep-ratio", type=_fraction, default=0.0, metavar="F",
                        help="every group keeps at least this fraction of its units")
-    prune.add_argument("--to", choices=("executorch", "onnx"), help="also write model.pte (ExecuTorch, "
+    prune.add_argument("--to", choices=TARGETS, help="also write model.pte (ExecuTorch, "
                                                                    "XNNPACK) or model.onnx (ONNX Runtime)")
     prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -192,11 +194,11 @@ def _factory(module_name: str, attr: str) -> Any:
         raise CliError(f"bad SPEC: {module_name}:{attr}() raised {type(exc).__name__}: {exc}") from exc
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_or_saved_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of the given shapes, or a .pt2's own example inputs."""
     if _is_hf(model):
-        from fxprune.cli.hf import example_inputs as hf_inputs
-        return hf_inputs(model, shapes, seed)
+        from fxprune.cli.hf import random_hf_inputs
+        return random_hf_inputs(model, shapes, seed)
     if shapes:
         generator = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(s, generator=generator) for s in shapes)
@@ -252,7 +254,7 @@ def run_prune(args: argparse.Namespace) -> int:
     _check_deploy(args.to, args.quantize)
     torch.manual_seed(args.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, args.seed)
+    inputs = random_or_saved_inputs(model, args.input_shape, args.seed)
     bar = _bar(not args.no_progress)
     try:
         text = _prune_and_write(args, model, inputs, bar)
@@ -368,11 +370,8 @@ def _is_hf(model: Any) -> bool:
 
 def _bar(enabled: bool):
     """The stage bar, on stderr when it is a terminal (``disable=None``), cleared when done."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=5, desc="fxprune", unit="stage", leave=False, file=sys.stderr, postfix="prune",
-                disable=None)
+    return progress_bar(None, enabled, desc="fxprune", unit="stage", total=5, file=sys.stderr, postfix="prune",
+                        disable=None)
 
 
 def _advance(bar, stage: str) -> None:
@@ -427,7 +426,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import fxprune
     torch.manual_seed(args.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, args.seed)
+    inputs = random_or_saved_inputs(model, args.input_shape, args.seed)
     analysis = fxprune.analyze(model, inputs, args.capture)
     groups = analysis.groups
     prunable = sum(g.prunable for g in groups)

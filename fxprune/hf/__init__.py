@@ -39,6 +39,7 @@ from fxprune.errors import (ConfigMismatchError, InvalidOptionError, TrainingMod
                      VerificationError)
 from fxprune.data.criteria import DEFAULT_CRITERION, Criterion, check_criterion, score_groups
 from fxprune.options import PruneOptions
+from fxprune.progress import progress_bar
 from fxprune.core.select import Policy, Sparsity, check_patterns, select
 
 FORMAT = "fxprune.hf/1"
@@ -375,10 +376,7 @@ def _record(plan, changes: Mapping[str, tuple[Any, Any]], notes: Mapping[str, st
 
 
 def _bar(progress: bool):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=3, desc="fxprune.hf", unit="stage", leave=False)
+    return progress_bar(None, progress, desc="fxprune.hf", unit="stage", total=3)
 
 
 def _step(bar, name: str) -> None:

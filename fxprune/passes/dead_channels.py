@@ -34,7 +34,7 @@ import torch.fx as fx
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import iter_arrays
 from fxprune.api import analyze
-from fxprune.passes.pipeline import Pass, example_inputs, refresh_values, register
+from fxprune.passes.pipeline import Pass, placeholder_zeros, refresh_values, register
 from fxprune.core.rewrite import rewrite
 from fxprune.core.predicates import is_tensor
 
@@ -109,5 +109,5 @@ class DeadChannels(Pass):
     name = "dead-channels"
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        analysis = analyze(gm, example_inputs(gm))
+        analysis = analyze(gm, placeholder_zeros(gm))
         return refresh_values(rewrite(analysis, dead_classes(analysis)))

@@ -47,17 +47,15 @@ from fxprune.core.analysis import Analysis
 from fxprune.api import analyze, drop_from_plan, make_plan
 from fxprune.core.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
+from fxprune.core.meta import PLAN_KEY
 from fxprune.core.graph import MaskSite, copy_graph_module, insert_masks, is_mask
-from fxprune.passes.pipeline import example_inputs, refresh_values, register
+from fxprune.passes.pipeline import placeholder_zeros, refresh_values, register
 from fxprune.core.plan import Plan
 from fxprune.core.rewrite import Pruning
 from fxprune.core.select import check_patterns, select
 from fxprune.core.verify import act_mask_sites
 
 from fxprune.passes.selection import SelectionOptions
-
-PLAN_KEY = "fxprune_plan"
-
 
 # --- where the masks go -------------------------------------------------------------------------
 def mask_sites(analysis: Analysis, drop: torch.Tensor) -> list[MaskSite]:
@@ -164,7 +162,7 @@ class MaskChannels(SelectionOptions):
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
         level = graph_level(gm)
         base = strip_masks(gm)
-        analysis = analyze(base, example_inputs(gm), level, split_axis=self._split_axis())
+        analysis = analyze(base, placeholder_zeros(gm), level, split_axis=self._split_axis())
         drop, plan = self._select(analysis, masked_plan(gm))
         out = insert_masks(copy.deepcopy(analysis.gm), mask_sites(analysis, drop), level)
         out.meta[PLAN_KEY] = plan.to_json(indent=None)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from fxprune.api import prune
 from fxprune.core.capture import graph_level
-from fxprune.passes.pipeline import example_inputs, record_plan, register
+from fxprune.passes.pipeline import placeholder_zeros, record_plan, register
 
 from fxprune.passes.selection import SelectionOptions
 
@@ -34,7 +34,7 @@ class PruneChannels(SelectionOptions):
     """Also prune channels that reach a graph output (changes the output shape)."""
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        result = prune(gm, example_inputs(gm), sparsity=self.sparsity, criterion=self.criterion,
+        result = prune(gm, placeholder_zeros(gm), sparsity=self.sparsity, criterion=self.criterion,
                        capture=graph_level(gm), reduce=self.reduce, global_ranking=self.global_ranking,
                        round_to=self.round_to, min_keep=self.min_keep, ignore=self.ignore,
                        prune_outputs=self.prune_outputs, seed=self.seed,

@@ -5,7 +5,6 @@ names, defaults, docs and checks the same in both.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from fxprune.errors import InvalidOptionError
 from fxprune.options import PruneOptions
 from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA, \
     check_criterion, gather_evidence, score_groups
-from fxprune.passes.pipeline import Pass
+from fxprune.passes.pipeline import Pass, bind_run_data, run_data
 from fxprune.core.select import Policy
 
 #: Criteria a pass can use: ``taylor`` and ``hessian`` need a loss function, which a pass option
@@ -61,16 +60,14 @@ class SelectionOptions(Pass):
     @property
     def calibration(self) -> Any:
         """The calibration data bound with :meth:`with_calibration` (None if none)."""
-        return getattr(self, "_calibration", None)
+        return run_data(self).calibration
 
     def with_calibration(self, calibration: Any, source: Any = None) -> "SelectionOptions":
         """This pass with ``calibration`` batches bound (not an option: data is given at run time).
 
         >>> PruneChannels(sparsity=0.5, criterion="wanda").with_calibration(loader)(gm)  # doctest: +SKIP
         """
-        bound = dataclasses.replace(self)
-        object.__setattr__(bound, "_calibration", calibration)
-        return bound
+        return bind_run_data(self, calibration, source)
 
     def scores(self, analysis: Analysis) -> dict[str, torch.Tensor]:
         """Each prunable group's scores under these options (reading the bound calibration data)."""
