@@ -2,6 +2,7 @@
 everything that lists them (the name tuples, the pass registry, the CLI's choices) is read from it."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -54,7 +55,8 @@ def test_a_recovery_pass_named_after_no_step_is_refused():
 
 def test_the_cli_offers_the_deploy_targets_of_the_table():
     parser = build_parser()
-    prune = next(a for a in parser._subparsers._group_actions[0].choices["prune"]._actions if "--to" in a.option_strings)
+    (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    prune = next(a for a in subcommands.choices["prune"]._actions if "--to" in a.option_strings)
     assert tuple(prune.choices) == deploy.TARGETS == tuple(deploy.RUNTIMES)
     assert deploy.SUFFIX == {"executorch": ".pte", "onnx": ".onnx"}
 

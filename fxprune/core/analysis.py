@@ -21,8 +21,8 @@ from fxprune.core.capture import has_hooks
 from fxprune.core.channels import Solution, TensorIds
 from fxprune.core.graph import describe_target, fixed_like, has_value, iter_arrays, meta_value, tensor_at
 from fxprune.core.groups import Group, build_groups
-from fxprune.core.opcall import (ActSink, AnalysisOptions, Context, NormSite, OpCall, Producer, WeightedConsumer,  # noqa: F401
-                     Unsupported)
+from fxprune.core.opcall import (ActSink, AnalysisOptions, Context, NormSite, OpCall, Producer,  # noqa: F401
+                                 Unsupported, WeightedConsumer)
 from fxprune.core.registry import lookup_analyze, run_after_rule
 
 

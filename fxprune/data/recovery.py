@@ -550,7 +550,8 @@ def recover(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, cali
     """Run the recovery ``steps`` in order on ``pruned`` (each on the previous one's output), each
     with its default options.
 
-    >>> gm, reports = recover(result.analysis, result.drop, result.graph_module, loader, ["reconstruct"])  # doctest: +SKIP
+    >>> gm, reports = recover(result.analysis, result.drop, result.graph_module, loader,
+    ...                       ["reconstruct"])                                   # doctest: +SKIP
     """
     reports = []
     for name in recovery_steps(steps):
