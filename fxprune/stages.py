@@ -50,6 +50,8 @@ class RunData:
     """One ``(inputs, target)`` batch for the one-batch ``taylor``."""
     progress: bool = False
     """Show progress bars."""
+    source: Any = None
+    """A recovery pass: the graph the last pruning pass received (what it compares with)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import fxprune
 from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, PipelineError
 from fxprune.passes import ApplyPlan, DeadChannels, FoldBatchNorm, PruneChannels
-from fxprune.passes.pipeline import (Pass, Pipeline, example_inputs, graph_changed, register,
+from fxprune.passes.pipeline import (Pass, Pipeline, placeholder_zeros, graph_changed, register,
                               registered_passes)
 
 
@@ -203,8 +203,8 @@ def test_a_pass_takes_a_captured_graph_module(gm) -> None:
         FoldBatchNorm()(fx.symbolic_trace(Net().eval()))
 
 
-def test_example_inputs_are_zeros_like_the_placeholders(gm) -> None:
-    (x,) = example_inputs(gm)
+def test_placeholder_zeros_are_zeros_like_the_placeholders(gm) -> None:
+    (x,) = placeholder_zeros(gm)
     assert x.shape == X.shape and x.dtype == X.dtype and not x.any()
 
 

@@ -29,13 +29,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from fxprune import __version__
 from fxprune.errors import FxPruneError
 from fxprune.options import PruneOptions
+from fxprune.progress import stage_bar
+from fxprune.deploy import TARGETS
 from fxprune.cli.flags import MODEL_FLAGS, add_option_flags, given_options
 from fxprune.core.ungrouped import ungrouped
 from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rows per calibration batch (default 32)")
     prune.add_argument("--max-batches", type=_positive, default=None, metavar="N",
                        help="read at most N calibration batches")
-    prune.add_argument("--to", choices=("executorch", "onnx"), help="also write model.pte (ExecuTorch, "
+    prune.add_argument("--to", choices=TARGETS, help="also write model.pte (ExecuTorch, "
                                                                    "XNNPACK) or model.onnx (ONNX Runtime)")
     prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -158,11 +160,11 @@ def _factory(module_name: str, attr: str) -> Any:
         raise CliError(f"bad SPEC: {module_name}:{attr}() raised {type(exc).__name__}: {exc}") from exc
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_or_saved_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of the given shapes, or a .pt2's own example inputs."""
     if _is_hf(model):
-        from fxprune.cli.hf import example_inputs as hf_inputs
-        return hf_inputs(model, shapes, seed)
+        from fxprune.cli.hf import random_hf_inputs
+        return random_hf_inputs(model, shapes, seed)
     if shapes:
         generator = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(s, generator=generator) for s in shapes)
@@ -219,13 +221,10 @@ def run_prune(args: argparse.Namespace) -> int:
     options = PruneOptions.build(**given_options(args))
     torch.manual_seed(options.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, options.seed)
-    bar = _bar(not args.no_progress)
-    try:
-        text = _prune_and_write(args, model, inputs, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    inputs = random_or_saved_inputs(model, args.input_shape, options.seed)
+    # on stderr when it is a terminal (disable=None), cleared when done
+    with stage_bar(not args.no_progress, 5, "fxprune", file=sys.stderr, postfix="prune", disable=None) as step:
+        text = _prune_and_write(args, model, inputs, step)
     print(text)
     if _is_hf(model):
         from fxprune.cli.hf import FILES
@@ -264,7 +263,7 @@ def _deploy(args: argparse.Namespace, result, inputs: tuple, calibration) -> tup
     return data, "\n".join(lines)
 
 
-def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -> str:
+def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, step: Callable[[str], None]) -> str:
     import fxprune
     from fxprune.measure import count_macs, count_params
     if _is_hf(model):  # a PreTrainedModel in, a PreTrainedModel out (fxprune.hf)
@@ -273,16 +272,16 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
     options = PruneOptions.build(**given_options(args))
     calibration, loss_fn = calibration_data(args, options.criterion)
     result = fxprune.prune(model, inputs, options=options, calibration=calibration, loss_fn=loss_fn)
-    _advance(bar, "verify")
+    step("verify")
     report = fxprune.verify(model, result, inputs)
     artefact, deployed = _deploy(args, result, inputs, calibration)
-    _advance(bar, "count")
+    step("count")
     original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     summary = Summary(_group_rows(result.plan),
                       (count_params(original), count_params(result.graph_module)),
                       (count_macs(original, inputs), count_macs(result.graph_module, inputs)), str(report),
                       tuple(ungrouped_lines(result.plan.ungrouped)))
-    _advance(bar, "save")
+    step("save")
     out = fxprune.save(result, args.out)
     text = summary.markdown(f"{args.spec}, sparsity {format_sparsity(options.sparsity)}, {options.criterion}, "
                             f"{result.level} level")
@@ -291,9 +290,9 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
         (out / f"model{_suffix(args.to)}").write_bytes(artefact)
     (out / "summary.md").write_text(text, encoding="utf-8")
     if not args.no_chart:
-        _advance(bar, "chart")
+        step("chart")
         plot_widths(layer_widths(result), out / "widths.png", args.spec)
-    _advance(bar, "done")
+    step("done")
     return text
 
 
@@ -330,21 +329,6 @@ def calibration_data(args: argparse.Namespace, criterion: str) -> tuple[Any, Any
 def _is_hf(model: Any) -> bool:
     transformers = sys.modules.get("transformers")  # loaded by an hf: SPEC or a factory returning one
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
-def _bar(enabled: bool):
-    """The stage bar, on stderr when it is a terminal (``disable=None``), cleared when done."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=5, desc="fxprune", unit="stage", leave=False, file=sys.stderr, postfix="prune",
-                disable=None)
-
-
-def _advance(bar, stage: str) -> None:
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix_str(stage)
 
 
 # --- the chart --------------------------------------------------------------------------------------
@@ -394,7 +378,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     options = PruneOptions.build(**given_options(args))
     torch.manual_seed(options.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, options.seed)
+    inputs = random_or_saved_inputs(model, args.input_shape, options.seed)
     analysis = fxprune.analyze(model, inputs, options.capture)
     groups = analysis.groups
     prunable = sum(g.prunable for g in groups)

@@ -47,7 +47,7 @@ def _model_class(transformers: Any, config: Any, path_text: str) -> Any:
     return cls
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_hf_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of ``--input-shape``: token ids below the vocabulary size for a model whose main
     input is ``input_ids``, normal floats otherwise (``pixel_values``)."""
     if not shapes:

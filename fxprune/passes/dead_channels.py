@@ -36,7 +36,7 @@ from fxprune.core.graph import iter_arrays
 from fxprune.core.capture import graph_level
 from fxprune.options import PruneOptions
 from fxprune.stages import analyze
-from fxprune.passes.pipeline import Pass, example_inputs, refresh_values, register
+from fxprune.passes.pipeline import Pass, placeholder_zeros, refresh_values, register
 from fxprune.core.rewrite import rewrite
 from fxprune.core.predicates import is_tensor
 
@@ -111,5 +111,5 @@ class DeadChannels(Pass):
     name = "dead-channels"
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        analysis = analyze(gm, example_inputs(gm), PruneOptions(capture=graph_level(gm)))
+        analysis = analyze(gm, placeholder_zeros(gm), PruneOptions(capture=graph_level(gm)))
         return refresh_values(rewrite(analysis, dead_classes(analysis)))

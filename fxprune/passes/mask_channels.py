@@ -46,16 +46,14 @@ import torch.fx as fx
 from fxprune.core.analysis import Analysis
 from fxprune.core.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
+from fxprune.core.meta import PLAN_KEY
 from fxprune.core.graph import MaskSite, copy_graph_module, insert_masks, is_mask
-from fxprune.passes.pipeline import example_inputs, refresh_values, register
+from fxprune.passes.pipeline import placeholder_zeros, refresh_values, register
 from fxprune.core.plan import Plan
 from fxprune.core.rewrite import Pruning
 from fxprune.core.verify import act_mask_sites
 from fxprune.passes.selection import selection_options
 from fxprune.stages import analyze, choose, drop_from_plan, make_plan
-
-PLAN_KEY = "fxprune_plan"
-
 
 # --- where the masks go -------------------------------------------------------------------------
 def mask_sites(analysis: Analysis, drop: torch.Tensor) -> list[MaskSite]:
@@ -162,7 +160,7 @@ class MaskChannels(selection_options("MaskChannelsOptions", exclude=("prune_outp
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
         level = graph_level(gm)
         base = strip_masks(gm)
-        analysis = analyze(base, example_inputs(gm), self.prune_options(level).replace(split_axis=self._split_axis()))
+        analysis = analyze(base, placeholder_zeros(gm), self.prune_options(level).replace(split_axis=self._split_axis()))
         drop, plan = self._select(analysis, masked_plan(gm))
         out = insert_masks(copy.deepcopy(analysis.gm), mask_sites(analysis, drop), level)
         out.meta[PLAN_KEY] = plan.to_json(indent=None)

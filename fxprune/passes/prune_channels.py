@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fxprune.core.capture import graph_level
-from fxprune.passes.pipeline import example_inputs, record_plan, register
+from fxprune.passes.pipeline import placeholder_zeros, record_plan, register, run_data
 from fxprune.passes.selection import selection_options
-from fxprune.stages import RunData, run
+from fxprune.stages import run
 
 
 @register
@@ -31,5 +31,5 @@ class PruneChannels(selection_options("PruneChannelsOptions")):
     """Fraction of each group's units to drop, in [0, 1)."""
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        result = run(gm, example_inputs(gm), self.prune_options(graph_level(gm)), data=RunData(self.calibration))
+        result = run(gm, placeholder_zeros(gm), self.prune_options(graph_level(gm)), data=run_data(self))
         return record_plan(result.graph_module, result.plan)  # what recovery passes map layers with

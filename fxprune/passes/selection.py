@@ -18,8 +18,8 @@ from fxprune.core.analysis import Analysis
 from fxprune.data.criteria import DATA_CRITERIA, GRADIENT_CRITERIA, check_criterion
 from fxprune.errors import InvalidOptionError
 from fxprune.options import PruneOptions, public_fields
-from fxprune.passes.pipeline import Pass
-from fxprune.stages import RunData, score
+from fxprune.passes.pipeline import Pass, bind_run_data, run_data
+from fxprune.stages import score
 
 #: Options no pass takes: a pass works at the level of the graph it is given.
 NOT_PASS_OPTIONS = ("capture",)
@@ -48,16 +48,14 @@ class _Selection(Pass):
     @property
     def calibration(self) -> Any:
         """The calibration data bound with :meth:`with_calibration` (None if none)."""
-        return getattr(self, "_calibration", None)
+        return run_data(self).calibration
 
     def with_calibration(self, calibration: Any, source: Any = None) -> "_Selection":
         """This pass with ``calibration`` batches bound (not an option: data is given at run time).
 
         >>> PruneChannels(sparsity=0.5, criterion="wanda").with_calibration(loader)(gm)  # doctest: +SKIP
         """
-        bound = dataclasses.replace(self)
-        object.__setattr__(bound, "_calibration", calibration)
-        return bound
+        return bind_run_data(self, calibration, source)
 
     def prune_options(self, level: str = "fx") -> PruneOptions:
         """These options as the :class:`PruneOptions` a plan records (checked there, once)."""
@@ -66,7 +64,7 @@ class _Selection(Pass):
 
     def scores(self, analysis: Analysis) -> dict[str, torch.Tensor]:
         """Each prunable group's scores under these options (reading the bound calibration data)."""
-        return score(analysis, self.prune_options(analysis.level), data=RunData(self.calibration))
+        return score(analysis, self.prune_options(analysis.level), data=run_data(self))
 
     def validate(self) -> None:
         """``taylor`` and ``hessian`` need a loss function, which a pass option cannot hold; the
