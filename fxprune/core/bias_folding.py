@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import tensor_at
-from fxprune.core.opcall import Foldable
+from fxprune.core.opcall import WeightedConsumer
 from fxprune.core.capture import node_values
 from fxprune.core.rewrite import Pruning, build_graph_module
 from fxprune.core.verify import kept_statistics, reference_items
@@ -72,7 +72,7 @@ def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dic
     """{consumer bias key: what its dropped inputs' constants add to each output row}, summed over the
     consumer's calls, measured by one run of :func:`constant_reference`."""
     pruning = Pruning(analysis, drop)
-    todo = [f for f in analysis.foldables if f.bias is not None and _dropped(pruning, analysis, f).any()]
+    todo = [f for f in analysis.weighted_consumers if f.bias is not None and _dropped(pruning, analysis, f).any()]
     if not todo:
         return {}
     with torch.no_grad():
@@ -85,21 +85,21 @@ def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dic
 
 
 def folding_is_exact(analysis: Analysis, drop: torch.Tensor) -> bool:
-    """Exact when every consumer of a dropped channel is a foldable conv/linear with a bias and no
+    """Exact when every consumer of a dropped channel is a weighted conv/linear consumer with a bias and no
     padding; any other consumer (a matmul, an RNN, a bias-less layer) sees the constant unanswered."""
     pruning = Pruning(analysis, drop)
-    folded = {f.weight for f in analysis.foldables if f.bias is not None and f.exact}
+    folded = {f.weight for f in analysis.weighted_consumers if f.bias is not None and f.exact}
     for key, dim in analysis.param_sinks:
         if key not in folded and not bool(pruning.kept(analysis.params[key][dim]).all()):
             return False
     return all(bool(pruning.kept(sink.ids).all()) for sink in analysis.act_sinks)
 
 
-def _dropped(pruning: Pruning, analysis: Analysis, f: Foldable) -> torch.Tensor:
+def _dropped(pruning: Pruning, analysis: Analysis, f: WeightedConsumer) -> torch.Tensor:
     return ~pruning.kept(analysis.params[f.weight][f.in_dim])
 
 
-def _contribution(analysis: Analysis, pruning: Pruning, f: Foldable, value: torch.Tensor) -> torch.Tensor:
+def _contribution(analysis: Analysis, pruning: Pruning, f: WeightedConsumer, value: torch.Tensor) -> torch.Tensor:
     dropped = _dropped(pruning, analysis, f)
     dims = [d for d in range(value.dim()) if d != f.channel_dim % value.dim()]
     mean = value.double().mean(dim=dims) if dims else value.double()

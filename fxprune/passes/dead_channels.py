@@ -33,8 +33,10 @@ import torch.fx as fx
 
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import iter_arrays
-from fxprune.api import analyze
-from fxprune.passes.pipeline import Pass, example_inputs, refresh_values, register
+from fxprune.core.capture import graph_level
+from fxprune.options import PruneOptions
+from fxprune.stages import analyze
+from fxprune.passes.pipeline import Pass, placeholder_zeros, refresh_values, register
 from fxprune.core.rewrite import rewrite
 from fxprune.core.predicates import is_tensor
 
@@ -109,5 +111,5 @@ class DeadChannels(Pass):
     name = "dead-channels"
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        analysis = analyze(gm, example_inputs(gm))
+        analysis = analyze(gm, placeholder_zeros(gm), PruneOptions(capture=graph_level(gm)))
         return refresh_values(rewrite(analysis, dead_classes(analysis)))
