@@ -169,3 +169,16 @@ def test_tied_weights_stay_tied():
     small = fxprune.module.prune(model, (torch.randint(0, 20, (2, 5)),), sparsity=0.5).module
     assert small.out.weight is small.embed.weight
     assert small.mid.out_features == 16
+
+
+def test_saved_files_rebuild_a_fresh_model(tmp_path):
+    torch.manual_seed(0)
+    model = Sizes().eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = fxprune.module.prune(model, (x,), sparsity=0.5)
+    fxprune.module.save(out, tmp_path, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "plan.json", "sizes.json"]
+    torch.manual_seed(1)
+    again = fxprune.module.load(tmp_path, Sizes().eval())  # another initialisation: every tensor is loaded
+    assert type(again) is Sizes and again.attn.head_dim == out.module.attn.head_dim
+    torch.testing.assert_close(again(x), out.module(x))

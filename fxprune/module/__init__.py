@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fxprune.module.check import check
+from fxprune.module.files import load, save
 from fxprune.module.rebuild import rebuild
 
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -88,4 +89,4 @@ def __getattr__(name: str) -> Any:  # the parts adapter loads on first use
     raise AttributeError(name)
 
 
-__all__ = ["ModuleResult", "to_module", "rebuild", "check", "prune", "prune_parts", "PartsResult", "find_parts"]
+__all__ = ["ModuleResult", "to_module", "rebuild", "check", "prune", "save", "load", "prune_parts", "PartsResult", "find_parts"]

@@ -45,14 +45,15 @@ def rebuild(model: nn.Module, result: Any) -> nn.Module:
 
     >>> small = rebuild(model, fxprune.prune(model, (x,), sparsity=0.5))   # doctest: +SKIP
     """
+    plan = getattr(result, "plan", result)  # a PruneResult, or a bare Plan (no graph: sizes from shapes)
     new = copy.deepcopy(model)
-    changed = slice_tensors(new, result.plan)
+    changed = slice_tensors(new, plan)
     graph = _GraphSizes(result) if getattr(result, "analysis", None) is not None else None
     modules = dict(new.named_modules(remove_duplicate=False))
     old_modules = dict(model.named_modules(remove_duplicate=False))
     for path in sorted(changed | (graph.sized_paths() if graph else set()), key=lambda p: -p.count(".")):
         resize_attributes(path, old_modules[path], modules[path], graph)
-    set_size_attributes(model, new, result)
+    set_size_attributes(model, new, result, plan)
     return new
 
 
@@ -210,7 +211,7 @@ SHAPE_RESIZERS: dict[type, Callable[[nn.Module, nn.Module], None]] = {
 """Size attributes rebuilt from a module's sliced tensors, for results without module calls (export)."""
 
 
-def set_size_attributes(old_model: nn.Module, new_model: nn.Module, result: Any) -> None:
+def set_size_attributes(old_model: nn.Module, new_model: nn.Module, result: Any, plan: Any) -> None:
     """A user's module (not a ``torch.nn`` layer) keeps sizes its forward reads (``self.num_heads``,
     ``self.hidden_dim``). Each is set to the literal the rewrite put where the graph had its value, in the
     nodes the module's own forward made (``reshape(b, n, 3, 4, 6)`` was ``(b, n, 3, 4, 12)``:
@@ -222,7 +223,7 @@ def set_size_attributes(old_model: nn.Module, new_model: nn.Module, result: Any)
     for path, old in old_model.named_modules(remove_duplicate=False):
         if type(old).__module__.startswith("torch.nn"):
             continue
-        widths = _widths(result.plan, f"{path}." if path else "")
+        widths = _widths(plan, f"{path}." if path else "")
         for name in SIZES:
             value = getattr(old, name, None)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -236,7 +237,7 @@ def changed_literals(result: Any) -> dict[str, dict[int, set[int]]]:
     """{module path: {old literal: {new literals}}} over the graph nodes each module's forward made,
     pairing the analysed graph with the rewritten one node by node."""
     analysis = getattr(result, "analysis", None)
-    if analysis is None:
+    if analysis is None or getattr(result, "graph_module", None) is None:
         return {}
     old_nodes, new_nodes = list(analysis.gm.graph.nodes), list(result.graph_module.graph.nodes)
     if len(old_nodes) != len(new_nodes):  # a pass reshaped the graph: no pairing
