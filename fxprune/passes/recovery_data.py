@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.stages import PruneResult, analyze, drop_from_plan
 from fxprune.core.capture import graph_level
