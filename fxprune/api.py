@@ -109,7 +109,7 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     drift from the unmasked original."""
     inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
     analysis, drop = result.analysis, result.drop
-    exact = not bool(analysis.solution.approximate[drop.nonzero().flatten()].any()) if drop.any() else True
+    exact = not bool(analysis.solution.approximate[drop.indices()].any())
     masks = output_masks(analysis, drop) if result.plan.options.prune_outputs else None
     if result.plan.options.propagate_bias and folding_is_exact(analysis, drop):
         reference = constant_reference(analysis, drop)

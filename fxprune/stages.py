@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from fxprune.core.analysis import Analysis, AnalysisOptions, match
 from fxprune.core.bias_folding import fold_biases
+from fxprune.core.channels import Dropped
 from fxprune.core.capture import AUTO, as_inputs, capture, propagate_values
 from fxprune.core.plan import GroupSummary, Plan
 from fxprune.core.rewrite import Pruning, rewrite
@@ -34,8 +35,8 @@ from fxprune.data.criteria import Criterion, check_criterion, check_data, gather
 from fxprune.errors import PlanMismatchError
 from fxprune.options import PruneOptions
 
-#: ``selector(analysis, scores, options) -> drop``: how units are chosen (default :func:`select`).
-Selector = Callable[[Analysis, Mapping[str, torch.Tensor], PruneOptions], torch.Tensor]
+#: ``selector(analysis, scores, options) -> Dropped``: how units are chosen (default :func:`select`).
+Selector = Callable[[Analysis, Mapping[str, torch.Tensor], PruneOptions], Dropped]
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class PruneResult:
     graph_module: fx.GraphModule
     plan: Plan
     analysis: Analysis
-    drop: torch.Tensor
-    """The dropped channel classes: one bool per class of ``analysis.solution``."""
+    drop: Dropped
+    """The dropped channel classes of ``analysis.solution``."""
     example_inputs: tuple
     recovery: tuple = ()
     """The :class:`~fxprune.data.recovery.RecoveryReport` of each ``recover=`` step (per-layer fit errors)."""
@@ -109,14 +110,14 @@ def score(analysis: Analysis, options: PruneOptions, criterion: Optional[Criteri
 
 
 def choose(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions,
-           selector: Optional[Selector] = None) -> tuple[torch.Tensor, Plan]:
+           selector: Optional[Selector] = None) -> tuple[Dropped, Plan]:
     """select + plan: the dropped classes and the plan that records them with ``options``."""
     check_patterns(analysis.groups, options)
     drop = (selector or select)(analysis, scores, options)
     return drop, make_plan(analysis, drop, options)
 
 
-def rewrite_graph(analysis: Analysis, drop: torch.Tensor, inputs: Sequence, options: PruneOptions
+def rewrite_graph(analysis: Analysis, drop: Dropped, inputs: Sequence, options: PruneOptions
                   ) -> fx.GraphModule:
     """Rewrite (folding biases if the options ask) and refresh traced values, so the result can be
     captured or pruned again."""
@@ -151,7 +152,7 @@ def criterion_name(criterion: Criterion) -> str:
 
 
 # --- plans ----------------------------------------------------------------------------------------
-def make_plan(analysis: Analysis, drop: torch.Tensor, options: PruneOptions) -> Plan:
+def make_plan(analysis: Analysis, drop: Dropped, options: PruneOptions) -> Plan:
     """The plan of ``drop``: kept indices per tensor, group summaries, ``options`` and the ungrouped."""
     if not isinstance(options, PruneOptions):  # a plan's options are read back as attributes
         raise TypeError(f"make_plan takes a PruneOptions, got {type(options).__name__}")
@@ -161,15 +162,15 @@ def make_plan(analysis: Analysis, drop: torch.Tensor, options: PruneOptions) -> 
     return Plan(kept_indices, shapes, _summaries(analysis, drop), options, ungrouped(analysis))
 
 
-def _summaries(analysis: Analysis, drop: torch.Tensor) -> tuple[GroupSummary, ...]:
+def _summaries(analysis: Analysis, drop: Dropped) -> tuple[GroupSummary, ...]:
     out = []
     for g in analysis.groups:
-        dropped = int(drop[torch.tensor(g.units, dtype=torch.long)].sum()) if g.units else 0
+        dropped = drop.count_of(g.units)
         out.append(GroupSummary(g.name, g.size, g.size - dropped, g.exact, len(g.frozen_units), g.reasons))
     return tuple(out)
 
 
-def drop_from_plan(analysis: Analysis, plan: Plan) -> torch.Tensor:
+def drop_from_plan(analysis: Analysis, plan: Plan) -> Dropped:
     """The dropped classes a plan implies; the plan must account for every tied position."""
     solution = analysis.solution
     drop = torch.zeros(solution.root.numel(), dtype=torch.bool)
@@ -184,6 +185,7 @@ def drop_from_plan(analysis: Analysis, plan: Plan) -> torch.Tensor:
                 raise PlanMismatchError(f"plan drops channels of {key!r} (dim {dim}) that this graph "
                                         f"must keep: {solution.reasons.get(int(roots[solution.frozen[roots]][0]), 'frozen')}")
             drop[roots] = True
+    drop = Dropped(drop)
     actual = Pruning(analysis, drop).param_kept()
     expected = {k: {d: tuple(v) for d, v in dims.items()} for k, dims in plan.kept_indices.items()}
     got = {k: {d: tuple(int(i) for i in v) for d, v in dims.items()} for k, dims in actual.items()}

@@ -21,6 +21,7 @@ import copy
 import torch
 import torch.fx as fx
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import tensor_at
 from fxprune.core.opcall import WeightedConsumer
@@ -29,7 +30,7 @@ from fxprune.core.rewrite import Pruning, build_graph_module
 from fxprune.core.verify import kept_statistics, reference_items
 
 
-def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
+def constant_reference(analysis: Analysis, drop: Dropped) -> fx.GraphModule:
     """The original graph with dropped channels' producer slices zeroed (biases kept)."""
     pruning = Pruning(analysis, drop)
     zeroed: dict[str, torch.Tensor] = {}
@@ -47,7 +48,7 @@ def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule
     return gm
 
 
-def folded_biases(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict[str, torch.Tensor]:
+def folded_biases(analysis: Analysis, drop: Dropped, inputs: tuple) -> dict[str, torch.Tensor]:
     """Each folded consumer's original bias plus the dropped inputs' contribution measured on ``inputs``
     (full size): the biases the zeroed-channel reference needs to stand for a folded model."""
     out = {}
@@ -57,7 +58,7 @@ def folded_biases(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict
     return out
 
 
-def fold_biases(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, inputs: tuple) -> None:
+def fold_biases(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, inputs: tuple) -> None:
     """Add dropped inputs' constant contributions to the pruned consumers' biases (in place: ``pruned``
     is the new model rewrite just built, never the input)."""
     pruning = Pruning(analysis, drop)
@@ -68,7 +69,7 @@ def fold_biases(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, 
             bias.add_(contribution[kept_out.to(contribution.device)].to(bias.dtype))
 
 
-def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict[str, torch.Tensor]:
+def _contributions(analysis: Analysis, drop: Dropped, inputs: tuple) -> dict[str, torch.Tensor]:
     """{consumer bias key: what its dropped inputs' constants add to each output row}, summed over the
     consumer's calls, measured by one run of :func:`constant_reference`."""
     pruning = Pruning(analysis, drop)
@@ -84,7 +85,7 @@ def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dic
     return out
 
 
-def folding_is_exact(analysis: Analysis, drop: torch.Tensor) -> bool:
+def folding_is_exact(analysis: Analysis, drop: Dropped) -> bool:
     """Exact when every consumer of a dropped channel is a weighted conv/linear consumer with a bias and no
     padding; any other consumer (a matmul, an RNN, a bias-less layer) sees the constant unanswered."""
     pruning = Pruning(analysis, drop)

@@ -22,6 +22,7 @@ from typing import Mapping, Optional
 import torch
 
 from fxprune.core.analysis import Analysis
+from fxprune.core.channels import Dropped
 from fxprune.errors import InvalidOptionError
 from fxprune.core.groups import Group
 from fxprune.options import NORMALIZATIONS, PruneOptions, Sparsity
@@ -57,8 +58,8 @@ def group_ratio(group: Group, options: PruneOptions) -> float:
 
 
 def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions,
-           counts: Optional[Mapping[str, int]] = None) -> torch.Tensor:
-    """Bool per channel id, true on the roots of dropped classes. ``counts`` ({group name: units to
+           counts: Optional[Mapping[str, int]] = None) -> Dropped:
+    """The dropped classes (:class:`~fxprune.core.channels.Dropped`). ``counts`` ({group name: units to
     drop}) overrides the options' count for those groups (an adapter that imposes one width per layer
     kind, such as :mod:`fxprune.hf`)."""
     drop = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
@@ -74,7 +75,7 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: Prun
         mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
         for unit in _choose(group, scores[group.name], count, mine, options.min_keep):
             drop[unit] = True
-    return drop
+    return Dropped(drop)
 
 
 def _drop_count(group: Group, ratio: float, options: PruneOptions, width: int) -> int:

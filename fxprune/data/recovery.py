@@ -49,6 +49,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import describe_target, free_attribute, set_aten_bias, tensor_at
 from fxprune.core.opcall import WeightedConsumer
@@ -151,7 +152,7 @@ def _layer_name(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else key
 
 
-def _dropped_consumers(analysis: Analysis, drop: torch.Tensor) -> list[tuple[WeightedConsumer, torch.Tensor]]:
+def _dropped_consumers(analysis: Analysis, drop: Dropped) -> list[tuple[WeightedConsumer, torch.Tensor]]:
     """Each conv/linear consumer whose input lost channels, with the kept mask of its input dim."""
     pruning = Pruning(analysis, drop)
     out = []
@@ -293,7 +294,7 @@ def _write_statistics(gm: fx.GraphModule, norm: _Norm, sums: Sums) -> LayerRecov
 
 
 # --- compensate-bias ------------------------------------------------------------------------------
-def compensate_bias(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
+def compensate_bias(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
                     progress: bool = False) -> tuple[fx.GraphModule, RecoveryReport]:
     """A copy of ``pruned`` whose consumers of dropped channels add those channels' mean contribution
     (measured on ``calibration`` in the original model ``analysis.gm``) to their bias.
@@ -344,7 +345,7 @@ class _Fit:
     out_dim: int
 
 
-def _fits(analysis: Analysis, drop: torch.Tensor) -> tuple[list[_Fit], list[tuple[str, str]]]:
+def _fits(analysis: Analysis, drop: Dropped) -> tuple[list[_Fit], list[tuple[str, str]]]:
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
     users = _weight_users(analysis.gm)
     pruning = Pruning(analysis, drop)
@@ -376,7 +377,7 @@ def _gram_site(analysis: Analysis, node: fx.Node, f: WeightedConsumer, users: di
                     unfold), ""
 
 
-def reconstruct(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
+def reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
                 ridge: float = 1e-3, progress: bool = False) -> tuple[fx.GraphModule, RecoveryReport]:
     """A copy of ``pruned`` whose consumers of dropped channels are refitted, layer after layer in graph
     order, to reproduce the original model's (``analysis.gm``) outputs on ``calibration``.
@@ -501,12 +502,12 @@ class RecoveryStep:
     """Short names ``recover=`` also accepts."""
 
 
-def _run_compensate_bias(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
+def _run_compensate_bias(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
                          progress: bool = False) -> tuple[fx.GraphModule, RecoveryReport]:
     return compensate_bias(analysis, drop, pruned, calibration, progress)
 
 
-def _run_reconstruct(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
+def _run_reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
                      progress: bool = False, ridge: float = 1e-3) -> tuple[fx.GraphModule, RecoveryReport]:
     return reconstruct(analysis, drop, pruned, calibration, ridge, progress)
 
@@ -545,7 +546,7 @@ def recovery_steps(recover: Any) -> tuple[str, ...]:
     return tuple(steps)
 
 
-def recover(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
+def recover(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
             steps: Sequence[str], progress: bool = False) -> tuple[fx.GraphModule, tuple[RecoveryReport, ...]]:
     """Run the recovery ``steps`` in order on ``pruned`` (each on the previous one's output), each
     with its default options.

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from fxprune import stages
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.capture import AUTO, as_inputs, export
 from fxprune.core.select import check_patterns, select
@@ -274,7 +275,7 @@ def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: Pru
 
 
 # --- the new config ---------------------------------------------------------------------------------
-def new_config(model: Any, analysis: Analysis, drop: torch.Tensor,
+def new_config(model: Any, analysis: Analysis, drop: Dropped,
                attention: Optional[hf_policy.Attention]) -> tuple[Any, dict[str, tuple[Any, Any]]]:
     """The config that holds the plan, and what changed; ``ConfigMismatchError`` where none can."""
     config = copy.deepcopy(model.config)

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.errors import InvalidOptionError
 from fxprune.core.groups import Group
@@ -234,7 +235,7 @@ def _tie_heads_to_hidden(kinds_: list[Kind], decisions: dict, requested: Mapping
                                             f"= kept heads x head_dim {attention.head_dim}")
 
 
-def requested_keeps(analysis: Analysis, drop: torch.Tensor) -> dict[str, int]:
+def requested_keeps(analysis: Analysis, drop: Dropped) -> dict[str, int]:
     """How many units each group keeps under a drop mask (the ordinary selection's wish)."""
     out = {}
     for g in analysis.groups:

@@ -43,6 +43,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.fx as fx
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
@@ -56,7 +57,7 @@ from fxprune.passes.selection import selection_options
 from fxprune.stages import analyze, choose, drop_from_plan, make_plan
 
 # --- where the masks go -------------------------------------------------------------------------
-def mask_sites(analysis: Analysis, drop: torch.Tensor) -> list[MaskSite]:
+def mask_sites(analysis: Analysis, drop: Dropped) -> list[MaskSite]:
     """Every reader of a dropped channel: parameter consumers, then activation contractions."""
     pruning = Pruning(analysis, drop)
     sites = list(_param_sites(analysis, pruning)) + list(act_mask_sites(analysis, pruning))
