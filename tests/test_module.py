@@ -182,3 +182,15 @@ def test_saved_files_rebuild_a_fresh_model(tmp_path):
     again = fxprune.module.load(tmp_path, Sizes().eval())  # another initialisation: every tensor is loaded
     assert type(again) is Sizes and again.attn.head_dim == out.module.attn.head_dim
     torch.testing.assert_close(again(x), out.module(x))
+
+
+def test_prune_output_module():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    result = fxprune.prune(model, (x,), sparsity=0.5, output="module")
+    assert type(result.module) is torchvision.models.ResNet
+    torch.testing.assert_close(result.module(x), result.graph_module(x), rtol=1e-4, atol=1e-4)
+    assert fxprune.prune(model, (x,), sparsity=0.5).module is None
+    with pytest.raises(fxprune.errors.InvalidOptionError, match="output"):
+        fxprune.prune(model, (x,), output="modules")
+

@@ -82,6 +82,12 @@ def test_named_parts():
         fxprune.module.prune_parts(model, (torch.randn(1, 3, 8, 8),), modules=["blocks"])
 
 
+def test_prune_output_module_of_a_model_not_traceable_whole():
+    model = Looped().eval()
+    result = fxprune.prune(model, (torch.randn(1, 3, 8, 8),), sparsity=0.5, output="module")
+    assert type(result.module) is Looped and result.module.neck.a.out_channels == 12
+
+
 # --- ultralytics YOLO (AGPL-3.0: a test-only dependency, never imported by fxprune) -------------------
 YOLO_CONFIGS = ["yolov8n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolo11n.yaml", "yolo11n-seg.yaml",
                 "yolo11n-pose.yaml"]

@@ -82,6 +82,24 @@ def prune(model: nn.Module, example_inputs: Any, **options: Any) -> ModuleResult
     return to_module(model, result)
 
 
+def prune_module(model: nn.Module, example_inputs: Any, **arguments: Any) -> Any:
+    """What ``fxprune.prune(..., output="module")`` returns: the :class:`~fxprune.stages.PruneResult` with
+    ``module`` set; a model not traceable whole is pruned through its parts (its graph is then the
+    parts' joined graph)."""
+    import dataclasses
+
+    from fxprune.api import prune as prune_graph
+    from fxprune.errors import CaptureError
+
+    try:
+        result = prune_graph(model, example_inputs, **arguments)
+    except CaptureError:
+        from fxprune.module.parts import prune_parts
+        parts = prune_parts(model, example_inputs, **arguments)
+        return dataclasses.replace(parts.result, module=parts.module)
+    return dataclasses.replace(result, module=to_module(model, result).module)
+
+
 def __getattr__(name: str) -> Any:  # the parts adapter loads on first use
     if name in ("prune_parts", "PartsResult", "find_parts"):
         from fxprune.module import parts

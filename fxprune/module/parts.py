@@ -356,7 +356,7 @@ def prune_parts(model: nn.Module, example_inputs: Any, *, modules: Optional[Sequ
     from fxprune.core.capture import as_inputs
 
     inputs = as_inputs(example_inputs)
-    if options.get("capture", "fx") != "fx":
+    if options.get("capture") not in (None, "fx"):
         raise InvalidOptionError("prune_parts captures each part with torch.fx: capture must be 'fx'")
     work = copy.deepcopy(model)  # hooks go on a copy: the user's model is never touched
     rec = record(work, inputs)
