@@ -125,7 +125,12 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=RATIOS)
     parser.add_argument("--tools", nargs="*", default=TOOLS)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--render", action="store_true", help="only rewrite bench_detection.md from results.json")
     args = parser.parse_args()
+    if args.render:
+        from common import load_results
+        write(load_results()["bench_detection"]["rows"])
+        return
     if args.worker:
         name, tool, ratio = args.worker
         print(json.dumps({"status": "ok", **worker(name, tool, float(ratio))}))  # "broken" overrides "ok"
@@ -138,8 +143,12 @@ def main() -> None:
                 rows[key] = run_worker(Path(__file__), [name, tool, str(ratio)], args.timeout, mem_gb=16)
                 print(key, json.dumps(rows[key])[:300], flush=True)
                 section = save_section("bench_detection", environment(1), rows)
+    write(section["rows"])
+
+
+def write(rows: dict) -> None:
     text = "# bench_detection\n\nWritten by `benchmarks/bench_detection.py` (random weights, 320x320 images, " \
-           "one thread; latency of the eager module, before → after at batch 1).\n\n" + render(section["rows"])
+           "one thread; latency of the eager module, before → after at batch 1).\n\n" + render(rows)
     (HERE / "bench_detection.md").write_text(text + "\n", encoding="utf-8")
     print(text)
 

@@ -26,6 +26,7 @@ from .core.capture import capture
 from .core.groups import Group, Member
 from .io import load, save
 from .options import PruneOptions
+from . import module  # noqa: F401  (registers output="module" with fxprune.prune)
 from .passes.pipeline import Pass, Pipeline
 from .passes import schedule
 from .core.plan import Plan

@@ -74,16 +74,14 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
     >>> result = fxprune.prune(model, (x,), 0.5, "l1", round_to=8)     # doctest: +SKIP
     >>> small = fxprune.prune(model, (x,), 0.5, output="module").module  # doctest: +SKIP
     """
-    if output not in ("graph", "module"):
-        raise InvalidOptionError(f"output must be 'graph' or 'module', got {output!r}")
-    if output == "module":
+    if output != "graph":
         if recover:
-            raise InvalidOptionError("output='module' with recover= is not supported: recovery changes the "
-                                     "graph's weights, which the module would not hold; prune, then recover")
-        from fxprune.module import prune_module  # an adapter: loaded only when asked for
-        return prune_module(model, example_inputs, options=options, sparsity=sparsity, criterion=criterion,
-                            capture=capture, calibration=calibration, loss_fn=loss_fn, batch=batch,
-                            progress=progress, dynamic_shapes=dynamic_shapes, **option_fields)
+            raise InvalidOptionError(f"output={output!r} with recover= is not supported: recovery changes the "
+                                     f"graph's weights, which the {output} would not hold; prune, then recover")
+        return output_builder(output)(model, example_inputs, options=options, sparsity=sparsity,
+                                      criterion=criterion, capture=capture, calibration=calibration,
+                                      loss_fn=loss_fn, batch=batch, progress=progress,
+                                      dynamic_shapes=dynamic_shapes, **option_fields)
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
     options = PruneOptions.build(options, sparsity=sparsity, criterion=named, capture=capture, **option_fields)
     scorer = criterion if callable(criterion) else None
@@ -97,6 +95,22 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
                                        progress=progress)
     propagate_values(recovered, result.example_inputs, rewritten=True)
     return dataclasses.replace(result, graph_module=recovered, recovery=reports, structural=result.graph_module)
+
+
+OUTPUTS: dict[str, Callable[..., PruneResult]] = {}
+"""``output=`` values besides ``"graph"``: each an adapter's builder, registered when it loads
+(``fxprune.module`` registers ``"module"``), so this layer never imports an adapter."""
+
+
+def register_output(name: str, builder: Callable[..., PruneResult]) -> None:
+    """Make ``fxprune.prune(..., output=name)`` call ``builder`` with the same arguments."""
+    OUTPUTS[name] = builder
+
+
+def output_builder(name: str) -> Callable[..., PruneResult]:
+    if name not in OUTPUTS:
+        raise InvalidOptionError(f"output must be one of {['graph', *sorted(OUTPUTS)]}, got {name!r}")
+    return OUTPUTS[name]
 
 
 def check_recovery(recover: Any, calibration: Any) -> tuple[str, ...]:

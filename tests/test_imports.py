@@ -21,7 +21,7 @@ import fxprune
 ROOT = Path(fxprune.__file__).parent
 
 #: The framework adapters and the runtimes: one entry per package (``fxprune.hf`` and its modules ...).
-ADAPTERS = ("fxprune.hf", "fxprune.deploy")
+ADAPTERS = ("fxprune.hf", "fxprune.deploy", "fxprune.module")
 
 #: The layers, lowest first: a module imports its own layer and the ones below, never one above. A name
 #: covers the module and everything under it; ``fxprune.stages`` counts once it exists.
