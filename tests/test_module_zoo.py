@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy
+
 import pytest
 import torch
 import torchvision
@@ -56,17 +58,20 @@ def masked_reference(model: nn.Module, out) -> nn.Module:
     return reference
 
 
+def _rows(detections: dict) -> torch.Tensor:
+    """One row per detection: score, label, box, and a sum per mask / keypoint set; rows sorted by their
+    rounded values (random weights give many equal scores, whose order float noise may swap)."""
+    columns = [detections["scores"][:, None], detections["labels"][:, None].float(), detections["boxes"]]
+    columns += [detections[k].flatten(1).float().sum(1, keepdim=True) for k in ("masks", "keypoints")
+                if k in detections]
+    rows = torch.cat(columns, 1).double()
+    order = numpy.lexsort(rows.round(decimals=2).numpy().T[::-1])
+    return rows[torch.from_numpy(order.copy())]
+
+
 def assert_same_detections(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
-    torch.testing.assert_close(got["scores"].sort().values, want["scores"].sort().values, rtol=1e-4, atol=1e-5)
-    scores = want["scores"]
-    isolated = [i for i in range(len(scores)) if ((scores - scores[i]).abs() < 1e-4).sum() == 1]
-    assert len(isolated) >= min(5, len(scores))  # the comparison below is not empty
-    for i in isolated:
-        j = int((got["scores"] - scores[i]).abs().argmin())
-        for key in want:
-            if key != "scores":
-                torch.testing.assert_close(got[key][j].float(), want[key][i].float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(_rows(got), _rows(want), rtol=1e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("name", list(DETECTORS))
