@@ -10,6 +10,7 @@ unpickled, and ``module.py`` beside a saved model is never executed by ``fxprune
 from __future__ import annotations
 
 import json
+import re
 import pickle
 from pathlib import Path
 from typing import Callable
@@ -193,3 +194,126 @@ def test_load_pt2_refuses_a_torch_save_file(poisoned: Path, marker: Path, tmp_pa
     with pytest.raises(UnsafeFileError, match="model.pt2"):
         fio.load_pt2(target)
     assert not marker.exists()
+
+
+# --- .pt2: strings torch evaluates, duplicated entries ------------------------------------------------
+def dynamic_pt2(directory: Path) -> Path:
+    """A real ``.pt2`` of a small model exported with a dynamic batch: its ``model.json`` holds SymInt
+    expressions (``Symbol('s..', positive=True, integer=True)``) that ``torch.export.load`` sympifies."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(2, 4),), dynamic_shapes=({0: batch},))
+    path = directory / "dynamic.pt2"
+    torch.export.save(program, path)
+    return path
+
+
+def rewrite_pt2(src: Path, dst: Path, edits: dict[str, Callable[[bytes], bytes]],
+                before: dict[str, bytes] | None = None) -> Path:
+    """Copy a ``.pt2`` with some entries edited (by name suffix); ``before`` writes an extra first copy of
+    an entry ahead of the real one (a duplicated name)."""
+    import warnings
+    import zipfile
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns about the duplicate it writes
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            for suffix, first in (before or {}).items():
+                if info.filename.endswith(suffix):
+                    zout.writestr(info.filename, first)
+            edit = next((e for s, e in edits.items() if info.filename.endswith(s)), None)
+            zout.writestr(info, edit(data) if edit else data)
+    return dst
+
+
+def _inject(marker: Path) -> Callable[[bytes], bytes]:
+    """Edit every SymInt expression so that sympify creates ``marker`` (then multiplies None: an error)."""
+    payload = f" + 0*__import__('pathlib').Path({str(marker)!r}).touch()"
+
+    def edit(data: bytes) -> bytes:
+        model = json.loads(data)
+        text = json.dumps(model)
+        symbol = re.search(r'"expr_str": "(Symbol\([^"]*\))"', text).group(1)
+        return text.replace(f'"{symbol}"', json.dumps(symbol + payload)).encode()
+    return edit
+
+
+def test_pt2_with_a_sympy_payload_is_refused_naming_the_entry(tmp_path: Path, marker: Path) -> None:
+    bad = rewrite_pt2(dynamic_pt2(tmp_path), tmp_path / "bad.pt2", {"models/model.json": _inject(marker)})
+    with pytest.raises(UnsafeFileError, match=r"models/model\.json.*expr_str"):
+        fio.load_pt2(bad)
+    assert not marker.exists()
+
+
+def test_the_sympy_payload_is_real(tmp_path: Path, marker: Path) -> None:
+    """The control: ``torch.export.load`` on the edited archive runs the payload."""
+    bad = rewrite_pt2(dynamic_pt2(tmp_path), tmp_path / "bad.pt2", {"models/model.json": _inject(marker)})
+    try:
+        torch.export.load(str(bad))
+    except Exception:  # the payload returns None, which sympy then fails to multiply
+        pass
+    assert marker.exists()
+    marker.unlink()
+
+
+def test_a_clean_dynamic_pt2_loads_and_keeps_its_dynamic_batch(tmp_path: Path) -> None:
+    program = fio.load_pt2(dynamic_pt2(tmp_path))
+    assert program.module()(torch.randn(5, 4)).shape == (5, 3)
+
+
+def _pickled_config(marker: Path) -> bytes:
+    config = {"config": {"0.weight": {"path_name": "payload", "is_param": True, "use_pickle": True,
+                                      "tensor_meta": None}}}
+    return json.dumps(config).encode()
+
+
+def test_pt2_with_a_duplicated_entry_is_refused(tmp_path: Path, marker: Path) -> None:
+    """First copy: a weights config that points at a pickle; last copy (what ``zipfile`` returns):
+    the unchanged config. The archive is refused whichever copy a reader would take."""
+    src = dynamic_pt2(tmp_path)
+    bad = rewrite_pt2(src, tmp_path / "dup.pt2", {},
+                      before={"data/weights/model_weights_config.json": _pickled_config(marker)})
+    with pytest.raises(UnsafeFileError, match=r"model_weights_config\.json.*twice"):
+        fio.load_pt2(bad)
+
+
+def test_pt2_entries_outside_the_root_folder_are_refused(tmp_path: Path) -> None:
+    import zipfile
+    src = dynamic_pt2(tmp_path)
+    bad = tmp_path / "roots.pt2"
+    bad.write_bytes(src.read_bytes())
+    with zipfile.ZipFile(bad, "a") as archive:
+        archive.writestr("other/data/weights/model_weights_config.json", b"{}")
+    with pytest.raises(UnsafeFileError, match="one root folder"):
+        fio.load_pt2(bad)
+
+
+@pytest.mark.parametrize("expr", [
+    "Symbol('s0', positive=True, integer=True)",
+    "Mul(Integer(2), Symbol('s0', positive=True, integer=True))",
+    "FloorDiv(Symbol('s1', integer=True), Integer(4))",
+    "Float('1.5', precision=53)",
+    "s0*2 + 1",
+])
+def test_sym_expressions_torch_writes_are_accepted(expr: str) -> None:
+    from fxprune.safe_files import check_sym_expr
+    check_sym_expr(expr, "model.json")
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('x')",
+    "Symbol('s0').__class__",
+    "Symbol('os.system')",
+    "Integer(2)**Integer(10**18)",
+    "Pow(Integer(2), Integer(99999999))",
+    "Integer(" + "9" * 30 + ")",
+    "lambda: 0",
+    "[Symbol('s0')]",
+    "Symbol('s0', evaluate=eval)",
+    "(" * 10_000 + "1" + ")" * 10_000,
+    "1" * 5000,
+])
+def test_sym_expressions_beyond_the_schema_are_refused(expr: str) -> None:
+    from fxprune.safe_files import check_sym_expr
+    with pytest.raises(UnsafeFileError, match="model.json"):
+        check_sym_expr(expr, "model.json")
