@@ -2,8 +2,9 @@
 
 ``PATH_OR_CONFIG`` is a model directory (``config.json`` and safetensors weights, as ``save_pretrained``
 writes it; a directory with only ``config.json``, or a ``config.json`` file, gives random weights). The
-class is the config's first ``architectures`` entry. Weights load from safetensors only (nothing is
-unpickled). ``--out`` becomes a directory ``from_pretrained`` loads, plus ``plan.json`` and ``summary.md``.
+class is the config's first ``architectures`` entry, which must name a ``transformers.PreTrainedModel``
+subclass. Weights load from safetensors only (nothing is unpickled), and a repository's own code
+(``auto_map``) is never run: every transformers call passes ``trust_remote_code=False``. ``--out`` becomes a directory ``from_pretrained`` loads, plus ``plan.json`` and ``summary.md``.
 
     fxprune prune hf:tiny-llama/ --input-shape 2,16 --sparsity 0.5 --out pruned/
 """
@@ -28,21 +29,25 @@ def load(path_text: str) -> Any:
     if not config_file.is_file():
         raise CliError(f"bad SPEC hf:{path_text}: no config.json there")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(config_file.parent if path.is_dir() else config_file))
+        config = transformers.AutoConfig.from_pretrained(str(config_file.parent if path.is_dir() else config_file),
+                                                         trust_remote_code=False)
     except Exception as exc:  # not a config transformers understands
         raise CliError(f"bad SPEC hf:{path_text}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     cls = _model_class(transformers, config, path_text)
     if path.is_dir() and any(path.glob("*.safetensors")):
-        return cls.from_pretrained(str(path), use_safetensors=True).eval()
+        return cls.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False).eval()
     return cls(config).eval()
 
 
 def _model_class(transformers: Any, config: Any, path_text: str) -> Any:
+    """The class ``architectures[0]`` names: only a ``PreTrainedModel`` subclass transformers exports (not
+    ``pipeline``, an ``Auto`` factory or ``__class__``)."""
     names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise CliError(f"bad SPEC hf:{path_text}: its config names no transformers class in "
-                          f"'architectures' (got {names})")
+    name = names[0] if isinstance(names, (list, tuple)) and names and isinstance(names[0], str) else None
+    cls = getattr(transformers, name, None) if name and name.isidentifier() and not name.startswith("_") else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CliError(f"bad SPEC hf:{path_text}: its config's 'architectures' must name a transformers "
+                       f"PreTrainedModel class (got {names!r:.200})")
     return cls
 
 
