@@ -26,10 +26,11 @@ from fxprune.data.criteria import DEFAULT_CRITERION, Criterion, check_criterion,
 from fxprune.core.ungrouped import ungrouped
 from fxprune.options import PruneOptions
 from fxprune.core.plan import GroupSummary, Plan
+from fxprune.core.purity import leaves_models_untouched
 from fxprune.data.recovery import recover as recover_model, recovery_steps
 from fxprune.core.rewrite import Pruning, rewrite
 from fxprune.core.select import Policy, Sparsity, check_patterns, select
-from fxprune.core.verify import VerifyReport, compare, output_masks, quantizer_state_mismatch, reference_model
+from fxprune.core.verify import VerifyReport, check_same_model, compare, output_masks, quantizer_state_mismatch, reference_model
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def _step(bar, name: str) -> None:
         bar.update(1)
 
 
+@leaves_models_untouched
 def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outputs: bool = False,
             split_axis: str = "largest", dynamic_shapes: Any = "auto") -> Analysis:
     """Capture and match only: the groups, and why any are frozen (what ``fxprune inspect`` prints)."""
@@ -77,6 +79,7 @@ def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outpu
     return match(captured.gm, captured.level, AnalysisOptions(prune_outputs, split_axis))
 
 
+@leaves_models_untouched
 def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5, criterion: Criterion = DEFAULT_CRITERION,
           capture: str = "fx", *, reduce: str = "mean", global_ranking: bool = False,
           round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (),
@@ -181,6 +184,7 @@ def _summaries(analysis: Analysis, drop: torch.Tensor) -> tuple[GroupSummary, ..
     return tuple(out)
 
 
+@leaves_models_untouched
 def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[str] = None) -> PruneResult:
     """Apply a plan (from this model or a fresh copy of it) and return the same pruned model.
 
@@ -198,11 +202,13 @@ def drop_from_plan(analysis: Analysis, plan: Plan) -> torch.Tensor:
     """The dropped classes a plan implies; the plan must account for every tied position."""
     solution = analysis.solution
     drop = torch.zeros(solution.root.numel(), dtype=torch.bool)
+    spanned = {(m.key, m.dim) for g in analysis.groups for m in g.members}  # a kernel dim is no channel dim
     for key, dims in plan.kept_indices.items():
         ids = _param_ids(analysis, key, plan)
         for dim, kept in dims.items():
-            if dim >= len(ids) or ids[dim] is None:
-                raise PlanMismatchError(f"plan prunes dim {dim} of {key!r}, which has {len(ids)} dims")
+            if dim >= len(ids) or ids[dim] is None or (key, dim) not in spanned:
+                raise PlanMismatchError(f"plan prunes dim {dim} of {key!r}, which no channel group spans "
+                                        f"(it has {len(ids)} dims)")
             dropped = _dropped_positions(key, dim, kept, ids[dim].numel())
             roots = solution.root[ids[dim][dropped]]
             if bool(solution.frozen[roots].any()):
@@ -240,6 +246,7 @@ def _dropped_positions(key: str, dim: int, kept: Sequence[int], size: int) -> to
     return mask.nonzero().flatten()
 
 
+@leaves_models_untouched
 def verify(model: Any, result: PruneResult, example_inputs: Any = None,
            tolerance: Optional[float] = None, raise_on_failure: bool = False) -> VerifyReport:
     """Compare ``result`` with ``model`` whose dropped channels contribute nothing and whose norms'
@@ -247,6 +254,7 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     drift from the unmasked original."""
     inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
     analysis, drop = result.analysis, result.drop
+    check_same_model(model, analysis.gm, inputs, tolerance)
     exact = not bool(analysis.solution.approximate[drop.nonzero().flatten()].any()) if drop.any() else True
     masks = output_masks(analysis, drop) if result.plan.options.prune_outputs else None
     if result.plan.options.propagate_bias and folding_is_exact(analysis, drop):

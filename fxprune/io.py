@@ -44,7 +44,7 @@ import torch.utils._pytree as pytree
 from fxprune.errors import PlanMismatchError, UnsafeFileError, UnsupportedModelError
 from fxprune.core.plan import Plan
 from fxprune.safe_files import (check_pt2_json, check_safetensors, pt2_records, read_bounded,
-                                torch_load_weights_only)
+                                staged_directory, torch_load_weights_only, write_new)
 
 PLAN_FILE, TENSORS_FILE, MODULE_FILE, README_FILE = "plan.json", "model.safetensors", "module.py", "README.md"
 CLASS_NAME = "PrunedModel"
@@ -55,30 +55,34 @@ _META = "fxprune"  # the one metadata key: safetensors writes several keys in ra
 def save(result: Any, directory: Union[str, os.PathLike]) -> Path:
     """Write ``result`` (a :class:`~fxprune.api.PruneResult`, or a bare GraphModule) to ``directory``.
 
-    Everything is generated in memory first, so a model that cannot be written leaves no partial
-    output. Returns the directory.
+    All or nothing: everything is generated in memory, written into a fresh directory beside
+    ``directory`` and renamed into place in one step (:func:`fxprune.safe_files.staged_directory`); a
+    failed save leaves a previous output intact and no temporary files, and no link is followed.
+    Returns the directory.
 
     >>> fxprune.save(result, "pruned/")                                       # doctest: +SKIP
     >>> again = fxprune.load("pruned/", torchvision.models.resnet18(), (x,))   # doctest: +SKIP
     """
+    files = output_files(result)
+    with staged_directory(directory) as tmp:
+        write_files(tmp, files)
+    return Path(directory)
+
+
+def output_files(result: Any) -> dict[str, bytes]:
+    """The files :func:`save` writes, by name, built in memory."""
     gm = result if isinstance(result, fx.GraphModule) else result.graph_module
     files: dict[str, bytes] = {MODULE_FILE: module_source(gm).encode(), TENSORS_FILE: tensors_bytes(gm)}
     if not isinstance(result, fx.GraphModule):
         files[PLAN_FILE] = result.plan.to_json().encode()
     files[README_FILE] = _readme(PLAN_FILE in files).encode()
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    return files
+
+
+def write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Write new files into a staged directory (never through a link, never over a file)."""
     for name, data in files.items():
-        _write_atomic(out / name, data)
-    if PLAN_FILE not in files:  # a stale plan would not describe these tensors
-        (out / PLAN_FILE).unlink(missing_ok=True)
-    return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        write_new(directory / name, data)
 
 
 def tensors_bytes(gm: torch.nn.Module) -> bytes:

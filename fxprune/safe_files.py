@@ -20,12 +20,15 @@ fxprune.errors.UnsafeFileError: models/model.json: expr_str ... is not a sympy e
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import os
 import re
+import shutil
 import stat
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -296,3 +299,111 @@ def _first_line(exc: BaseException) -> str:
 def torch_load_weights_only(data: bytes) -> Any:
     """``torch.load(weights_only=True)`` of in-memory bytes (the check of a ``.pt2``'s sample inputs)."""
     return torch.load(io.BytesIO(data), weights_only=True)
+
+
+# --- all-or-nothing output directories ---------------------------------------------------------------------
+OUTPUT_NAMES = re.compile(r"(plan\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+                          r"module\.py|README\.md|summary\.md|widths\.png|model\.pte|model\.onnx(\.data)?|"
+                          r"config\.json|generation_config\.json|__pycache__)\Z")
+"""What fxprune (and ``save_pretrained`` on its behalf) writes: an existing output directory holding only
+these is replaced; one holding anything else is the user's, and is refused rather than deleted."""
+
+
+@contextlib.contextmanager
+def staged_directory(target: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield a fresh, private directory beside ``target``; when the block succeeds it becomes ``target``
+    in one rename (an existing output is swapped out atomically with ``renameat2(RENAME_EXCHANGE)``
+    where the kernel has it, else moved aside first), and when it fails it is removed and ``target``
+    is left as it was. Links are never followed: ``target`` must not be a symlink, and nothing is
+    written outside the fresh directory.
+
+    >>> with staged_directory("pruned/") as tmp:             # doctest: +SKIP
+    ...     (tmp / "plan.json").write_text(plan.to_json())
+    """
+    target = Path(os.path.abspath(target))
+    _check_target(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".fxprune-tmp", dir=target.parent))
+    except OSError as exc:
+        raise UnsafeFileError(f"cannot write output {target}: {exc.strerror or exc}") from exc
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would surprise: an ordinary directory
+        _swap_into_place(tmp, target)
+    except OSError as exc:
+        raise UnsafeFileError(f"cannot write output {target}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new output on failure, the old one after a swap
+
+
+def check_output(target: Union[str, os.PathLike]) -> None:
+    """Fail early, before any work, where :func:`staged_directory` would fail late: ``target`` is a
+    link, a file, a directory of someone else's files, or lies under a file or an unwritable place."""
+    target = Path(os.path.abspath(target))
+    _check_target(target)
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK) or _is_virtual(ancestor):
+        raise UnsafeFileError(f"cannot write output {target}: {ancestor} is not a writable directory")
+
+
+def _is_virtual(path: Path) -> bool:
+    """/proc and /sys accept some writes but hold no files."""
+    return path.resolve().parts[1:2] in (("proc",), ("sys",))
+
+
+def _check_target(target: Path) -> None:
+    if target.is_symlink():
+        raise UnsafeFileError(f"output {target} is a symbolic link; fxprune does not follow links "
+                              f"(remove it or choose another directory)")
+    if target.exists() and not target.is_dir():
+        raise UnsafeFileError(f"output {target} exists and is not a directory")
+    if target.is_dir():
+        foreign = sorted(p.name for p in target.iterdir() if not OUTPUT_NAMES.match(p.name) or p.is_symlink())
+        if foreign:
+            raise UnsafeFileError(f"output {target} holds files fxprune did not write ({foreign[:3]}); "
+                                  f"choose a new or empty directory")
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+    elif not _exchange(tmp, target):  # no renameat2: the old output goes aside, then the new one in
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".fxprune-old", dir=target.parent))
+        os.rename(target, aside / "old")
+        os.rename(tmp, target)
+        os.rename(aside / "old", tmp)  # removed by the caller, with its (empty) holder below
+        aside.rmdir()
+    # after an exchange ``tmp`` holds the previous output; the caller removes it
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(errno, os.strerror(errno))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Write a file that must not exist yet, never through a link (inside a staged directory)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

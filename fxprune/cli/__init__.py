@@ -248,6 +248,8 @@ def _group_rows(plan) -> tuple[tuple[str, int, int, str], ...]:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    from fxprune.safe_files import check_output
+    check_output(args.out)  # a link, a file, someone else's directory: refused before any work
     _check_chart(args.no_chart)
     _check_deploy(args.to, args.quantize)
     torch.manual_seed(args.seed)
@@ -318,17 +320,26 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -
                       (count_macs(original, inputs), count_macs(result.graph_module, inputs)), str(report),
                       tuple(ungrouped_lines(result.plan.ungrouped)))
     _advance(bar, "save")
-    out = fxprune.save(result, args.out)
     text = summary.markdown(f"{args.spec}, sparsity {args.sparsity:g}, {args.criterion}, {result.level} level")
     if artefact is not None:
         text = f"{text}\n{deployed}\n"
-        (out / f"model{_suffix(args.to)}").write_bytes(artefact)
-    (out / "summary.md").write_text(text, encoding="utf-8")
-    if not args.no_chart:
-        _advance(bar, "chart")
-        plot_widths(layer_widths(result), out / "widths.png", args.spec)
+    write_output(args, result, text, artefact)
     _advance(bar, "done")
     return text
+
+
+def write_output(args: argparse.Namespace, result, text: str, artefact: Optional[bytes]) -> None:
+    """Every file of ``--out``, written into a fresh directory that replaces ``--out`` in one rename: a
+    failed run leaves the previous output as it was (see :func:`fxprune.safe_files.staged_directory`)."""
+    from fxprune.io import output_files, write_files
+    from fxprune.safe_files import staged_directory, write_new
+    with staged_directory(args.out) as out:
+        write_files(out, output_files(result))
+        if artefact is not None:
+            write_new(out / f"model{_suffix(args.to)}", artefact)
+        write_new(out / "summary.md", text.encode("utf-8"))
+        if not args.no_chart:
+            plot_widths(layer_widths(result), out / "widths.png", args.spec)
 
 
 def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -61,6 +61,15 @@ def as_inputs(example_inputs: Any) -> tuple:
                             f"{type(example_inputs).__name__}")
 
 
+def check_nonempty(inputs: tuple) -> tuple:
+    """Example inputs with no elements would run every op on nothing and verify nothing: refused."""
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.numel() == 0:
+            raise ExampleInputError(f"example input {i} has shape {tuple(x.shape)} (no elements): pass at "
+                                    f"least one row")
+    return inputs
+
+
 def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: Any = AUTO) -> Captured:
     """Trace ``model`` at ``level`` and propagate fake values through every node.
 
@@ -71,7 +80,7 @@ def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: 
     >>> cap.level, cap.gm.graph.find_nodes(op="call_module")[0].target              # doctest: +SKIP
     ('fx', 'conv1')
     """
-    inputs = as_inputs(example_inputs)
+    inputs = check_nonempty(as_inputs(example_inputs))
     if isinstance(model, torch.export.ExportedProgram):
         gm, level = model.module(), "export"
     elif isinstance(model, fx.GraphModule):

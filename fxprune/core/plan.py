@@ -11,6 +11,7 @@ True
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -153,7 +154,7 @@ def _str(value: Any, where: str) -> str:
 
 
 def _dim(value: str) -> int:
-    if not value.isdigit() or len(value) > 4:
+    if not re.fullmatch(r"[0-9]{1,4}", value):  # ASCII only: str.isdigit() accepts "٣" and "³"
         raise ValueError(f"dim {value!r} must be a small non-negative integer written as a string")
     return int(value)
 

@@ -261,11 +261,45 @@ def compare(reference: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, 
     if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out)):
         raise VerificationError(f"pruned outputs have shapes {[tuple(t.shape) for t in new_out]}, "
                                 f"expected {[tuple(t.shape) for t in ref_out]}")
+    if not any(t.numel() for t in ref_out):  # an empty batch compares nothing: it cannot pass
+        raise VerificationError(f"the outputs have no elements ({[tuple(t.shape) for t in ref_out]}): verify "
+                                f"needs example inputs with at least one row")
     abs_err, rel = _difference(ref_out, new_out)
     tol = tolerance if tolerance is not None else _default_tolerance(ref_out)
     drift = _difference(_kept_outputs(original, inputs, masks), new_out) if original is not None else (0.0, 0.0)
     passed = rel <= tol or abs_err <= tol
     return VerifyReport(abs_err, rel, exact, passed, tol, *drift)
+
+
+def check_same_model(model: Any, original: torch.nn.Module, inputs: tuple,
+                     tolerance: Optional[float] = None) -> None:
+    """``verify(model, result)`` compares against ``result``'s own capture of the original; ``model`` must be
+    that model (the same outputs on ``inputs``), or the verdict would be about another one.
+
+    >>> check_same_model(torchvision.models.resnet34(), result.analysis.gm, (x,))  # doctest: +SKIP
+    Traceback (most recent call last):
+    fxprune.errors.PlanMismatchError: verify's model is not the model the result was pruned from: ...
+    """
+    from fxprune.errors import InvalidOptionError, PlanMismatchError
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(f"verify(model, result) needs the original model (an nn.Module, GraphModule "
+                                 f"or ExportedProgram), got {type(model).__name__}")
+    try:
+        given, captured = _outputs(eval_copy(model, rounding=False), inputs), _outputs(eval_copy(original, rounding=False), inputs)
+    except Exception as exc:  # another model that rejects the result's inputs
+        raise PlanMismatchError(f"verify's model is not the model the result was pruned from: it fails on "
+                                f"the example inputs ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    shapes = [tuple(t.shape) for t in given], [tuple(t.shape) for t in captured]
+    if shapes[0] != shapes[1]:
+        raise PlanMismatchError(f"verify's model is not the model the result was pruned from: its outputs "
+                                f"have shapes {shapes[0]}, the original's {shapes[1]}")
+    abs_err, rel = _difference(captured, given)
+    tol = tolerance if tolerance is not None else _default_tolerance(captured)
+    if not (rel <= tol or abs_err <= tol):
+        raise PlanMismatchError(f"verify's model is not the model the result was pruned from: its outputs "
+                                f"differ from the original's by {abs_err:.3g} (rel {rel:.3g})")
 
 
 def _kept_outputs(model: torch.nn.Module, inputs: tuple,

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from fxprune.core.purity import leaves_models_untouched
 from fxprune.hf import policy as hf_policy
 from fxprune.core.analysis import Analysis
 from fxprune.api import PruneResult, analyze, criterion_name, finish, make_plan
@@ -86,6 +87,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
                              layer_indices=layer_indices, **options).model
 
 
+@leaves_models_untouched
 def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
                       criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True,
                       layer_indices: str = "own", global_ranking: bool = False, round_to: int = 1,
