@@ -30,7 +30,7 @@ from fxprune.core.purity import leaves_models_untouched
 from fxprune.data.recovery import recover as recover_model, recovery_steps
 from fxprune.core.rewrite import Pruning, rewrite
 from fxprune.core.select import Policy, Sparsity, check_patterns, select
-from fxprune.core.verify import VerifyReport, check_same_model, compare, output_masks, quantizer_state_mismatch, reference_model
+from fxprune.core.verify import VerifyReport, check_other_sizes, check_same_model, compare, output_masks, quantizer_state_mismatch, reference_model
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,9 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
         reference = reference_model(analysis, drop)
     pruned = result.structural if result.structural is not None else result.graph_module  # before recovery
     report = compare(reference, pruned, inputs, exact, tolerance, masks, original=analysis.gm)
+    other = check_other_sizes(model, analysis.gm, reference, pruned, inputs, tolerance, masks)
+    if other:  # a graph right at the example's batch only
+        report = dataclasses.replace(report, passed=False, other_sizes=other)
     mismatch = quantizer_state_mismatch(analysis.gm, pruned, result.plan.kept_indices)
     if mismatch:
         report = dataclasses.replace(report, passed=False, quantizer_mismatch=mismatch)

@@ -180,12 +180,34 @@ def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) ->
 
 
 def _export(model: torch.nn.Module, inputs: tuple, spec: Any) -> torch.export.ExportedProgram:
-    # export specialises a dynamic dim whose example size is 0 or 1 (its 0/1 rule); the size-oblivious
-    # mode traces it like any other size
+    # export specialises a dynamic dim whose example size is 0 or 1 (its 0/1 rule): such a dim is traced
+    # from the example repeated to 2 (a batch-1 example is what most users pass); the size-oblivious
+    # mode covers what remains
     import torch.fx.experimental._config as fx_config
+    inputs = _widened(inputs, spec)
     oblivious = spec is not None and any(s in (0, 1) for x in _tensors(inputs) for s in x.shape)
     with fx_config.patch(backed_size_oblivious=oblivious):
         return torch.export.export(model, inputs, dynamic_shapes=spec)
+
+
+def _widened(inputs: tuple, spec: Any) -> tuple:
+    """``inputs`` with every dynamic dim of size 1 repeated to 2 (a tuple spec, one entry per input).
+
+    >>> _widened((torch.zeros(1, 3),), ({0: torch.export.Dim("batch")},))[0].shape  # doctest: +SKIP
+    torch.Size([2, 3])
+    """
+    if not isinstance(spec, (tuple, list)) or len(spec) != len(inputs):
+        return inputs
+    return tuple(_repeat_dims(x, dims) for x, dims in zip(inputs, spec))
+
+
+def _repeat_dims(x: Any, dims: Any) -> Any:
+    if not isinstance(x, torch.Tensor) or not isinstance(dims, dict):
+        return x
+    for d, dim in dims.items():
+        if dim is not None and isinstance(d, int) and 0 <= d < x.dim() and x.shape[d] == 1:
+            x = torch.cat([x, x], dim=d)
+    return x
 
 
 def default_dynamic_shapes(inputs: tuple) -> Any:

@@ -63,11 +63,16 @@ class VerifyReport:
     quantizer_mismatch: str = ""
     """A fake-quantizer whose state is not the original's sliced per the plan (then ``passed`` is False);
     the outputs are compared with fake quantization off (see :func:`eval_copy`)."""
+    other_sizes: str = ""
+    """Where the graph accepts another batch size (and sequence length): what went wrong there -- the
+    captured graph differs from the model (a forward that branches on the batch size), or the pruned
+    graph from its reference (then ``passed`` is False). Empty when both agree or the shapes are static."""
 
     def __str__(self) -> str:
         kind = "exact" if self.exact else "approximate"
         verdict = "passed" if self.passed else "FAILED"
         quantizers = f"; {self.quantizer_mismatch}" if self.quantizer_mismatch else ""
+        quantizers += f"; {self.other_sizes}" if self.other_sizes else ""
         return (f"verify {verdict}: max abs error {self.max_abs_error:.3g} ({kind}, tol {self.tolerance:g}); "
                 f"drift from the original {self.max_abs_drift:.3g} (rel {self.max_rel_drift:.3g}){quantizers}")
 
@@ -300,6 +305,50 @@ def check_same_model(model: Any, original: torch.nn.Module, inputs: tuple,
     if not (rel <= tol or abs_err <= tol):
         raise PlanMismatchError(f"verify's model is not the model the result was pruned from: its outputs "
                                 f"differ from the original's by {abs_err:.3g} (rel {rel:.3g})")
+
+
+def other_sizes(inputs: tuple) -> Optional[tuple]:
+    """The example inputs at a second batch size (1, or 3 for a batch of 1) and, for token ids (2-D
+    integer inputs), a second sequence length; None when no input has a batch dim."""
+    if not any(isinstance(x, torch.Tensor) and x.dim() for x in inputs):
+        return None
+    return tuple(_resized(x) if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+
+
+def _resized(x: torch.Tensor) -> torch.Tensor:
+    x = x[:1] if x.shape[0] > 1 else torch.cat([x, x, x])
+    tokens = x.dim() == 2 and not x.is_floating_point() and not x.is_complex()
+    if tokens:
+        x = x[:, :-1] if x.shape[1] > 1 else torch.cat([x, x], dim=1)
+    return x
+
+
+def check_other_sizes(model: Any, original: torch.nn.Module, reference: torch.nn.Module,
+                      pruned: torch.nn.Module, inputs: tuple, tolerance: Optional[float],
+                      masks: Any = None) -> str:
+    """Where the captured graph runs at :func:`other_sizes`, the user's model must agree with it there
+    (a forward that branches on the batch size exports one branch, right only at the example's batch)
+    and the pruned graph with its reference; returns what differs, or ``""``."""
+    other = other_sizes(inputs)
+    try:
+        captured = _outputs(eval_copy(original, rounding=False), other) if other is not None else None
+    except Exception:  # static shapes: the graph guards its input sizes; nothing to check
+        return ""
+    if captured is None or not any(t.numel() for t in captured):
+        return ""
+    shapes = [tuple(x.shape) for x in other if isinstance(x, torch.Tensor)]
+    model = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    try:
+        given = _outputs(eval_copy(model, rounding=False), other)
+    except Exception as exc:
+        return f"the model fails at input shapes {shapes}, which the graph accepts ({type(exc).__name__})"
+    tol = tolerance if tolerance is not None else _default_tolerance(captured)
+    if [t.shape for t in given] != [t.shape for t in captured] or min(_difference(captured, given)) > tol:
+        return (f"at input shapes {shapes} the captured graph differs from the model (does the forward "
+                f"depend on the batch size? capture with dynamic_shapes=None)")
+    report = compare(reference, pruned, other, True, tolerance, masks)
+    return "" if report.passed else f"at input shapes {shapes} the pruned graph differs from its " \
+                                    f"reference by {report.max_abs_error:.3g}"
 
 
 def _kept_outputs(model: torch.nn.Module, inputs: tuple,
