@@ -321,7 +321,7 @@ def staged_directory(target: Union[str, os.PathLike]) -> Iterator[Path]:
     ...     (tmp / "plan.json").write_text(plan.to_json())
     """
     target = Path(os.path.abspath(target))
-    _check_target(target)
+    check_output(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".fxprune-tmp", dir=target.parent))

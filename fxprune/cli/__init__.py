@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -100,6 +101,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
 
 
+MAX_INPUT_ELEMENTS = 2 ** 31
+"""The largest random example input ``--input-shape`` may ask for (8 GiB of float32)."""
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.split(","))
@@ -108,6 +113,9 @@ def _shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected positive integers separated by "
                                          f"commas, like 1,3,224,224")
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:  # a typo's 10**30 elements: refused, not allocated
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: {math.prod(dims):.3g} elements, more than "
+                                         f"{MAX_INPUT_ELEMENTS:.3g}")
     return dims
 
 
@@ -362,6 +370,9 @@ def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
     if not names:
         raise CliError(f"bad --calibration: no tensor 'input' or 'input_0' (it has {sorted(tensors)})")
     columns = [tensors[n] for n in names] + ([tensors["target"]] if "target" in tensors else [])
+    flat = [n for n, c in zip(names + ["target"], columns) if c.dim() == 0 or c.shape[0] == 0]
+    if flat:  # rows are samples: a scalar or an empty tensor has none
+        raise CliError(f"bad --calibration: tensor {flat[0]!r} has no rows (shape {list(tensors[flat[0]].shape)})")
     size = args.calibration_batch_size
     batches = [tuple(c[i:i + size] for c in columns) for i in range(0, columns[0].shape[0], size)]
     loss_fn = torch.nn.functional.cross_entropy if args.criterion in GRADIENT_CRITERIA else None

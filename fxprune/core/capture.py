@@ -70,6 +70,33 @@ def check_nonempty(inputs: tuple) -> tuple:
     return inputs
 
 
+def refuse_meta(model: torch.nn.Module) -> None:
+    """A model on the meta device has shapes but no values: nothing to score, verify or save."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise UnsupportedModelError(f"tensor {name!r} is on the meta device (no data): load the weights "
+                                        f"first (e.g. load_state_dict(..., assign=True) or .to_empty())")
+
+
+def check_input_count(gm: fx.GraphModule, inputs: tuple) -> None:
+    """More example inputs than the graph's placeholders would fail later, in verify: refused here."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any("*" in str(n.target) or n.target.startswith("*") for n in placeholders):
+        return  # *args: any count
+    if len(inputs) > len(placeholders):
+        raise ExampleInputError(f"{len(inputs)} example inputs given; the model's forward takes "
+                                f"{len(placeholders)} ({', '.join(str(n.target) for n in placeholders)})")
+
+
+def warn_non_finite(gm: fx.GraphModule) -> None:
+    """NaN or infinite weights prune (their scores are NaN or inf) but the result means nothing: said."""
+    bad = [name for name, t in gm.state_dict().items()
+           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(f"{len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}); their channels' "
+                      f"scores, and the pruned model, are not meaningful", stacklevel=3)
+
+
 def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: Any = AUTO) -> Captured:
     """Trace ``model`` at ``level`` and propagate fake values through every node.
 
@@ -86,14 +113,18 @@ def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: 
     elif isinstance(model, fx.GraphModule):
         gm, level = copy_graph_module(model), graph_level(model)
     elif isinstance(model, torch.nn.Module):
+        refuse_meta(model)
         gm = _trace(model, inputs, level, dynamic_shapes)
+        check_input_count(gm, inputs)
         if _export_values_complete(gm):  # torch.export just traced fake values on every node: reuse them
             refuse_quantized(gm)
+            warn_non_finite(gm)
             return Captured(gm, level, inputs)
     else:
         raise UnsupportedModelError(f"expected an nn.Module, GraphModule or ExportedProgram, got "
                                     f"{type(model).__name__}")
     refuse_quantized(gm)
+    warn_non_finite(gm)
     propagate_values(gm, inputs)
     return Captured(gm, level, inputs)
 
