@@ -103,6 +103,12 @@ def _unicode_dim(data: dict) -> None:
     data["kept_indices"]["3.weight"] = {"\u0663": [1]}  # ARABIC-INDIC DIGIT THREE: str.isdigit() is True
 
 
+def _deep_options(tmp: Path) -> Any:
+    data = json.loads(fxprune.prune(small_model(), (X,), 0.5).plan.to_json())
+    data["options"]["hf"] = json.loads('{"a": ' * 900 + "1" + "}" * 900)
+    return fxprune.Plan.from_json(json.dumps(data))
+
+
 def _special_plan(tmp: Path, kind: str) -> Any:
     directory = saved_result(tmp)
     (directory / "plan.json").unlink()
@@ -190,6 +196,7 @@ CASES: list[tuple[str, Callable[[Path], Any], type, str]] = [
     ("plan slicing a conv's kernel dim", lambda t: _edit_plan(t, _kernel_dim), errors.PlanMismatchError,
      r"dim 2 of '3\.weight'.*no channel group"),
     ("plan dim as a Unicode digit", lambda t: _edit_plan(t, _unicode_dim), errors.UnsafeFileError, r"dim"),
+    ("plan options nested 900 deep", _deep_options, errors.UnsafeFileError, r"options is nested more than"),
     ("plan.json that is /dev/zero", lambda t: _special_plan(t, "zero"), errors.UnsafeFileError,
      r"not a regular file"),
     ("plan.json that is a FIFO", lambda t: _special_plan(t, "fifo"), errors.UnsafeFileError,
