@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from fxprune.cli.format import CliError, markdown_table as _table
+from fxprune.cli.flags import given_options
+from fxprune.cli.format import CliError, format_sparsity, markdown_table as _table
 from fxprune.errors import UnsafeFileError, UnsupportedModelError
 from fxprune.safe_files import staged_directory, write_new
 
@@ -66,7 +67,7 @@ def _model_class(transformers: Any, config: Any, path_text: str) -> Any:
     return cls
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_hf_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of ``--input-shape``: token ids below the vocabulary size for a model whose main
     input is ``input_ids``, normal floats otherwise (``pixel_values``)."""
     if not shapes:
@@ -81,10 +82,9 @@ def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed
 def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     """Prune with :func:`fxprune.hf.prune_with_result` and write ``--out``; returns the summary text."""
     from fxprune import hf
-    result = hf.prune_with_result(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
-                                  ignore=tuple(args.ignore), round_to=args.round_to,
-                                  global_ranking=args.global_ranking, seed=args.seed)
-    text = summary(args.spec, args.sparsity, model, result)
+    refuse_unsupported_flags(args)
+    result = hf.prune_with_result(model, inputs, progress=not args.no_progress, **given_options(args))
+    text = summary(args.spec, result.plan.options.sparsity, model, result)
     with staged_directory(args.out) as out:  # all or nothing, as fxprune.save
         result.model.save_pretrained(out)
         write_new(out / "plan.json", result.plan.to_json().encode("utf-8"))
@@ -92,11 +92,25 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     return text
 
 
-def summary(spec: str, sparsity: float, model: Any, result: Any) -> str:
+#: Run flags this route does not take yet: (flag, its value when not given).
+UNSUPPORTED_FLAGS = {"calibration": None, "to": None, "quantize": None, "calibration_batch_size": 32,
+                     "max_batches": None}
+
+
+def refuse_unsupported_flags(args: argparse.Namespace) -> None:
+    """A flag the ``hf:`` route cannot honour is an error, never ignored (the option flags are checked
+    by :func:`fxprune.hf.prune_with_result` itself)."""
+    for name, unset in UNSUPPORTED_FLAGS.items():
+        if getattr(args, name, unset) != unset:
+            raise CliError(f"--{name.replace('_', '-')} is not supported for hf: SPECs (fxprune.hf writes a "
+                           f"from_pretrained directory)")
+
+
+def summary(spec: str, sparsity: Any, model: Any, result: Any) -> str:
     rows = [("config field", "before", "after")]
     rows += [(field, str(before), str(after)) for field, (before, after) in result.changes.items()]
     before, after = model.num_parameters(), result.model.num_parameters()
-    lines = [f"# fxprune: {spec}, sparsity {sparsity:g}, HF-compatible", "", *_table(rows), "",
+    lines = [f"# fxprune: {spec}, sparsity {format_sparsity(sparsity)}, HF-compatible", "", *_table(rows), "",
              f"params: {before:,} -> {after:,} ({after / before:.1%})",
              f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", ""]
     return "\n".join(lines)

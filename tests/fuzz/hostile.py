@@ -122,8 +122,8 @@ def _special_plan(tmp: Path, kind: str) -> Any:
 def _deep_metadata(tmp: Path) -> Any:
     from safetensors.torch import save_file
     directory = saved_result(tmp)
-    from fxprune.io import read_tensors
-    state, _ = read_tensors(directory / "model.safetensors")
+    from fxprune.io import read_safetensors
+    state, _ = read_safetensors(directory / "model.safetensors")
     deep = "[" * 100_000 + "]" * 100_000
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"fxprune": deep})
@@ -172,7 +172,7 @@ def _out_under_file(tmp: Path) -> Any:
 
 
 def _bit_flipped_pte(tmp: Path) -> Any:
-    from fxprune.deploy import check_pte
+    from fxprune.deploy.executorch import check_pte
     return check_pte(b"<\x00\x00\x00ET12eh00" + b"\x00" * 28)  # a header, and no program
 
 

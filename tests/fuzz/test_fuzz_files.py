@@ -138,7 +138,7 @@ def test_fuzzed_safetensors_header_is_refused_or_loads(files, tmp_path_factory, 
         mutated = struct.pack("<Q", len(raw)) + raw + body
     path = tmp_path_factory.mktemp("st") / "model.safetensors"
     path.write_bytes(mutated)
-    state = _typed_or_ok(fio.read_tensors, path)
+    state = _typed_or_ok(fio.read_safetensors, path)
     if state is not None:
         assert all(isinstance(v, torch.Tensor) for v in state[0].values())
 

@@ -146,7 +146,7 @@ def test_saves_whose_header_length_starts_with_0x80_load(tmp_path: Path, names: 
         if _header(path) % 256 == 128:
             break
     assert path.read_bytes()[0] == 0x80
-    loaded, _ = fio.read_tensors(path)
+    loaded, _ = fio.read_safetensors(path)
     assert sorted(loaded) == sorted(state)
 
 
@@ -159,7 +159,7 @@ def test_a_real_pickle_is_still_named(tmp_path: Path) -> None:
     path = tmp_path / "t.safetensors"
     path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     with pytest.raises(UnsafeFileError, match="pickle"):
-        fio.read_tensors(path)
+        fio.read_safetensors(path)
 
 
 # --- outputs: all or nothing -------------------------------------------------------------------------
