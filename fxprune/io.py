@@ -587,7 +587,9 @@ def load_pt2(path: Union[str, os.PathLike]) -> torch.export.ExportedProgram:
     path = Path(path)
     check_pt2(path)
     try:
-        return torch.export.load(str(path))
+        program = torch.export.load(str(path))
+        program.module()  # an edited module_call_graph loads, then fails here (found by the file fuzzer)
+        return program
     except Exception as exc:  # a malformed archive that passed the checks: still not a program
         raise UnsafeFileError(f"{path} passed fxprune's checks but torch.export.load rejects it: "
                               f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc

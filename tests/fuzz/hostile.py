@@ -81,6 +81,12 @@ def duplicated_pt2(tmp: Path) -> Path:
                        before={"data/weights/model_weights_config.json": PICKLED_CONFIG})
 
 
+def edited_fqn_pt2(tmp: Path) -> Path:
+    """The root module's path edited: torch.export.load succeeds, the program's module() fails."""
+    edit = {"models/model.json": lambda data: data.replace(b'"fqn": ""', b'"fqn": "x"', 1)}
+    return rewrite_pt2(dynamic_pt2(tmp), tmp / "fqn.pt2", edit)
+
+
 def saved_result(tmp: Path) -> Path:
     directory = tmp / "saved"
     fxprune.save(fxprune.prune(small_model(), (X,), sparsity=0.5), directory)
@@ -186,6 +192,8 @@ CASES: list[tuple[str, Callable[[Path], Any], type, str]] = [
      errors.UnsafeFileError, r"models/model\.json.*expr_str"),
     (".pt2 with a duplicated entry", lambda t: fxprune.io.load_pt2(duplicated_pt2(t)),
      errors.UnsafeFileError, r"model_weights_config\.json.*twice"),
+    (".pt2 with an edited module path", lambda t: fxprune.io.load_pt2(edited_fqn_pt2(t)),
+     errors.UnsafeFileError, r"torch\.export\.load rejects it"),
     ("hf: directory whose config maps remote code", _remote_code_repo, errors.UnsafeFileError, r"auto_map"),
     ("hf: architectures naming pipeline", lambda t: _hf_architecture(t, "pipeline"),
      errors.UnsupportedModelError, r"PreTrainedModel"),
