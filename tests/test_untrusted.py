@@ -193,4 +193,3 @@ def test_load_pt2_refuses_a_torch_save_file(poisoned: Path, marker: Path, tmp_pa
     with pytest.raises(UnsafeFileError, match="model.pt2"):
         fio.load_pt2(target)
     assert not marker.exists()
-

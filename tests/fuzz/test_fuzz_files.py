@@ -29,7 +29,7 @@ from fxprune.core.plan import Plan
 from fxprune.errors import FxPruneError
 from hostile import X, dynamic_pt2, saved_result, small_model
 
-CI_EXAMPLES = 12
+CI_EXAMPLES = 8
 EXAMPLES = int(os.environ.get("FXPRUNE_FILE_FUZZ_EXAMPLES", CI_EXAMPLES))
 LONG_RUN = "FXPRUNE_FILE_FUZZ_EXAMPLES" in os.environ
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG_RUN, database=None,
