@@ -21,7 +21,9 @@ from fxprune.core.analysis import Analysis
 from fxprune.core.bias_folding import constant_reference, folded_biases, folding_is_exact
 from fxprune.core.capture import AUTO, as_inputs, propagate_values
 from fxprune.core.plan import Plan
-from fxprune.core.verify import VerifyReport, compare, output_masks, quantizer_state_mismatch, reference_model
+from fxprune.core.purity import leaves_models_untouched
+from fxprune.core.verify import (VerifyReport, check_other_sizes, check_same_model, compare, output_masks,
+                                 quantizer_state_mismatch, reference_model)
 from fxprune.data.criteria import Criterion
 from fxprune.data.recovery import recover as recover_model, recovery_steps
 from fxprune.errors import CalibrationError
@@ -31,6 +33,7 @@ from fxprune.stages import PruneResult, RunData, apply, criterion_name, run
 from fxprune import stages
 
 
+@leaves_models_untouched
 def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outputs: bool = False,
             split_axis: str = "largest", dynamic_shapes: Any = AUTO) -> Analysis:
     """Capture and match only: the groups, and why any are frozen (what ``fxprune inspect`` prints)."""
@@ -38,6 +41,7 @@ def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outpu
     return stages.analyze(model, example_inputs, options, dynamic_shapes)
 
 
+@leaves_models_untouched
 def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
           criterion: Optional[Criterion] = None, capture: Optional[str] = None, *,
           options: Optional[PruneOptions] = None, calibration: Any = None, loss_fn: Optional[Callable] = None,
@@ -94,6 +98,7 @@ def check_recovery(recover: Any, calibration: Any) -> tuple[str, ...]:
     return steps
 
 
+@leaves_models_untouched
 def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[str] = None) -> PruneResult:
     """Apply a plan (from this model or a fresh copy of it) and return the same pruned model.
 
@@ -102,6 +107,7 @@ def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[st
     return apply(model, plan, example_inputs, capture)
 
 
+@leaves_models_untouched
 def verify(model: Any, result: PruneResult, example_inputs: Any = None,
            tolerance: Optional[float] = None, raise_on_failure: bool = False) -> VerifyReport:
     """Compare ``result`` with ``model`` whose dropped channels contribute nothing and whose norms'
@@ -109,6 +115,7 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     drift from the unmasked original."""
     inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
     analysis, drop = result.analysis, result.drop
+    check_same_model(model, analysis.gm, inputs, tolerance)
     exact = not bool(analysis.solution.approximate[drop.indices()].any())
     masks = output_masks(analysis, drop) if result.plan.options.prune_outputs else None
     if result.plan.options.propagate_bias and folding_is_exact(analysis, drop):
@@ -120,6 +127,9 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
         reference = reference_model(analysis, drop)
     pruned = result.structural if result.structural is not None else result.graph_module  # before recovery
     report = compare(reference, pruned, inputs, exact, tolerance, masks, original=analysis.gm)
+    other = check_other_sizes(model, analysis.gm, reference, pruned, inputs, tolerance, masks)
+    if other:  # a graph right at the example's batch only
+        report = dataclasses.replace(report, passed=False, other_sizes=other)
     mismatch = quantizer_state_mismatch(analysis.gm, pruned, result.plan.kept_indices)
     if mismatch:
         report = dataclasses.replace(report, passed=False, quantizer_mismatch=mismatch)

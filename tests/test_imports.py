@@ -26,7 +26,7 @@ ADAPTERS = ("fxprune.hf", "fxprune.deploy")
 #: The layers, lowest first: a module imports its own layer and the ones below, never one above. A name
 #: covers the module and everything under it; ``fxprune.stages`` counts once it exists.
 LAYERS = (
-    ("leaves", ("fxprune.errors", "fxprune.options", "fxprune.progress")),
+    ("leaves", ("fxprune.errors", "fxprune.options", "fxprune.progress", "fxprune.safe_files")),
     ("core", ("fxprune.core",)),
     ("data", ("fxprune.data",)),
     ("stages", ("fxprune.stages",)),

@@ -35,6 +35,7 @@ from fxprune import stages
 from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.capture import AUTO, as_inputs, export
+from fxprune.core.purity import leaves_models_untouched
 from fxprune.core.select import check_patterns, select
 from fxprune.data.criteria import Criterion
 from fxprune.errors import (ConfigMismatchError, InvalidOptionError, TrainingModeError, UnsupportedModelError,
@@ -114,6 +115,7 @@ def hf_options(options: Optional[PruneOptions], given: Mapping[str, Any], hf_com
     return wanted.replace(**route)
 
 
+@leaves_models_untouched
 def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
                       criterion: Optional[Criterion] = None, *, hf_compatible: bool = True,
                       layer_indices: str = "own", options: Optional[PruneOptions] = None,
