@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--no-chart", action="store_true", help="do not write widths.png (no matplotlib)")
+    prune.add_argument("--output", choices=("graph", "module"), default="graph",
+                       help="graph (default: the pruned graph, module.py) or module: the model's own class, "
+                            "saved as its state_dict (model.safetensors) with plan.json and sizes.json; load "
+                            "with fxprune.module.load(DIR, FACTORY())")
     inspect = sub.add_parser("inspect", help="print the channel groups and why any are frozen",
                              description="Print SPEC's channel groups and why any are frozen, without "
                                          "pruning.")
@@ -236,9 +240,9 @@ def run_prune(args: argparse.Namespace) -> int:
     with stage_bar(not args.no_progress, 5, "fxprune", file=sys.stderr, postfix="prune", disable=None) as step:
         text = _prune_and_write(args, model, inputs, step)
     print(text)
-    if _is_hf(model):
-        from fxprune.cli.hf import FILES
-        print(f"wrote {args.out}/: {FILES}")
+    if _is_hf(model) or args.output == "module":
+        from fxprune.cli import hf, module
+        print(f"wrote {args.out}/: {hf.FILES if _is_hf(model) else module.FILES}")
         return 0
     print(f"wrote {args.out}/: plan.json model.safetensors module.py summary.md"
           + ("" if args.no_chart else " widths.png") + (f" model{_suffix(args.to)}" if args.to else ""))
@@ -280,6 +284,9 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, step: 
         from fxprune.cli.hf import prune_and_write
         return prune_and_write(args, model, inputs)
     options = PruneOptions.build(**given_options(args))
+    if args.output == "module":  # the model's own class back (fxprune.module)
+        from fxprune.cli.module import prune_and_write as write_module
+        return write_module(args, model, inputs, options)
     calibration, loss_fn = calibration_data(args, options.criterion)
     result = fxprune.prune(model, inputs, options=options, calibration=calibration, loss_fn=loss_fn)
     step("verify")
