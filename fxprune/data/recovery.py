@@ -22,8 +22,9 @@ never edits its inputs, at either graph level:
   layer. The report gives each layer's relative output error (``‖ŷ - y‖ / ‖y‖`` over the calibration
   data) before and after its fit.
 
-Each layer of :func:`reconstruct` reads the calibration data once (both models run up to that layer
-only); what it holds is one batch of activations plus one Gram matrix and its cross moments. All
+:func:`reconstruct` walks both models through the calibration data once, every batch together
+(:mod:`fxprune.data.sequential`): each node runs once per batch, so its cost is linear in depth; it
+holds every batch's live activations plus one Gram matrix and its cross moments. All
 moments are :class:`~fxprune.data.calibration.Sums`, so they add over ``torch.distributed`` ranks.
 
 >>> result = fxprune.prune(model, (x,), sparsity=0.5, calibration=loader,
@@ -51,6 +52,7 @@ from fxprune.data.calibration import (GramSite, Site, Sums, as_calibration, chec
                           conv_unfold, eval_mode, fixed_batch_size, gram_features, placeholder_shapes,
                           split_batch)
 from fxprune.core.capture import MutableArgs, graph_level, node_values
+from fxprune.data.sequential import Stop, walk_moments
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
 from fxprune.core.rewrite import Pruning
 
@@ -406,23 +408,30 @@ def reconstruct(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, 
     fits, skipped = _fits(analysis, drop)
     out = copy.deepcopy(pruned)
     out_nodes = {n.name: n for n in out.graph.nodes}
-    level, layers, batches = graph_level(out), [], 0
-    with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):
-        for fit in _progress(fits, progress, "reconstruct", "layer"):
-            sums, batches = _fit_moments(analysis.gm, out, fit, calibration)
-            layers.append(_refit(out, level, fit, out_nodes[fit.consumer.node], sums, ridge))
-    return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), batches, time.perf_counter() - t0)
+    level = graph_level(out)
+    chunks = list(calibration_chunks(out, calibration))
+    stops = {Stop(f.site.node, f.site.input, f.consumer.node): f for f in fits}
+    bar = _progress(range(len(fits)), progress, "reconstruct", "layer")
+
+    def refit(stop: Stop, targets: list, inputs: list) -> LayerRecovery:
+        fit = stops[stop]
+        sums = _fit_moments(fit, targets, inputs)
+        if bar is not None and hasattr(bar, "update"):
+            bar.update(1)
+        return _refit(out, level, fit, out_nodes[fit.consumer.node], sums, ridge)
+
+    with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):  # each node once per batch
+        layers, _, _ = walk_moments(analysis.gm, out, list(stops), [c for _, c in chunks], refit)
+    return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), len({i for i, _ in chunks}),
+                               time.perf_counter() - t0)
 
 
-def _fit_moments(original: fx.GraphModule, pruned: fx.GraphModule, fit: _Fit, calibration: Any
-                 ) -> tuple[Sums, int]:
+def _fit_moments(fit: _Fit, targets: list, inputs: list) -> Sums:
     """``G = Σ x̃x̃ᵀ`` of the pruned layer's inputs (with a ones column), ``C = Σ x̃yᵀ`` with the
-    original layer's outputs, ``Σ‖y‖²``: one run of both graphs per batch, up to the layer only."""
-    sums, seen = Sums(), set()
-    site = fit.site
-    for index, inputs in calibration_chunks(pruned, calibration):
-        y = values_at(original, inputs, {site.node}, index)[site.node]
-        x = values_at(pruned, inputs, {site.input}, index)[site.input]
+    original layer's outputs, ``Σ‖y‖²``, over every batch (per batch: ``targets`` of the original
+    layer, ``inputs`` of the pruned one, from one sequential walk: :mod:`fxprune.data.sequential`)."""
+    sums, site = Sums(), fit.site
+    for y, x in zip(targets, inputs):
         per_sample = max(1, y.numel() // (y.shape[fit.out_dim] * max(1, y.shape[0])))
         step = max(1, _ROWS // per_sample)
         for xs, ys in zip(x.split(step), y.split(step)):  # a few samples at a time: unfolded, in float64
@@ -430,8 +439,7 @@ def _fit_moments(original: fx.GraphModule, pruned: fx.GraphModule, fit: _Fit, ca
             if fit.kept_out is not None:
                 target = target[:, fit.kept_out.to(target.device)]
             _add_moments(sums, gram_features(xs, site).double(), target.double())
-        seen.add(index)
-    return sums.all_reduce(), len(seen)
+    return sums.all_reduce()
 
 
 _ROWS = 4096
