@@ -85,8 +85,21 @@ def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: 
         raise UnsupportedModelError(f"expected an nn.Module, GraphModule or ExportedProgram, got "
                                     f"{type(model).__name__}")
     refuse_quantized(gm)
+    _mark_dynamic_dims(gm)
     propagate_values(gm, inputs)
     return Captured(gm, level, inputs)
+
+
+#: ``placeholder.meta`` key: the dims torch.export traced as symbolic, kept when concrete values are
+#: propagated for the rules (calibration batches may then have any size along them).
+DYNAMIC_DIMS = "fxprune_dynamic_dims"
+
+
+def _mark_dynamic_dims(gm: fx.GraphModule) -> None:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if shape is not None and DYNAMIC_DIMS not in node.meta:
+            node.meta[DYNAMIC_DIMS] = tuple(i for i, size in enumerate(shape) if not isinstance(size, int))
 
 
 def _export_values_complete(gm: fx.GraphModule) -> bool:

@@ -26,18 +26,22 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from fxprune.hf import policy as hf_policy
+from fxprune.hf import calibrated, policy as hf_policy
 from fxprune.core.analysis import Analysis
-from fxprune.api import PruneResult, analyze, criterion_name, finish, make_plan
+from fxprune.api import PruneResult, analyze, check_recovery, criterion_name, finish, make_plan
 from fxprune.core.capture import AUTO, as_inputs, export
-from fxprune.errors import (ConfigMismatchError, InvalidOptionError, TrainingModeError, UnsupportedModelError,
-                     VerificationError)
-from fxprune.data.criteria import DEFAULT_CRITERION, Criterion, check_criterion, score_groups
+from fxprune.errors import (ConfigMismatchError, ExampleInputError, InvalidOptionError, TrainingModeError,
+                            UnsupportedModelError, VerificationError)
+from fxprune.data.criteria import (DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA, Criterion, check_criterion,
+                                   check_data, gather_evidence, score_groups)
+from fxprune.data.recovery import recover as recover_graph
+from fxprune.core.capture import propagate_values
 from fxprune.options import PruneOptions
 from fxprune.core.select import Policy, Sparsity, check_patterns, select
 
@@ -63,7 +67,7 @@ class HFPruneResult:
 
 
 def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
-          criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True, layer_indices: str = "own",
+          criterion: Optional[Criterion] = None, *, hf_compatible: bool = True, layer_indices: str = "own",
           **options: Any) -> Any:
     """Prune a ``PreTrainedModel`` and return a new one of the same class; ``model`` is untouched.
 
@@ -74,26 +78,44 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
         sparsity: fraction of each kind of width to drop, or a mapping: ``{config field: ratio}`` for
             one kind of width (``{"intermediate_size": 0.5, "num_attention_heads": 0.25}``: the
             kinds not named, the hidden size here, are kept), ``{module pattern: ratio}``, or both.
-        criterion: as in :func:`fxprune.prune`.
+        criterion: as in :func:`fxprune.prune`. Default: ``"wanda"`` with ``calibration`` (the best
+            measured on a real LLM, ``benchmarks/bench_llm.py``), else ``"group_magnitude"``, which
+            warns on a causal LM with the figure that benchmark measured.
+        calibration: token batches (``(batch, sequence)`` id tensors of any batch size, or dicts with
+            ``input_ids``) for the data-aware criteria and ``recover=``; ids are checked against the
+            vocabulary. A dict batch with padded positions is refused (the graph takes ids alone).
+        recover: recovery steps after pruning, as in :func:`fxprune.prune` (``"reconstruct"``,
+            ``"compensate-bias"``): they run on the pruned graph, block-sequentially (linear in depth),
+            and the returned model carries the recovered weights; a bias recovery adds is held through
+            the config flag that gives the class one (``mlp_bias``, ``attention_bias``) or refused.
         hf_compatible: make only plans a config can hold (:mod:`fxprune.hf.policy`). With False, the
             ordinary policy selects, and a plan no config can hold raises ``ConfigMismatchError``.
         layer_indices: ``"own"`` (each layer keeps its best units at the common count) or
             ``"shared"`` (the same indices in every layer, from the layers' summed scores).
         options: ``global_ranking``, ``round_to``, ``min_keep``, ``ignore``, ``reduce``, ``seed``,
-            ``dynamic_shapes`` (default: dynamic batch and sequence), ``tolerance``, ``progress``.
+            ``dynamic_shapes`` (default: dynamic batch and sequence), ``tolerance`` (default: by the
+            model's dtype), ``progress``, ``calibration``, ``recover``, ``ridge``, ``loss_fn``.
     """
     return prune_with_result(model, example_inputs, sparsity, criterion, hf_compatible=hf_compatible,
                              layer_indices=layer_indices, **options).model
 
 
 def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
-                      criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True,
+                      criterion: Optional[Criterion] = None, *, hf_compatible: bool = True,
                       layer_indices: str = "own", global_ranking: bool = False, round_to: int = 1,
                       min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean", seed: int = 0,
                       dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
-                      progress: bool = False) -> HFPruneResult:
+                      progress: bool = False, calibration: Any = None, recover: Sequence[str] = (),
+                      ridge: float = 1e-3, loss_fn: Optional[Callable] = None) -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
     _check_model(model)
+    criterion = _default_criterion(model, criterion, calibration)
+    calibration = calibrated.token_calibration(calibration, getattr(model.config, "vocab_size", None))
+    if loss_fn is None and criterion in GRADIENT_CRITERIA:
+        loss_fn = calibrated.causal_lm_loss
+    check_data(criterion, calibration, loss_fn, None)
+    steps = check_recovery(recover, calibration)
+    _check_input_dtype(model, as_inputs(example_inputs))
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
     widths, module_sparsity = hf_policy.split_width_ratios(sparsity)
@@ -107,12 +129,14 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     check_patterns(analysis.groups, policy)
     attention = _attention(model)  # builds a probe on the meta device: once per call
     hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
-    scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, None)
+    evidence = gather_evidence(analysis, criterion, calibration, loss_fn, None, progress)
+    scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, evidence=evidence)
     _step(bar, "match and score")
     options = PruneOptions(sparsity, criterion_name(criterion), "export", reduce, global_ranking, round_to,
                            min_keep, tuple(ignore), split_axis=analysis_split(hf_compatible), seed=seed)
+    recovery = _Recovery(steps, calibration, ridge, progress)
     attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, widths, attention, inputs,
-                                hf_compatible, layer_indices, tolerance, options)
+                                hf_compatible, layer_indices, tolerance, options, recovery)
     try:
         out = attempt({})
     except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
@@ -130,15 +154,16 @@ class HiddenSizeReadError(VerificationError):
 def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
                        widths: Mapping[str, float], attention: Optional[hf_policy.Attention], inputs: tuple,
                        hf_compatible: bool, layer_indices: str, tolerance: Optional[float], options: PruneOptions,
-                       whole_fields: Mapping[str, str]) -> HFPruneResult:
+                       recovery: "_Recovery", whole_fields: Mapping[str, str]) -> HFPruneResult:
     drop, notes = _select(analysis, scores, policy, widths, model.config, hf_compatible, layer_indices,
                           attention, whole_fields)
     options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
                                   "constraints": notes})
     plan = make_plan(analysis, drop, options)
-    graph = finish(analysis, drop, inputs)
+    structural = finish(analysis, drop, inputs)
+    graph, reports = recovery.run(analysis, drop, structural, inputs)
     config, changes = new_config(model, analysis, drop, attention)
-    pruned = _rebuild(model, config, analysis, plan)
+    pruned = _rebuild(model, config, analysis, plan, graph if reports else None)
     try:
         error = _check_outputs(pruned, graph, inputs, tolerance)
     except VerificationError as exc:
@@ -149,7 +174,8 @@ def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torc
                 f"hidden_size computes something else ({exc})") from exc
         raise
     pruned.config.fxprune = _record(plan, changes, notes, error)
-    return HFPruneResult(pruned, PruneResult(graph, plan, analysis, drop, inputs), changes, error)
+    result = PruneResult(graph, plan, analysis, drop, inputs, reports, structural if reports else None)
+    return HFPruneResult(pruned, result, changes, error)
 
 
 def analysis_split(hf_compatible: bool) -> str:
@@ -173,6 +199,56 @@ def _check_model(model: Any) -> None:
     if model.training:
         raise TrainingModeError(f"{type(model).__name__} is in training mode: its dropout would be "
                                 f"exported into the graph. Call model.eval() first.")
+
+
+#: The criterion with calibration when none is named: the best 20%-MLP row of ``benchmarks/bench_llm.py``.
+CALIBRATED_CRITERION = "wanda"
+
+
+def _default_criterion(model: Any, criterion: Optional[Criterion], calibration: Any) -> Criterion:
+    """``criterion``, or the measured default; a weight criterion on a causal LM warns with the figure."""
+    if criterion is None:
+        criterion = CALIBRATED_CRITERION if calibration is not None else DEFAULT_CRITERION
+    if isinstance(criterion, str) and criterion not in DATA_CRITERIA and _is_causal_lm(model):
+        warnings.warn(f"criterion {criterion!r} ranks units by weight alone; on a real LLM that is "
+                      f"catastrophic: {LLM_MEASURED}. Pass calibration= (token batches) for 'wanda'.",
+                      UserWarning, stacklevel=4)
+    return criterion
+
+
+#: The figure the magnitude warning quotes (written from benchmarks/bench_llm.md by hand).
+LLM_MEASURED = ("on SmolLM2-135M-Instruct, 20% of the MLP width pruned by magnitude multiplied held-out "
+                "perplexity by 12,201 (issue 18; 'wanda' with calibration: 1.28x, see benchmarks/bench_llm.md)")
+
+
+def _is_causal_lm(model: Any) -> bool:
+    return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
+
+
+def _check_input_dtype(model: Any, inputs: tuple) -> None:
+    """A floating example input must have the model's dtype (a bf16 model given fp32 pixel_values)."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != model.dtype:
+            raise ExampleInputError(f"example input {index} is {x.dtype}, the model {model.dtype}: cast it "
+                                    f"(x.to({model.dtype})) so the graph is traced at the model's precision")
+
+
+@dataclass(frozen=True)
+class _Recovery:
+    """``recover=`` steps and their data, run on the pruned graph before the HF model is rebuilt."""
+
+    steps: tuple
+    calibration: Any
+    ridge: float
+    progress: bool
+
+    def run(self, analysis: Analysis, drop: torch.Tensor, graph: torch.nn.Module, inputs: tuple) -> tuple:
+        if not self.steps:
+            return graph, ()
+        recovered, reports = recover_graph(analysis, drop, graph, self.calibration, self.steps, self.ridge,
+                                           self.progress)
+        propagate_values(recovered, inputs, rewritten=True)
+        return recovered, reports
 
 
 def _without_cache(model: Any) -> Any:
@@ -300,18 +376,28 @@ def _value(config: Any, field: str) -> Any:
 
 
 # --- the new model --------------------------------------------------------------------------------
-def _rebuild(model: Any, config: Any, analysis: Analysis, plan) -> Any:
-    """A fresh model of the same class from ``config``, loaded with the state_dict sliced per the plan."""
+def _rebuild(model: Any, config: Any, analysis: Analysis, plan, recovered: Optional[torch.nn.Module] = None) -> Any:
+    """A fresh model of the same class from ``config``, loaded with the state_dict sliced per the plan
+    (and the ``recovered`` graph's weights and new biases, through the config flag that holds them)."""
     from transformers.initialization import no_init_weights  # skips the random init we overwrite
+    state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
+    if recovered is not None:
+        state = calibrated.recovered_state(state, recovered)
+        flags = calibrated.bias_flags(model, [k for k in state if k not in model.state_dict()])
+        config = copy.deepcopy(config)
+        for flag, value in flags.items():
+            setattr(config, flag, value)
     try:
         with no_init_weights():
             new = type(model)._from_config(config, dtype=model.dtype)
     except Exception as exc:
         raise UnsupportedModelError(f"{type(model).__name__}.from_config could not rebuild the model from "
                                     f"the pruned config: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
+    if recovered is not None:
+        state = calibrated.with_biases(state, new.state_dict())
     _check_shapes(new, state, type(model).__name__)
     new.load_state_dict(state, strict=True)
+    calibrated.retie(new, model)
     return new.to(model.device).eval()
 
 
@@ -352,7 +438,7 @@ def _check_outputs(pruned: Any, graph: torch.nn.Module, inputs: tuple, tolerance
     error = max((float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs) if a.numel()),
                 default=0.0)
     scale = max((float(b.float().abs().max()) for b in theirs if b.numel()), default=1.0)
-    limit = tolerance if tolerance is not None else 1e-4 * max(1.0, scale)
+    limit = tolerance if tolerance is not None else calibrated.tolerance(pruned.dtype, scale)
     if not error <= limit:
         raise VerificationError(f"the rebuilt {type(pruned).__name__} differs from the pruned graph by "
                                 f"{error:.3g} (tolerance {limit:.3g}); this is a bug in fxprune.hf")
