@@ -35,7 +35,7 @@ import torch
 from fxprune.hf import calibrated, policy as hf_policy
 from fxprune.core.analysis import Analysis
 from fxprune.api import PruneResult, analyze, check_recovery, criterion_name, finish, make_plan
-from fxprune.core.capture import AUTO, as_inputs, export
+from fxprune.core.capture import AUTO, as_inputs, export, without_cache
 from fxprune.errors import (ConfigMismatchError, ExampleInputError, InvalidOptionError, TrainingModeError,
                             UnsupportedModelError, VerificationError)
 from fxprune.data.criteria import (DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA, Criterion, check_criterion,
@@ -252,13 +252,8 @@ class _Recovery:
 
 
 def _without_cache(model: Any) -> Any:
-    """A shallow copy of the model whose ``forward`` passes ``use_cache=False``: a KV cache in the
-    outputs would be a fixed interface holding every key/value head. The model itself is not touched."""
-    if "use_cache" not in inspect.signature(model.forward).parameters:
-        return model
-    view = copy.copy(model)
-    view.forward = functools.partial(type(model).forward, view, use_cache=False)
-    return view
+    """A view of the model whose ``forward`` passes ``use_cache=False`` (:func:`fxprune.core.capture.without_cache`)."""
+    return without_cache(model)
 
 
 def _dynamic_shapes(model: Any, inputs: tuple, dynamic_shapes: Any) -> Any:
