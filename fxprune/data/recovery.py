@@ -15,9 +15,11 @@ never edits its inputs, at either graph level:
   bias, creating the bias where the layer has none.
 - :func:`reconstruct`: for each conv/linear consumer of a dropped channel, in graph order, the
   least-squares weights (and bias) over its kept inputs that make its output match the original's:
-  ``W = C (G + λD)⁻¹`` from the Gram matrix ``G = Σ x̃x̃ᵀ`` of the inputs the *pruned* model really
-  produces (earlier layers already refitted) and the cross moments ``C = Σ y x̃ᵀ`` with the original
-  layer's output, in float64; ``λ`` is ``ridge`` times the Gram's mean diagonal. A Gram matrix the
+  ``W = (C + λW₀) (G + λD)⁻¹`` from the Gram matrix ``G = Σ x̃x̃ᵀ`` of the inputs the *pruned* model
+  really produces (earlier layers already refitted) and the cross moments ``C = Σ y x̃ᵀ`` with the
+  original layer's output, in float64; ``λ`` is ``ridge`` times the Gram's mean diagonal, and the
+  ridge pulls toward the layer's kept weights ``W₀`` (not toward zero): a fit from few calibration
+  rows stays near weights that generalise (a real LLM's MLP has more inputs than 8 windows have tokens). A Gram matrix the
   requested ridge cannot invert falls back to a larger ridge with a :class:`RecoveryWarning` naming the
   layer. The report gives each layer's relative output error (``‖ŷ - y‖ / ‖y‖`` over the calibration
   data) before and after its fit.
@@ -463,7 +465,7 @@ def _refit(gm: fx.GraphModule, level: str, fit: _Fit, node: fx.Node, sums: Sums,
     old = torch.cat([weight.detach().double().reshape(weight.shape[0], -1),
                      _bias_value(gm, fit.consumer, weight.shape[0], gram).unsqueeze(1)], dim=1)
     layer = _layer_name(fit.consumer.weight)
-    new = solve_ridge(gram, cross, ridge, layer).T
+    new = solve_ridge(gram, cross, ridge, layer, old.T).T
     with torch.no_grad():
         weight.copy_(new[:, :-1].reshape(weight.shape).to(weight.dtype))
     _set_bias(gm, level, fit.consumer, node, new[:, -1].to(weight.dtype))
@@ -471,8 +473,11 @@ def _refit(gm: fx.GraphModule, level: str, fit: _Fit, node: fx.Node, sums: Sums,
     return LayerRecovery(layer, before, after, f"{int(fit.kept_in.sum())} of {fit.kept_in.numel()} inputs")
 
 
-def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: str) -> torch.Tensor:
-    """``(G + λD)⁻¹ C`` by Cholesky, float64; ``λ = ridge · mean(diag G)`` (the bias row, last, is not
+def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: str,
+                prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(G + λD)⁻¹ (C + λD P)`` by Cholesky, float64: least squares pulled toward ``prior`` (the
+    layer's kept weights: a fit from little data then stays near weights that generalise, instead of
+    shrinking toward zero; none: toward zero); ``λ = ridge · mean(diag G)`` (the bias row, last, is not
     damped). Where the factorisation fails, λ grows tenfold (from at least 1e-8) with a warning."""
     features = gram.shape[0] - 1
     scale = float(gram.diagonal()[:features].mean()) if features else 1.0
@@ -485,7 +490,8 @@ def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: st
             if attempt:
                 warnings.warn(f"reconstruct: the Gram matrix of layer {layer!r} is singular at ridge {ridge:g}; "
                               f"fell back to ridge {lam / max(scale, 1e-300):.3g}", RecoveryWarning, stacklevel=3)
-            return torch.cholesky_solve(cross, factor)
+            rhs = cross if prior is None else cross + (damp * lam).unsqueeze(1) * prior
+            return torch.cholesky_solve(rhs, factor)
         lam = max(lam * 10, 1e-8 * max(scale, 1e-300))
     raise CalibrationError(f"reconstruct: the Gram matrix of layer {layer!r} cannot be factorised even with "
                            f"ridge {lam / max(scale, 1e-300):.3g} (its inputs are all zero or non-finite?)")
