@@ -148,3 +148,20 @@ def test_export_level_prunes_a_hf_decoder_without_use_cache_by_hand():
                            capture="export", calibration=CALIBRATION, recover=("reconstruct",))
     assert result.graph_module(_ids(3, 4))[0].shape == (3, 16, VOCAB)
     assert fxprune.verify(model, result).passed
+
+
+@pytest.mark.slow
+def test_cli_prunes_a_hf_model_with_token_calibration(tmp_path):
+    """``fxprune prune hf:DIR --criterion wanda --calibration ids.safetensors``: token ids as 'input'."""
+    from safetensors.torch import save_file
+    from fxprune.cli import main
+    source, out, ids = tmp_path / "tiny", tmp_path / "pruned", tmp_path / "ids.safetensors"
+    _llama().save_pretrained(source)
+    save_file({"input": torch.cat(CALIBRATION)}, str(ids))
+    argv = ["prune", f"hf:{source}", "--input-shape", "2,16", "--sparsity", "0.25", "--criterion", "wanda",
+            "--calibration", str(ids), "--calibration-batch-size", "5", "--out", str(out), "--no-progress",
+            "--no-chart"]
+    assert main(argv) == 0
+    loaded = T.LlamaForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.fxprune["options"]["criterion"] == "wanda"
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

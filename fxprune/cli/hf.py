@@ -63,13 +63,39 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     from fxprune import hf
     result = hf.prune_with_result(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
                                   ignore=tuple(args.ignore), round_to=args.round_to,
-                                  global_ranking=args.global_ranking, seed=args.seed)
+                                  global_ranking=args.global_ranking, seed=args.seed,
+                                  calibration=calibration(args, inputs))
     out = Path(args.out)
     result.model.save_pretrained(out)
     (out / "plan.json").write_text(result.plan.to_json(), encoding="utf-8")
     text = summary(args.spec, args.sparsity, model, result)
     (out / "summary.md").write_text(text, encoding="utf-8")
     return text
+
+
+def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
+    """``--calibration`` for a HF model: a text file (``.txt``), tokenised with the model's own tokenizer
+    into windows as long as the example's sequence, ``--calibration-batch-size`` per batch; or a
+    safetensors file of token ids (``input``), as for any model.
+
+    >>> # fxprune prune hf:./smollm2 --calibration notes.txt --criterion wanda --out pruned/   # doctest: +SKIP
+    """
+    path = getattr(args, "calibration", None)
+    if path is None or Path(path).suffix != ".txt":
+        from fxprune.cli import calibration_data
+        return calibration_data(args)[0]
+    from transformers import AutoTokenizer
+    if not Path(path).is_file():
+        raise CliError(f"bad --calibration: no file {str(path)!r}")
+    tokenizer = AutoTokenizer.from_pretrained(args.spec.partition(":")[2])
+    ids = torch.tensor(tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"])
+    length, size = int(inputs[0].shape[-1]), args.calibration_batch_size
+    windows = ids[:ids.numel() // length * length].view(-1, length)
+    if not windows.shape[0]:
+        raise CliError(f"bad --calibration: {str(path)!r} holds {ids.numel()} tokens, fewer than one window of "
+                       f"{length} (the example's sequence length)")
+    batches = [windows[i:i + size] for i in range(0, windows.shape[0], size)]
+    return batches[:args.max_batches] if args.max_batches else batches
 
 
 def summary(spec: str, sparsity: float, model: Any, result: Any) -> str:
