@@ -17,7 +17,8 @@ from fxprune.errors import InvalidOptionError
 from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, gather_evidence, score_groups
 from fxprune.passes import MaskChannels, PruneChannels
 from fxprune.passes.pipeline import Pipeline
-from fxprune.core.select import NORMALIZATIONS, Policy, adaptive_ratios, normalize_scores
+from fxprune.core.select import adaptive_ratios, normalize_scores
+from fxprune.options import NORMALIZATIONS, PruneOptions as Policy
 
 LEVELS = ("fx", "export")
 

@@ -271,10 +271,10 @@ class Branches(nn.Module):
 
 def _annotated_joins(model: nn.Module, x: torch.Tensor) -> list[bool]:
     """Whether the ExecuTorch int8 quantizer annotates each add/mul/cat of ``model``."""
-    quantizer = deploy._quantizer("executorch")
+    quantizer = deploy.RUNTIMES["executorch"].quantizer()
     gm = quantizer.transform_for_annotation(torch.export.export(model, (x,)).module())
     quantizer.annotate(gm)
-    notes = [n.meta.get("quantization_annotation") for n in gm.graph.nodes if n.target in deploy._JOINS]
+    notes = [n.meta.get("quantization_annotation") for n in gm.graph.nodes if n.target in deploy.executorch.JOINS]
     return [bool(a and (a.output_qspec or a.input_qspec_map)) for a in notes]
 
 

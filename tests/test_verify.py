@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from fxprune.core.channels import Dropped
 from fxprune.core import kept_norms as kept_only
 from fxprune.testing.check import check_pruned
 from fxprune.core.rewrite import rewrite
@@ -180,8 +181,9 @@ def test_mean_over_pruned_dim_has_an_exact_reference(level):
     analysis = fxprune.analyze(model, x, level)
     assert any(s.kept_only is kept_only.kept_mean for s in analysis.norm_sites)
     group = next(g for g in analysis.groups if g.name == "fc1")
-    drop = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
-    drop[list(group.units[:8])] = True
+    mask = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
+    mask[list(group.units[:8])] = True
+    drop = Dropped(mask)
     pruned = rewrite(analysis, drop)
     assert pruned.get_parameter("fc1.weight").shape == (8, 6)
     report = compare(reference_model(analysis, drop), pruned, (x,), exact=False, original=analysis.gm)

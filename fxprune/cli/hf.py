@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from fxprune.cli.format import CliError, markdown_table as _table
+from fxprune.cli.flags import given_options
+from fxprune.cli.format import CliError, format_sparsity, markdown_table as _table
 
 FILES = "config.json model.safetensors plan.json summary.md"
 
@@ -46,7 +47,7 @@ def _model_class(transformers: Any, config: Any, path_text: str) -> Any:
     return cls
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_hf_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of ``--input-shape``: token ids below the vocabulary size for a model whose main
     input is ``input_ids``, normal floats otherwise (``pixel_values``)."""
     if not shapes:
@@ -61,14 +62,13 @@ def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed
 def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     """Prune with :func:`fxprune.hf.prune_with_result` and write ``--out``; returns the summary text."""
     from fxprune import hf
-    result = hf.prune_with_result(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
-                                  ignore=tuple(args.ignore), round_to=args.round_to,
-                                  global_ranking=args.global_ranking, seed=args.seed,
-                                  calibration=calibration(args, inputs))
+    refuse_unsupported_flags(args)
+    result = hf.prune_with_result(model, inputs, progress=not args.no_progress,
+                                  calibration=calibration(args, inputs), **given_options(args))
     out = Path(args.out)
     result.model.save_pretrained(out)
     (out / "plan.json").write_text(result.plan.to_json(), encoding="utf-8")
-    text = summary(args.spec, args.sparsity, model, result)
+    text = summary(args.spec, result.plan.options.sparsity, model, result)
     (out / "summary.md").write_text(text, encoding="utf-8")
     return text
 
@@ -81,9 +81,12 @@ def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
     >>> # fxprune prune hf:./smollm2 --calibration notes.txt --criterion wanda --out pruned/   # doctest: +SKIP
     """
     path = getattr(args, "calibration", None)
-    if path is None or Path(path).suffix != ".txt":
+    if path is None:
+        return None
+    if Path(path).suffix != ".txt":  # token ids ('input'): plain id batches, checked by fxprune.hf
         from fxprune.cli import calibration_data
-        return calibration_data(args)[0]
+        read = calibration_data(args, "")[0]
+        return [batch[0] for batch in read.data][:args.max_batches or None]
     from transformers import AutoTokenizer
     if not Path(path).is_file():
         raise CliError(f"bad --calibration: no file {str(path)!r}")
@@ -98,11 +101,24 @@ def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
     return batches[:args.max_batches] if args.max_batches else batches
 
 
-def summary(spec: str, sparsity: float, model: Any, result: Any) -> str:
+#: Run flags this route does not take yet: (flag, its value when not given).
+UNSUPPORTED_FLAGS = {"to": None, "quantize": None}
+
+
+def refuse_unsupported_flags(args: argparse.Namespace) -> None:
+    """A flag the ``hf:`` route cannot honour is an error, never ignored (the option flags are checked
+    by :func:`fxprune.hf.prune_with_result` itself)."""
+    for name, unset in UNSUPPORTED_FLAGS.items():
+        if getattr(args, name, unset) != unset:
+            raise CliError(f"--{name.replace('_', '-')} is not supported for hf: SPECs (fxprune.hf writes a "
+                           f"from_pretrained directory)")
+
+
+def summary(spec: str, sparsity: Any, model: Any, result: Any) -> str:
     rows = [("config field", "before", "after")]
     rows += [(field, str(before), str(after)) for field, (before, after) in result.changes.items()]
     before, after = model.num_parameters(), result.model.num_parameters()
-    lines = [f"# fxprune: {spec}, sparsity {sparsity:g}, HF-compatible", "", *_table(rows), "",
+    lines = [f"# fxprune: {spec}, sparsity {format_sparsity(sparsity)}, HF-compatible", "", *_table(rows), "",
              f"params: {before:,} -> {after:,} ({after / before:.1%})",
              f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", ""]
     return "\n".join(lines)

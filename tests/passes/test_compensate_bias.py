@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.core.capture import capture
+from fxprune.core.meta import REPORTS_KEY
 from fxprune.errors import CalibrationError, InvalidOptionError, PipelineError
 from fxprune.passes import CompensateBias
 from fxprune.passes.pipeline import Pipeline
@@ -56,7 +57,7 @@ def test_mean_output_of_each_consumer_is_restored(run_pure, level) -> None:
         fc2_mean = model.fc2(a).mean(0)
         pruned_fc2 = a[:, kept] @ new["fc2.weight"].T + new["fc2.bias"]
         torch.testing.assert_close(pruned_fc2.mean(0), fc2_mean, atol=1e-5, rtol=1e-5)
-    report = out.graph_module.meta["fxprune_recovery"][-1]
+    report = out.graph_module.meta[REPORTS_KEY][-1]
     assert [(r.layer, r.note) for r in report.layers] == [("mix", "4 dropped inputs"), ("fc2", "5 dropped inputs")]
     assert report.layers[0].before == 0.0 and report.layers[0].after > 0  # the bias it created
 

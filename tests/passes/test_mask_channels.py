@@ -11,7 +11,8 @@ import fxprune
 from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, UnsupportedModelError
 from fxprune.passes import MaskChannels, Materialize, PruneChannels
-from fxprune.passes.mask_channels import PLAN_KEY, is_mask, masked_plan
+from fxprune.core.meta import PLAN_KEY
+from fxprune.passes.mask_channels import is_mask, masked_plan
 from fxprune.passes.pipeline import Pipeline
 from fxprune.measure import count_params
 from pass_nets import ResidualNet as Net

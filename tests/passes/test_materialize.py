@@ -9,7 +9,8 @@ import fxprune
 from fxprune.core.capture import capture
 from fxprune.errors import PipelineError
 from fxprune.passes import MaskChannels, Materialize
-from fxprune.passes.mask_channels import PLAN_KEY, is_mask
+from fxprune.core.meta import PLAN_KEY
+from fxprune.passes.mask_channels import is_mask
 from fxprune.measure import count_params
 from pass_nets import ResidualNet as Net
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.core.capture import capture
+from fxprune.core.meta import REPORTS_KEY
 from fxprune.errors import CalibrationError, PipelineError
 from fxprune.passes import RecalibrateBatchNorm
 from fxprune.passes.pipeline import Pipeline
@@ -45,7 +46,7 @@ def test_one_batch_equals_torch_train_mode_update(run_pure, level) -> None:
     for key, value in _stats(reference).items():
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got["bn1.running_mean"], model.bn1.running_mean)
-    report = out.graph_module.meta["fxprune_recovery"][-1]
+    report = out.graph_module.meta[REPORTS_KEY][-1]
     assert report.step == "recalibrate-batchnorm" and [r.layer for r in report.layers] == ["bn1", "bn2"]
     assert report.batches == 1 and out.modified
 

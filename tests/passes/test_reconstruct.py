@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.core.capture import capture
+from fxprune.core.meta import REPORTS_KEY
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError, PipelineError
 from fxprune.passes import Reconstruct
 from fxprune.passes.pipeline import Pipeline
@@ -64,7 +65,7 @@ def test_exact_when_kept_channels_span_the_dropped(run_pure, level) -> None:
         before = (result.graph_module(x) - model(x)).abs().max()
         after = (out.graph_module(x) - model(x)).abs().max()
     assert before > 1e-2 and after < 1e-4
-    report = out.graph_module.meta["fxprune_recovery"][-1]
+    report = out.graph_module.meta[REPORTS_KEY][-1]
     assert [r.layer for r in report.layers] == ["conv"]
     assert report.layers[0].before > 0.1 and report.layers[0].after < 1e-4
     assert out.modified
