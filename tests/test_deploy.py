@@ -96,7 +96,6 @@ def _expected(result, inputs) -> torch.Tensor:
         return result.graph_module(*inputs)
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 @pytest.mark.parametrize("name,to", [_case(n, t) for n in MODELS for t in deploy.TARGETS])
 def test_fp32_artefact_runs_in_its_runtime_and_matches_the_pruned_graph(tmp_path, name, level, to):
     result, x, other = pruned(name, level)

@@ -34,7 +34,6 @@ def _loader(batches: int = 2, rows: int = 8) -> list[torch.Tensor]:
     return [torch.randn(rows, 3, 4, 4, generator=gen) + 0.5 for _ in range(batches)]
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_mean_output_of_each_consumer_is_restored(run_pure, level) -> None:
     # both consumers are linear in their input: with the dropped inputs' means added to the bias, each
     # consumer's mean output over the calibration data equals the original's exactly
@@ -62,7 +61,6 @@ def test_mean_output_of_each_consumer_is_restored(run_pure, level) -> None:
     assert report.layers[0].before == 0.0 and report.layers[0].after > 0  # the bias it created
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_snapshot(graph_snapshot, level) -> None:
     loader = _loader()
     gm = capture(Mlp().eval(), (loader[0],), level).gm

@@ -27,7 +27,6 @@ def _stats(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in gm.state_dict().items() if k.endswith(("running_mean", "running_var"))}
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_one_batch_equals_torch_train_mode_update(run_pure, level) -> None:
     # on one batch, torch's own train-mode forward with momentum 1 gives exactly the batch statistics
     # (unbiased variance), with every BatchNorm normalising by its batch's statistics: the definition

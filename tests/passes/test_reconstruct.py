@@ -52,7 +52,6 @@ def _pruned(model: nn.Module, x: torch.Tensor, level: str, sparsity: float = 0.5
     return fxprune.prune(model, (x,), sparsity=sparsity, capture=level)
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_exact_when_kept_channels_span_the_dropped(run_pure, level) -> None:
     model = LowRank().eval()
     loader = _loader((3, 6, 6))
@@ -129,7 +128,6 @@ def test_prune_with_recover_reports_fit_and_verifies_the_structural_prune() -> N
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_snapshot(graph_snapshot, level) -> None:
     model = LowRank().eval()
     loader = _loader((3, 6, 6))
