@@ -83,22 +83,33 @@ def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
     path = getattr(args, "calibration", None)
     if path is None:
         return None
-    if Path(path).suffix != ".txt":  # token ids ('input'): plain id batches, checked by fxprune.hf
-        from fxprune.cli import calibration_data
-        read = calibration_data(args, "")[0]
-        return [batch[0] for batch in read.data][:args.max_batches or None]
-    from transformers import AutoTokenizer
     if not Path(path).is_file():
         raise CliError(f"bad --calibration: no file {str(path)!r}")
-    tokenizer = AutoTokenizer.from_pretrained(args.spec.partition(":")[2])
-    ids = torch.tensor(tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"])
     length, size = int(inputs[0].shape[-1]), args.calibration_batch_size
-    windows = ids[:ids.numel() // length * length].view(-1, length)
+    if Path(path).suffix != ".txt":  # token ids ('input'): plain id batches, checked by fxprune.hf
+        windows = _token_ids(Path(path))
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.spec.partition(":")[2])
+        ids = torch.tensor(tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"])
+        windows = ids[:ids.numel() // length * length].view(-1, length)
     if not windows.shape[0]:
-        raise CliError(f"bad --calibration: {str(path)!r} holds {ids.numel()} tokens, fewer than one window of "
-                       f"{length} (the example's sequence length)")
+        raise CliError(f"bad --calibration: {str(path)!r} holds fewer tokens than one window of {length} "
+                       f"(the example's sequence length)")
     batches = [windows[i:i + size] for i in range(0, windows.shape[0], size)]
     return batches[:args.max_batches] if args.max_batches else batches
+
+
+def _token_ids(path: Path) -> torch.Tensor:
+    """The ``input`` tensor of a safetensors file (rows of token ids)."""
+    from fxprune.io import read_safetensors
+    try:
+        tensors = read_safetensors(path)[0]
+    except Exception as exc:
+        raise CliError(f"bad --calibration {str(path)!r}: not a safetensors file ({exc})") from exc
+    if "input" not in tensors:
+        raise CliError(f"bad --calibration: no tensor 'input' of token ids (it has {sorted(tensors)})")
+    return tensors["input"]
 
 
 #: Run flags this route does not take yet: (flag, its value when not given).
