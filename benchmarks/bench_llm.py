@@ -14,6 +14,7 @@ Rows (``--rows``: a comma list of names or ``all``):
 * ``hf <criterion> [+ <recovery>] @ <what>``: ``fxprune.hf.prune`` with ``calibration=`` and ``recover=``;
   ``what`` is ``mlp20`` / ``mlp50`` (20% / 50% of the MLP width, ``{"intermediate_size": s}``) or
   ``mlp20+kv1`` (and one of the three KV-head groups with its query heads).
+* ``reconstruct{ridge=R}``: reconstruct's ridge, a pull toward the kept weights (default 1e-3).
 * ``... bf16``: the same on the model in bfloat16.
 * ``... L15``: the first 15 of the 30 layers (cost against depth).
 * ``torch-pruning ...``: Torch-Pruning 1.6's LLM recipe (magnitude, its ``examples/LLMs``) on the MLP only,
@@ -84,6 +85,7 @@ ROWS = [
     *[f"hf {c}{r} @ {w}" for w in ("mlp20", "mlp50", "mlp20+kv1") for c in ("wanda", "flap", "activation")
       for r in ("", " + reconstruct", " + compensate-bias")],
     "hf taylor @ mlp20",
+    "hf wanda + reconstruct{ridge=1} @ mlp20", "hf wanda + reconstruct{ridge=10} @ mlp20",
     "hf wanda + reconstruct @ mlp20 bf16", "hf wanda + reconstruct @ mlp20 L15",
     "torch-pruning magnitude @ mlp20", "torch-pruning magnitude @ mlp50", "torch-pruning magnitude @ mlp20+kv1",
 ]
@@ -200,7 +202,17 @@ def _prune(row: Row, model: Any, batches: list) -> Any:
     criterion = "group_magnitude" if row.criterion == "magnitude" else row.criterion
     data = criterion not in ("group_magnitude", "random")
     return fxprune.hf.prune(model, (batches[0],), sparsity=WHAT[row.what], criterion=criterion,
-                            calibration=batches if data or row.recover else None, recover=row.recover)
+                            calibration=batches if data or row.recover else None, recover=_steps(row.recover))
+
+
+def _steps(recover: tuple) -> dict:
+    """``reconstruct{ridge=1}`` -> ``{"reconstruct": {"ridge": 1.0}}``."""
+    out = {}
+    for step in recover:
+        name, _, rest = step.partition("{")
+        pairs = [p.split("=") for p in rest.rstrip("}").split(",") if p]
+        out[name] = {k: float(v) for k, v in pairs}
+    return out
 
 
 def _round_trip(pruned: Any, x: Any) -> bool:

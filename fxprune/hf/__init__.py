@@ -37,7 +37,7 @@ from fxprune.core.analysis import Analysis
 from fxprune.core.capture import AUTO, as_inputs, export, propagate_values, without_cache
 from fxprune.core.select import check_patterns, select
 from fxprune.data.criteria import DATA_CRITERIA, GRADIENT_CRITERIA, Criterion
-from fxprune.data.recovery import recover as recover_graph, recovery_steps
+from fxprune.data.recovery import RECOVERY_STEPS, recovery_steps
 from fxprune.errors import (CalibrationError, ConfigMismatchError, ExampleInputError, InvalidOptionError,
                             TrainingModeError, UnsupportedModelError, VerificationError)
 from fxprune.hf import calibrated, policy as hf_policy
@@ -94,7 +94,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
             vocabulary. A dict batch with padded positions is refused (the graph takes ids alone).
         loss_fn: ``taylor`` / ``hessian``: default, the next-token cross-entropy on the batch's ids.
         recover: recovery steps after pruning, as in :func:`fxprune.prune` (``"reconstruct"``,
-            ``"compensate-bias"``): they run on the pruned graph, block-sequentially (linear in depth),
+            ``"compensate-bias"``), or ``{step: {option: value}}`` (``{"reconstruct": {"ridge": 1.0}}``): they run on the pruned graph, block-sequentially (linear in depth),
             and the returned model carries the recovered weights; a bias recovery adds is held through
             the config flag that gives the class one (``mlp_bias``, ``attention_bias``) or refused.
 
@@ -146,10 +146,10 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
         loss_fn = calibrated.causal_lm_loss
     data = RunData(calibration, loss_fn, None, progress)
     check_run(options, scorer, data)
-    steps = recovery_steps(recover)
+    steps, step_options = _recovery(recover)
     if steps and calibration is None:
         raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration= (token batches)")
-    recovery = _Recovery(steps, calibration, progress)
+    recovery = _Recovery(steps, calibration, progress, step_options)
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
     selection = options.replace(sparsity=module_sparsity)
     inputs = as_inputs(example_inputs)
@@ -263,13 +263,28 @@ class _Recovery:
     steps: tuple
     calibration: Any
     progress: bool
+    options: Mapping[str, Mapping[str, Any]]
+    """Per step, its options (``reconstruct``: ``ridge``)."""
 
     def run(self, analysis: Analysis, drop: torch.Tensor, graph: torch.nn.Module, inputs: tuple) -> tuple:
         if not self.steps:
             return graph, ()
-        recovered, reports = recover_graph(analysis, drop, graph, self.calibration, self.steps, self.progress)
+        reports, recovered = [], graph
+        for name in self.steps:
+            recovered, report = RECOVERY_STEPS[name].run(analysis, drop, recovered, self.calibration, self.progress,
+                                                         **self.options.get(name, {}))
+            reports.append(report)
         propagate_values(recovered, inputs, rewritten=True)
-        return recovered, reports
+        return recovered, tuple(reports)
+
+
+def _recovery(recover: Any) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """``recover=`` as step names and per-step options: names, or ``{name: {option: value}}``
+    (``{"reconstruct": {"ridge": 1.0}}``)."""
+    if not isinstance(recover, Mapping):
+        return recovery_steps(recover), {}
+    steps = recovery_steps(tuple(recover))
+    return steps, {step: dict(recover[name] or {}) for step, name in zip(steps, recover)}
 
 
 def _without_cache(model: Any) -> Any:
