@@ -31,10 +31,6 @@ from fxprune.errors import CalibrationError, ConfigMismatchError
 #: Config flags that give a class's layers biases, tried in order for a bias recovery created.
 BIAS_FLAGS = ("mlp_bias", "attention_bias", "bias", "use_bias")
 
-#: What ``benchmarks/bench_llm.py`` measured for magnitude pruning of a real LLM (quoted by the warning).
-MAGNITUDE_ON_LLM = ("20% of SmolLM2-135M-Instruct's MLP width pruned by magnitude multiplied its held-out "
-                    "perplexity by {magnitude} (wanda with 32x256 calibration tokens: {wanda}; "
-                    "benchmarks/bench_llm.py)")
 
 
 def tolerance(dtype: torch.dtype, scale: float) -> float:
@@ -207,4 +203,4 @@ def causal_lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["tolerance", "retie", "recovered_state", "bias_flags", "with_biases", "token_calibration",
-           "causal_lm_loss", "MAGNITUDE_ON_LLM"]
+           "causal_lm_loss"]
