@@ -230,6 +230,7 @@ def _torch_pruning(model: Any, x: Any, what: dict) -> Any:
     through ``num_heads``); the hidden size stays (embedding and LM head ignored), as in our rows."""
     import torch_pruning as tp
     config = model.config
+    config.use_cache = False  # its tracer reads grad_fn off every output; a KV cache has none
     heads = what.get("num_attention_heads", 0.0)
     num_heads, ignored = {}, [model.lm_head, model.model.embed_tokens]
     for name, m in model.named_modules():
