@@ -83,7 +83,8 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     """Prune with :func:`fxprune.hf.prune_with_result` and write ``--out``; returns the summary text."""
     from fxprune import hf
     refuse_unsupported_flags(args)
-    result = hf.prune_with_result(model, inputs, progress=not args.no_progress, **given_options(args))
+    result = hf.prune_with_result(model, inputs, progress=not args.no_progress,
+                                  calibration=calibration(args, inputs), **given_options(args))
     text = summary(args.spec, result.plan.options.sparsity, model, result)
     with staged_directory(args.out) as out:  # all or nothing, as fxprune.save
         result.model.save_pretrained(out)
@@ -92,9 +93,47 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     return text
 
 
+def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
+    """``--calibration`` for a HF model: a text file (``.txt``), tokenised with the model's own tokenizer
+    into windows as long as the example's sequence, ``--calibration-batch-size`` per batch; or a
+    safetensors file of token ids (``input``), as for any model.
+
+    >>> # fxprune prune hf:./smollm2 --calibration notes.txt --criterion wanda --out pruned/   # doctest: +SKIP
+    """
+    path = getattr(args, "calibration", None)
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise CliError(f"bad --calibration: no file {str(path)!r}")
+    length, size = int(inputs[0].shape[-1]), args.calibration_batch_size
+    if Path(path).suffix != ".txt":  # token ids ('input'): plain id batches, checked by fxprune.hf
+        windows = _token_ids(Path(path))
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.spec.partition(":")[2])
+        ids = torch.tensor(tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"])
+        windows = ids[:ids.numel() // length * length].view(-1, length)
+    if not windows.shape[0]:
+        raise CliError(f"bad --calibration: {str(path)!r} holds fewer tokens than one window of {length} "
+                       f"(the example's sequence length)")
+    batches = [windows[i:i + size] for i in range(0, windows.shape[0], size)]
+    return batches[:args.max_batches] if args.max_batches else batches
+
+
+def _token_ids(path: Path) -> torch.Tensor:
+    """The ``input`` tensor of a safetensors file (rows of token ids)."""
+    from fxprune.io import read_safetensors
+    try:
+        tensors = read_safetensors(path)[0]
+    except Exception as exc:
+        raise CliError(f"bad --calibration {str(path)!r}: not a safetensors file ({exc})") from exc
+    if "input" not in tensors:
+        raise CliError(f"bad --calibration: no tensor 'input' of token ids (it has {sorted(tensors)})")
+    return tensors["input"]
+
+
 #: Run flags this route does not take yet: (flag, its value when not given).
-UNSUPPORTED_FLAGS = {"calibration": None, "to": None, "quantize": None, "calibration_batch_size": 32,
-                     "max_batches": None}
+UNSUPPORTED_FLAGS = {"to": None, "quantize": None}
 
 
 def refuse_unsupported_flags(args: argparse.Namespace) -> None:
