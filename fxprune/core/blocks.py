@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -92,25 +92,42 @@ class Blocks:
 
 
 # --- finding -----------------------------------------------------------------------------------
-def find_blocks(gm: fx.GraphModule) -> Blocks:
-    """Every removable residual block of ``gm`` (a captured graph) and every rejected one."""
+def find_blocks(gm: fx.GraphModule, owner: Optional[Callable[[str], str]] = None) -> Blocks:
+    """Every removable residual block of ``gm`` (a captured graph) and every rejected one.
+
+    ``owner`` maps the module that makes an add to the block it belongs to (default: that module; the
+    HF adapter maps ``model.layers.3.mlp`` to ``model.layers.3``)."""
     ancestors = _ancestors(gm.graph)
-    owners: dict[str, list[Residual]] = {}
-    rejected: dict[str, str] = {}
+    found, refused = [], []
     for node in gm.graph.nodes:
-        if not _is_add(node):
-            continue
-        residual, reason = _residual(gm, node, ancestors)
-        owner = _owner(node)
+        residual, reason = _residual(gm, node, ancestors) if _is_add(node) else (None, "")
         if residual is not None:
-            owners.setdefault(owner, []).append(residual)
+            found.append((node, residual))
         elif reason:
-            rejected.setdefault(owner, reason)
-    blocks = [Block(name, tuple(rs), _shape(gm, rs[0].add)) for name, rs in owners.items()
-              if name not in rejected]
-    mixed = [(n, f"mixes residuals with {rejected[n][len('not a residual block: '):]}") for n in owners
-             if n in rejected]
-    return Blocks(tuple(blocks), tuple(sorted(rejected.items())) + tuple(mixed))
+            refused.append((node, reason))
+    inside = _branches(gm, ancestors, [r for _, r in found])  # a MoE's shared + routed add is no shortcut
+    name = _owner if owner is None else (lambda node: owner(_owner(node)))
+    owners: dict[str, list[Residual]] = {}
+    for node, residual in found:
+        owners.setdefault(name(node), []).append(residual)
+    rejected: dict[str, str] = {}
+    for node, reason in refused:
+        if node not in inside:
+            rejected.setdefault(name(node), reason)
+    blocks = [Block(n, tuple(rs), _shape(gm, rs[0].add)) for n, rs in owners.items() if n not in rejected]
+    why = [(n, reason if n not in owners else f"mixes residuals with {reason[len('not a residual block: '):]}")
+           for n, reason in sorted(rejected.items())]
+    return Blocks(tuple(blocks), tuple(why))
+
+
+def _branches(gm: fx.GraphModule, ancestors: dict, residuals: list[Residual]) -> set[fx.Node]:
+    """Every node computed inside some residual's branch (from its shortcut, up to the branch)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    inside: set[fx.Node] = set()
+    for r in residuals:
+        branch, shortcut = nodes[r.branch], nodes[r.shortcut]
+        inside |= (ancestors[branch] | {branch}) - ancestors[shortcut]
+    return inside
 
 
 def _is_add(node: fx.Node) -> bool:

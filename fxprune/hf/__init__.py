@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from fxprune.hf import policy as hf_policy
+from fxprune.hf import depth, policy as hf_policy
 from fxprune.core.analysis import Analysis
 from fxprune.api import PruneResult, analyze, criterion_name, finish, make_plan
 from fxprune.core.capture import AUTO, as_inputs, export
@@ -56,10 +56,12 @@ class HFPruneResult:
     """{config field: (before, after)}."""
     max_abs_error: float
     """The largest difference between the HF model's outputs and the pruned graph's (example inputs)."""
+    depth: Any = None
+    """The layers removed (:class:`fxprune.hf.depth.DepthResult`), when ``sparsity`` named a depth field."""
 
     @property
     def plan(self):
-        return self.result.plan
+        return self.result.plan if self.result is not None else None
 
 
 def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
@@ -91,9 +93,19 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
                       layer_indices: str = "own", global_ranking: bool = False, round_to: int = 1,
                       min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean", seed: int = 0,
                       dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
-                      progress: bool = False) -> HFPruneResult:
+                      progress: bool = False, calibration: Any = None, block_criterion: str = "block-influence",
+                      block_repair: bool = False) -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
     _check_model(model)
+    ratio, rest = depth.split_depth(sparsity)
+    if ratio is not None:  # layers first (fxprune.hf.depth), then widths on the shallower model
+        widths = functools.partial(_widths, example_inputs=example_inputs, criterion=criterion, hf_compatible=hf_compatible,
+                                   layer_indices=layer_indices, global_ranking=global_ranking, round_to=round_to,
+                                   min_keep=min_keep, ignore=ignore, reduce=reduce, seed=seed,
+                                   dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress)
+        options = dict(inputs=as_inputs(example_inputs), calibration=calibration, criterion=block_criterion,
+                       repair=block_repair, dynamic_shapes=dynamic_shapes, tolerance=tolerance)
+        return depth.with_depth(model, ratio, rest, options, widths)
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
     widths, module_sparsity = hf_policy.split_width_ratios(sparsity)
@@ -121,6 +133,10 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     if bar is not None:
         bar.close()
     return out
+
+
+def _widths(model: Any, sparsity: Sparsity, example_inputs: Any, **options: Any) -> HFPruneResult:
+    return prune_with_result(model, example_inputs, sparsity, **options)
 
 
 class HiddenSizeReadError(VerificationError):
