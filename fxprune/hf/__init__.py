@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from fxprune.hf import depth, policy as hf_policy
+from fxprune.hf import policy as hf_policy, structure
 from fxprune.core.analysis import Analysis
 from fxprune.api import PruneResult, analyze, criterion_name, finish, make_plan
 from fxprune.core.capture import AUTO, as_inputs, export
@@ -94,18 +94,19 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
                       min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean", seed: int = 0,
                       dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
                       progress: bool = False, calibration: Any = None, block_criterion: str = "block-influence",
-                      block_repair: bool = False) -> HFPruneResult:
+                      block_repair: bool = False, expert_criterion: str = "reap") -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
     _check_model(model)
-    ratio, rest = depth.split_depth(sparsity)
-    if ratio is not None:  # layers first (fxprune.hf.depth), then widths on the shallower model
-        widths = functools.partial(_widths, example_inputs=example_inputs, criterion=criterion, hf_compatible=hf_compatible,
-                                   layer_indices=layer_indices, global_ranking=global_ranking, round_to=round_to,
-                                   min_keep=min_keep, ignore=ignore, reduce=reduce, seed=seed,
-                                   dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress)
-        options = dict(inputs=as_inputs(example_inputs), calibration=calibration, criterion=block_criterion,
-                       repair=block_repair, dynamic_shapes=dynamic_shapes, tolerance=tolerance)
-        return depth.with_depth(model, ratio, rest, options, widths)
+    wanted = structure.split(sparsity)
+    if wanted.any:  # layers and experts first (fxprune.hf.structure), then widths on the smaller model
+        widths = functools.partial(_widths, example_inputs=example_inputs, criterion=criterion,
+                                   hf_compatible=hf_compatible, layer_indices=layer_indices,
+                                   global_ranking=global_ranking, round_to=round_to, min_keep=min_keep,
+                                   ignore=ignore, reduce=reduce, seed=seed, dynamic_shapes=dynamic_shapes,
+                                   tolerance=tolerance, progress=progress)
+        options = dict(block_criterion=block_criterion, block_repair=block_repair, expert_criterion=expert_criterion,
+                       seed=seed, dynamic_shapes=dynamic_shapes, tolerance=tolerance)
+        return structure.run(model, wanted, as_inputs(example_inputs), calibration, options, widths)
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
     widths, module_sparsity = hf_policy.split_width_ratios(sparsity)

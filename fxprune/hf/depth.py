@@ -162,28 +162,6 @@ def _causal_lm_loss(outputs: Any, inputs: tuple) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def with_depth(model: Any, ratio: float, rest: Any, depth_options: Mapping[str, Any], widths: Any) -> Any:
-    """Depth first, then the widths of ``rest`` (if any) on the shallower model by ``widths(model,
-    sparsity)``; one :class:`~fxprune.hf.HFPruneResult` with both changes and both records."""
-    from fxprune.hf import HFPruneResult
-    depth = prune_depth(model, ratio=ratio, **depth_options)
-    if rest is None:
-        depth.model.config.fxprune = {"format": "fxprune.hf/1", "changes": _listed(depth.changes),
-                                      "depth": depth.record}
-        return HFPruneResult(depth.model, None, dict(depth.changes), depth.record["max_abs_error_vs_graph"],
-                             depth)
-    out = widths(depth.model, rest)
-    record = dict(out.model.config.fxprune)
-    record["changes"] = {**_listed(depth.changes), **record["changes"]}
-    record["depth"] = depth.record
-    out.model.config.fxprune = record
-    return HFPruneResult(out.model, out.result, {**depth.changes, **out.changes}, out.max_abs_error, depth)
-
-
-def _listed(changes: Mapping[str, tuple[Any, Any]]) -> dict[str, list]:
-    return {k: [a, b] for k, (a, b) in changes.items()}
-
-
 # --- the config -------------------------------------------------------------------------------------
 def depth_config(config: Any, kept: Sequence[int]) -> tuple[Any, dict[str, tuple[Any, Any]]]:
     """A copy of ``config`` for the layers ``kept`` (original indices), and what changed."""
@@ -249,4 +227,4 @@ def renumbered(key: str, path: str, dropped: Sequence[int]) -> Optional[str]:
     return f"{prefix}{old - sum(1 for d in dropped if d < old)}.{rest}"
 
 
-__all__ = ["DEPTH_FIELDS", "DepthResult", "split_depth", "with_depth", "layer_list", "prune_depth", "depth_config", "renumbered"]
+__all__ = ["DEPTH_FIELDS", "DepthResult", "split_depth", "layer_list", "prune_depth", "depth_config", "renumbered"]
