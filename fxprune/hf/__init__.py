@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -106,7 +107,7 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
                                    tolerance=tolerance, progress=progress)
         options = dict(block_criterion=block_criterion, block_repair=block_repair, expert_criterion=expert_criterion,
                        seed=seed, dynamic_shapes=dynamic_shapes, tolerance=tolerance)
-        return structure.run(model, wanted, as_inputs(example_inputs), calibration, options, widths)
+        return structure.run(model, wanted, as_inputs(example_inputs), calibration, options, widths, _adapter())
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
     widths, module_sparsity = hf_policy.split_width_ratios(sparsity)
@@ -134,6 +135,13 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
     if bar is not None:
         bar.close()
     return out
+
+
+def _adapter() -> types.SimpleNamespace:
+    """The steps fxprune.hf.structure and fxprune.hf.depth share with this module (handed in, so they
+    do not import it back)."""
+    return types.SimpleNamespace(without_cache=_without_cache, dynamic_shapes=_dynamic_shapes,
+                                 check_outputs=_check_outputs, result=HFPruneResult, format=FORMAT)
 
 
 def _widths(model: Any, sparsity: Sparsity, example_inputs: Any, **options: Any) -> HFPruneResult:

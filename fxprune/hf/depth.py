@@ -81,14 +81,15 @@ def layer_list(model: Any) -> tuple[str, int]:
                                 f"({count}) layers: fxprune.hf cannot remove its layers")
 
 
-def prune_depth(model: Any, inputs: tuple, ratio: float, calibration: Any = None,
+def prune_depth(model: Any, inputs: tuple, ratio: float, adapter: Any, calibration: Any = None,
                 criterion: str = "block-influence", repair: bool = False, dynamic_shapes: Any = AUTO,
                 tolerance: Optional[float] = None) -> DepthResult:
-    """``model`` with ``round(ratio · layers)`` layers removed (see the module docstring)."""
-    from fxprune.hf import _check_outputs, _dynamic_shapes, _without_cache  # the adapter's shared checks
+    """``model`` with ``round(ratio · layers)`` layers removed (see the module docstring). ``adapter``:
+    the HF adapter's shared steps (``without_cache``, ``dynamic_shapes``, ``check_outputs``), handed in
+    by :mod:`fxprune.hf` so that this module does not import it back."""
     path, total = layer_list(model)
     count = round(ratio * total)
-    program = export(_without_cache(model), inputs, _dynamic_shapes(model, inputs, dynamic_shapes))
+    program = export(adapter.without_cache(model), inputs, adapter.dynamic_shapes(model, inputs, dynamic_shapes))
     gm = capture(program, inputs).gm
     found = _layer_blocks(model, gm, path, total)
     loss = _causal_lm_loss if _is_causal_lm(model) else None
@@ -107,7 +108,7 @@ def prune_depth(model: Any, inputs: tuple, ratio: float, calibration: Any = None
     config, changes = depth_config(model.config, [i for i in range(total) if i not in dropped])
     new = _rebuild(model, config, path, dropped, pruned)
     try:
-        error = _check_outputs(new, pruned, inputs, tolerance)
+        error = adapter.check_outputs(new, pruned, inputs, tolerance)
     except VerificationError as exc:
         raise UnsupportedModelError(
             f"{type(model).__name__}: a model without layers {list(dropped)} computes something else than the "

@@ -35,15 +35,15 @@ def split(sparsity: Any) -> Structure:
 
 
 def run(model: Any, wanted: Structure, inputs: tuple, calibration: Any, options: Mapping[str, Any],
-        widths: Callable[[Any, Any], Any]) -> Any:
+        widths: Callable[[Any, Any], Any], adapter: Any) -> Any:
     """Depth, then experts, then ``widths(model, rest)``; ``options``: block_criterion, block_repair,
-    expert_criterion, seed, dynamic_shapes, tolerance."""
-    from fxprune.hf import FORMAT, HFPruneResult
+    expert_criterion, seed, dynamic_shapes, tolerance; ``adapter``: the HF adapter's shared steps and
+    its result type (handed in: this module does not import :mod:`fxprune.hf` back)."""
     changes: dict[str, tuple[Any, Any]] = {}
     records: dict[str, Any] = {}
     depth = None
     if wanted.layers is not None:
-        depth = hf_depth.prune_depth(model, inputs, wanted.layers, calibration, options["block_criterion"],
+        depth = hf_depth.prune_depth(model, inputs, wanted.layers, adapter, calibration, options["block_criterion"],
                                      options["block_repair"], options["dynamic_shapes"], options["tolerance"])
         model, records["depth"] = depth.model, depth.record
         changes.update(depth.changes)
@@ -54,13 +54,13 @@ def run(model: Any, wanted: Structure, inputs: tuple, calibration: Any, options:
         changes.update(experts.changes)
     listed = {k: [a, b] for k, (a, b) in changes.items()}
     if wanted.rest is None:
-        model.config.fxprune = {"format": FORMAT, "changes": listed, **records}
-        return HFPruneResult(model, None, changes, 0.0, depth)
+        model.config.fxprune = {"format": adapter.format, "changes": listed, **records}
+        return adapter.result(model, None, changes, 0.0, depth)
     out = widths(model, wanted.rest)
     record = dict(out.model.config.fxprune)
     record.update(records, changes={**listed, **record["changes"]})
     out.model.config.fxprune = record
-    return HFPruneResult(out.model, out.result, {**changes, **out.changes}, out.max_abs_error, depth)
+    return adapter.result(out.model, out.result, {**changes, **out.changes}, out.max_abs_error, depth)
 
 
 __all__ = ["Structure", "split", "run"]
