@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from fxprune.hf import policy as hf_policy, structure
+from fxprune.hf import budget, policy as hf_policy, structure
 from fxprune.core.analysis import Analysis
 from fxprune.api import PruneResult, analyze, criterion_name, finish, make_plan
 from fxprune.core.capture import AUTO, as_inputs, export
@@ -95,9 +95,16 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
                       min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean", seed: int = 0,
                       dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
                       progress: bool = False, calibration: Any = None, block_criterion: str = "block-influence",
-                      block_repair: bool = False, expert_criterion: str = "reap") -> HFPruneResult:
+                      block_repair: bool = False, expert_criterion: str = "reap",
+                      target: Optional[Mapping[str, float]] = None) -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
     _check_model(model)
+    if target is not None:  # one budget instead of ratios (fxprune.hf.budget): sparsity is chosen
+        return budget.prune_to_budget(model, as_inputs(example_inputs), target, calibration, functools.partial(
+            prune_with_result, model, example_inputs, criterion=criterion, hf_compatible=hf_compatible,
+            layer_indices=layer_indices, global_ranking=global_ranking, round_to=round_to, min_keep=min_keep,
+            ignore=ignore, reduce=reduce, seed=seed, dynamic_shapes=dynamic_shapes, tolerance=tolerance,
+            calibration=calibration, block_criterion=block_criterion, block_repair=block_repair))
     wanted = structure.split(sparsity)
     if wanted.any:  # layers and experts first (fxprune.hf.structure), then widths on the smaller model
         widths = functools.partial(_widths, example_inputs=example_inputs, criterion=criterion,
