@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from fxprune.cli.format import CliError, markdown_table as _table
+from fxprune.cli.flags import given_options
+from fxprune.cli.format import CliError, format_sparsity, markdown_table as _table
 
 FILES = "config.json model.safetensors plan.json summary.md"
 
@@ -46,7 +47,7 @@ def _model_class(transformers: Any, config: Any, path_text: str) -> Any:
     return cls
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_hf_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of ``--input-shape``: token ids below the vocabulary size for a model whose main
     input is ``input_ids``, normal floats otherwise (``pixel_values``)."""
     if not shapes:
@@ -61,22 +62,35 @@ def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed
 def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     """Prune with :func:`fxprune.hf.prune_with_result` and write ``--out``; returns the summary text."""
     from fxprune import hf
-    result = hf.prune_with_result(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
-                                  ignore=tuple(args.ignore), round_to=args.round_to,
-                                  global_ranking=args.global_ranking, seed=args.seed)
+    refuse_unsupported_flags(args)
+    result = hf.prune_with_result(model, inputs, progress=not args.no_progress, **given_options(args))
     out = Path(args.out)
     result.model.save_pretrained(out)
     (out / "plan.json").write_text(result.plan.to_json(), encoding="utf-8")
-    text = summary(args.spec, args.sparsity, model, result)
+    text = summary(args.spec, result.plan.options.sparsity, model, result)
     (out / "summary.md").write_text(text, encoding="utf-8")
     return text
 
 
-def summary(spec: str, sparsity: float, model: Any, result: Any) -> str:
+#: Run flags this route does not take yet: (flag, its value when not given).
+UNSUPPORTED_FLAGS = {"calibration": None, "to": None, "quantize": None, "calibration_batch_size": 32,
+                     "max_batches": None}
+
+
+def refuse_unsupported_flags(args: argparse.Namespace) -> None:
+    """A flag the ``hf:`` route cannot honour is an error, never ignored (the option flags are checked
+    by :func:`fxprune.hf.prune_with_result` itself)."""
+    for name, unset in UNSUPPORTED_FLAGS.items():
+        if getattr(args, name, unset) != unset:
+            raise CliError(f"--{name.replace('_', '-')} is not supported for hf: SPECs (fxprune.hf writes a "
+                           f"from_pretrained directory)")
+
+
+def summary(spec: str, sparsity: Any, model: Any, result: Any) -> str:
     rows = [("config field", "before", "after")]
     rows += [(field, str(before), str(after)) for field, (before, after) in result.changes.items()]
     before, after = model.num_parameters(), result.model.num_parameters()
-    lines = [f"# fxprune: {spec}, sparsity {sparsity:g}, HF-compatible", "", *_table(rows), "",
+    lines = [f"# fxprune: {spec}, sparsity {format_sparsity(sparsity)}, HF-compatible", "", *_table(rows), "",
              f"params: {before:,} -> {after:,} ({after / before:.1%})",
              f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", ""]
     return "\n".join(lines)
