@@ -37,7 +37,7 @@ from fxprune.core.blocks import Blocks, drop_blocks, find_blocks, zeroed_referen
 from fxprune.core.verify import compare
 from fxprune.data.block_criteria import choose_blocks, repair as block_repair
 from fxprune.core.capture import AUTO, capture, export
-from fxprune.core.select import check_sparsity
+from fxprune.options import PruneOptions
 from fxprune.errors import InvalidOptionError, UnsupportedModelError, VerificationError
 
 DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -66,7 +66,7 @@ def split_depth(sparsity: Any) -> tuple[Optional[float], Any]:
     if not named:
         return None, sparsity
     ratio = sparsity[named[0]]
-    check_sparsity({named[0]: ratio})
+    PruneOptions(sparsity={named[0]: ratio})  # the check every ratio gets
     rest = {k: v for k, v in sparsity.items() if k not in DEPTH_FIELDS}
     return float(ratio), rest if rest else None
 

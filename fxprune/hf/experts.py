@@ -30,8 +30,8 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from fxprune.core.select import check_sparsity
 from fxprune.data.calibration import as_calibration
+from fxprune.options import PruneOptions
 from fxprune.errors import InvalidOptionError, UnsupportedModelError, VerificationError
 
 EXPERT_FIELDS = ("num_experts", "num_local_experts")
@@ -52,7 +52,7 @@ def split_experts(sparsity: Any) -> tuple[Optional[float], Any]:
     if not isinstance(sparsity, Mapping) or not any(k in EXPERT_FIELDS for k in sparsity):
         return None, sparsity
     field = next(k for k in sparsity if k in EXPERT_FIELDS)
-    check_sparsity({field: sparsity[field]})
+    PruneOptions(sparsity={field: sparsity[field]})  # the check every ratio gets
     rest = {k: v for k, v in sparsity.items() if k not in EXPERT_FIELDS}
     return float(sparsity[field]), rest if rest else None
 
