@@ -181,7 +181,9 @@ def meta_model(directory: Any) -> Any:
                               f"(got {names})")
     dtype = _dtype(config)
     with torch.device("meta"), no_init_weights():
-        return cls._from_config(config, dtype=dtype).eval()
+        model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights also skips the tying that from_pretrained does
+    return model.eval()
 
 
 def _dtype(config: Any) -> torch.dtype:
