@@ -16,7 +16,7 @@ from fxprune.hf import checkpoint  # noqa: E402
 from fxprune.hf.checkpoint import prune_checkpoint  # noqa: E402
 
 T = transformers
-CONFIG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+CONFIG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
@@ -62,10 +62,11 @@ def test_disk_to_disk_equals_in_memory(source, tmp_path, criterion):
     _assert_same(_in_memory(source, 0.5, criterion), tmp_path / "out")
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["config.json", "fxprune-checkpoint.json", "generation_config.json",
-                     *[f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)],
+                     *[f"model-0000{i}-of-00007.safetensors" for i in range(1, 8)],
                      "model.safetensors.index.json", "plan.json", "tokenizer_config.json"]
     assert [u["name"] for u in report["units"]] == ["model.embed_tokens.weight", "model.layers.0",
-                                                    "model.layers.1", "model.layers.2", "model.norm.weight",
+                                                    "model.layers.1", "model.layers.2", "model.layers.3",
+                                                    "model.norm.weight",
                                                     "lm_head.weight"]
     assert report["bytes_written"] < report["bytes_read"]
 
@@ -100,7 +101,7 @@ def test_an_interrupted_run_resumes_from_the_last_finished_unit(source, tmp_path
     monkeypatch.setattr(st, "save_file", save_file)
     report = prune_checkpoint(source, tmp_path / "out", 0.5, "l2")
     assert report["resumed_units"] == 3
-    assert [u.get("resumed", False) for u in report["units"]] == [True] * 3 + [False] * 3
+    assert [u.get("resumed", False) for u in report["units"]] == [True] * 3 + [False] * 4
     _assert_same(_in_memory(source, 0.5, "l2"), tmp_path / "out")
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -150,8 +151,8 @@ BAD = {
     "config does not match a shape": (lambda d: _edit_config(d, intermediate_size=48),
                                       r"'model.layers.0.mlp.gate_proj.weight' in model-0000\d.* has shape "
                                       r"\[64, 32\], the config builds \[48, 32\]"),
-    "config builds a tensor no shard holds": (lambda d: _edit_config(d, num_hidden_layers=4),
-                                              r"builds tensor 'model.layers.3.*no shard"),
+    "config builds a tensor no shard holds": (lambda d: _edit_config(d, num_hidden_layers=5),
+                                              r"builds tensor 'model.layers.4.*no shard"),
 }
 
 

@@ -25,6 +25,7 @@ and ``torch.distributed``; they need the block-sequential engine of :mod:`fxprun
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -39,10 +40,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 
 from fxprune.core.analysis import Analysis
-from fxprune.core.graph import tensor_at
 from fxprune.core.plan import Plan
+from fxprune.core.repeat import PROXY_BLOCKS, repeat_blocks
 from fxprune.core.select import Policy, Sparsity, check_patterns
-from fxprune.errors import CheckpointError, InvalidOptionError
+from fxprune.errors import CheckpointError, InvalidOptionError, UnsupportedModelError
 from fxprune.options import PruneOptions
 
 INDEX = "model.safetensors.index.json"
@@ -220,8 +221,21 @@ def check_shapes(model: Any, shards: Shards) -> None:
                               f"{type(model).__name__} does not have")
 
 
-def analyse_structure(model: Any, split_axis: str = "outer") -> Analysis:
-    """Export the meta-device model (a dynamic batch and sequence, no KV cache) and analyse it."""
+def analyse_structure(model: Any, split_axis: str = "outer", blocks_once: bool = True) -> Analysis:
+    """Export the meta-device model (a dynamic batch and sequence, no KV cache) and analyse it; with
+    ``blocks_once``, a model of more than three identical decoder layers is analysed through a copy
+    with three (:func:`fxprune.core.repeat.repeat_blocks`): the cost of three layers, not of all."""
+    prefix = repeated_prefix(model) if blocks_once else None
+    if prefix is None:
+        return _analyse(model, split_axis)
+    proxy = _analyse(_with_layers(model, PROXY_BLOCKS), split_axis)
+    try:
+        return repeat_blocks(proxy, prefix, int(model.config.num_hidden_layers))
+    except UnsupportedModelError:  # a layer's channels reach another's: analyse them all
+        return _analyse(model, split_axis)
+
+
+def _analyse(model: Any, split_axis: str) -> Analysis:
     from fxprune.api import analyze
     from fxprune.core.capture import AUTO, export
     from fxprune.hf import _dynamic_shapes, _without_cache
@@ -231,6 +245,46 @@ def analyse_structure(model: Any, split_axis: str = "outer") -> Analysis:
     return analyze(program, (ids,), "export", split_axis=split_axis)
 
 
+def repeated_prefix(model: Any) -> Optional[str]:
+    """``"model.layers."`` where the model's ``num_hidden_layers`` (> 3) numbered blocks hold the same
+    tensors (names and shapes, up to the index) and no config list differs per layer; else None."""
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= PROXY_BLOCKS or _per_layer_lists(model.config, layers):
+        return None
+    by_prefix: dict[str, dict[int, set]] = {}
+    for key, tensor in model.state_dict().items():
+        match = _BLOCK.match(key)
+        if match:
+            rest = key[match.end():]
+            by_prefix.setdefault(match.group(1), {}).setdefault(int(match.group(2)), set()).add(
+                (rest, tuple(tensor.shape)))
+    for prefix, blocks in by_prefix.items():
+        if sorted(blocks) == list(range(layers)) and all(b == blocks[0] for b in blocks.values()):
+            return prefix
+    return None
+
+
+def _per_layer_lists(config: Any, layers: int) -> bool:
+    """Whether the config sets something per layer (Gemma's sliding-window pattern, mixed layer types)."""
+    return any(isinstance(v, (list, tuple)) and len(v) == layers and len(set(map(str, v))) > 1
+               for v in config.to_dict().values())
+
+
+def _with_layers(model: Any, layers: int) -> Any:
+    """The same class on the meta device with ``layers`` decoder layers (per-layer lists cut to match)."""
+    from transformers.initialization import no_init_weights
+    config = copy.deepcopy(model.config)
+    total = config.num_hidden_layers
+    for name, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == total:
+            setattr(config, name, value[:layers])
+    config.num_hidden_layers = layers
+    with torch.device("meta"), no_init_weights():
+        proxy = type(model)._from_config(config, dtype=model.dtype)
+    proxy.tie_weights()
+    return proxy.eval()
+
+
 @dataclass(frozen=True)
 class OnDisk(Analysis):
     """An analysis of the meta-device model whose tensors are read from the shards, one at a time,
@@ -238,9 +292,11 @@ class OnDisk(Analysis):
 
     shards: Any = None
     ties: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    structure: Any = None
+    """The analysis read for the tensors' kinds (a parameter or a buffer): its ``tensor`` is a meta one."""
 
     def tensor(self, key: str) -> torch.Tensor:
-        meta = tensor_at(self.gm, key)
+        meta = self.structure.tensor(key)
         stored = key if key in self.shards.shapes else self.ties.get(self.canonical(key), self.canonical(key))
         value = self.shards.read(stored)
         return torch.nn.Parameter(value, requires_grad=False) if isinstance(meta, torch.nn.Parameter) else value
@@ -248,7 +304,7 @@ class OnDisk(Analysis):
 
 def on_disk(analysis: Analysis, shards: Shards, ties: Mapping[str, str]) -> OnDisk:
     fields = {f.name: getattr(analysis, f.name) for f in dataclasses.fields(Analysis)}
-    return OnDisk(**fields, shards=shards, ties=dict(ties))
+    return OnDisk(**fields, shards=shards, ties=dict(ties), structure=analysis)
 
 
 # --- the plan ----------------------------------------------------------------------------------------
@@ -360,7 +416,7 @@ def sliced(tensor: torch.Tensor, kept: Mapping[int, Sequence[int]]) -> torch.Ten
 def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Sparsity = 0.5, criterion: str = "group_magnitude",
                      *, hf_compatible: bool = True, layer_indices: str = "own", global_ranking: bool = False,
                      round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean",
-                     seed: int = 0, progress: bool = False) -> dict:
+                     seed: int = 0, blocks_once: bool = True, progress: bool = False) -> dict:
     """Prune the safetensors checkpoint in ``src_dir`` into ``out_dir``, one unit at a time.
 
     ``out_dir`` loads with ``AutoModelForCausalLM.from_pretrained`` (or the config's class) and equals,
@@ -373,6 +429,9 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Sparsity = 0.5, crite
         out_dir: the new directory; it must not exist (or be empty) and must not be inside ``src_dir``.
         sparsity, criterion, ...: as in :func:`fxprune.hf.prune`; ``criterion`` one of
             :data:`STREAMING_CRITERIA`.
+        blocks_once: analyse identical decoder layers once (:func:`analyse_structure`); False analyses
+            every layer (the same plan, slower).
+        progress: a bar over the bytes read, with the unit being written and the bytes written.
     """
     started = time.perf_counter()
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
@@ -391,7 +450,7 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Sparsity = 0.5, crite
     work = units([k for k in model.state_dict() if k not in ties])
     done = _journal(partial) if resumed else {}
     if plan is None:
-        plan, config = _plan(model, shards, ties, options, timings)
+        plan, config = _plan(model, shards, ties, options, timings, blocks_once)
         _check_disk(shards, plan, work, ties, out.parent, done)
         _start(partial, fingerprint, plan, config, timings)
     else:
@@ -428,10 +487,10 @@ def _check_paths(src: Path, out: Path) -> None:
 
 
 def _plan(model: Any, shards: Shards, ties: Mapping[str, str], options: Options,
-          timings: dict) -> tuple[Plan, Any]:
+          timings: dict, blocks_once: bool) -> tuple[Plan, Any]:
     from fxprune.hf import analysis_split
     tic = time.perf_counter()
-    analysis = analyse_structure(model, analysis_split(options.hf_compatible))
+    analysis = analyse_structure(model, analysis_split(options.hf_compatible), blocks_once)
     timings["structure_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     plan, config = make_checkpoint_plan(model, analysis, on_disk(analysis, shards, ties), options)
