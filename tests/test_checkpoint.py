@@ -4,6 +4,7 @@ resumes after an interruption; refuses bad input with a typed error and no outpu
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -189,3 +190,15 @@ def test_not_enough_disk_is_refused_before_writing(source, tmp_path, monkeypatch
 def test_a_data_aware_criterion_is_refused_with_the_reason(source, tmp_path):
     with pytest.raises(InvalidOptionError, match="'wanda'.*calibration run layer by layer"):
         prune_checkpoint(source, tmp_path / "out", 0.5, "wanda")
+
+
+def test_cli_prunes_a_checkpoint_directory_disk_to_disk(source, tmp_path, capsys):
+    from fxprune.cli import main
+    argv = ["prune", f"hf:{source}", "--sparsity", "0.5", "--criterion", "l2", "--out", str(tmp_path / "out"),
+            "--no-progress", "--no-chart"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "disk to disk" in printed and re.search(r"intermediate_size +\| 64 +\| 32", printed)
+    _assert_same(_in_memory(source, 0.5, "l2"), tmp_path / "out")
+    assert main(argv[:5] + ["wanda"] + argv[6:]) == 2
+    assert "disk-to-disk route offers" in capsys.readouterr().err
