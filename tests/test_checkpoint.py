@@ -107,6 +107,7 @@ def test_an_interrupted_run_resumes_from_the_last_finished_unit(source, tmp_path
     assert not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_other_arguments_start_over(source, tmp_path, monkeypatch):
     from safetensors import torch as st
     save_file = st.save_file

@@ -64,47 +64,73 @@ _MARGIN = 64 << 20  # bytes of disk kept free beyond the output's size (index, c
 
 # --- the source: tensors read one at a time ----------------------------------------------------------
 class Shards:
-    """The tensors of a checkpoint directory, read lazily through ``safe_open`` (memory-mapped).
+    """The tensors of a checkpoint directory, read one at a time straight from their shards.
+
+    A tensor is read with one ``readinto`` at the offset the shard's header gives, into a tensor of
+    its own: no memory map stays open (mapped pages count in the process' resident memory until it
+    is closed), so the peak is the tensor, whatever the shard's size.
 
     >>> shards = Shards.open("llama/")                       # doctest: +SKIP
     >>> shards.shapes["model.embed_tokens.weight"]           # doctest: +SKIP
     (32000, 4096)
     """
 
-    def __init__(self, directory: Path, files: Mapping[str, str], shapes: Mapping[str, tuple],
-                 dtypes: Mapping[str, str]):
-        self.directory, self.files, self.shapes, self.dtypes = directory, dict(files), dict(shapes), dict(dtypes)
+    def __init__(self, directory: Path, files: Mapping[str, str], entries: Mapping[str, "Entry"]):
+        self.directory, self.files = directory, dict(files)
+        self.entries = dict(entries)
+        self.shapes = {k: e.shape for k, e in entries.items()}
+        self.dtypes = {k: e.dtype for k, e in entries.items()}
         self.bytes_read = 0
-        self._handles: dict[str, Any] = {}
 
     @classmethod
     def open(cls, directory: Any) -> "Shards":
         directory = Path(directory)
         files = _weight_map(directory)
-        shapes, dtypes = {}, {}
-        for name in sorted(set(files.values())):
+        entries: dict[str, Entry] = {}
+        for name in sorted(set(files.values())) or [SINGLE]:
             header = _header(directory / name)
-            for key, (shape, dtype) in header.items():
-                shapes[key], dtypes[key] = shape, dtype
+            entries.update(header)
             for key in (k for k, f in files.items() if f == name and k not in header):
                 raise CheckpointError(f"{INDEX} names tensor {key!r} in {name}, which that shard does not hold")
             files.update({k: name for k in header if k not in files})
-        return cls(directory, files, shapes, dtypes)
+        for key, entry in entries.items():
+            if _dtype_of(entry.dtype, key).itemsize * _numel(entry.shape) != entry.end - entry.begin:
+                raise CheckpointError(f"tensor {key!r} in {files[key]}: its byte range does not hold a "
+                                      f"{entry.dtype} tensor of shape {list(entry.shape)}")
+        return cls(directory, files, entries)
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor, copied out of its memory-mapped shard."""
-        name = self.files[key]
-        if name not in self._handles:
-            from safetensors import safe_open
-            self._handles[name] = safe_open(str(self.directory / name), framework="pt")
-        tensor = self._handles[name].get_tensor(key)
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        """One tensor, read from its shard into new memory."""
+        entry = self.entries[key]
+        tensor = torch.empty(entry.shape, dtype=_dtype_of(entry.dtype, key))
+        view = tensor.reshape(-1).view(torch.uint8).numpy()
+        with open(self.directory / self.files[key], "rb") as f:
+            f.seek(entry.begin)
+            got = f.readinto(view) if view.size else 0
+        if got != entry.end - entry.begin:
+            raise CheckpointError(f"shard {self.files[key]} ended while reading {key!r} (truncated while read?)")
+        self.bytes_read += got
         return tensor
 
     def nbytes(self, key: str, shape: Optional[Sequence[int]] = None) -> int:
         shape = self.shapes[key] if shape is None else shape
-        size = torch.empty((), dtype=_DTYPES[self.dtypes[key]]).element_size()
-        return size * _numel(shape)
+        return _dtype_of(self.dtypes[key], key).itemsize * _numel(shape)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a shard: shape, safetensors dtype, byte range in the file."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    begin: int
+    end: int
+
+
+def _dtype_of(name: str, key: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise CheckpointError(f"tensor {key!r} has dtype {name}, which fxprune does not read")
+    return _DTYPES[name]
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -141,8 +167,10 @@ def _weight_map(directory: Path) -> dict[str, str]:
     raise CheckpointError(f"{directory} holds neither {INDEX} nor {SINGLE} (fxprune reads safetensors only)")
 
 
-def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{tensor: (shape, dtype)} of one shard, from its header; a truncated shard is refused here."""
+def _header(path: Path) -> dict[str, Entry]:
+    """Every tensor of one shard, from its header; a truncated shard is refused here."""
+    if not path.is_file():
+        raise CheckpointError(f"shard {path} is missing")
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -151,13 +179,15 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 raise ValueError(f"its header claims {length} bytes, the file has {size}")
             header = json.loads(f.read(length))
         header.pop("__metadata__", None)
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        entries = {k: Entry(tuple(int(s) for s in v["shape"]), str(v["dtype"]), 8 + length + int(v["data_offsets"][0]),
+                            8 + length + int(v["data_offsets"][1])) for k, v in header.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise CheckpointError(f"shard {path} is not a readable safetensors file: {exc}") from exc
-    if 8 + length + end != size:
-        raise CheckpointError(f"shard {path} is truncated or padded: its header needs {8 + length + end} "
-                              f"bytes, the file has {size}")
-    return {k: (tuple(int(s) for s in v["shape"]), str(v["dtype"])) for k, v in header.items()}
+    end = max((e.end for e in entries.values()), default=8 + length)
+    if end != size:
+        raise CheckpointError(f"shard {path} is truncated or padded: its header needs {end} bytes, the file "
+                              f"has {size}")
+    return entries
 
 
 # --- the structure: the model on the meta device -------------------------------------------------------
