@@ -13,8 +13,9 @@ own wall time and peak RSS (``ru_maxrss``: resident memory, file pages mapped in
 
 * ``structure once`` / ``structure each``: the meta-device model from ``config.json``, exported and
   analysed, with identical layers analysed once (three layers, expanded) or every layer (today's way);
-* ``disk to disk``: :func:`fxprune.hf.prune_checkpoint` at 20% width, ``l2`` (data-free), 20% of every
-  kind of width (hidden size, heads, intermediate);
+* ``disk to disk``: :func:`fxprune.hf.prune_checkpoint`, ``l2`` (data-free), 25% of every kind of width
+  (hidden size, KV heads 8 -> 6, intermediate; at 20% the hidden size is no multiple of the head count,
+  which transformers refuses);
 * ``I/O floor``: safetensors alone moving the same bytes: every tensor read (``safe_open``), then the
   output's tensors (the same shapes, leading slices) written shard by shard;
 * ``in memory`` (1b only): ``from_pretrained`` + :func:`fxprune.hf.prune` + ``save_pretrained``; its
@@ -45,7 +46,9 @@ sys.path.insert(0, str(HERE))
 from common import environment, load_results, run_worker, save_section, table  # noqa: E402
 
 SECTION = "bench_out_of_core"
-SPARSITY, CRITERION, THREADS = 0.2, "l2", 2
+#: 25%, not the issue's 20%: at 20% LLaMA's hidden size becomes 1638 / 3277 for 24 heads, and
+#: transformers refuses a config whose hidden size is not a multiple of the head count.
+SPARSITY, CRITERION, THREADS = 0.25, "l2", 2
 MODELS = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
@@ -114,8 +117,10 @@ def structure(src: Path, once: bool) -> dict:
     from fxprune.hf.checkpoint import analyse_structure, meta_model
     tic = time.perf_counter()
     model = meta_model(src)
+    built = time.perf_counter()
     analysis = analyse_structure(model, blocks_once=once)
-    return {"wall_s": time.perf_counter() - tic, "peak_gb": _peak_gb(), "groups": len(analysis.groups)}
+    return {"wall_s": time.perf_counter() - tic, "analyse_s": time.perf_counter() - built,
+            "peak_gb": _peak_gb(), "groups": len(analysis.groups)}
 
 
 def disk_to_disk(src: Path, out: Path) -> dict:
@@ -229,7 +234,7 @@ def render(results: dict) -> str:
             moved = (f"{r['bytes_read'] / 1e9:.2f}" if "bytes_read" in r else "",
                      f"{r['bytes_written'] / 1e9:.2f}" if "bytes_written" in r else "")
             note = f"equal to disk to disk: {r['equal']}" if "equal" in r else \
-                (f"{r['groups']} groups" if "groups" in r else "")
+                (f"{r['groups']} groups, export + analysis {r['analyse_s']:.1f} s" if "analyse_s" in r else "")
             rows.append((model, name, f"{r['wall_s']:.1f}", ratio, f"{r['peak_gb']:.2f}", *moved, note))
     header = ("model", "run", "wall s", "x floor", "peak RSS GiB", "GB read", "GB written", "")
     return f"# {SECTION}\n\n{json.dumps(results.get('meta', {}))}\n\n" + table(header, rows) + "\n"

@@ -203,3 +203,11 @@ def test_cli_prunes_a_checkpoint_directory_disk_to_disk(source, tmp_path, capsys
     _assert_same(_in_memory(source, 0.5, "l2"), tmp_path / "out")
     assert main(argv[:5] + ["wanda"] + argv[6:]) == 2
     assert "disk-to-disk route offers" in capsys.readouterr().err
+
+
+def test_a_config_transformers_refuses_is_a_typed_error_before_writing(source, tmp_path):
+    from fxprune.errors import ConfigMismatchError
+    with pytest.raises(ConfigMismatchError, match=r"hidden size \(30\) is not a multiple of the number of "
+                                                  r"attention heads \(4\)"):
+        prune_checkpoint(source, tmp_path / "out", {"hidden_size": 0.0625}, "l2")
+    assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,7 @@ from fxprune.core.analysis import Analysis
 from fxprune.core.plan import Plan
 from fxprune.core.repeat import PROXY_BLOCKS, repeat_blocks
 from fxprune.core.select import Policy, Sparsity, check_patterns
-from fxprune.errors import CheckpointError, InvalidOptionError, UnsupportedModelError
+from fxprune.errors import CheckpointError, ConfigMismatchError, InvalidOptionError, UnsupportedModelError
 from fxprune.options import PruneOptions
 
 INDEX = "model.safetensors.index.json"
@@ -384,7 +384,19 @@ def make_checkpoint_plan(model: Any, analysis: Analysis, scored: OnDisk, options
     plan = make_plan(analysis, drop, prune_options)
     config, changes = hf.new_config(model, analysis, drop, attention)
     config.fxprune = hf._record(plan, changes, notes, None)
+    _check_config(config)
     return plan, config
+
+
+def _check_config(config: Any) -> None:
+    """transformers' own checks of the new config, before anything is written (LLaMA's refuses a
+    hidden size that is not a multiple of the head count, even with head_dim written)."""
+    try:
+        config.validate()
+    except Exception as exc:  # transformers raises its own validation errors
+        cause = exc.__cause__ or exc
+        raise ConfigMismatchError(f"transformers refuses the pruned config: {str(cause).strip()[:300]} "
+                                  f"(choose a sparsity whose widths it accepts)") from exc
 
 
 def _whole_fields(model: Any) -> dict[str, str]:
