@@ -11,7 +11,7 @@ A checkpoint directory without ``--input-shape`` is pruned disk to disk (nothing
 in memory; :func:`fxprune.hf.checkpoint.prune_checkpoint`), with a data-free criterion; rerun after an
 interruption, the same command continues from the last finished layer:
 
-    fxprune prune hf:llama-8b/ --sparsity 0.2 --criterion l2 --out llama-8b-p20/
+    fxprune prune hf:llama-8b/ --sparsity 0.25 --criterion l2 --out llama-8b-p25/
 """
 from __future__ import annotations
 

@@ -388,7 +388,3 @@ def _step(bar, name: str) -> None:
 
 
 __all__ = ["prune", "prune_with_result", "HFPruneResult", "new_config", "sliced_state_dict"]
-
-from fxprune.hf.checkpoint import prune_checkpoint  # noqa: E402  (disk to disk; imports this module's helpers)
-
-__all__ += ["prune_checkpoint"]
