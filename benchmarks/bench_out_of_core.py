@@ -63,14 +63,19 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process (user + system): on a shared, loaded machine a steadier figure than
+    wall time, which counts the time other processes hold the cores."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def write_checkpoint(name: str, directory: Path) -> dict:
     """Random bf16 tensors, shard by shard (one shard in memory at a time), then the index and config."""
     import torch
-    import transformers
     from safetensors.torch import save_file
     from fxprune.hf.checkpoint import meta_model
-    config = transformers.LlamaConfig(**MODELS[name], max_position_embeddings=8192, dtype="bfloat16",
-                                      architectures=["LlamaForCausalLM"])
+    config = _config(name)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
     model = meta_model(directory)
@@ -99,6 +104,12 @@ def write_checkpoint(name: str, directory: Path) -> dict:
     return {"bytes": total, "shards": len(shards)}
 
 
+def _config(name: str) -> Any:
+    import transformers
+    return transformers.LlamaConfig(**MODELS[name], max_position_embeddings=8192, dtype="bfloat16",
+                                    architectures=["LlamaForCausalLM"])
+
+
 def _random(shape: tuple, key: str, generator: Any) -> Any:
     import torch
     if len(shape) == 1:
@@ -117,17 +128,19 @@ def structure(src: Path, once: bool) -> dict:
     from fxprune.hf.checkpoint import analyse_structure, meta_model
     tic = time.perf_counter()
     model = meta_model(src)
-    built = time.perf_counter()
+    built, cpu = time.perf_counter(), _cpu_s()
     analysis = analyse_structure(model, blocks_once=once)
     return {"wall_s": time.perf_counter() - tic, "analyse_s": time.perf_counter() - built,
-            "peak_gb": _peak_gb(), "groups": len(analysis.groups)}
+            "analyse_cpu_s": _cpu_s() - cpu, "cpu_s": _cpu_s(), "peak_gb": _peak_gb(),
+            "groups": len(analysis.groups)}
 
 
 def disk_to_disk(src: Path, out: Path) -> dict:
     from fxprune.hf.checkpoint import prune_checkpoint
     tic = time.perf_counter()
     report = prune_checkpoint(src, out, SPARSITY, CRITERION)
-    return {"wall_s": time.perf_counter() - tic, "peak_gb": _peak_gb(), "bytes_read": report["bytes_read"],
+    return {"wall_s": time.perf_counter() - tic, "cpu_s": _cpu_s(), "peak_gb": _peak_gb(),
+            "bytes_read": report["bytes_read"],
             "score_bytes_read": report["timings"].get("score_bytes_read", 0),
             "bytes_written": report["bytes_written"], "timings": report["timings"]}
 
@@ -157,7 +170,8 @@ def io_floor(src: Path, reference: Path, out: Path) -> dict:
         save_file(tensors, str(out / file))
         written += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
-    return {"wall_s": time.perf_counter() - tic, "peak_gb": _peak_gb(), "bytes_read": read, "bytes_written": written}
+    return {"wall_s": time.perf_counter() - tic, "cpu_s": _cpu_s(), "peak_gb": _peak_gb(), "bytes_read": read,
+            "bytes_written": written}
 
 
 def in_memory(src: Path, out: Path) -> dict:
@@ -169,7 +183,7 @@ def in_memory(src: Path, out: Path) -> dict:
     ids = torch.randint(0, 1000, (2, 16))
     pruned = fxprune.hf.prune(model, (ids,), SPARSITY, CRITERION)
     pruned.save_pretrained(out)
-    return {"wall_s": time.perf_counter() - tic, "peak_gb": _peak_gb()}
+    return {"wall_s": time.perf_counter() - tic, "cpu_s": _cpu_s(), "peak_gb": _peak_gb()}
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -204,8 +218,12 @@ def _run(task: str, model: str, *paths: Path, timeout: float = 7200, mem_gb: flo
     return result
 
 
-def measure(model: str, cache: Path) -> dict:
+def measure(model: str, cache: Path, structure_only: bool = False) -> dict:
     src, out = cache / model, cache / f"{model}-work"
+    if structure_only:  # the structure needs config.json alone
+        _config(model).save_pretrained(src)
+        return {"structure once": _run("structure-once", model, src),
+                "structure each": _run("structure-each", model, src)}
     if not (src / "model.safetensors.index.json").is_file():
         _run("write", model, src)
     shutil.rmtree(out, ignore_errors=True)
@@ -228,15 +246,17 @@ def render(results: dict) -> str:
         floor = variants.get("I/O floor", {}).get("wall_s")
         for name, r in variants.items():
             if "wall_s" not in r or "status" in r:
-                rows.append((model, name, r.get("status", "?"), "", "", "", "", ""))
+                rows.append((model, name, r.get("status", "?"), "", "", "", "", "", ""))
                 continue
             ratio = f"{r['wall_s'] / floor:.2f}" if floor and name in ("disk to disk", "in memory") else ""
             moved = (f"{r['bytes_read'] / 1e9:.2f}" if "bytes_read" in r else "",
                      f"{r['bytes_written'] / 1e9:.2f}" if "bytes_written" in r else "")
             note = f"equal to disk to disk: {r['equal']}" if "equal" in r else \
-                (f"{r['groups']} groups, export + analysis {r['analyse_s']:.1f} s" if "analyse_s" in r else "")
-            rows.append((model, name, f"{r['wall_s']:.1f}", ratio, f"{r['peak_gb']:.2f}", *moved, note))
-    header = ("model", "run", "wall s", "x floor", "peak RSS GiB", "GB read", "GB written", "")
+                (f"{r['groups']} groups; export + analysis {r['analyse_s']:.1f} s wall"
+                 + (f", {r['analyse_cpu_s']:.1f} s CPU" if "analyse_cpu_s" in r else "") if "analyse_s" in r else "")
+            cpu = f"{r['cpu_s']:.1f}" if "cpu_s" in r else ""
+            rows.append((model, name, f"{r['wall_s']:.1f}", cpu, ratio, f"{r['peak_gb']:.2f}", *moved, note))
+    header = ("model", "run", "wall s", "CPU s", "x floor (wall)", "peak RSS GiB", "GB read", "GB written", "")
     return f"# {SECTION}\n\n{json.dumps(results.get('meta', {}))}\n\n" + table(header, rows) + "\n"
 
 
@@ -268,12 +288,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fxprune-bench-out-of-core")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints for a rerun")
+    parser.add_argument("--structure-only", action="store_true",
+                        help="only the structure rows (config.json alone: no checkpoint written)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     if not args.table_only:
         meta = environment(THREADS)
         for model in args.models:
-            save_section(SECTION, meta, {model: measure(model, args.cache)})
+            save_section(SECTION, meta, {model: measure(model, args.cache, args.structure_only)})
         if not args.keep:
             shutil.rmtree(args.cache, ignore_errors=True)
     results = load_results().get(SECTION, {})

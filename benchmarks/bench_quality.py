@@ -309,7 +309,7 @@ def cost_worker() -> dict:
     (gm, reports), seconds = _timed(lambda: recover(result.analysis, result.drop, result.graph_module, loader,
                                                     ("reconstruct", "recalibrate-batchnorm")))
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    gram = max(_gram_bytes(result, f) for f in result.analysis.foldables)
+    gram = max(_gram_bytes(result, f) for f in result.analysis.weighted_consumers)
     batch = sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in result.analysis.gm.graph.nodes
                 if isinstance(n.meta.get("val"), torch.Tensor))  # traced on the example: one batch of 128
     return {"seconds": seconds, "rss_growth_mb": round(grown, 1), "largest_gram_mb": round(gram / 2**20, 2),

@@ -327,12 +327,13 @@ def run_worker(name: str, level: str, source: str = "torchvision",
                built: Optional[tuple[Any, tuple]] = None) -> dict[str, Any]:
     import torch
     from fxprune.core.analysis import AnalysisOptions, match
-    from fxprune.api import PruneResult, finish, make_plan, verify
+    from fxprune.api import verify
+    from fxprune.stages import PruneResult, make_plan, rewrite_graph
     from fxprune.options import PruneOptions
     from fxprune.core.capture import capture
     from fxprune.errors import CaptureError
     from fxprune.data.criteria import score_groups
-    from fxprune.core.select import Policy, select
+    from fxprune.core.select import select
     from fxprune.measure import count_params, current_rss_mb, measure
 
     torch.set_grad_enabled(False)
@@ -360,10 +361,11 @@ def run_worker(name: str, level: str, source: str = "torchvision",
         analysis = match(captured.gm, captured.level, AnalysisOptions())
         t2 = time.perf_counter()
         scores = score_groups(analysis, analysis.groups, "l1")
-        drop = select(analysis, scores, Policy(SPARSITY))
-        plan = make_plan(analysis, drop, PruneOptions(SPARSITY, "l1", level))
+        options = PruneOptions(SPARSITY, "l1", level)
+        drop = select(analysis, scores, options)
+        plan = make_plan(analysis, drop, options)
         t3 = time.perf_counter()
-        pruned = finish(analysis, drop, inputs)
+        pruned = rewrite_graph(analysis, drop, inputs, options)
         t4, c4 = time.perf_counter(), time.process_time()
     record["params_before"] = used_params(captured.gm)
     record.update(prune_cpu_s=c4 - c0, capture_s=t1 - t0, match_s=t2 - t1, select_s=t3 - t2, rewrite_s=t4 - t3,

@@ -54,7 +54,7 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle protocol >= 2; a torch.save
 
 # --- save ----------------------------------------------------------------------------------------
 def save(result: Any, directory: Union[str, os.PathLike]) -> Path:
-    """Write ``result`` (a :class:`~fxprune.api.PruneResult`, or a bare GraphModule) to ``directory``.
+    """Write ``result`` (a :class:`~fxprune.stages.PruneResult`, or a bare GraphModule) to ``directory``.
 
     Everything is generated in memory first, so a model that cannot be written leaves no partial
     output. Returns the directory.
@@ -488,7 +488,7 @@ def load(directory: Union[str, os.PathLike], model: Any, example_inputs: Any) ->
     from fxprune.api import PruneResult, apply_plan
     root = Path(directory)
     plan = read_plan(root / PLAN_FILE)
-    state, non_persistent = read_tensors(root / TENSORS_FILE)
+    state, non_persistent = read_safetensors(root / TENSORS_FILE)
     applied = apply_plan(model, plan, example_inputs)
     gm = applied.graph_module
     _check_state(gm, state, non_persistent, root / TENSORS_FILE)
@@ -514,7 +514,7 @@ def _check_state(gm: torch.nn.Module, state: Mapping[str, torch.Tensor], non_per
                                     f"expects {want.dtype} {list(want.shape)}")
 
 
-def read_tensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A safetensors file's tensors (aliases filled in) and its non-persistent buffer names; never unpickles."""
     from safetensors import SafetensorError, safe_open
     path = Path(path)

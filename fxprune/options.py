@@ -1,115 +1,233 @@
-"""The options that shape a plan, as one frozen value: what :func:`fxprune.prune`, the pruning passes,
-the CLI and a saved plan share.
+"""The options that shape a plan, declared once: every entry point derives from :class:`PruneOptions`.
 
-:func:`fxprune.prune` builds one from its keyword arguments, checks it, and stores it in the plan
-(``result.plan.options``); ``apply_plan``, ``mask-channels`` and the recovery passes read it back as
-attributes, never by string. In a plan's JSON it is a plain object of these fields; loading checks each
-field's type and refuses unknown ones.
+Each field carries its type, default, choices or range check, and help text (in ``metadata``, so the
+command line can read them). From this one declaration come:
+
+- the keywords of :func:`fxprune.prune` and :func:`fxprune.hf.prune` (``**options``, or ``options=``
+  a ``PruneOptions``), checked by :meth:`PruneOptions.build`;
+- the options of the ``prune-channels`` and ``mask-channels`` passes (their fields are these fields);
+- the ``fxprune prune`` flags (``--round-to`` for ``round_to``...: :func:`fxprune.cli.option_flags`);
+- the ``options`` object of a plan's JSON (:meth:`to_dict` / :meth:`from_dict`, which checks every
+  field's type and refuses unknown ones: nothing is coerced or executed).
+
+Validation lives here, in ``__post_init__``: a ``PruneOptions`` that exists is a valid one. The criterion's
+name is checked against the criteria table when it is looked up (:mod:`fxprune.data.criteria`, a layer
+above this leaf).
 
 >>> options = PruneOptions(sparsity={"layer*": 0.3}, capture="export")
 >>> options.sparsity["layer*"], options.split_axis
 (0.3, 'largest')
 >>> PruneOptions.from_dict(options.to_dict()) == options
 True
+>>> PruneOptions.build(round_to=8).round_to
+8
 
 A leaf module: it imports only :mod:`fxprune.errors`.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from collections import abc
+import typing
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
-from fxprune.errors import InvalidOptionError
+from .errors import InvalidOptionError
 
 DEFAULT_CRITERION = "group_magnitude"
 """The criterion every entry point uses by default (see :mod:`fxprune.data.criteria`)."""
 CAPTURES = ("fx", "export")
 SPLIT_AXES = ("largest", "outer")
+REDUCTIONS = ("mean", "sum", "max")
+NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
+"""How ``global_ranking`` makes groups' scores comparable (see :func:`fxprune.core.select.normalize_scores`)."""
+
+Sparsity = Union[float, Mapping[str, float]]
+
+
+def _sparsity_ok(value: Any) -> Optional[str]:
+    values = value.items() if isinstance(value, Mapping) else [("sparsity", value)]
+    for name, ratio in values:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) \
+                or not 0 <= ratio < 1:
+            return f"sparsity for {name!r} must be a float in [0, 1), got {ratio!r}"
+    return None
+
+
+def _positive(value: int) -> Optional[str]:
+    return None if value >= 1 else "must be a positive int"
+
+
+def _fraction(value: float) -> Optional[str]:
+    return None if 0 <= value <= 1 else "must be a float in [0, 1]"
+
+
+def option(default: Any, help: str, *, choices: tuple = (), check: Optional[Callable[[Any], Optional[str]]] = None,
+           metavar: Optional[str] = None, internal: bool = False) -> Any:
+    """A field of :class:`PruneOptions`: its default, help text and constraints, in one place.
+
+    ``check(value)`` returns None or what is wrong; ``internal`` fields are set by an adapter, never by a
+    user (no keyword, no flag)."""
+    metadata = {"help": help, "choices": choices, "check": check, "metavar": metavar, "internal": internal}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """Every choice that shapes a plan. See :func:`fxprune.prune` for what each one does."""
+    """Every choice that shapes a plan (see the module docstring for who reads it)."""
 
-    sparsity: Union[float, Mapping[str, float]] = 0.5
-    """Fraction of each group's units to drop, or ``{module pattern: ratio}`` (a read-only mapping)."""
-    criterion: str = DEFAULT_CRITERION
-    """The criterion's name (a callable criterion is recorded by its ``__name__``)."""
-    capture: str = "fx"
-    reduce: str = "mean"
-    global_ranking: bool = False
-    round_to: int = 1
-    min_keep: int = 1
-    ignore: tuple[str, ...] = ()
-    normalize: str = "mean"
-    min_keep_ratio: float = 0.0
-    prune_outputs: bool = False
-    split_axis: str = "largest"
-    propagate_bias: bool = False
-    seed: int = 0
-    hf: Optional[Mapping[str, Any]] = None
-    """Set by :mod:`fxprune.hf`: ``hf_compatible``, ``layer_indices`` and the constraint that shaped
-    each group (``constraints``: {group name: why})."""
+    sparsity: Sparsity = option(0.5, "fraction of each group's units to drop, in [0, 1), or {module "
+                                     "pattern: ratio}", check=_sparsity_ok, metavar="F")
+    criterion: str = option(DEFAULT_CRITERION, "importance criterion (a callable is recorded by its "
+                                               "__name__)")
+    capture: str = option("fx", "graph level: fx (symbolic_trace) or export (torch.export, ATen)",
+                          choices=CAPTURES)
+    reduce: str = option("mean", "how a unit's scores over several members combine", choices=REDUCTIONS)
+    global_ranking: bool = option(False, "rank the units of all groups together (scores normalised per "
+                                         "group) instead of per group")
+    round_to: int = option(1, "kept channel counts are a multiple of N (a unit of several channels, a "
+                              "head, counts as that many)", check=_positive, metavar="N")
+    min_keep: int = option(1, "no group keeps fewer units than N", check=_positive, metavar="N")
+    ignore: tuple[str, ...] = option((), "fnmatch patterns of modules whose groups are kept whole",
+                                     metavar="PATTERN")
+    normalize: str = option("mean", "how global_ranking compares groups (standardize: FLAP's adaptive "
+                                    "ratios)", choices=NORMALIZATIONS)
+    min_keep_ratio: float = option(0.0, "every group keeps at least this fraction of its units",
+                                   check=_fraction, metavar="F")
+    prune_outputs: bool = option(False, "also prune channels that reach a graph output (changes its shape)")
+    split_axis: str = option("largest", "which axis carries the channels where a view splits a channel dim",
+                             choices=SPLIT_AXES)
+    propagate_bias: bool = option(False, "fold each dropped channel's constant part (its bias through "
+                                         "norms and activations) into the consumers' biases")
+    seed: int = option(0, "seed of the random criterion (and of the CLI's random weights and inputs)")
+    hf: Optional[Mapping[str, Any]] = option(None, "set by fxprune.hf: hf_compatible, layer_indices and "
+                                                   "the constraint that shaped each group", internal=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, Mapping):
             object.__setattr__(self, "sparsity", MappingProxyType(dict(self.sparsity)))
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        if self.hf is not None:
+        if isinstance(self.ignore, list):
+            object.__setattr__(self, "ignore", tuple(self.ignore))
+        if isinstance(self.hf, Mapping):
             object.__setattr__(self, "hf", MappingProxyType(dict(self.hf)))
-        if self.capture not in CAPTURES:
-            raise InvalidOptionError(f"capture must be one of {CAPTURES}, got {self.capture!r}")
-        if self.split_axis not in SPLIT_AXES:
-            raise InvalidOptionError(f"split_axis must be one of {SPLIT_AXES}, got {self.split_axis!r}")
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+
+    # copy and deepcopy keep the value (a read-only mapping cannot be pickled, and needs no copy)
+    def __copy__(self) -> "PruneOptions":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "PruneOptions":
+        return self
+
+    @classmethod
+    def build(cls, base: Optional["PruneOptions"] = None, **given: Any) -> "PruneOptions":
+        """``base`` (default: all defaults) with the ``given`` fields that are not None; an unknown or
+        internal name is an ``InvalidOptionError`` listing the known ones.
+
+        >>> PruneOptions.build(PruneOptions(seed=3), round_to=8, sparsity=None).seed
+        3
+        """
+        if base is not None and not isinstance(base, PruneOptions):
+            raise InvalidOptionError(f"options= takes a fxprune.PruneOptions, got {type(base).__name__}")
+        known = set(public_fields())
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise InvalidOptionError(f"unknown option {unknown[0]!r}; the options are {sorted(known)}")
+        changes = {k: v for k, v in given.items() if v is not None}
+        return dataclasses.replace(base or cls(), **changes)
 
     def replace(self, **changes: Any) -> "PruneOptions":
         """A copy with ``changes`` (the value itself never changes)."""
         return dataclasses.replace(self, **changes)
 
+    def changed(self) -> dict[str, Any]:
+        """The public fields that differ from their defaults."""
+        return {name: getattr(self, name) for name, f in public_fields().items()
+                if getattr(self, name) != f.default}
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object a plan stores (fields left at ``None`` omitted)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            out[f.name] = _plain(value)
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruneOptions":
         """Options from a plan's JSON object; an unknown field or a value of the wrong type raises
         ``InvalidOptionError`` naming it (nothing is coerced or executed)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
         if unknown:
             raise InvalidOptionError(f"unknown plan option {unknown[0]!r}; known: {sorted(fields)}")
-        for name, value in data.items():
-            _check_type(name, value)
-        return cls(**{k: tuple(v) if k == "ignore" else v for k, v in data.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        for name, value in values.items():
+            if not _has_type(value, _hint(name)):
+                raise InvalidOptionError(f"plan option {name!r} has the wrong type: {type(value).__name__} "
+                                         f"{str(value)[:60]!r}")
+        return cls(**values)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "sparsity": (int, float, dict), "criterion": (str,), "capture": (str,), "reduce": (str,),
-    "global_ranking": (bool,), "round_to": (int,), "min_keep": (int,), "ignore": (list, tuple),
-    "normalize": (str,), "min_keep_ratio": (int, float), "prune_outputs": (bool,), "split_axis": (str,),
-    "propagate_bias": (bool,), "seed": (int,), "hf": (dict,),
-}
+def public_fields() -> dict[str, dataclasses.Field]:
+    """The fields a user sets (every one but the adapters' records), by name, in declaration order."""
+    return {f.name: f for f in dataclasses.fields(PruneOptions) if not f.metadata["internal"]}
 
 
-def _check_type(name: str, value: Any) -> None:
-    types = _TYPES[name]
-    wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
-    if name == "ignore" and not wrong:
-        wrong = not all(isinstance(v, str) for v in value)
-    if name == "sparsity" and isinstance(value, dict) and not wrong:
-        wrong = not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                        for k, v in value.items())
-    if wrong:
-        raise InvalidOptionError(f"plan option {name!r} has the wrong type: {type(value).__name__} "
+# --- checking a field ---------------------------------------------------------------------------------
+_HINTS: dict[str, Any] = {}
+
+
+def _hint(name: str) -> Any:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(PruneOptions))
+    return _HINTS[name]
+
+
+def _check(f: dataclasses.Field, value: Any) -> None:
+    if not _has_type(value, _hint(f.name)):
+        raise InvalidOptionError(f"{f.name} must be {_type_name(_hint(f.name))}, got {type(value).__name__} "
                                  f"{str(value)[:60]!r}")
+    choices, check = f.metadata["choices"], f.metadata["check"]
+    if choices and value not in choices:
+        raise InvalidOptionError(f"{f.name} must be one of {choices}, got {value!r}")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise InvalidOptionError(problem if problem.startswith("sparsity") else f"{f.name} {problem}, got {value!r}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """JSON-strict: a bool is not an int, an int is a float, a tuple holds what it says."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    if origin in (abc.Mapping, dict):
+        return isinstance(value, Mapping) and all(isinstance(k, str) and (not args or _has_type(v, args[1]))
+                                                  for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+_TYPE_NAMES = {float: "a float", int: "an int", bool: "True or False", str: "a string"}
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a tuple of strings"
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is abc.Mapping:
+        return "a mapping of names to " + _type_name(typing.get_args(hint)[1]).replace("a ", "", 1) + "s"
+    return _TYPE_NAMES.get(hint, str(hint))
 
 
 def _plain(value: Any) -> Any:

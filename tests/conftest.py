@@ -1,4 +1,5 @@
-"""Shared fixtures: ``prune_checked`` runs every promise of a prune and snapshots the result."""
+"""Shared fixtures: ``level`` runs a test at each capture level, ``prune_checked`` runs every promise of a
+prune and snapshots the result."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -6,20 +7,31 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from fxprune.options import CAPTURES
 from fxprune.testing.check import CheckReport, check_pruned
 
-LEVELS = ("fx", "export")
+
+@pytest.fixture(params=CAPTURES)
+def level(request: pytest.FixtureRequest) -> str:
+    """Each capture level in turn: a test that takes ``level`` runs once per level, with ids ``fx`` and
+    ``export`` before its other parameters (``test_conv[fx-depthwise]``)::
+
+        def test_prunes(level):
+            assert fxprune.prune(Net(), x, 0.5, capture=level).plan.kept_indices
+    """
+    return request.param
 
 
 @pytest.fixture
 def prune_checked(graph_snapshot) -> Callable[..., CheckReport]:
-    """``prune_checked(model, inputs, capture, **options)``: check_pruned + a snapshot per level."""
+    """``prune_checked(model, inputs, capture, **options)``: check_pruned + the test's snapshot of the pruned
+    graph, named after the test alone (its id already holds the level: ``test_conv[fx-depthwise].fx.txt``)."""
 
     def run(model: torch.nn.Module, inputs: Any, capture: str, *, snapshot: bool = True,
             **options: Any) -> CheckReport:
         report = check_pruned(model, inputs, capture=capture, **options)
         if snapshot:
-            assert report.result.graph_module == graph_snapshot(name=capture)
+            assert report.result.graph_module == graph_snapshot
         return report
 
     return run

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from fxprune.testing.check import check_pruned
 
-LEVELS = ("fx", "export")
 
 
 class SE(nn.Module):
@@ -137,7 +136,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_architecture(case, level):
     factory, inputs = CASES[case]
@@ -157,7 +155,6 @@ TORCHVISION_BEYOND_CLASSIFICATION = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("name", sorted(TORCHVISION_BEYOND_CLASSIFICATION))
 def test_torchvision_beyond_classification(name, level):
     import torchvision
@@ -170,7 +167,6 @@ def test_torchvision_beyond_classification(name, level):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("level", LEVELS)
 def test_torchvision_quantizable_resnet(level):
     # QuantStub / DeQuantStub and FloatFunctional's add: the float model before prepare prunes as is
     from torchvision.models.quantization import resnet18

@@ -13,7 +13,6 @@ from fxprune.data.calibration import (Calibration, Sums, calibration_sites, coll
                                  iter_batches)
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
 
-LEVELS = ("fx", "export")
 
 
 class Net(nn.Module):
@@ -122,10 +121,9 @@ def _reference_moments(net: Net, loader) -> dict[str, torch.Tensor]:
             "gram_conv2": patches.T @ patches, "gram_fc": mean.double().T @ mean.double()}
 
 
-@pytest.mark.parametrize("capture", LEVELS)
-def test_statistics_match_eager_activations(capture: str) -> None:
+def test_statistics_match_eager_activations(level: str) -> None:
     net, loader = _net(), _loader()
-    analysis = analyze(net, (loader[0][0],), capture)
+    analysis = analyze(net, (loader[0][0],), level)
     sites = calibration_sites(analysis)
     stats = collect(analysis.gm, loader, sites, gram_sites(analysis))
     relu = next(s.node for s in sites if s.node.startswith("relu"))
@@ -184,9 +182,8 @@ def test_export_level_runs_a_specialised_graph_in_chunks() -> None:
         collect(export_level.gm, [torch.randn(3, 3, 8, 8)], calibration_sites(export_level))
 
 
-@pytest.mark.parametrize("capture", LEVELS)
-def test_batch_of_another_shape_is_named(capture: str) -> None:
-    analysis = analyze(_net(), (torch.randn(1, 3, 8, 8),), capture)
+def test_batch_of_another_shape_is_named(level: str) -> None:
+    analysis = analyze(_net(), (torch.randn(1, 3, 8, 8),), level)
     with pytest.raises(CalibrationError, match=r"batch 1 input 0 has shape \(1, 3, 9, 9\); the example "
                                                r"inputs have \(1, 3, 8, 8\)"):
         collect(analysis.gm, [torch.randn(1, 3, 8, 8), torch.randn(1, 3, 9, 9)], calibration_sites(analysis))
@@ -201,13 +198,12 @@ def test_batch_the_model_rejects_is_named() -> None:
                 calibration_sites(analysis))
 
 
-@pytest.mark.parametrize("capture", LEVELS)
-def test_non_finite_activations_name_the_node(capture: str) -> None:
+def test_non_finite_activations_name_the_node(level: str) -> None:
     net = _net()
     with torch.no_grad():
         net.conv.weight[2, 0, 0, 0] = float("inf")
-    analysis = analyze(net, (torch.randn(1, 3, 8, 8),), capture)
-    node = "conv" if capture == "fx" else "conv2d"
+    analysis = analyze(net, (torch.randn(1, 3, 8, 8),), level)
+    node = "conv" if level == "fx" else "conv2d"
     with pytest.raises(NonFiniteActivationError, match=f"batch 0 gives non-finite values at node '{node}'"):
         collect(analysis.gm, [torch.randn(1, 3, 8, 8)], calibration_sites(analysis))
 

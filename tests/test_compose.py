@@ -29,7 +29,6 @@ from fxprune.measure import count_params
 pytestmark = pytest.mark.slow
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-LEVELS = ("fx", "export")
 
 
 @functools.cache
@@ -63,7 +62,6 @@ def _unchanged(before: dict[str, torch.Tensor], model: torch.nn.Module) -> bool:
 
 
 # --- export and compile -------------------------------------------------------------------------
-@pytest.mark.parametrize("level", LEVELS)
 def test_export_then_compile_matches_eager(level: str) -> None:
     pruned = _pruned(level).graph_module
     exported = torch.export.export(pruned, (X,))
@@ -190,7 +188,6 @@ def test_a_wrong_fake_quantizer_slice_fails_verify() -> None:
 
 
 # --- torch.func -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("level", LEVELS)
 def test_functional_call_grad_and_per_sample_vmap(level: str) -> None:
     pruned = fxprune.prune(_model(), (X[:1],), sparsity=0.5, capture=level).graph_module  # export: batch 1
     params = {k: v.detach() for k, v in pruned.named_parameters()}
@@ -228,7 +225,6 @@ def test_stack_module_state_ensembles() -> None:
 
 # --- dtypes, devices, training flags ----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("level", LEVELS)
 def test_low_precision_models(level: str, dtype: torch.dtype) -> None:
     model, x = copy.deepcopy(_model()).to(dtype), X.to(dtype)
     report = check_pruned(model, (x,), capture=level, sparsity=0.5, deterministic=False)

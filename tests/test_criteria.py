@@ -14,12 +14,13 @@ import fxprune
 from fxprune.data.calibration import Calibration
 from fxprune.cli import main
 from fxprune.errors import InvalidOptionError
+from fxprune.options import CAPTURES
 from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, gather_evidence, score_groups
 from fxprune.passes import MaskChannels, PruneChannels
 from fxprune.passes.pipeline import Pipeline
-from fxprune.core.select import NORMALIZATIONS, Policy, adaptive_ratios, normalize_scores
+from fxprune.core.select import adaptive_ratios, normalize_scores
+from fxprune.options import NORMALIZATIONS, PruneOptions as Policy
 
-LEVELS = ("fx", "export")
 
 
 class Net(nn.Module):
@@ -75,8 +76,7 @@ def _conv3_input(net: Net, loader) -> torch.Tensor:
 
 
 # --- each criterion against a hand computation ----------------------------------------------------
-@pytest.mark.parametrize("capture", LEVELS)
-def test_group_magnitude_sums_every_member(capture: str) -> None:
+def test_group_magnitude_sums_every_member(level: str) -> None:
     """Group conv1 (the residual stream): producer rows of conv1 and bn2's conv2, both BN scales, and
     the input columns of conv2 and conv3 — each Σw² per channel, averaged over the members."""
     net = _net()
@@ -85,11 +85,10 @@ def test_group_magnitude_sums_every_member(capture: str) -> None:
     members = [rows(net.conv1.weight), rows(net.conv2.weight), net.bn1.weight.double() ** 2,
                net.bn2.weight.double() ** 2, cols(net.conv2.weight), cols(net.conv3.weight)]
     expected = torch.stack([m.detach() for m in members]).mean(0)
-    torch.testing.assert_close(_scores(capture, "group_magnitude")["conv1"], expected)
+    torch.testing.assert_close(_scores(level, "group_magnitude")["conv1"], expected)
 
 
-@pytest.mark.parametrize("capture", LEVELS)
-def test_activation_wanda_and_flap_read_the_consumer_inputs(capture: str) -> None:
+def test_activation_wanda_and_flap_read_the_consumer_inputs(level: str) -> None:
     net, loader = _net(), _loader()
     x = _conv3_input(net, loader).movedim(1, 0).reshape(8, -1)  # channel j's every value
     w2 = net.conv2.weight.detach().double().transpose(0, 1).reshape(8, -1)
@@ -103,7 +102,7 @@ def test_activation_wanda_and_flap_read_the_consumer_inputs(capture: str) -> Non
         "flap": (w2.pow(2).sum(1) * r.var(1) + w3.pow(2).sum(1) * x.var(1)) / 2,
     }
     for criterion, want in expected.items():
-        torch.testing.assert_close(_scores(capture, criterion, calibration=loader)["conv1"], want)
+        torch.testing.assert_close(_scores(level, criterion, calibration=loader)["conv1"], want)
 
 
 def _grad_rows(net: Net, key: str, grad: torch.Tensor, square: bool) -> torch.Tensor:
@@ -112,15 +111,14 @@ def _grad_rows(net: Net, key: str, grad: torch.Tensor, square: bool) -> torch.Te
     return value.reshape(w.shape[0], -1).abs().sum(1)
 
 
-@pytest.mark.parametrize("capture", LEVELS)
-def test_taylor_accumulates_gradients_over_every_batch(capture: str) -> None:
+def test_taylor_accumulates_gradients_over_every_batch(level: str) -> None:
     net, loader = _net(), _loader()
     for x, y in loader:
         F.cross_entropy(net(x), y).backward()  # .grad sums over the batches
     grads = {k: p.grad.double() for k, p in net.named_parameters()}
     producers = ["conv1.weight", "conv2.weight"]  # the stream's producer rows
     expected = torch.stack([_grad_rows(net, k, grads[k], False) for k in producers]).mean(0)
-    got = _scores(capture, "taylor", calibration=loader, loss_fn=F.cross_entropy)["conv1"]
+    got = _scores(level, "taylor", calibration=loader, loss_fn=F.cross_entropy)["conv1"]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
 
 
@@ -133,8 +131,7 @@ def test_taylor_on_one_batch_still_works() -> None:
         torch.testing.assert_close(one[name], whole[name])
 
 
-@pytest.mark.parametrize("capture", LEVELS)
-def test_hessian_is_the_per_sample_fisher(capture: str) -> None:
+def test_hessian_is_the_per_sample_fisher(level: str) -> None:
     """vmap's per-sample gradients against a plain loop over samples, one backward each."""
     net, loader = _net(), _loader(2)
     fisher = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in net.named_parameters()}
@@ -145,7 +142,7 @@ def test_hessian_is_the_per_sample_fisher(capture: str) -> None:
             for k, p in net.named_parameters():
                 fisher[k] += p.grad.double() ** 2
     expected = _grad_rows(net, "conv3.weight", fisher["conv3.weight"], True)
-    got = _scores(capture, "hessian", calibration=loader, loss_fn=F.cross_entropy)["conv3"]
+    got = _scores(level, "hessian", calibration=loader, loss_fn=F.cross_entropy)["conv3"]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
 
 
@@ -166,7 +163,7 @@ def test_both_levels_score_alike() -> None:
     loader = _loader(2)
     for criterion in ("activation", "wanda", "flap", "group_magnitude"):
         a, b = (_scores(level, criterion, calibration=loader if criterion in DATA_CRITERIA else None)
-                for level in LEVELS)
+                for level in CAPTURES)
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(a[name], b[name])
@@ -297,13 +294,12 @@ def test_cli_criteria_come_from_the_one_list(tmp_path: Path, capsys, monkeypatch
 
 
 # --- snapshots of pruned models (every promise checked by prune_checked) ---------------------------
-@pytest.mark.parametrize("capture", LEVELS)
 @pytest.mark.parametrize("criterion", ["group_magnitude", "activation", "wanda", "flap", "taylor", "hessian"])
-def test_prune_with_criterion(prune_checked, graph_snapshot, criterion: str, capture: str) -> None:
+def test_prune_with_criterion(prune_checked, graph_snapshot, criterion: str, level: str) -> None:
     loader = _loader(2)
-    report = prune_checked(_net(), (X,), capture, sparsity=0.5, criterion=criterion, calibration=loader,
+    report = prune_checked(_net(), (X,), level, sparsity=0.5, criterion=criterion, calibration=loader,
                            loss_fn=F.cross_entropy, global_ranking=True, normalize="standardize",
                            min_keep_ratio=0.25)
     kept = "\n".join(f"{k} dim {d}: {list(v)}" for k, dims in sorted(report.result.plan.kept_indices.items())
                      for d, v in dims.items())
-    assert kept == graph_snapshot(name=f"kept-{capture}")
+    assert kept == graph_snapshot(name="kept")

@@ -96,7 +96,6 @@ def _expected(result, inputs) -> torch.Tensor:
         return result.graph_module(*inputs)
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 @pytest.mark.parametrize("name,to", [_case(n, t) for n in MODELS for t in deploy.TARGETS])
 def test_fp32_artefact_runs_in_its_runtime_and_matches_the_pruned_graph(tmp_path, name, level, to):
     result, x, other = pruned(name, level)
@@ -271,10 +270,10 @@ class Branches(nn.Module):
 
 def _annotated_joins(model: nn.Module, x: torch.Tensor) -> list[bool]:
     """Whether the ExecuTorch int8 quantizer annotates each add/mul/cat of ``model``."""
-    quantizer = deploy._quantizer("executorch")
+    quantizer = deploy.RUNTIMES["executorch"].quantizer()
     gm = quantizer.transform_for_annotation(torch.export.export(model, (x,)).module())
     quantizer.annotate(gm)
-    notes = [n.meta.get("quantization_annotation") for n in gm.graph.nodes if n.target in deploy._JOINS]
+    notes = [n.meta.get("quantization_annotation") for n in gm.graph.nodes if n.target in deploy.executorch.JOINS]
     return [bool(a and (a.output_qspec or a.input_qspec_map)) for a in notes]
 
 

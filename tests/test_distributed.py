@@ -46,12 +46,12 @@ def _results(batches: list, criteria: tuple = CRITERIA) -> dict:
     """Scores (per criterion and group) and the plan's kept indices (global ranking on standardised
     scores, FLAP's adaptive ratios) for ``batches``."""
     import fxprune
-    from fxprune.api import make_plan
+    from fxprune.stages import make_plan
     from fxprune.options import PruneOptions
     from fxprune.data.criteria import gather_evidence, score_groups
-    from fxprune.core.select import Policy, select
+    from fxprune.core.select import select
     analysis = fxprune.analyze(_net(), (batches[0][0][:1],), "fx")
-    policy = Policy(0.5, global_ranking=True, normalize="standardize")
+    policy = PruneOptions(0.5, global_ranking=True, normalize="standardize")
     out: dict = {"scores": {}, "plans": {}}
     for criterion in criteria:
         evidence = gather_evidence(analysis, criterion, batches, F.cross_entropy)

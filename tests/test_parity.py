@@ -11,7 +11,6 @@ from torch.testing._internal import common_pruning as cp
 import fxprune
 from fxprune.testing.check import check_pruned
 
-LEVELS = ("fx", "export")
 
 MODELS = {
     "SimpleLinear": (lambda: cp.SimpleLinear(), (4, 7)),
@@ -28,7 +27,6 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_common_pruning_model(name, level):
     factory, shape = MODELS[name]
@@ -43,7 +41,6 @@ LSTM_MODELS = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("name", sorted(LSTM_MODELS))
 def test_lstm_models_expose_every_unit(name, level):
     """Both return the LSTM's output or state, so every hidden unit (one space: nn.LSTM has one
@@ -72,7 +69,6 @@ def _fpgm_model() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("criterion, dropped", [("fpgm", 1), ("l1", 2)])
 def test_fpgm_vs_l1(criterion, dropped, level):
     result = fxprune.prune(_fpgm_model(), torch.randn(1, 1, 5, 5), {"0": 1 / 3}, criterion=criterion,

@@ -17,7 +17,7 @@ import fxprune
 from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, PipelineError
 from fxprune.passes import ApplyPlan, DeadChannels, FoldBatchNorm, PruneChannels
-from fxprune.passes.pipeline import (Pass, Pipeline, example_inputs, graph_changed, register,
+from fxprune.passes.pipeline import (Pass, Pipeline, placeholder_zeros, graph_changed, register,
                               registered_passes)
 
 
@@ -83,7 +83,7 @@ def gm() -> fx.GraphModule:
 @pytest.mark.parametrize("spec", [
     "prune-channels{sparsity=0.5,criterion=l2},fold-batchnorm",
     "fold-batchnorm,prune-channels{sparsity=0.3,global_ranking=true,ignore=[fc,layer4.*]},dead-channels",
-    "prune-channels{sparsity=0.5,round_to=8,min_keep=2,seed=7,split_axis=outer,prune_outputs=true}",
+    "prune-channels{sparsity=0.5,round_to=8,min_keep=2,prune_outputs=true,split_axis=outer,seed=7}",
     "dead-channels",
     "",
 ])
@@ -203,8 +203,8 @@ def test_a_pass_takes_a_captured_graph_module(gm) -> None:
         FoldBatchNorm()(fx.symbolic_trace(Net().eval()))
 
 
-def test_example_inputs_are_zeros_like_the_placeholders(gm) -> None:
-    (x,) = example_inputs(gm)
+def test_placeholder_zeros_are_zeros_like_the_placeholders(gm) -> None:
+    (x,) = placeholder_zeros(gm)
     assert x.shape == X.shape and x.dtype == X.dtype and not x.any()
 
 

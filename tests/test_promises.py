@@ -11,7 +11,6 @@ import torchvision
 import fxprune
 from fxprune.core.capture import capture
 
-LEVELS = ("fx", "export")
 X = torch.randn(2, 3, 32, 32)
 
 
@@ -24,7 +23,6 @@ def _state(module: nn.Module) -> dict:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_input_graph_module_is_untouched(level):
     """A GraphModule is used as it is: its code, metadata, tensors and mode are left alone."""
     gm = capture(_resnet(), X, level).gm
@@ -46,7 +44,6 @@ def test_exported_program_input_gives_an_export_level_result():
     assert fxprune.verify(ep.module(), result).passed
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_output_shares_no_storage_with_input(level):
     model = _resnet()
     result = fxprune.prune(model, X, 0.5, capture=level)
@@ -55,7 +52,6 @@ def test_output_shares_no_storage_with_input(level):
     assert not inputs & outputs
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_rerun_is_byte_identical(level):
     a = fxprune.prune(_resnet(), X, 0.5, capture=level)
     b = fxprune.prune(_resnet(), X, 0.5, capture=level)
@@ -77,7 +73,6 @@ def test_plan_from_one_level_applies_at_the_other(source, target):
         torch.testing.assert_close(applied.graph_module(X), made.graph_module(X), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_names_modes_and_grads_are_preserved(level):
     model = _resnet()
     model.fc.weight.requires_grad_(False)
@@ -88,7 +83,6 @@ def test_names_modes_and_grads_are_preserved(level):
     assert not result.graph_module.training
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_result_can_be_pruned_again(level):
     first = fxprune.prune(_resnet(), X, 0.5, capture=level)
     second = fxprune.testing.check.check_pruned(first.graph_module, X, sparsity=0.5)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.testing.check import check_pruned
 
-LEVELS = ("fx", "export")
 
 
 class Unpadded(nn.Module):
@@ -41,13 +40,11 @@ def _model(cls):
     return model
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_folded_model_equals_zeroed_filter_reference(level):
     report = check_pruned(_model(Unpadded), torch.randn(2, 3, 6, 6), capture=level, propagate_bias=True)
     assert report.verify.exact and report.verify.max_abs_error < 1e-4
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_padded_consumer_is_reported_approximate(level):
     model = _model(Padded)
     result = fxprune.prune(model, torch.randn(2, 3, 6, 6), 0.5, capture=level, propagate_bias=True)

@@ -31,7 +31,6 @@ class Wide(nn.Module):
         return self.conv2(torch.relu(self.conv1(x)))
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_round_to_rounds_channels_up(level):
     torch.manual_seed(0)
     result = fxprune.prune(Wide().eval(), torch.randn(1, 3, 8, 8), sparsity=0.3, round_to=8, capture=level)
@@ -52,7 +51,6 @@ TIED_UNITS = {  # level: (group, channels per unit, parameter, rows kept at 50%)
 }
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_round_to_does_not_keep_tied_units_whole(level):
     # rounding the *unit* count up to 8 or 16 kept all of them: nothing was pruned there
     torch.manual_seed(0)

@@ -85,7 +85,6 @@ def test_step_ratio() -> None:
         schedule.step_ratio(0.5, 0.25)
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_iterative_pruning_prunes_its_own_output(level: str) -> None:
     """prune -> fine-tune -> prune again: each round's input is the previous GraphModule."""
     targets = list(schedule.linear(0.0, 0.75, total_steps=2))[1:]  # 0.375, then 0.75 in total

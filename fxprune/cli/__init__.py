@@ -30,17 +30,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from fxprune import __version__
 from fxprune.errors import FxPruneError
+from fxprune.options import PruneOptions
+from fxprune.progress import stage_bar
+from fxprune.deploy import TARGETS
+from fxprune.cli.flags import MODEL_FLAGS, add_option_flags, given_options
 from fxprune.core.ungrouped import ungrouped
-from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA
-from fxprune.core.select import NORMALIZATIONS
+from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, GRADIENT_CRITERIA
 from fxprune.core.plan import ungrouped_lines
-from fxprune.cli.format import CliError, markdown_table as _table
+from fxprune.cli.format import CliError, format_sparsity, markdown_table as _table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,10 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Prune SPEC and write the result, summary.md and widths.png to --out.")
     _model_arguments(prune)
     prune.add_argument("--out", required=True, type=Path, help="directory to write to (created)")
-    prune.add_argument("--sparsity", type=_sparsity, default=0.5, help="fraction of each group to drop "
-                                                                       "(default 0.5)")
-    prune.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
-                       help=f"importance (default {DEFAULT_CRITERION}); {', '.join(DATA_CRITERIA)} read --calibration")
+    add_option_flags(prune, exclude=MODEL_FLAGS)
     prune.add_argument("--calibration", type=Path, metavar="FILE.safetensors",
                        help="calibration data: tensors 'input' (or 'input_0', 'input_1', ...) whose rows are "
                             "samples, and for taylor/hessian 'target' (class indices, cross-entropy loss)")
@@ -69,17 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rows per calibration batch (default 32)")
     prune.add_argument("--max-batches", type=_positive, default=None, metavar="N",
                        help="read at most N calibration batches")
-    prune.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="PATTERN",
-                       help="keep whole every group a module matching PATTERN (fnmatch) produces")
-    prune.add_argument("--round-to", type=_positive, default=1, metavar="N",
-                       help="keep a multiple of N channels per group")
-    prune.add_argument("--global-ranking", action="store_true", help="rank units across groups")
-    prune.add_argument("--normalize", choices=NORMALIZATIONS, default="mean",
-                       help="how --global-ranking compares groups (default mean; standardize: FLAP's "
-                            "adaptive ratios)")
-    prune.add_argument("--min-keep-ratio", type=_fraction, default=0.0, metavar="F",
-                       help="every group keeps at least this fraction of its units")
-    prune.add_argument("--to", choices=("executorch", "onnx"), help="also write model.pte (ExecuTorch, "
+    prune.add_argument("--to", choices=TARGETS, help="also write model.pte (ExecuTorch, "
                                                                    "XNNPACK) or model.onnx (ONNX Runtime)")
     prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -96,9 +86,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "hf:PATH_OR_CONFIG (a HuggingFace model directory)")
     parser.add_argument("--input-shape", type=_shape, action="append", metavar="N,C,H,W",
                         help="shape of a random example input (repeat for several inputs)")
-    parser.add_argument("--capture", choices=("fx", "export"), default="fx",
-                        help="graph level: fx (symbolic_trace) or export (ATen); a .pt2 is export")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    add_option_flags(parser, only=MODEL_FLAGS)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -110,26 +98,6 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected positive integers separated by "
                                          f"commas, like 1,3,224,224")
     return dims
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"bad sparsity {text!r}: expected a number in [0, 1)")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"bad fraction {text!r}: expected a number in [0, 1]")
-    return value
 
 
 def _positive(text: str) -> int:
@@ -193,11 +161,11 @@ def _factory(module_name: str, attr: str) -> Any:
         raise CliError(f"bad SPEC: {module_name}:{attr}() raised {type(exc).__name__}: {exc}") from exc
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_or_saved_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of the given shapes, or a .pt2's own example inputs."""
     if _is_hf(model):
-        from fxprune.cli.hf import example_inputs as hf_inputs
-        return hf_inputs(model, shapes, seed)
+        from fxprune.cli.hf import random_hf_inputs
+        return random_hf_inputs(model, shapes, seed)
     if shapes:
         generator = torch.Generator().manual_seed(seed)
         return tuple(torch.randn(s, generator=generator) for s in shapes)
@@ -255,15 +223,13 @@ def run_prune(args: argparse.Namespace) -> int:
     if is_checkpoint(args):  # a checkpoint directory without --input-shape: disk to disk
         print(prune_checkpoint_and_report(args))
         return 0
-    torch.manual_seed(args.seed)
+    options = PruneOptions.build(**given_options(args))
+    torch.manual_seed(options.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, args.seed)
-    bar = _bar(not args.no_progress)
-    try:
-        text = _prune_and_write(args, model, inputs, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+    inputs = random_or_saved_inputs(model, args.input_shape, options.seed)
+    # on stderr when it is a terminal (disable=None), cleared when done
+    with stage_bar(not args.no_progress, 5, "fxprune", file=sys.stderr, postfix="prune", disable=None) as step:
+        text = _prune_and_write(args, model, inputs, step)
     print(text)
     if _is_hf(model):
         from fxprune.cli.hf import FILES
@@ -302,45 +268,44 @@ def _deploy(args: argparse.Namespace, result, inputs: tuple, calibration) -> tup
     return data, "\n".join(lines)
 
 
-def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, bar) -> str:
+def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, step: Callable[[str], None]) -> str:
     import fxprune
     from fxprune.measure import count_macs, count_params
     if _is_hf(model):  # a PreTrainedModel in, a PreTrainedModel out (fxprune.hf)
         from fxprune.cli.hf import prune_and_write
         return prune_and_write(args, model, inputs)
-    calibration, loss_fn = calibration_data(args)
-    result = fxprune.prune(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
-                           capture=args.capture, ignore=tuple(args.ignore), round_to=args.round_to,
-                           global_ranking=args.global_ranking, seed=args.seed, calibration=calibration,
-                           loss_fn=loss_fn, normalize=args.normalize, min_keep_ratio=args.min_keep_ratio)
-    _advance(bar, "verify")
+    options = PruneOptions.build(**given_options(args))
+    calibration, loss_fn = calibration_data(args, options.criterion)
+    result = fxprune.prune(model, inputs, options=options, calibration=calibration, loss_fn=loss_fn)
+    step("verify")
     report = fxprune.verify(model, result, inputs)
     artefact, deployed = _deploy(args, result, inputs, calibration)
-    _advance(bar, "count")
+    step("count")
     original = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     summary = Summary(_group_rows(result.plan),
                       (count_params(original), count_params(result.graph_module)),
                       (count_macs(original, inputs), count_macs(result.graph_module, inputs)), str(report),
                       tuple(ungrouped_lines(result.plan.ungrouped)))
-    _advance(bar, "save")
+    step("save")
     out = fxprune.save(result, args.out)
-    text = summary.markdown(f"{args.spec}, sparsity {args.sparsity:g}, {args.criterion}, {result.level} level")
+    text = summary.markdown(f"{args.spec}, sparsity {format_sparsity(options.sparsity)}, {options.criterion}, "
+                            f"{result.level} level")
     if artefact is not None:
         text = f"{text}\n{deployed}\n"
         (out / f"model{_suffix(args.to)}").write_bytes(artefact)
     (out / "summary.md").write_text(text, encoding="utf-8")
     if not args.no_chart:
-        _advance(bar, "chart")
+        step("chart")
         plot_widths(layer_widths(result), out / "widths.png", args.spec)
-    _advance(bar, "done")
+    step("done")
     return text
 
 
-def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
+def calibration_data(args: argparse.Namespace, criterion: str) -> tuple[Any, Any]:
     """``(Calibration, loss_fn)`` from ``--calibration`` (a safetensors file: nothing is unpickled)."""
     if args.calibration is None:
-        if args.criterion in DATA_CRITERIA:
-            raise CliError(f"criterion {args.criterion!r} reads calibration data: pass --calibration "
+        if criterion in DATA_CRITERIA:
+            raise CliError(f"criterion {criterion!r} reads calibration data: pass --calibration "
                            f"FILE.safetensors")
         return None, None
     from safetensors.torch import load_file
@@ -358,9 +323,9 @@ def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
     columns = [tensors[n] for n in names] + ([tensors["target"]] if "target" in tensors else [])
     size = args.calibration_batch_size
     batches = [tuple(c[i:i + size] for c in columns) for i in range(0, columns[0].shape[0], size)]
-    loss_fn = torch.nn.functional.cross_entropy if args.criterion in GRADIENT_CRITERIA else None
+    loss_fn = torch.nn.functional.cross_entropy if criterion in GRADIENT_CRITERIA else None
     if loss_fn is not None and "target" not in tensors:
-        raise CliError(f"criterion {args.criterion!r} needs a 'target' tensor in --calibration")
+        raise CliError(f"criterion {criterion!r} needs a 'target' tensor in --calibration")
     inputs = tuple(range(len(names)))
     return Calibration(batches, inputs=inputs, target=-1 if "target" in tensors else None,
                        max_batches=args.max_batches), loss_fn
@@ -369,21 +334,6 @@ def calibration_data(args: argparse.Namespace) -> tuple[Any, Any]:
 def _is_hf(model: Any) -> bool:
     transformers = sys.modules.get("transformers")  # loaded by an hf: SPEC or a factory returning one
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
-def _bar(enabled: bool):
-    """The stage bar, on stderr when it is a terminal (``disable=None``), cleared when done."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=5, desc="fxprune", unit="stage", leave=False, file=sys.stderr, postfix="prune",
-                disable=None)
-
-
-def _advance(bar, stage: str) -> None:
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix_str(stage)
 
 
 # --- the chart --------------------------------------------------------------------------------------
@@ -430,14 +380,11 @@ def plot_widths(rows: list[tuple[str, int, int]], path: Path, title: str) -> Non
 # --- inspect ------------------------------------------------------------------------------------------
 def run_inspect(args: argparse.Namespace) -> int:
     import fxprune
-    from fxprune.cli.hf import is_checkpoint, prune_checkpoint_and_report
-    if is_checkpoint(args):  # a checkpoint directory without --input-shape: disk to disk
-        print(prune_checkpoint_and_report(args))
-        return 0
-    torch.manual_seed(args.seed)
+    options = PruneOptions.build(**given_options(args))
+    torch.manual_seed(options.seed)
     model = load_model(args.spec)
-    inputs = example_inputs(model, args.input_shape, args.seed)
-    analysis = fxprune.analyze(model, inputs, args.capture)
+    inputs = random_or_saved_inputs(model, args.input_shape, options.seed)
+    analysis = fxprune.analyze(model, inputs, options.capture)
     groups = analysis.groups
     prunable = sum(g.prunable for g in groups)
     print(f"{args.spec} ({analysis.level} level): {len(groups)} groups, {prunable} prunable")

@@ -1,5 +1,5 @@
 """What every command-line front end shares (``fxprune.cli`` and the HF route ``fxprune.cli.hf``):
-the one-line error type and the aligned Markdown table. A leaf module, so the front ends import it
+the one-line error type, the aligned Markdown table and how a sparsity is shown. A leaf module, so the front ends import it
 instead of each other.
 
 >>> print("\\n".join(markdown_table([("group", "kept"), ("conv1", "32")])))
@@ -8,6 +8,8 @@ instead of each other.
 | conv1 | 32   |
 """
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 
 class CliError(Exception):
@@ -23,3 +25,10 @@ def markdown_table(rows: list[tuple[str, ...]]) -> list[str]:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
 
     return [line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])]
+
+
+def format_sparsity(sparsity: Any) -> str:
+    """``0.5``, or ``layer*=0.3,fc=0.1`` for a mapping: how a summary's title shows it."""
+    if isinstance(sparsity, Mapping):
+        return ",".join(f"{k}={v:g}" for k, v in sparsity.items())
+    return f"{sparsity:g}"

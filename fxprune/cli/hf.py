@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from fxprune.cli.format import CliError, markdown_table as _table
+from fxprune.cli.flags import given_options
+from fxprune.cli.format import CliError, format_sparsity, markdown_table as _table
 
 FILES = "config.json model.safetensors plan.json summary.md"
 
@@ -37,20 +38,18 @@ def is_checkpoint(args: argparse.Namespace) -> bool:
 def prune_checkpoint_and_report(args: argparse.Namespace) -> str:
     """Prune ``hf:DIR`` disk to disk into ``--out``; the lines to print."""
     from fxprune.hf.checkpoint import REPORT, STREAMING_CRITERIA, prune_checkpoint
-    if args.to or args.calibration:
-        raise CliError("the disk-to-disk route (a checkpoint directory, no --input-shape) takes neither --to "
-                       "nor --calibration: give --input-shape to prune the model in memory")
-    if args.criterion not in STREAMING_CRITERIA:
-        raise CliError(f"--criterion {args.criterion} reads calibration data; the disk-to-disk route offers "
-                       f"{', '.join(STREAMING_CRITERIA)}")
-    report = prune_checkpoint(args.spec.partition(":")[2], args.out, args.sparsity, args.criterion,
-                              ignore=tuple(args.ignore), round_to=args.round_to,
-                              global_ranking=args.global_ranking, seed=args.seed, progress=not args.no_progress)
+    refuse_unsupported_flags(args)
+    options = given_options(args)
+    if options.get("criterion") is not None and options["criterion"] not in STREAMING_CRITERIA:
+        raise CliError(f"--criterion {options['criterion']} reads calibration data; the disk-to-disk route "
+                       f"offers {', '.join(STREAMING_CRITERIA)}")
+    report = prune_checkpoint(args.spec.partition(":")[2], args.out, progress=not args.no_progress, **options)
     config = json.loads((Path(args.out) / "config.json").read_text(encoding="utf-8"))
     rows = [("config field", "before", "after")]
     rows += [(field, str(a), str(b)) for field, (a, b) in config["fxprune"]["changes"].items()]
     seconds = report["timings"]["total_s"]
-    return "\n".join([f"# fxprune: {args.spec}, sparsity {args.sparsity:g}, disk to disk", "", *_table(rows), "",
+    sparsity = format_sparsity(config["fxprune"]["options"]["sparsity"])
+    return "\n".join([f"# fxprune: {args.spec}, sparsity {sparsity}, disk to disk", "", *_table(rows), "",
                       f"read {report['bytes_read'] / 1e9:.2f} GB, wrote {report['bytes_written'] / 1e9:.2f} GB "
                       f"in {seconds:.1f} s ({report['resumed_units']} layers resumed)",
                       f"wrote {args.out}/: config.json, {len(report['units'])} shards, "
@@ -83,7 +82,7 @@ def _model_class(transformers: Any, config: Any, path_text: str) -> Any:
     return cls
 
 
-def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
+def random_hf_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed: int) -> tuple:
     """Random inputs of ``--input-shape``: token ids below the vocabulary size for a model whose main
     input is ``input_ids``, normal floats otherwise (``pixel_values``)."""
     if not shapes:
@@ -98,22 +97,35 @@ def example_inputs(model: Any, shapes: Optional[Sequence[tuple[int, ...]]], seed
 def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     """Prune with :func:`fxprune.hf.prune_with_result` and write ``--out``; returns the summary text."""
     from fxprune import hf
-    result = hf.prune_with_result(model, inputs, sparsity=args.sparsity, criterion=args.criterion,
-                                  ignore=tuple(args.ignore), round_to=args.round_to,
-                                  global_ranking=args.global_ranking, seed=args.seed)
+    refuse_unsupported_flags(args)
+    result = hf.prune_with_result(model, inputs, progress=not args.no_progress, **given_options(args))
     out = Path(args.out)
     result.model.save_pretrained(out)
     (out / "plan.json").write_text(result.plan.to_json(), encoding="utf-8")
-    text = summary(args.spec, args.sparsity, model, result)
+    text = summary(args.spec, result.plan.options.sparsity, model, result)
     (out / "summary.md").write_text(text, encoding="utf-8")
     return text
 
 
-def summary(spec: str, sparsity: float, model: Any, result: Any) -> str:
+#: Run flags this route does not take yet: (flag, its value when not given).
+UNSUPPORTED_FLAGS = {"calibration": None, "to": None, "quantize": None, "calibration_batch_size": 32,
+                     "max_batches": None}
+
+
+def refuse_unsupported_flags(args: argparse.Namespace) -> None:
+    """A flag the ``hf:`` route cannot honour is an error, never ignored (the option flags are checked
+    by :func:`fxprune.hf.prune_with_result` itself)."""
+    for name, unset in UNSUPPORTED_FLAGS.items():
+        if getattr(args, name, unset) != unset:
+            raise CliError(f"--{name.replace('_', '-')} is not supported for hf: SPECs (fxprune.hf writes a "
+                           f"from_pretrained directory)")
+
+
+def summary(spec: str, sparsity: Any, model: Any, result: Any) -> str:
     rows = [("config field", "before", "after")]
     rows += [(field, str(before), str(after)) for field, (before, after) in result.changes.items()]
     before, after = model.num_parameters(), result.model.num_parameters()
-    lines = [f"# fxprune: {spec}, sparsity {sparsity:g}, HF-compatible", "", *_table(rows), "",
+    lines = [f"# fxprune: {spec}, sparsity {format_sparsity(sparsity)}, HF-compatible", "", *_table(rows), "",
              f"params: {before:,} -> {after:,} ({after / before:.1%})",
              f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", ""]
     return "\n".join(lines)

@@ -21,8 +21,8 @@ from fxprune.core.capture import has_hooks
 from fxprune.core.channels import Solution, TensorIds
 from fxprune.core.graph import describe_target, fixed_like, has_value, iter_arrays, meta_value, tensor_at
 from fxprune.core.groups import Group, build_groups
-from fxprune.core.opcall import (ActSink, AnalysisOptions, Context, Foldable, NormSite, OpCall, Producer,  # noqa: F401
-                     Unsupported)
+from fxprune.core.opcall import (ActSink, AnalysisOptions, Context, NormSite, OpCall, Producer,  # noqa: F401
+                                 Unsupported, WeightedConsumer)
 from fxprune.core.registry import lookup_analyze, run_after_rule
 
 
@@ -43,7 +43,7 @@ class Analysis:
     param_sinks: tuple[tuple[str, int], ...]
     act_sinks: tuple[ActSink, ...]
     groups: tuple[Group, ...]
-    foldables: tuple[Foldable, ...] = ()
+    weighted_consumers: tuple[WeightedConsumer, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
     norm_sites: tuple[NormSite, ...] = ()
 
@@ -77,7 +77,7 @@ def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOpt
     solution = ctx.table.solve()
     groups = build_groups(ctx.params, ctx.producers, solution)
     return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,
-                    ctx.act_sinks, groups, ctx.foldables, ctx.aliases, tuple(ctx.norm_sites))
+                    ctx.act_sinks, groups, ctx.weighted_consumers, ctx.aliases, tuple(ctx.norm_sites))
 
 
 def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:

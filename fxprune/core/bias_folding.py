@@ -21,15 +21,16 @@ import copy
 import torch
 import torch.fx as fx
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import tensor_at
-from fxprune.core.opcall import Foldable
+from fxprune.core.opcall import WeightedConsumer
 from fxprune.core.capture import node_values
 from fxprune.core.rewrite import Pruning, build_graph_module
 from fxprune.core.verify import kept_statistics, reference_items
 
 
-def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
+def constant_reference(analysis: Analysis, drop: Dropped) -> fx.GraphModule:
     """The original graph with dropped channels' producer slices zeroed (biases kept)."""
     pruning = Pruning(analysis, drop)
     zeroed: dict[str, torch.Tensor] = {}
@@ -47,7 +48,7 @@ def constant_reference(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule
     return gm
 
 
-def folded_biases(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict[str, torch.Tensor]:
+def folded_biases(analysis: Analysis, drop: Dropped, inputs: tuple) -> dict[str, torch.Tensor]:
     """Each folded consumer's original bias plus the dropped inputs' contribution measured on ``inputs``
     (full size): the biases the zeroed-channel reference needs to stand for a folded model."""
     out = {}
@@ -57,7 +58,7 @@ def folded_biases(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict
     return out
 
 
-def fold_biases(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, inputs: tuple) -> None:
+def fold_biases(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, inputs: tuple) -> None:
     """Add dropped inputs' constant contributions to the pruned consumers' biases (in place: ``pruned``
     is the new model rewrite just built, never the input)."""
     pruning = Pruning(analysis, drop)
@@ -68,11 +69,11 @@ def fold_biases(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, 
             bias.add_(contribution[kept_out.to(contribution.device)].to(bias.dtype))
 
 
-def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dict[str, torch.Tensor]:
+def _contributions(analysis: Analysis, drop: Dropped, inputs: tuple) -> dict[str, torch.Tensor]:
     """{consumer bias key: what its dropped inputs' constants add to each output row}, summed over the
     consumer's calls, measured by one run of :func:`constant_reference`."""
     pruning = Pruning(analysis, drop)
-    todo = [f for f in analysis.foldables if f.bias is not None and _dropped(pruning, analysis, f).any()]
+    todo = [f for f in analysis.weighted_consumers if f.bias is not None and _dropped(pruning, analysis, f).any()]
     if not todo:
         return {}
     with torch.no_grad():
@@ -84,22 +85,22 @@ def _contributions(analysis: Analysis, drop: torch.Tensor, inputs: tuple) -> dic
     return out
 
 
-def folding_is_exact(analysis: Analysis, drop: torch.Tensor) -> bool:
-    """Exact when every consumer of a dropped channel is a foldable conv/linear with a bias and no
+def folding_is_exact(analysis: Analysis, drop: Dropped) -> bool:
+    """Exact when every consumer of a dropped channel is a weighted conv/linear consumer with a bias and no
     padding; any other consumer (a matmul, an RNN, a bias-less layer) sees the constant unanswered."""
     pruning = Pruning(analysis, drop)
-    folded = {f.weight for f in analysis.foldables if f.bias is not None and f.exact}
+    folded = {f.weight for f in analysis.weighted_consumers if f.bias is not None and f.exact}
     for key, dim in analysis.param_sinks:
         if key not in folded and not bool(pruning.kept(analysis.params[key][dim]).all()):
             return False
     return all(bool(pruning.kept(sink.ids).all()) for sink in analysis.act_sinks)
 
 
-def _dropped(pruning: Pruning, analysis: Analysis, f: Foldable) -> torch.Tensor:
+def _dropped(pruning: Pruning, analysis: Analysis, f: WeightedConsumer) -> torch.Tensor:
     return ~pruning.kept(analysis.params[f.weight][f.in_dim])
 
 
-def _contribution(analysis: Analysis, pruning: Pruning, f: Foldable, value: torch.Tensor) -> torch.Tensor:
+def _contribution(analysis: Analysis, pruning: Pruning, f: WeightedConsumer, value: torch.Tensor) -> torch.Tensor:
     dropped = _dropped(pruning, analysis, f)
     dims = [d for d in range(value.dim()) if d != f.channel_dim % value.dim()]
     mean = value.double().mean(dim=dims) if dims else value.double()

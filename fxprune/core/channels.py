@@ -46,6 +46,48 @@ class Solution:
         return out
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """The channel classes a selection drops: ``mask[c]`` is True on the root id ``c`` of every dropped
+    class of a :class:`Solution` (all ids of a class go with their root). What select returns, a plan
+    implies, and rewrite, verify and recovery read.
+
+    >>> dropped = Dropped(torch.tensor([False, True, False]))
+    >>> dropped.any(), dropped.indices().tolist(), dropped.count_of([0, 1])
+    (True, [1], 1)
+    """
+
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.mask.dtype != torch.bool or self.mask.dim() != 1:
+            raise TypeError(f"Dropped holds a 1-D bool mask over channel ids, got {self.mask.dtype} of shape "
+                            f"{tuple(self.mask.shape)}")
+
+    @classmethod
+    def nothing(cls, ids: int) -> "Dropped":
+        """No class dropped, over ``ids`` channel ids."""
+        return cls(torch.zeros(ids, dtype=torch.bool))
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        """Whether each of ``ids``' classes is dropped (``ids`` are roots or any index form torch takes)."""
+        return self.mask[ids]
+
+    def __len__(self) -> int:
+        return self.mask.numel()
+
+    def any(self) -> bool:
+        return bool(self.mask.any())
+
+    def indices(self) -> torch.Tensor:
+        """The root ids of the dropped classes."""
+        return self.mask.nonzero().flatten()
+
+    def count_of(self, units: Sequence[int]) -> int:
+        """How many of a group's ``units`` (root ids) are dropped."""
+        return int(self.mask[torch.as_tensor(list(units), dtype=torch.long)].sum()) if len(units) else 0
+
+
 @dataclass
 class ChannelTable:
     """Allocates ids and collects unify / freeze / approximate facts about them."""

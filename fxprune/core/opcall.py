@@ -1,5 +1,6 @@
 """The op-call API the rules use: what a rule sees of one node (:class:`OpCall`) and the facts it
-records (producers, contractions, foldable consumers, norm statistics) on the walk's :class:`Context`.
+records (producers, contractions, weighted consumers, norm statistics) on the walk's :class:`Context`;
+and :func:`weight_source`, the ``get_attr`` a weight argument is read from (through quantizers).
 
 A leaf of the package's import graph below :mod:`fxprune.analysis`: rules import this module, the
 walk in :mod:`fxprune.analysis` drives it, and neither rules nor this module import the walk.
@@ -17,6 +18,7 @@ A rule reads its node through :class:`OpCall` and records facts with it::
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -25,7 +27,7 @@ import torch.fx as fx
 
 from fxprune.core.channels import ChannelTable, TensorIds
 from fxprune.core.graph import describe_target, fixed_like, iter_arrays, meta_value, tensor_at
-from fxprune.core.predicates import weight_source
+from fxprune.core.predicates import is_quantizer
 
 class Unsupported(Exception):
     """Raised by a rule for a variant it does not handle; the node then freezes its channels."""
@@ -78,15 +80,21 @@ class NormSite:
 
 
 @dataclass(frozen=True)
-class Foldable:
-    """A conv/linear whose dropped inputs' constant part can be folded into its bias."""
+class WeightedConsumer:
+    """A conv/linear that reads channels through the input columns of its weight: its bias can absorb
+    dropped inputs' constant part (``propagate_bias``), calibration watches its input (``wanda``,
+    ``flap``) and recovery refits it (``reconstruct``, ``compensate-bias``)."""
 
     node: str
     weight: str
+    """The weight's parameter name."""
     in_dim: int
+    """The weight dim that runs over the input channels."""
     bias: Optional[str]
     input: str
+    """The node whose output the layer reads."""
     channel_dim: int
+    """The channel dim of that input."""
     exact: bool
     """False for a padded conv: the constant does not reach the zero-padded border."""
 
@@ -103,7 +111,7 @@ class Context:
     producers: list[Producer] = field(default_factory=list)
     param_sinks: list[tuple[str, int]] = field(default_factory=list)
     act_sinks: list[ActSink] = field(default_factory=list)
-    foldables: list[Foldable] = field(default_factory=list)
+    weighted_consumers: list[WeightedConsumer] = field(default_factory=list)
     norm_sites: list[NormSite] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     """Every parameter name seen -> its canonical name (see :meth:`canonical`)."""
@@ -209,13 +217,13 @@ class OpCall:
         self.ctx.param(key)
         self.ctx.param_sinks.append((self.ctx.canonical(key), dim))
 
-    def foldable(self, weight: str, in_dim: int, bias: Optional[str], x: Any, channel_dim: int,
+    def weighted_consumer(self, weight: str, in_dim: int, bias: Optional[str], x: Any, channel_dim: int,
                  exact: bool = True) -> None:
         """Declare a consumer whose bias can absorb dropped inputs' constants (``propagate_bias``)."""
         if isinstance(x, fx.Node):
             bias = None if bias is None else self.ctx.canonical(bias)
-            self.ctx.foldables.append(Foldable(self.node.name, self.ctx.canonical(weight), in_dim, bias,
-                                               x.name, channel_dim, exact))
+            self.ctx.weighted_consumers.append(WeightedConsumer(self.node.name, self.ctx.canonical(weight), in_dim,
+                                                                bias, x.name, channel_dim, exact))
 
     def consume_act(self, arg: int, dim: int, ids: Optional[torch.Tensor]) -> None:
         """Declare that input ``arg`` is contracted over ``dim`` (verify masks it)."""
@@ -237,3 +245,33 @@ class OpCall:
     def fixed(self, value: Any = None) -> Any:
         """A channel map with no channel on any dim, shaped like ``value`` (default: the output)."""
         return fixed_like(self.out if value is None else value)
+
+
+# --- weights seen through quantizers ---------------------------------------------------------------
+SCALES = (torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor, torch.mul, torch.div, operator.mul, operator.truediv)
+"""Scaling a weight by a broadcast factor (QAT's folded BatchNorm: ``w * (gamma / sigma)``) keeps its
+channels."""
+
+
+def weight_source(node: Any, gm: fx.GraphModule) -> Any:
+    """The ``get_attr`` a weight argument is read from, through quantizers and broadcast scaling
+    (``fake_quant(w * (gamma / sigma))`` after ``prepare_qat_pt2e``); else ``node`` itself."""
+    while isinstance(node, fx.Node) and node.op != "get_attr":
+        if node.op == "call_module" and is_quantizer(gm.get_submodule(node.target)):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in SCALES and _scales(node):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def _scales(node: fx.Node) -> bool:
+    """``a * s`` or ``a / s`` where ``s`` broadcasts to ``a``'s shape (fewer elements, same rank)."""
+    a, s = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(s, fx.Node)):
+        return False
+    va, vs = a.meta.get("val"), s.meta.get("val")
+    if not (isinstance(va, torch.Tensor) and isinstance(vs, torch.Tensor)) or va.dim() != vs.dim():
+        return False
+    return all(b in (1, n) for b, n in zip(vs.shape, va.shape)) and vs.numel() < va.numel()

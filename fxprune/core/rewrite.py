@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import carry_over, get_path, iter_arrays, meta_value
 from fxprune.core.registry import lookup_resize, lookup_rewrite
@@ -28,7 +29,7 @@ CALLS = ("call_function", "call_method", "call_module")
 class Pruning:
     """Which positions survive: derived from the analysis and the dropped classes."""
 
-    def __init__(self, analysis: Analysis, drop: torch.Tensor):
+    def __init__(self, analysis: Analysis, drop: Dropped):
         self.analysis, self.drop = analysis, drop
         self._keep: Optional[torch.Tensor] = None
 
@@ -107,7 +108,7 @@ class RewriteCall:
         return is_tensor(node)
 
 
-def rewrite(analysis: Analysis, drop: torch.Tensor) -> fx.GraphModule:
+def rewrite(analysis: Analysis, drop: Dropped) -> fx.GraphModule:
     """The pruned GraphModule: a new graph, new tensors; ``analysis.gm`` is left as it was."""
     pruning = Pruning(analysis, drop)
     kept = pruning.param_kept()

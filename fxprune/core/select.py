@@ -1,4 +1,4 @@
-"""Select: scores and a policy become the set of dropped channel classes.
+"""Select: scores and the options (:class:`~fxprune.options.PruneOptions`) become the set of dropped channel classes.
 
 Per group, the lowest-scoring units go first (ties broken by unit order, so selection is deterministic)
 until the group's ratio is met, subject to ``min_keep`` (never below, per group and per tensor dim the
@@ -9,62 +9,23 @@ frozen units. ``global_ranking`` ranks units of all groups together on scores no
 group its own ratio — FLAP's adaptive per-layer ratios with ``normalize="standardize"`` — bounded
 below by ``min_keep_ratio`` (the fraction of its units every group keeps) and ``min_keep``.
 
->>> policy = Policy(0.5, global_ranking=True, normalize="standardize", min_keep_ratio=0.2)
->>> adaptive_ratios(analysis, scores, policy)                     # doctest: +SKIP
+>>> options = PruneOptions(0.5, global_ranking=True, normalize="standardize", min_keep_ratio=0.2)
+>>> adaptive_ratios(analysis, scores, options)                     # doctest: +SKIP
 {'conv1': 0.25, 'layer1.0.conv1': 0.625, ...}
 """
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional
 
 import torch
 
 from fxprune.core.analysis import Analysis
+from fxprune.core.channels import Dropped
 from fxprune.errors import InvalidOptionError
 from fxprune.core.groups import Group
-
-Sparsity = Union[float, Mapping[str, float]]
-#: How scores are made comparable across groups for global ranking.
-NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How many units each group loses."""
-
-    sparsity: Sparsity = 0.5
-    global_ranking: bool = False
-    round_to: int = 1
-    min_keep: int = 1
-    ignore: tuple[str, ...] = field(default_factory=tuple)
-    normalize: str = "mean"
-    """How ``global_ranking`` makes groups' scores comparable (one of :data:`NORMALIZATIONS`)."""
-    min_keep_ratio: float = 0.0
-    """Every group keeps at least this fraction of its units (bounds adaptive ratios)."""
-
-    def __post_init__(self) -> None:
-        check_sparsity(self.sparsity)
-        if self.normalize not in NORMALIZATIONS:
-            raise InvalidOptionError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
-        if isinstance(self.min_keep_ratio, bool) or not isinstance(self.min_keep_ratio, (int, float)) \
-                or not 0 <= self.min_keep_ratio <= 1:
-            raise InvalidOptionError(f"min_keep_ratio must be a float in [0, 1], got {self.min_keep_ratio!r}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise InvalidOptionError(f"round_to must be a positive int, got {self.round_to!r}")
-        if not isinstance(self.min_keep, int) or self.min_keep < 1:
-            raise InvalidOptionError(f"min_keep must be a positive int, got {self.min_keep!r}")
-
-
-def check_sparsity(sparsity: Sparsity) -> None:
-    values = sparsity.items() if isinstance(sparsity, Mapping) else [("sparsity", sparsity)]
-    for name, value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-                or not 0 <= value < 1:
-            raise InvalidOptionError(f"sparsity for {name!r} must be a float in [0, 1), got {value!r}")
-
+from fxprune.options import NORMALIZATIONS, PruneOptions, Sparsity
 
 def module_names(group: Group) -> list[str]:
     """The producer modules of a group (parameter keys without their last part)."""
@@ -75,52 +36,52 @@ def _matches(pattern: str, names: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
-def check_patterns(groups: tuple[Group, ...], policy: Policy) -> None:
+def check_patterns(groups: tuple[Group, ...], options: PruneOptions) -> None:
     """A ratio or ignore pattern that matches no module is a typo: say so."""
     names = [n for g in groups for n in module_names(g)] + [m.key.rsplit(".", 1)[0] for g in groups
                                                             for m in g.members]
-    patterns = list(policy.ignore) + (list(policy.sparsity) if isinstance(policy.sparsity, Mapping) else [])
+    patterns = list(options.ignore) + (list(options.sparsity) if isinstance(options.sparsity, Mapping) else [])
     for pattern in patterns:
         if not _matches(pattern, names):
             raise InvalidOptionError(f"pattern {pattern!r} matches no prunable module; known modules "
                                      f"include {sorted(set(names))[:8]}")
 
 
-def group_ratio(group: Group, policy: Policy) -> float:
+def group_ratio(group: Group, options: PruneOptions) -> float:
     names = module_names(group)
-    if any(_matches(p, names) for p in policy.ignore):
+    if any(_matches(p, names) for p in options.ignore):
         return 0.0
-    if not isinstance(policy.sparsity, Mapping):
-        return float(policy.sparsity)
-    ratios = [r for p, r in policy.sparsity.items() if _matches(p, names)]
+    if not isinstance(options.sparsity, Mapping):
+        return float(options.sparsity)
+    ratios = [r for p, r in options.sparsity.items() if _matches(p, names)]
     return max(ratios) if ratios else 0.0
 
 
-def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
-           counts: Optional[Mapping[str, int]] = None) -> torch.Tensor:
-    """Bool per channel id, true on the roots of dropped classes. ``counts`` ({group name: units to
-    drop}) overrides the policy's count for those groups (an adapter that imposes one width per layer
+def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions,
+           counts: Optional[Mapping[str, int]] = None) -> Dropped:
+    """The dropped classes (:class:`~fxprune.core.channels.Dropped`). ``counts`` ({group name: units to
+    drop}) overrides the options' count for those groups (an adapter that imposes one width per layer
     kind, such as :mod:`fxprune.hf`)."""
     drop = torch.zeros(analysis.solution.root.numel(), dtype=torch.bool)
     segments = _segments(analysis)
     holding = _segments_of_units(segments)
-    budgets = _global_budgets(analysis, scores, policy) if policy.global_ranking else {}
+    budgets = _global_budgets(analysis, scores, options) if options.global_ranking else {}
     for group in analysis.groups:
         if group.name not in scores:
             continue
-        ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
-        count = _drop_count(group, ratio, policy, unit_width(analysis, group))  # global shares get round_to too
+        ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, options)
+        count = _drop_count(group, ratio, options, unit_width(analysis, group))  # global shares get round_to too
         count = counts.get(group.name, count) if counts else count
         mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
-        for unit in _choose(group, scores[group.name], count, mine, policy.min_keep):
+        for unit in _choose(group, scores[group.name], count, mine, options.min_keep):
             drop[unit] = True
-    return drop
+    return Dropped(drop)
 
 
-def _drop_count(group: Group, ratio: float, policy: Policy, width: int) -> int:
+def _drop_count(group: Group, ratio: float, options: PruneOptions, width: int) -> int:
     keep = group.size - math.floor(ratio * group.size + 1e-9)
-    keep = round_up_units(keep, policy.round_to, width)
-    keep = min(group.size, max(policy.min_keep, _min_keep_of(group, policy), keep))
+    keep = round_up_units(keep, options.round_to, width)
+    keep = min(group.size, max(options.min_keep, _min_keep_of(group, options), keep))
     return max(0, group.size - max(keep, len(group.frozen_units)))
 
 
@@ -202,20 +163,20 @@ def _segments_of_units(segments: list[frozenset]) -> dict[int, list[int]]:
     return holding
 
 
-def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict:
+def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions) -> dict:
     """Rank all units together on normalised scores; each group's share of the drops."""
     entries = []
     for group in analysis.groups:
-        if group.name in scores and group_ratio(group, policy) > 0:
-            norm = normalize_scores(scores[group.name], policy.normalize)
+        if group.name in scores and group_ratio(group, options) > 0:
+            norm = normalize_scores(scores[group.name], options.normalize)
             entries += [(v, group.name, i) for i, v in enumerate(norm.tolist())]
-    total = sum(g.size for g in analysis.groups if g.name in scores and group_ratio(g, policy) > 0)
-    if isinstance(policy.sparsity, Mapping):  # the mapping's groups share the drops it asks for in all
-        budget = sum(math.floor(group_ratio(g, policy) * g.size + 1e-9) for g in analysis.groups if g.name in scores)
+    total = sum(g.size for g in analysis.groups if g.name in scores and group_ratio(g, options) > 0)
+    if isinstance(options.sparsity, Mapping):  # the mapping's groups share the drops it asks for in all
+        budget = sum(math.floor(group_ratio(g, options) * g.size + 1e-9) for g in analysis.groups if g.name in scores)
     else:
-        budget = math.floor(float(policy.sparsity) * total + 1e-9)
+        budget = math.floor(float(options.sparsity) * total + 1e-9)
     counts: dict[str, int] = {g.name: 0 for g in analysis.groups}
-    sizes = {g.name: g.size - max(policy.min_keep, _min_keep_of(g, policy), len(g.frozen_units))
+    sizes = {g.name: g.size - max(options.min_keep, _min_keep_of(g, options), len(g.frozen_units))
              for g in analysis.groups}
     for _, name, _ in sorted(entries):
         if budget == 0:
@@ -226,8 +187,8 @@ def _global_budgets(analysis: Analysis, scores: Mapping[str, torch.Tensor], poli
     return counts
 
 
-def _min_keep_of(group: Group, policy: Policy) -> int:
-    return math.ceil(policy.min_keep_ratio * group.size - 1e-9)
+def _min_keep_of(group: Group, options: PruneOptions) -> int:
+    return math.ceil(options.min_keep_ratio * group.size - 1e-9)
 
 
 def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -256,13 +217,13 @@ def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
     raise InvalidOptionError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
 
 
-def adaptive_ratios(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy) -> dict[str, float]:
-    """The fraction of its units each scored group loses under ``policy`` (global ranking gives each
+def adaptive_ratios(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions) -> dict[str, float]:
+    """The fraction of its units each scored group loses under ``options`` (global ranking gives each
     group its own; ``round_to`` and the keep bounds applied)."""
-    budgets = _global_budgets(analysis, scores, policy) if policy.global_ranking else {}
+    budgets = _global_budgets(analysis, scores, options) if options.global_ranking else {}
     out = {}
     for group in analysis.groups:
         if group.name in scores:
-            ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, policy)
-            out[group.name] = _drop_count(group, ratio, policy, unit_width(analysis, group)) / group.size
+            ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, options)
+            out[group.name] = _drop_count(group, ratio, options, unit_width(analysis, group)) / group.size
     return out

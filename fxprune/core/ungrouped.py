@@ -37,7 +37,7 @@ DIM_GAP = "no producer opens them"
 DEAD = "read by no node (a dead get_attr)"
 
 
-def read_tensors(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor, fx.Node]]:
+def graph_tensors(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor, fx.Node]]:
     """Every (name, tensor, first node reading it) of ``gm``: get_attr tensors and called modules'
     parameters and buffers, in graph order, each name once."""
     seen: set[str] = set()
@@ -66,7 +66,7 @@ def ungrouped(analysis: "Analysis") -> dict[str, str]:
     grouped = {analysis.canonical(m.key) for g in analysis.groups for m in g.members}
     loose = _loose_classes(analysis)
     out: dict[str, str] = {}
-    for name, tensor, node in read_tensors(analysis.gm):
+    for name, tensor, node in graph_tensors(analysis.gm):
         key = analysis.canonical(name)
         if key in out:
             continue
@@ -131,7 +131,7 @@ def silent_gaps(analysis: "Analysis") -> dict[str, str]:
     listed = ungrouped(analysis)
     grouped = {analysis.canonical(m.key) for g in analysis.groups for m in g.members}
     out: dict[str, str] = {}
-    for name, tensor, _ in read_tensors(analysis.gm):
+    for name, tensor, _ in graph_tensors(analysis.gm):
         key = analysis.canonical(name)
         reason = listed.get(key)
         if key not in grouped and reason is None:

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.errors import VerificationError
 from fxprune.core.graph import MaskSite, insert_masks, meta_value
@@ -72,7 +73,7 @@ class VerifyReport:
                 f"drift from the original {self.max_abs_drift:.3g} (rel {self.max_rel_drift:.3g}){quantizers}")
 
 
-def reference_model(analysis: Analysis, drop: torch.Tensor,
+def reference_model(analysis: Analysis, drop: Dropped,
                     replaced: Optional[dict[str, torch.Tensor]] = None) -> fx.GraphModule:
     """The original graph with every dropped channel's consumer inputs zeroed and every normalisation's
     statistics over kept positions only; ``replaced`` swaps in other tensors (folded biases)."""
@@ -226,7 +227,7 @@ def quantizer_state_mismatch(original: torch.nn.Module, pruned: torch.nn.Module,
     return ""
 
 
-def output_masks(analysis: Analysis, drop: torch.Tensor) -> list[list[Optional[torch.Tensor]]]:
+def output_masks(analysis: Analysis, drop: Dropped) -> list[list[Optional[torch.Tensor]]]:
     """Kept positions per dim of each output leaf (all None when outputs are fixed interfaces)."""
     pruning = Pruning(analysis, drop)
     output = next(n for n in analysis.gm.graph.nodes if n.op == "output")

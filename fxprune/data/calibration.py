@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fxprune.core.capture import MutableArgs
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
+from fxprune.progress import progress_bar
 
 Selector = Union[None, int, str, Sequence[Union[int, str]], Callable[[Any], Any]]
 
@@ -366,7 +367,8 @@ def run_batches(gm: fx.GraphModule, calibration: Any, watched: set[str],
     batches = 0
     with torch.no_grad(), eval_mode(gm):
         pairs = calibration.pairs(len(expected), allow_empty=is_distributed())  # checked over all ranks
-        for index, inputs, _ in _progress(pairs, progress, calibration):
+        for index, inputs, _ in progress_bar(pairs, progress, desc="calibration", unit="batch",
+                                                   total=calibration.max_batches):
             check_batch(inputs, expected, index)
 
             def watch(node: fx.Node, value: Any, index: int = index) -> None:
@@ -421,13 +423,6 @@ def check_finite(node: fx.Node, value: Any, index: int) -> None:
         from fxprune.core.graph import describe_target
         raise NonFiniteActivationError(f"calibration batch {index} gives non-finite values at node "
                                        f"{node.name!r} ({describe_target(node)})")
-
-
-def _progress(items: Iterator, progress: bool, calibration: Calibration) -> Iterator:
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-    return tqdm(items, desc="calibration", unit="batch", total=calibration.max_batches, leave=False)
 
 
 def _device_of(gm: fx.GraphModule) -> torch.device:
@@ -491,14 +486,14 @@ def _add_gram(sums: Sums, site: GramSite, value: torch.Tensor) -> None:
 
 def calibration_sites(analysis: Any) -> list[Site]:
     """The nodes whose channels the criteria read: each producer's output and each consumer's input
-    (conv/linear, from the analysis' foldable consumers), along their channel dim."""
+    (conv/linear, from the analysis' weighted consumers), along their channel dim."""
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
     out: dict[tuple[str, int], Site] = {}
     for producer in analysis.producers:
         dim = _channel_dim(analysis, nodes[producer.node], analysis.params[producer.key][producer.dim])
         if dim is not None:
             out.setdefault((producer.node, dim), _site(nodes[producer.node], dim))
-    for consumer in analysis.foldables:
+    for consumer in analysis.weighted_consumers:
         if consumer.input in nodes:
             out.setdefault((consumer.input, consumer.channel_dim), _site(nodes[consumer.input], consumer.channel_dim))
     return _one_per_node(list(out.values()))
@@ -536,7 +531,7 @@ def gram_sites(analysis: Any, nodes: Optional[Iterable[str]] = None) -> list[Gra
     by_name = {n.name: n for n in analysis.gm.graph.nodes}
     wanted = None if nodes is None else set(nodes)
     out = []
-    for consumer in analysis.foldables:
+    for consumer in analysis.weighted_consumers:
         if wanted is not None and consumer.node not in wanted:
             continue
         site = _gram_site(analysis, by_name[consumer.node], consumer)

@@ -1,5 +1,9 @@
 """Score: importance functions are pure, ``(group, tensors[, evidence]) -> one score per unit``.
 
+Every criterion is one :class:`CriterionSpec` record in :data:`CRITERION_SPECS`: its name, what it
+reads (weights, activations or gradients), how its evidence is gathered and how a group is scored.
+Adding a criterion is one record and its tests; the name lists below are read from the table.
+
 Weight criteria read the group's *producer* members (a conv's output filters, an LSTM unit's gate
 rows); a unit spread over several positions (a flattened channel, a shuffled pair) sums them, and
 members are reduced with ``mean`` (default), ``sum`` or ``max``. Lower scores are pruned first.
@@ -23,6 +27,7 @@ columns: ``wanda`` and ``flap`` then read its producers' outputs and rows instea
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -31,24 +36,15 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from fxprune.core.analysis import Analysis
-from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.core.groups import Group
+from fxprune.errors import CalibrationError, InvalidOptionError
+from fxprune.options import DEFAULT_CRITERION  # noqa: F401  (re-exported: one default, in the options module)
+from fxprune.progress import progress_bar
 
 Criterion = Union[str, Callable[..., torch.Tensor]]
-#: Criteria that read weights only.
-WEIGHT_CRITERIA = ("l1", "l2", "fpgm", "bn_scale", "random", "group_magnitude")
-#: Criteria that read calibration statistics (``calibration=`` required).
-ACTIVATION_CRITERIA = ("activation", "wanda", "flap")
-#: Criteria that read gradients of a loss (``loss_fn=`` and ``calibration=``; ``taylor`` also ``batch=``).
-GRADIENT_CRITERIA = ("taylor", "hessian")
-#: Every criterion by name: the one list the API, the passes and the CLI offer.
-CRITERIA = WEIGHT_CRITERIA + ACTIVATION_CRITERIA + GRADIENT_CRITERIA
-#: Criteria that need calibration data.
-DATA_CRITERIA = ACTIVATION_CRITERIA + GRADIENT_CRITERIA
-#: What ``prune``, the passes and the CLI use unless told otherwise: a unit's whole group votes, not its
-#: producers alone, which keeps far more accuracy than ``l1`` on ``benchmarks/bench_quality.py``'s CNN.
-from fxprune.options import DEFAULT_CRITERION  # noqa: E402  (one default, in the options module)
 REDUCTIONS = ("mean", "sum", "max")
+#: What a criterion reads besides nothing: the one vocabulary of :attr:`CriterionSpec.reads`.
+READS = ("weights", "activations", "gradients")
 
 
 @dataclass(frozen=True)
@@ -61,6 +57,47 @@ class Evidence:
     """:class:`fxprune.data.calibration.Statistics` for ``activation``, ``wanda`` and ``flap``."""
 
 
+@dataclass(frozen=True)
+class CriterionSpec:
+    """One importance criterion, declared once.
+
+    >>> CRITERION_SPECS["wanda"].reads
+    'activations'
+    """
+
+    name: str
+    """The name the API, the passes and the CLI accept."""
+    reads: str
+    """``"weights"``, ``"activations"`` (needs ``calibration=``) or ``"gradients"`` (needs ``calibration=``
+    and ``loss_fn=``)."""
+    doc: str
+    """One line for ``--help`` and the docs."""
+    score: Callable[..., torch.Tensor]
+    """``(analysis, group, evidence, reduce, seed, name) -> float64 scores, one per unit``."""
+    gather: Optional[Callable[..., Evidence]] = None
+    """``(analysis, calibration, loss_fn, batch, progress) -> Evidence``; ``None``: weights only."""
+    one_batch: bool = False
+    """``batch=(inputs, target)`` may stand in for ``calibration=`` (``taylor``'s one-batch form)."""
+
+    def check_data(self, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple]) -> None:
+        """A data-aware criterion without its data is an error naming the missing option."""
+        if self.reads == "activations" and calibration is None:
+            raise InvalidOptionError(f"criterion {self.name!r} reads activations: it needs calibration=<batches> "
+                                     f"(a DataLoader, a list of tensors, or fxprune.Calibration(...))")
+        if self.reads != "gradients" or (loss_fn is not None and (calibration is not None or
+                                                                  (self.one_batch and batch is not None))):
+            return
+        missing = [n for n, v in (("calibration", calibration), ("loss_fn", loss_fn)) if v is None]
+        raise InvalidOptionError(f"criterion {self.name!r} needs {' and '.join(missing)}: "
+                                 f"calibration=<batches of (inputs, target)> and loss_fn=(output, "
+                                 f"target) -> loss" + (" (or batch=(inputs, target) for one batch)"
+                                                       if self.one_batch else ""))
+
+
+def _named(reads: str) -> tuple[str, ...]:
+    return tuple(name for name, spec in CRITERION_SPECS.items() if spec.reads == reads)
+
+
 def check_criterion(criterion: Any, reduce: str = "mean") -> None:
     if not callable(criterion) and criterion not in CRITERIA:
         raise InvalidOptionError(f"unknown criterion {criterion!r}; expected one of {CRITERIA} or a "
@@ -70,19 +107,11 @@ def check_criterion(criterion: Any, reduce: str = "mean") -> None:
 
 
 def check_data(criterion: Any, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple]) -> None:
-    """A data-aware criterion without its data is an error naming the missing option."""
-    if criterion == "taylor" and loss_fn is not None and (calibration is not None or batch is not None):
-        return
-    if criterion in GRADIENT_CRITERIA:
-        if calibration is None or loss_fn is None:
-            missing = [n for n, v in (("calibration", calibration), ("loss_fn", loss_fn)) if v is None]
-            raise InvalidOptionError(f"criterion {criterion!r} needs {' and '.join(missing)}: "
-                                     f"calibration=<batches of (inputs, target)> and loss_fn=(output, "
-                                     f"target) -> loss" + (" (or batch=(inputs, target) for one batch)"
-                                                           if criterion == "taylor" else ""))
-    if criterion in ACTIVATION_CRITERIA and calibration is None:
-        raise InvalidOptionError(f"criterion {criterion!r} reads activations: it needs calibration=<batches> "
-                                 f"(a DataLoader, a list of tensors, or fxprune.Calibration(...))")
+    """A data-aware criterion without its data is an error naming the missing option (a callable
+    or an unknown name needs nothing here: :func:`check_criterion` judges names)."""
+    spec = CRITERION_SPECS.get(criterion) if isinstance(criterion, str) else None
+    if spec is not None:
+        spec.check_data(calibration, loss_fn, batch)
 
 
 def gather_evidence(analysis: Analysis, criterion: Any, calibration: Any = None,
@@ -90,18 +119,11 @@ def gather_evidence(analysis: Analysis, criterion: Any, calibration: Any = None,
                     progress: bool = False) -> Evidence:
     """Run the calibration data through ``analysis.gm`` for what ``criterion`` reads (nothing for a
     weight criterion)."""
-    from fxprune.data import calibration as calib  # the calibration stage imports the capture stack lazily
     check_data(criterion, calibration, loss_fn, batch)
-    if criterion in ACTIVATION_CRITERIA:
-        return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis),
-                                                 progress=progress))
-    if criterion == "taylor":
-        if calibration is None:
-            return Evidence(gradients=taylor_gradients(analysis.gm, loss_fn, batch))
-        return Evidence(gradients=accumulated_gradients(analysis.gm, loss_fn, calibration, progress))
-    if criterion == "hessian":
-        return Evidence(gradients=fisher_diagonal(analysis.gm, loss_fn, calibration, progress))
-    return Evidence()
+    spec = CRITERION_SPECS.get(criterion) if isinstance(criterion, str) else None
+    if spec is None or spec.gather is None:
+        return Evidence()
+    return spec.gather(analysis, calibration, loss_fn, batch, progress)
 
 
 def score_groups(analysis: Analysis, groups: tuple[Group, ...], criterion: Criterion,
@@ -121,33 +143,60 @@ def score_group(analysis: Analysis, group: Group, criterion: Criterion, reduce: 
                 evidence: Optional[Evidence] = None) -> torch.Tensor:
     evidence = evidence if evidence is not None else Evidence(gradients=gradients)
     if callable(criterion):
-        tensors = {m.key: analysis.tensor(m.key) for m in group.members}
-        scores = torch.as_tensor(criterion(group, tensors), dtype=torch.float64)
-        if scores.shape != (group.size,):
-            raise InvalidOptionError(f"criterion {getattr(criterion, '__name__', criterion)!r} returned "
-                                     f"shape {tuple(scores.shape)} for group {group.name!r}; expected ({group.size},)")
-        return scores
-    if criterion == "random":
-        gen = torch.Generator().manual_seed(seed + zlib.crc32(group.name.encode()))
-        return torch.rand(group.size, generator=gen, dtype=torch.float64)
+        return _user_scores(analysis, group, criterion)
+    spec = CRITERION_SPECS.get(criterion)
+    if spec is None:
+        raise InvalidOptionError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
+    return spec.score(analysis, group, evidence, reduce, seed, spec.name)
+
+
+def _user_scores(analysis: Analysis, group: Group, criterion: Callable) -> torch.Tensor:
+    tensors = {m.key: analysis.tensor(m.key) for m in group.members}
+    scores = torch.as_tensor(criterion(group, tensors), dtype=torch.float64)
+    if scores.shape != (group.size,):
+        raise InvalidOptionError(f"criterion {getattr(criterion, '__name__', criterion)!r} returned "
+                                 f"shape {tuple(scores.shape)} for group {group.name!r}; expected ({group.size},)")
+    return scores
+
+
+# --- group scorers: how a record scores a group -----------------------------------------------------
+def _random_scores(analysis: Analysis, group: Group, evidence: Evidence, reduce: str, seed: int,
+                   name: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + zlib.crc32(group.name.encode()))
+    return torch.rand(group.size, generator=gen, dtype=torch.float64)
+
+
+def _by_members(members: Callable[[Analysis, Group], list], position: Callable[..., torch.Tensor]
+                ) -> Callable[..., torch.Tensor]:
+    """A group scorer that scores each of ``members(analysis, group)`` position by position with
+    ``position(analysis, member, evidence, name)``, sums positions into units and reduces members."""
+    return functools.partial(_member_reduced, members, position)
+
+
+def _member_reduced(members: Callable, position: Callable, analysis: Analysis, group: Group,
+                    evidence: Evidence, reduce: str, seed: int, name: str) -> torch.Tensor:
     lookup = _unit_lookup(analysis, group)
-    if criterion in ACTIVATION_CRITERIA:
-        return _activation_scores(analysis, group, lookup, criterion, evidence.statistics, reduce)
-    members = _scored_members(analysis, group, criterion)
-    per_member = [_member_scores(analysis, group, lookup, m, criterion, evidence.gradients) for m in members]
+    per_member = [_to_units(position(analysis, m, evidence, name).cpu(),
+                            _unit_index(analysis, lookup, m.key, m.dim), group.size)
+                  for m in members(analysis, group)]
     return _reduce(per_member, reduce, group.size)
 
 
-def _scored_members(analysis: Analysis, group: Group, criterion: str) -> list:
-    if criterion == "bn_scale":
-        scales = [m for m in group.members if not m.producer and m.key.endswith(".weight")
-                  and analysis.tensor(m.key).dim() == 1]
-        if scales:
-            return scales
-    if criterion == "group_magnitude":  # every weight member; a group of buffers only: its producers
-        return [m for m in group.members if _is_weight(analysis, m.key)] or \
-            [m for m in group.members if m.producer]
+# --- which members a criterion reads ----------------------------------------------------------------
+def _producers(analysis: Analysis, group: Group) -> list:
     return [m for m in group.members if m.producer]
+
+
+def _norm_scales(analysis: Analysis, group: Group) -> list:
+    """``bn_scale``: the group's norm scales (1-d weights outside its producers), else its producers."""
+    scales = [m for m in group.members if not m.producer and m.key.endswith(".weight")
+              and analysis.tensor(m.key).dim() == 1]
+    return scales or _producers(analysis, group)
+
+
+def _weights(analysis: Analysis, group: Group) -> list:
+    """``group_magnitude``: every weight member; a group of buffers only: its producers."""
+    return [m for m in group.members if _is_weight(analysis, m.key)] or _producers(analysis, group)
 
 
 def _is_weight(analysis: Analysis, key: str) -> bool:
@@ -157,6 +206,46 @@ def _is_weight(analysis: Analysis, key: str) -> bool:
     if not isinstance(tensor, torch.nn.Parameter) or not tensor.is_floating_point():
         return False
     return tensor.dim() >= 2 or key.rsplit(".", 1)[-1] == "weight"
+
+
+# --- per-position scores of one member --------------------------------------------------------------
+def _norm_positions(order: int, analysis: Analysis, member: Any, evidence: Evidence, name: str) -> torch.Tensor:
+    """The ``order``-norm of each slice (no copy: reduced in place)."""
+    return _slice_norms(analysis.tensor(member.key).detach(), member.dim, order)
+
+
+def _squared_positions(analysis: Analysis, member: Any, evidence: Evidence, name: str) -> torch.Tensor:
+    """``Σ w²`` per slice."""
+    position = _slice_norms(analysis.tensor(member.key).detach(), member.dim, 2)
+    return position * position
+
+
+def _fpgm_positions(analysis: Analysis, member: Any, evidence: Evidence, name: str) -> torch.Tensor:
+    # distance to all other filters: the ones nearest the geometric median are the most replaceable
+    rows = _rows(analysis, member.key, member.dim).double()
+    return torch.cdist(rows[None], rows[None])[0].sum(1)
+
+
+def _taylor_positions(analysis: Analysis, member: Any, evidence: Evidence, name: str) -> torch.Tensor:
+    """``Σ |w · ∂L/∂w|`` per row."""
+    rows, grad = _rows_and_gradient(analysis, member, evidence, name)
+    return torch.linalg.vector_norm(rows * grad, ord=1, dim=1).double()
+
+
+def _hessian_positions(analysis: Analysis, member: Any, evidence: Evidence, name: str) -> torch.Tensor:
+    """``Σ w² · F`` per row."""
+    rows, fisher = _rows_and_gradient(analysis, member, evidence, name)
+    return torch.linalg.vector_norm(rows * rows * fisher, ord=1, dim=1).double()
+
+
+def _rows_and_gradient(analysis: Analysis, member: Any, evidence: Evidence, name: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    gradients = evidence.gradients
+    if gradients is None or member.key not in gradients:
+        raise InvalidOptionError(f"criterion {name!r} needs loss_fn and calibration data")
+    rows = _rows(analysis, member.key, member.dim)
+    grad = gradients[member.key].detach().to(rows.dtype).movedim(member.dim, 0).reshape(rows.shape)
+    return rows, grad
 
 
 def _unit_lookup(analysis: Analysis, group: Group) -> dict[int, int]:
@@ -172,27 +261,6 @@ def _unit_index(analysis: Analysis, lookup: dict[int, int], key: str, dim: int) 
 def _index_of(analysis: Analysis, lookup: dict[int, int], ids: torch.Tensor) -> torch.Tensor:
     roots = analysis.solution.root[ids].tolist()
     return torch.tensor([lookup.get(r, -1) for r in roots], dtype=torch.long)
-
-
-#: Norm order per position of the criteria that read one tensor's slices (no copy: reduced in place).
-_NORMS = {"l1": 1, "bn_scale": 1, "l2": 2, "group_magnitude": 2}
-
-
-def _member_scores(analysis: Analysis, group: Group, lookup: dict[int, int], member: Any,
-                   criterion: str, gradients: Optional[dict]) -> torch.Tensor:
-    if criterion in _NORMS:
-        position = _slice_norms(analysis.tensor(member.key).detach(), member.dim, _NORMS[criterion])
-        if criterion == "group_magnitude":
-            position = position * position  # Σw² per slice
-        return _to_units(position.cpu(), _unit_index(analysis, lookup, member.key, member.dim), group.size)
-    rows = _rows(analysis, member.key, member.dim)
-    if criterion in GRADIENT_CRITERIA:
-        if gradients is None or member.key not in gradients:
-            raise InvalidOptionError(f"criterion {criterion!r} needs loss_fn and calibration data")
-        grad = gradients[member.key].detach().to(rows.dtype).movedim(member.dim, 0).reshape(rows.shape)
-        rows = rows * grad if criterion == "taylor" else rows * rows * grad  # hessian: w² · F
-    position = _position_scores(rows, criterion).cpu()  # one score per row: small, and on the CPU
-    return _to_units(position, _unit_index(analysis, lookup, member.key, member.dim), group.size)
 
 
 def _slice_norms(tensor: torch.Tensor, dim: int, order: int) -> torch.Tensor:
@@ -230,37 +298,44 @@ def _to_units(position: torch.Tensor, index: torch.Tensor, size: int) -> torch.T
     return out
 
 
-def _position_scores(rows: torch.Tensor, criterion: str) -> torch.Tensor:
-    if criterion in ("l1", "bn_scale", "taylor", "hessian"):
-        return torch.linalg.vector_norm(rows, ord=1, dim=1).double()
-    if criterion == "l2":
-        return torch.linalg.vector_norm(rows, ord=2, dim=1).double()
-    if criterion == "group_magnitude":
-        return rows.double().pow(2).sum(1)
-    if criterion == "fpgm":
-        # distance to all other filters: the ones nearest the geometric median are the most replaceable
-        rows = rows.double()
-        return torch.cdist(rows[None], rows[None])[0].sum(1)
-    raise InvalidOptionError(f"unknown criterion {criterion!r}")
-
-
 # --- activation-aware criteria --------------------------------------------------------------------
-def _activation_scores(analysis: Analysis, group: Group, lookup: dict[int, int], criterion: str,
-                       statistics: Any, reduce: str) -> torch.Tensor:
-    if statistics is None:
-        raise InvalidOptionError(f"criterion {criterion!r} needs calibration data")
-    consumers = [c for c in analysis.foldables if _in_group(analysis, lookup, c.weight, c.in_dim)
-                 and _site_matches(statistics, c.input, c.channel_dim)]
-    if criterion == "activation":
-        sites = [(c.input, c.channel_dim) for c in consumers] or _producer_sites(analysis, group, statistics)
-        return _mean_abs(analysis, lookup, statistics, dict.fromkeys(sites), group.size)
+def _activation_scores(analysis: Analysis, group: Group, evidence: Evidence, reduce: str, seed: int,
+                       name: str) -> torch.Tensor:
+    """``activation``: mean ``|x|`` of the unit where its consumers read it (else at its producers)."""
+    statistics, lookup = _statistics(evidence, name), _unit_lookup(analysis, group)
+    consumers = _watched_consumers(analysis, lookup, statistics)
+    sites = [(c.input, c.channel_dim) for c in consumers] or _producer_sites(analysis, group, statistics)
+    return _mean_abs(analysis, lookup, statistics, dict.fromkeys(sites), group.size)
+
+
+def _weighted_activation_scores(position: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A group scorer that weighs each consumer column (or producer row) of the unit by its watched
+    activation with ``position(rows, statistics, node)``: ``wanda`` and ``flap``."""
+    return functools.partial(_consumer_scores, position)
+
+
+def _consumer_scores(position: Callable, analysis: Analysis, group: Group, evidence: Evidence, reduce: str,
+                     seed: int, name: str) -> torch.Tensor:
+    statistics, lookup = _statistics(evidence, name), _unit_lookup(analysis, group)
+    consumers = _watched_consumers(analysis, lookup, statistics)
     if consumers:
-        per = [_consumer_score(analysis, lookup, statistics, c.weight, c.in_dim, c.input, criterion, group.size)
+        per = [_consumer_score(analysis, lookup, statistics, c.weight, c.in_dim, c.input, position, group.size)
                for c in consumers]
     else:  # no conv/linear reads these units (attention queries/keys): their producers' outputs
-        per = [_consumer_score(analysis, lookup, statistics, m.key, m.dim, node, criterion, group.size)
+        per = [_consumer_score(analysis, lookup, statistics, m.key, m.dim, node, position, group.size)
                for m, node in _producer_members(analysis, group, statistics)]
     return _reduce(per, reduce, group.size)
+
+
+def _statistics(evidence: Evidence, name: str) -> Any:
+    if evidence.statistics is None:
+        raise InvalidOptionError(f"criterion {name!r} needs calibration data")
+    return evidence.statistics
+
+
+def _watched_consumers(analysis: Analysis, lookup: dict[int, int], statistics: Any) -> list:
+    return [c for c in analysis.weighted_consumers if _in_group(analysis, lookup, c.weight, c.in_dim)
+            and _site_matches(statistics, c.input, c.channel_dim)]
 
 
 def _in_group(analysis: Analysis, lookup: dict[int, int], key: str, dim: int) -> bool:
@@ -305,15 +380,21 @@ def _mean_abs(analysis: Analysis, lookup: dict[int, int], statistics: Any, sites
 
 
 def _consumer_score(analysis: Analysis, lookup: dict[int, int], statistics: Any, key: str, dim: int,
-                    node: str, criterion: str, size: int) -> torch.Tensor:
-    """``wanda``: ``Σ|W| · ‖X‖₂``; ``flap``: ``‖W‖² · Var(X)`` per position of ``key``'s ``dim``, read
-    against the watched activation of ``node`` (the consumer's input, or the producer's output)."""
+                    node: str, position: Callable, size: int) -> torch.Tensor:
+    """``position``'s score per position of ``key``'s ``dim``, read against the watched activation of
+    ``node`` (the consumer's input, or the producer's output)."""
     rows = _rows(analysis, key, dim).double().cpu()
-    if criterion == "wanda":
-        position = rows.abs().sum(1) * statistics.l2(node)
-    else:
-        position = rows.pow(2).sum(1) * statistics.var(node)
-    return _to_units(position, _unit_index(analysis, lookup, key, dim), size)
+    return _to_units(position(rows, statistics, node), _unit_index(analysis, lookup, key, dim), size)
+
+
+def _wanda_positions(rows: torch.Tensor, statistics: Any, node: str) -> torch.Tensor:
+    """``Σ|W| · ‖X‖₂``"""
+    return rows.abs().sum(1) * statistics.l2(node)
+
+
+def _flap_positions(rows: torch.Tensor, statistics: Any, node: str) -> torch.Tensor:
+    """``‖W‖² · Var(X)``"""
+    return rows.pow(2).sum(1) * statistics.var(node)
 
 
 def _reduce(per_member: list[torch.Tensor], reduce: str, size: int) -> torch.Tensor:
@@ -325,6 +406,27 @@ def _reduce(per_member: list[torch.Tensor], reduce: str, size: int) -> torch.Ten
     if reduce == "max":
         return stacked.max(0).values
     return stacked.mean(0)
+
+
+# --- gathering evidence: how a record reads the calibration data -----------------------------------
+def _gather_statistics(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
+                       progress: bool) -> Evidence:
+    from fxprune.data import calibration as calib  # the calibration stage imports the capture stack lazily
+    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis),
+                                             progress=progress))
+
+
+def _gather_gradients(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
+                      progress: bool) -> Evidence:
+    """``∂L/∂w`` summed over the calibration set, or on ``batch`` alone when there is no set."""
+    if calibration is None:
+        return Evidence(gradients=taylor_gradients(analysis.gm, loss_fn, batch))
+    return Evidence(gradients=accumulated_gradients(analysis.gm, loss_fn, calibration, progress))
+
+
+def _gather_fisher(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
+                   progress: bool) -> Evidence:
+    return Evidence(gradients=fisher_diagonal(analysis.gm, loss_fn, calibration, progress))
 
 
 # --- gradients ------------------------------------------------------------------------------------
@@ -387,8 +489,8 @@ def _sum_over_batches(gm: torch.nn.Module, calibration: Any, per_batch: Callable
     expected = placeholder_shapes(gm)
     sums, batches = Sums(), 0
     with eval_mode(gm):
-        for index, inputs, target in _maybe_progress(calibration.pairs(len(expected), is_distributed()),
-                                                     progress):
+        for index, inputs, target in progress_bar(calibration.pairs(len(expected), is_distributed()), progress,
+                                                     desc="gradients", unit="batch"):
             check_batch(inputs, expected, index)
             chunks = split_batch(inputs + (target,), fixed_batch_size(gm) if split else None, index) \
                 if isinstance(target, torch.Tensor) else [inputs + (target,)]
@@ -422,8 +524,37 @@ def _run_gradient(per_batch: Callable, inputs: tuple, target: Any, index: int) -
     return grads
 
 
-def _maybe_progress(items: Any, progress: bool) -> Any:
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-    return tqdm(items, desc="gradients", unit="batch", leave=False)
+#: Every criterion, in the order the API, the passes and the CLI list them.
+CRITERION_SPECS: dict[str, CriterionSpec] = {spec.name: spec for spec in (
+    CriterionSpec("l1", "weights", "Σ|w| of each unit's producer slices",
+                  _by_members(_producers, functools.partial(_norm_positions, 1))),
+    CriterionSpec("l2", "weights", "‖w‖₂ of each unit's producer slices",
+                  _by_members(_producers, functools.partial(_norm_positions, 2))),
+    CriterionSpec("fpgm", "weights", "distance of each producer filter to the others (geometric median)",
+                  _by_members(_producers, _fpgm_positions)),
+    CriterionSpec("bn_scale", "weights", "|γ| of the group's norm scales (network slimming)",
+                  _by_members(_norm_scales, functools.partial(_norm_positions, 1))),
+    CriterionSpec("random", "weights", "uniform random, seeded by seed= and the group's name", _random_scores),
+    CriterionSpec("group_magnitude", "weights", "Σw² per unit over every weight member of the group",
+                  _by_members(_weights, _squared_positions)),
+    CriterionSpec("activation", "activations", "mean |x| of the unit at its consumers' inputs",
+                  _activation_scores, _gather_statistics),
+    CriterionSpec("wanda", "activations", "Σ|W|·‖X‖₂ over the unit's consumer columns (structured Wanda)",
+                  _weighted_activation_scores(_wanda_positions), _gather_statistics),
+    CriterionSpec("flap", "activations", "Var(X)·‖W‖² over the unit's consumer columns (FLAP)",
+                  _weighted_activation_scores(_flap_positions), _gather_statistics),
+    CriterionSpec("taylor", "gradients", "Σ|w·∂L/∂w| with the gradient summed over the calibration set",
+                  _by_members(_producers, _taylor_positions), _gather_gradients, one_batch=True),
+    CriterionSpec("hessian", "gradients", "Σw²·F with F the diagonal empirical Fisher",
+                  _by_members(_producers, _hessian_positions), _gather_fisher),
+)}
+#: Every criterion by name: the one list the API, the passes and the CLI offer.
+CRITERIA = tuple(CRITERION_SPECS)
+#: Criteria that read weights only.
+WEIGHT_CRITERIA = _named("weights")
+#: Criteria that read calibration statistics (``calibration=`` required).
+ACTIVATION_CRITERIA = _named("activations")
+#: Criteria that read gradients of a loss (``loss_fn=`` and ``calibration=``; ``taylor`` also ``batch=``).
+GRADIENT_CRITERIA = _named("gradients")
+#: Criteria that need calibration data.
+DATA_CRITERIA = ACTIVATION_CRITERIA + GRADIENT_CRITERIA

@@ -26,6 +26,11 @@ Each layer of :func:`reconstruct` reads the calibration data once (both models r
 only); what it holds is one batch of activations plus one Gram matrix and its cross moments. All
 moments are :class:`~fxprune.data.calibration.Sums`, so they add over ``torch.distributed`` ranks.
 
+Each repair is one :class:`RecoveryStep` record in :data:`RECOVERY_STEPS` (name, short names, whether it
+compares with the original model, how it runs): ``fxprune.prune(recover=...)`` and the recovery passes
+(:mod:`fxprune.passes.recovery_data`, one registered pass per record, of the same name) both dispatch
+through it. Adding a repair is one function, one record, one pass class and their tests.
+
 >>> result = fxprune.prune(model, (x,), sparsity=0.5, calibration=loader,
 ...                        recover=("reconstruct", "batchnorm"))              # doctest: +SKIP
 >>> print(result.recovery[0])                                                  # doctest: +SKIP
@@ -38,27 +43,26 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.graph import describe_target, free_attribute, set_aten_bias, tensor_at
-from fxprune.core.opcall import Foldable
+from fxprune.core.opcall import WeightedConsumer
 from fxprune.data.calibration import (GramSite, Site, Sums, as_calibration, check_batch, check_finite, collect,
                           conv_unfold, eval_mode, fixed_batch_size, gram_features, placeholder_shapes,
                           split_batch)
 from fxprune.core.capture import MutableArgs, graph_level, node_values
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
+from fxprune.progress import progress_bar
 from fxprune.core.rewrite import Pruning
 
 aten = torch.ops.aten
 
-#: ``recover=`` names, in the order a user would usually run them.
-RECOVERY_STEPS = ("compensate-bias", "reconstruct", "recalibrate-batchnorm")
-_ALIASES = {"batchnorm": "recalibrate-batchnorm", "bn": "recalibrate-batchnorm", "bias": "compensate-bias"}
 _BATCH_NORM_OPS = {aten.batch_norm.default: 7, aten._native_batch_norm_legit_no_training.default: 6}
 
 
@@ -108,19 +112,6 @@ class RecoveryReport:
         return "\n".join(lines)
 
 
-def recovery_steps(recover: Any) -> tuple[str, ...]:
-    """``recover=`` as canonical step names (``"batchnorm"`` and ``"bias"`` are short names)."""
-    items = (recover,) if isinstance(recover, str) else tuple(recover or ())
-    steps = []
-    for item in items:
-        name = _ALIASES.get(item, item) if isinstance(item, str) else item
-        if name not in RECOVERY_STEPS:
-            raise InvalidOptionError(f"unknown recovery step {item!r} in recover=; expected some of "
-                                     f"{list(RECOVERY_STEPS)} (or 'batchnorm', 'bias')")
-        steps.append(name)
-    return tuple(steps)
-
-
 def check_ridge(ridge: Any, where: str = "reconstruct") -> float:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or math.isinf(ridge):
         raise InvalidOptionError(f"ridge of {where!r} must be a finite float >= 0, got {ridge!r}")
@@ -156,23 +147,16 @@ def calibration_chunks(gm: fx.GraphModule, calibration: Any) -> Iterator[tuple[i
             yield index, chunk
 
 
-def _progress(items: Sequence, progress: bool, desc: str, unit: str) -> Any:
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, unit=unit, leave=False)
-
-
 # --- which layers ---------------------------------------------------------------------------------
 def _layer_name(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else key
 
 
-def _dropped_consumers(analysis: Analysis, drop: torch.Tensor) -> list[tuple[Foldable, torch.Tensor]]:
+def _dropped_consumers(analysis: Analysis, drop: Dropped) -> list[tuple[WeightedConsumer, torch.Tensor]]:
     """Each conv/linear consumer whose input lost channels, with the kept mask of its input dim."""
     pruning = Pruning(analysis, drop)
     out = []
-    for f in analysis.foldables:
+    for f in analysis.weighted_consumers:
         kept = pruning.kept(analysis.params[f.weight][f.in_dim])
         if kept is not None and not bool(kept.all()):
             out.append((f, kept))
@@ -195,7 +179,7 @@ def _weight_users(gm: fx.GraphModule) -> dict[str, int]:
 
 
 # --- writing weights and biases into the new model ------------------------------------------------------
-def _set_bias(gm: fx.GraphModule, level: str, f: Foldable, node: fx.Node, value: torch.Tensor) -> None:
+def _set_bias(gm: fx.GraphModule, level: str, f: WeightedConsumer, node: fx.Node, value: torch.Tensor) -> None:
     """Write ``value`` into the consumer's bias, creating one (a Parameter) where the layer has none."""
     weight = tensor_at(gm, f.weight)
     if f.bias is not None:
@@ -214,7 +198,7 @@ def _set_bias(gm: fx.GraphModule, level: str, f: Foldable, node: fx.Node, value:
     gm.recompile()
 
 
-def _bias_value(gm: fx.GraphModule, f: Foldable, out_features: int, like: torch.Tensor) -> torch.Tensor:
+def _bias_value(gm: fx.GraphModule, f: WeightedConsumer, out_features: int, like: torch.Tensor) -> torch.Tensor:
     if f.bias is None:
         return torch.zeros(out_features, dtype=torch.float64, device=like.device)
     return tensor_at(gm, f.bias).detach().double()
@@ -287,8 +271,8 @@ def recalibrate_batchnorm(pruned: fx.GraphModule, calibration: Any, progress: bo
     norms = {n.node: n for n in batch_norms(out)}
     sums, batches = Sums(), set()
     with torch.no_grad(), eval_mode(out):
-        for index, inputs in _progress(list(calibration_chunks(out, calibration)), progress,
-                                       "recalibrate-batchnorm", "batch"):
+        for index, inputs in progress_bar(list(calibration_chunks(out, calibration)), progress,
+                                           desc="recalibrate-batchnorm", unit="batch"):
             _BatchStatistics(out, norms, sums, index).run(*inputs)
             batches.add(index)
     sums.all_reduce()
@@ -310,7 +294,7 @@ def _write_statistics(gm: fx.GraphModule, norm: _Norm, sums: Sums) -> LayerRecov
 
 
 # --- compensate-bias ------------------------------------------------------------------------------
-def compensate_bias(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
+def compensate_bias(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
                     progress: bool = False) -> tuple[fx.GraphModule, RecoveryReport]:
     """A copy of ``pruned`` whose consumers of dropped channels add those channels' mean contribution
     (measured on ``calibration`` in the original model ``analysis.gm``) to their bias.
@@ -354,14 +338,14 @@ def _mean_contribution(weight: torch.Tensor, in_dim: int, dropped: torch.Tensor,
 class _Fit:
     """One consumer to refit: its Gram site (original shapes) and the kept rows/columns."""
 
-    consumer: Foldable
+    consumer: WeightedConsumer
     site: GramSite
     kept_in: torch.Tensor
     kept_out: Optional[torch.Tensor]
     out_dim: int
 
 
-def _fits(analysis: Analysis, drop: torch.Tensor) -> tuple[list[_Fit], list[tuple[str, str]]]:
+def _fits(analysis: Analysis, drop: Dropped) -> tuple[list[_Fit], list[tuple[str, str]]]:
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
     users = _weight_users(analysis.gm)
     pruning = Pruning(analysis, drop)
@@ -377,7 +361,7 @@ def _fits(analysis: Analysis, drop: torch.Tensor) -> tuple[list[_Fit], list[tupl
     return fits, skipped
 
 
-def _gram_site(analysis: Analysis, node: fx.Node, f: Foldable, users: dict[str, int]
+def _gram_site(analysis: Analysis, node: fx.Node, f: WeightedConsumer, users: dict[str, int]
                ) -> tuple[Optional[GramSite], str]:
     weight = analysis.tensor(f.weight)
     if users.get(f.weight, 1) > 1:
@@ -393,7 +377,7 @@ def _gram_site(analysis: Analysis, node: fx.Node, f: Foldable, users: dict[str, 
                     unfold), ""
 
 
-def reconstruct(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
+def reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
                 ridge: float = 1e-3, progress: bool = False) -> tuple[fx.GraphModule, RecoveryReport]:
     """A copy of ``pruned`` whose consumers of dropped channels are refitted, layer after layer in graph
     order, to reproduce the original model's (``analysis.gm``) outputs on ``calibration``.
@@ -408,7 +392,7 @@ def reconstruct(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, 
     out_nodes = {n.name: n for n in out.graph.nodes}
     level, layers, batches = graph_level(out), [], 0
     with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):
-        for fit in _progress(fits, progress, "reconstruct", "layer"):
+        for fit in progress_bar(fits, progress, desc="reconstruct", unit="layer"):
             sums, batches = _fit_moments(analysis.gm, out, fit, calibration)
             layers.append(_refit(out, level, fit, out_nodes[fit.consumer.node], sums, ridge))
     return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), batches, time.perf_counter() - t0)
@@ -496,18 +480,82 @@ def relative_error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, yy:
     return math.sqrt(max(err, 0.0) / yy) if yy > 0 else 0.0
 
 
-# --- all steps at once ----------------------------------------------------------------------------------
-def recover(analysis: Analysis, drop: torch.Tensor, pruned: fx.GraphModule, calibration: Any,
-            steps: Sequence[str], ridge: float = 1e-3, progress: bool = False
-            ) -> tuple[fx.GraphModule, tuple[RecoveryReport, ...]]:
-    """Run the recovery ``steps`` in order on ``pruned`` (each on the previous one's output)."""
+# --- the table of steps -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecoveryStep:
+    """One recovery step, declared once.
+
+    >>> RECOVERY_STEPS["recalibrate-batchnorm"].aliases
+    ('batchnorm', 'bn')
+    """
+
+    name: str
+    """What ``recover=`` and a pipeline spec call it (the recovery pass of the same name runs it)."""
+    run: Callable[..., tuple[fx.GraphModule, RecoveryReport]]
+    """``(analysis, drop, pruned, calibration, progress, **options) -> (new GraphModule, report)``;
+    ``options`` are the pass's fields (``reconstruct``'s ``ridge``)."""
+    doc: str
+    """One line for the docs."""
+    needs_source: bool = True
+    """Compares with the original model: needs its ``analysis`` and the dropped classes ``drop``."""
+    aliases: tuple[str, ...] = ()
+    """Short names ``recover=`` also accepts."""
+
+
+def _run_compensate_bias(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
+                         progress: bool = False) -> tuple[fx.GraphModule, RecoveryReport]:
+    return compensate_bias(analysis, drop, pruned, calibration, progress)
+
+
+def _run_reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
+                     progress: bool = False, ridge: float = 1e-3) -> tuple[fx.GraphModule, RecoveryReport]:
+    return reconstruct(analysis, drop, pruned, calibration, ridge, progress)
+
+
+def _run_recalibrate_batchnorm(analysis: Any, drop: Any, pruned: fx.GraphModule, calibration: Any,
+                               progress: bool = False) -> tuple[fx.GraphModule, RecoveryReport]:
+    return recalibrate_batchnorm(pruned, calibration, progress)
+
+
+#: Every recovery step by name, in the order a user would usually run them.
+RECOVERY_STEPS: dict[str, RecoveryStep] = {step.name: step for step in (
+    RecoveryStep("compensate-bias", _run_compensate_bias, "dropped channels' mean contributions into the "
+                 "consumers' biases", aliases=("bias",)),
+    RecoveryStep("reconstruct", _run_reconstruct, "consumers of dropped channels refitted to the original's "
+                 "outputs (ridge least squares)"),
+    RecoveryStep("recalibrate-batchnorm", _run_recalibrate_batchnorm, "BatchNorm running statistics "
+                 "re-measured on the pruned model", needs_source=False, aliases=("batchnorm", "bn")),
+)}
+_BY_ALIAS = {alias: step.name for step in RECOVERY_STEPS.values() for alias in step.aliases}
+
+
+def recovery_steps(recover: Any) -> tuple[str, ...]:
+    """``recover=`` (a name or names; short names allowed) as canonical step names.
+
+    >>> recovery_steps(("reconstruct", "bn"))
+    ('reconstruct', 'recalibrate-batchnorm')
+    """
+    items = (recover,) if isinstance(recover, str) else tuple(recover or ())
+    steps = []
+    for item in items:
+        name = _BY_ALIAS.get(item, item) if isinstance(item, str) else item
+        if name not in RECOVERY_STEPS:
+            raise InvalidOptionError(f"unknown recovery step {item!r} in recover=; expected some of "
+                                     f"{list(RECOVERY_STEPS)} (or {', '.join(map(repr, _BY_ALIAS))})")
+        steps.append(name)
+    return tuple(steps)
+
+
+def recover(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calibration: Any,
+            steps: Sequence[str], progress: bool = False) -> tuple[fx.GraphModule, tuple[RecoveryReport, ...]]:
+    """Run the recovery ``steps`` in order on ``pruned`` (each on the previous one's output), each
+    with its default options.
+
+    >>> gm, reports = recover(result.analysis, result.drop, result.graph_module, loader,
+    ...                       ["reconstruct"])                                   # doctest: +SKIP
+    """
     reports = []
-    for step in recovery_steps(steps):
-        if step == "recalibrate-batchnorm":
-            pruned, report = recalibrate_batchnorm(pruned, calibration, progress)
-        elif step == "compensate-bias":
-            pruned, report = compensate_bias(analysis, drop, pruned, calibration, progress)
-        else:
-            pruned, report = reconstruct(analysis, drop, pruned, calibration, ridge, progress)
+    for name in recovery_steps(steps):
+        pruned, report = RECOVERY_STEPS[name].run(analysis, drop, pruned, calibration, progress)
         reports.append(report)
     return pruned, tuple(reports)

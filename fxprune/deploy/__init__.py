@@ -36,25 +36,24 @@ torch.Size([1, 1000])
 from __future__ import annotations
 
 import math
-import operator
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from fxprune.deploy.targets import RUNTIMES, Runtime
 from fxprune.errors import DeployError, InvalidOptionError, MissingExtraError
 
-Target = Literal["executorch", "onnx"]
-TARGETS: tuple[str, ...] = ("executorch", "onnx")
+#: Every deploy target by name, in the order the CLI offers them (read from :data:`RUNTIMES`).
+TARGETS: tuple[str, ...] = tuple(RUNTIMES)
 QUANTIZE: tuple[str, ...] = ("int8",)
-SUFFIX = {"executorch": ".pte", "onnx": ".onnx"}
-_EXTRA = {"executorch": ("executorch", "executorch"), "onnx": ("onnxruntime", "onnx"),
-          "onnxscript": ("onnxscript", "onnx"), "onnx_pkg": ("onnx", "onnx")}
+#: The artefact's suffix per target.
+SUFFIX: dict[str, str] = {r.name: r.suffix for r in RUNTIMES.values()}
 FP32_RTOL = 1e-4
 """fp32 artefacts must match the pruned graph within this fraction of its largest output magnitude."""
 INT8_WARN_DB = 20.0
@@ -170,10 +169,7 @@ def build(model: Any, example_inputs: Any, to: str, *, quantize: Optional[str] =
     program, shapes, batch = export_batch(module, inputs, max_batch, notes)
     if quantize:
         program = quantize_pt2e(program, shapes, to, calibration, notes)
-    if to == "executorch":
-        data, left = _executorch_bytes(program)
-    else:
-        data, left = _onnx_bytes(program), ()
+    data, left = runtime(to).write(program)
     agreement = _check(data, to, module, inputs, quantize) if check else None
     return data, Deployed(Path(""), to, quantize, batch, len(data), tuple(notes), left, agreement)
 
@@ -203,8 +199,7 @@ def alignment_note(plan: Any) -> Optional[str]:
 
 
 def _check_options(to: str, quantize: Optional[str], max_batch: int) -> None:
-    if to not in TARGETS:
-        raise InvalidOptionError(f"unknown deploy target {to!r}: expected one of {', '.join(TARGETS)}")
+    runtime(to)
     if quantize is not None and quantize not in QUANTIZE:
         raise InvalidOptionError(f"unknown quantize={quantize!r}: expected None or 'int8'")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -216,17 +211,23 @@ def _replace_path(deployed: Deployed, path: Path) -> Deployed:
     return replace(deployed, path=path)
 
 
+def runtime(to: str) -> Runtime:
+    """The record of target ``to``; an unknown name is an :class:`InvalidOptionError` listing the known."""
+    if to not in RUNTIMES:
+        raise InvalidOptionError(f"unknown deploy target {to!r}: expected one of {', '.join(TARGETS)}")
+    return RUNTIMES[to]
+
+
 # --- inputs -----------------------------------------------------------------------------------------
 def require(to: str) -> None:
     """Raise :class:`MissingExtraError` naming the extra when ``to``'s packages are missing."""
-    packages = ("executorch",) if to == "executorch" else ("onnx_pkg", "onnxscript", "onnx")
-    for key in packages:
-        package, extra = _EXTRA[key]
+    target = runtime(to)
+    for package in target.packages:
         try:
             __import__(package)
         except ImportError as exc:
             raise MissingExtraError(f"deploying to {to} needs the {package!r} package, which is not "
-                                    f"installed: pip install 'fxprune[{extra}]'") from exc
+                                    f"installed: pip install 'fxprune[{target.extra}]'") from exc
 
 
 def as_module(model: Any) -> torch.nn.Module:
@@ -292,7 +293,7 @@ def quantize_pt2e(program: torch.export.ExportedProgram, shapes: Optional[tuple]
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     inputs = tuple(program.example_inputs[0])
     try:
-        prepared = prepare_pt2e(split_reused_modules(program.module()), _quantizer(to))
+        prepared = prepare_pt2e(split_reused_modules(program.module()), runtime(to).quantizer())
     except Exception as exc:
         raise DeployError(f"quantize for {to}: PT2E could not prepare the graph: {exc}") from exc
     count = _calibrate(prepared, inputs, calibration)
@@ -353,91 +354,6 @@ def _connected_runs(nodes: list[fx.Node]) -> list[list[fx.Node]]:
     return [g for g in groups if g]
 
 
-def _quantizer(to: str):
-    if to == "executorch":
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer, get_symmetric_quantization_config)
-
-        class Int8ForXnnpack(XNNPACKQuantizer):
-            def transform_for_annotation(self, model: fx.GraphModule) -> fx.GraphModule:
-                return scalars_to_float_constants(model)
-
-            def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
-                return super().annotate(keep_joins_fp32(model))
-
-        return Int8ForXnnpack().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-
-
-_ARITHMETIC = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)
-_JOINS = (*_ARITHMETIC, torch.ops.aten.cat.default)
-_THROUGH = ("batch_norm", "relu", "hardtanh", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "pool")
-
-
-def _int8_joins_only_after_convolutions(node: fx.Node) -> bool:
-    """Whether XNNPACKQuantizer may make ``node`` int8: anything but an ``add``, ``mul`` or ``cat``
-    none of whose inputs comes from a convolution.
-
-    XNNPACKQuantizer quantizes every add, mul and cat, a cat's inputs at its output's scale. A CNN's
-    residual adds (conv -> batch norm -> add), squeeze-excitation products and concatenated branches
-    keep their int8 there. A transformer's are its residual stream, norms, gates, rotary embeddings
-    and the class token joined to the patches, whose ranges one int8 scale does not hold:
-    bench_deploy's LLaMA at 50% gave SQNR 17.3 dB with them and 28.8 dB without. vit_b_16 gave 10-11 dB.
-    Its small class token rounded at the patches' scale, and the head reads only that token.
-    X86InductorQuantizer, ONNX's, draws the same line.
-    """
-    if node.op != "call_function" or node.target not in _JOINS:
-        return True
-    return any(_from_convolution(a) for a in node.all_input_nodes)
-
-
-def keep_joins_fp32(gm: fx.GraphModule) -> fx.GraphModule:
-    """Mark each add, mul and cat that may not be int8 as annotated with nothing, which the quantizer's
-    patterns skip and leave fp32 (in place; returns ``gm``). A filter function would not do: the cat
-    pattern ignores it."""
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
-    for node in gm.graph.nodes:
-        if not _int8_joins_only_after_convolutions(node):
-            node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
-    return gm
-
-
-def _from_convolution(node: fx.Node) -> bool:
-    while node.op == "call_function" and any(name in str(node.target) for name in _THROUGH):
-        node = node.args[0]
-    return node.op == "call_function" and "conv" in str(node.target)
-
-
-def scalars_to_float_constants(gm: fx.GraphModule) -> fx.GraphModule:
-    """The scalar operand of each ``add``/``mul`` that may be int8 as a float constant the quantizer can
-    observe (in place; returns ``gm``).
-
-    XNNPACKQuantizer does this for *every* ``add``/``mul`` — also the ``0`` of an integer
-    ``arange(n) + 0`` (positions of a causal mask), which a float constant promotes to float, so the
-    ``index`` they feed fails at calibration ("tensors used as indices must be long"). Only the joins
-    :func:`keep_joins_fp32` leaves to the quantizer, which follow a convolution and so are floating,
-    get a constant here.
-    """
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _ARITHMETIC and _int8_joins_only_after_convolutions(node):
-            node.args = tuple(a if isinstance(a, fx.Node) else _float_constant(gm, node, a) for a in node.args)
-    gm.recompile()
-    return gm
-
-
-def _float_constant(gm: fx.GraphModule, user: fx.Node, scalar: Any) -> fx.Node:
-    from torchao.quantization.pt2e.utils import get_new_attr_name_with_prefix
-    name = get_new_attr_name_with_prefix("_tensor_constant_")(gm)
-    constant = torch.tensor(float(scalar))
-    gm.register_buffer(name, constant)
-    with gm.graph.inserting_before(user):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = user.meta["val"].fake_mode.from_tensor(constant, static_shapes=True)
-    return node
-
-
 def _calibrate(prepared: fx.GraphModule, inputs: tuple, calibration: Any) -> int:
     batches: Iterable[tuple] = [inputs]
     if calibration is not None:
@@ -454,63 +370,6 @@ def _calibrate(prepared: fx.GraphModule, inputs: tuple, calibration: Any) -> int
     return count
 
 
-# --- lowering -------------------------------------------------------------------------------------------
-def _executorch_bytes(program: torch.export.ExportedProgram) -> tuple[bytes, tuple]:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
-    try:
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        lowered = edge.exported_program()
-        config = ExecutorchBackendConfig(sym_shape_eval_pass=_range_bound_pass(lowered.range_constraints))
-        return bytes(edge.to_executorch(config).buffer), _not_delegated(lowered.graph)
-    except Exception as exc:
-        raise DeployError(f"executorch: lowering to XNNPACK failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _range_bound_pass(ranges: Mapping[Any, Any]) -> Any:
-    """Memory planning's bound for every dynamic size, from the program's range constraints.
-
-    ExecuTorch's default pass bounds a size by the shape environment the lowering leaves in the nodes'
-    metadata, which (ExecuTorch 1.5.1, XNNPACK) narrows a ``Dim("batch", max=16)`` to 15 whatever the
-    max: a .pte exported for batches 1..16 then refuses batch 16 (``set_inputs`` error 0x10). The
-    program's ``range_constraints`` keep the range export was given, so this pass bounds by those.
-    """
-    import torch.utils._pytree as pytree
-    from executorch.exir.pass_base import PassBase, PassResult
-    from executorch.exir.tensor import TensorSpec
-    from torch.utils._sympy.value_ranges import bound_sympy
-
-    def bound(size: Any) -> int:
-        return size if isinstance(size, int) else int(bound_sympy(size.node.expr, dict(ranges)).upper)
-
-    class RangeBoundShapes(PassBase):
-        def call(self, graph_module: fx.GraphModule) -> PassResult:
-            for module in graph_module.modules():
-                for node in module.graph.nodes if isinstance(module, fx.GraphModule) else ():
-                    for spec in pytree.tree_flatten(node.meta.get("spec", []))[0]:
-                        if isinstance(spec, TensorSpec):
-                            spec.shape = [bound(s) for s in spec.shape]
-                            spec.stride = [bound(s) for s in spec.stride]
-            return PassResult(graph_module, True)
-
-    return RangeBoundShapes()
-
-
-def _not_delegated(graph: fx.Graph) -> tuple[str, ...]:
-    from executorch.exir.delegate import executorch_call_delegate
-    skip = (executorch_call_delegate, operator.getitem, torch.ops.aten.sym_size.int)  # sym_size: a shape read
-    return tuple(getattr(n.target, "__name__", str(n.target)) for n in graph.nodes
-                 if n.op == "call_function" and n.target not in skip)
-
-
-def _onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
-    try:
-        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=True)
-        return onnx_program.model_proto.SerializeToString()
-    except Exception as exc:
-        raise DeployError(f"onnx: the dynamo exporter failed: {type(exc).__name__}: {exc}") from exc
-
-
 # --- running an artefact ---------------------------------------------------------------------------------
 def load(source: Union[str, os.PathLike, bytes], target: Optional[str] = None,
          threads: Optional[int] = None) -> Callable[..., list[torch.Tensor]]:
@@ -523,45 +382,16 @@ def load(source: Union[str, os.PathLike, bytes], target: Optional[str] = None,
     """
     target = target or _target_of(source)
     require(target)
-    return _load_executorch(source, threads) if target == "executorch" else _load_onnx(source, threads)
+    return runtime(target).load(source, threads)
 
 
 def _target_of(source: Any) -> str:
     suffix = Path(source).suffix if isinstance(source, (str, os.PathLike)) else ""
-    for target, ext in SUFFIX.items():
-        if suffix == ext:
-            return target
+    for runtime in RUNTIMES.values():
+        if suffix == runtime.suffix:
+            return runtime.name
     raise InvalidOptionError(f"cannot tell the runtime of {source if suffix else 'these bytes'!r}: "
-                             f"expected a .pte or .onnx file, or pass target=")
-
-
-def _load_executorch(source: Any, threads: Optional[int]) -> Callable[..., list[torch.Tensor]]:
-    from executorch.runtime import Runtime
-    if threads is not None:
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        _unsafe_reset_threadpool(threads)
-    program = Runtime.get().load_program(source if isinstance(source, bytes) else Path(source))
-    method = program.load_method("forward")
-
-    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        return list(method.execute([t.contiguous() for t in inputs]))
-    return run
-
-
-def _load_onnx(source: Any, threads: Optional[int]) -> Callable[..., list[torch.Tensor]]:
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3  # errors only: not the NCHWc-transformer notices
-    model = source if isinstance(source, bytes) else str(source)
-    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
-        return [torch.from_numpy(y) for y in session.run(None, feeds)]
-    return run
+                             f"expected a {' or '.join(SUFFIX.values())} file, or pass target=")
 
 
 def compare(run: Callable[..., list[torch.Tensor]], reference: torch.nn.Module, inputs: Sequence[torch.Tensor]

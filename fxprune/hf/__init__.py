@@ -31,15 +31,18 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from fxprune.hf import policy as hf_policy
+from fxprune import stages
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
-from fxprune.api import PruneResult, analyze, criterion_name, finish, make_plan
 from fxprune.core.capture import AUTO, as_inputs, export
+from fxprune.core.select import check_patterns, select
+from fxprune.data.criteria import Criterion
 from fxprune.errors import (ConfigMismatchError, InvalidOptionError, TrainingModeError, UnsupportedModelError,
-                     VerificationError)
-from fxprune.data.criteria import DEFAULT_CRITERION, Criterion, check_criterion, score_groups
-from fxprune.options import PruneOptions
-from fxprune.core.select import Policy, Sparsity, check_patterns, select
+                            VerificationError)
+from fxprune.hf import policy as hf_policy
+from fxprune.options import PruneOptions, Sparsity
+from fxprune.progress import stage_bar
+from fxprune.stages import PruneResult, RunData, check_run, criterion_name, make_plan
 
 FORMAT = "fxprune.hf/1"
 
@@ -62,8 +65,8 @@ class HFPruneResult:
         return self.result.plan
 
 
-def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
-          criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True, layer_indices: str = "own",
+def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
+          criterion: Optional[Criterion] = None, *, hf_compatible: bool = True, layer_indices: str = "own",
           **options: Any) -> Any:
     """Prune a ``PreTrainedModel`` and return a new one of the same class; ``model`` is untouched.
 
@@ -79,47 +82,70 @@ def prune(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
             ordinary policy selects, and a plan no config can hold raises ``ConfigMismatchError``.
         layer_indices: ``"own"`` (each layer keeps its best units at the common count) or
             ``"shared"`` (the same indices in every layer, from the layers' summed scores).
-        options: ``global_ranking``, ``round_to``, ``min_keep``, ``ignore``, ``reduce``, ``seed``,
-            ``dynamic_shapes`` (default: dynamic batch and sequence), ``tolerance``, ``progress``.
+        options: every option of :func:`fxprune.prune` (the fields of :class:`~fxprune.options.PruneOptions`,
+            or ``options=PruneOptions(...)``); those this route cannot honour (``capture="fx"``,
+            ``prune_outputs``, ``propagate_bias``) are refused. Also ``dynamic_shapes`` (default: dynamic
+            batch and sequence), ``tolerance``, ``progress``.
+
+    >>> fxprune.hf.prune(model, (ids,), {"intermediate_size": 0.3}, "l2", round_to=64)   # doctest: +SKIP
     """
     return prune_with_result(model, example_inputs, sparsity, criterion, hf_compatible=hf_compatible,
                              layer_indices=layer_indices, **options).model
 
 
-def prune_with_result(model: Any, example_inputs: Any, sparsity: Sparsity = 0.5,
-                      criterion: Criterion = DEFAULT_CRITERION, *, hf_compatible: bool = True,
-                      layer_indices: str = "own", global_ranking: bool = False, round_to: int = 1,
-                      min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean", seed: int = 0,
-                      dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None,
-                      progress: bool = False) -> HFPruneResult:
+#: Options whose only value on this route is fixed: a HuggingFace model is pruned at the export level,
+#: its outputs (logits, hidden states) keep their widths, and its classes hold no folded biases.
+ROUTE_VALUES = {"capture": "export", "prune_outputs": False, "propagate_bias": False}
+
+
+def hf_options(options: Optional[PruneOptions], given: Mapping[str, Any], hf_compatible: bool) -> PruneOptions:
+    """The options of an HF run: the user's, with the values this route fixes; a value it cannot
+    honour is an ``InvalidOptionError`` naming it, never silently replaced."""
+    wanted = PruneOptions.build(options, **given)
+    defaults = PruneOptions()
+    route = {**ROUTE_VALUES, **({"split_axis": "outer"} if hf_compatible else {})}
+    for name, value in route.items():
+        chosen = getattr(wanted, name)
+        asked = given.get(name) is not None or chosen != getattr(defaults, name)  # not just the default
+        if chosen != value and asked:
+            raise InvalidOptionError(
+                f"fxprune.hf cannot honour {name}={chosen!r}" + (" with hf_compatible=True" if name == "split_axis"
+                                                                 else "") + f": this route uses {value!r}")
+    return wanted.replace(**route)
+
+
+def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
+                      criterion: Optional[Criterion] = None, *, hf_compatible: bool = True,
+                      layer_indices: str = "own", options: Optional[PruneOptions] = None,
+                      dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None, progress: bool = False,
+                      **option_fields: Any) -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
     _check_model(model)
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
-    widths, module_sparsity = hf_policy.split_width_ratios(sparsity)
-    policy = Policy(module_sparsity, global_ranking, round_to, min_keep, tuple(ignore))
-    check_criterion(criterion, reduce)
+    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
+    options = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
+    scorer = criterion if callable(criterion) else None
+    check_run(options, scorer, RunData())
+    widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
+    selection = options.replace(sparsity=module_sparsity)
     inputs = as_inputs(example_inputs)
-    bar = _bar(progress)
-    program = export(_without_cache(model), inputs, _dynamic_shapes(model, inputs, dynamic_shapes))
-    _step(bar, "export")
-    analysis = analyze(program, inputs, "export", split_axis="outer" if hf_compatible else "largest")
-    check_patterns(analysis.groups, policy)
-    attention = _attention(model)  # builds a probe on the meta device: once per call
-    hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
-    scores = score_groups(analysis, analysis.groups, criterion, reduce, seed, None)
-    _step(bar, "match and score")
-    options = PruneOptions(sparsity, criterion_name(criterion), "export", reduce, global_ranking, round_to,
-                           min_keep, tuple(ignore), split_axis=analysis_split(hf_compatible), seed=seed)
-    attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, policy, widths, attention, inputs,
-                                hf_compatible, layer_indices, tolerance, options)
-    try:
-        out = attempt({})
-    except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
-        out = attempt({hf_policy.HIDDEN: str(exc)})
-    _step(bar, "rewrite and rebuild")
-    if bar is not None:
-        bar.close()
+    with stage_bar(progress, 3, "fxprune.hf") as step:
+        program = export(_without_cache(model), inputs, _dynamic_shapes(model, inputs, dynamic_shapes))
+        step("export")
+        analysis = stages.analyze(program, inputs, options)
+        check_patterns(analysis.groups, selection)
+        attention = _attention(model)  # builds a probe on the meta device: once per call
+        hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
+        scores = stages.score(analysis, options, scorer)
+        step("match and score")
+        attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, selection, options, widths,
+                                    attention, inputs, hf_compatible, layer_indices, tolerance)
+        try:
+            out = attempt({})
+        except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
+            out = attempt({hf_policy.HIDDEN: str(exc)})
+        step("rewrite and rebuild")
     return out
 
 
@@ -127,16 +153,20 @@ class HiddenSizeReadError(VerificationError):
     """The rebuilt model differs only because its forward reads ``hidden_size`` as a number."""
 
 
-def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
-                       widths: Mapping[str, float], attention: Optional[hf_policy.Attention], inputs: tuple,
-                       hf_compatible: bool, layer_indices: str, tolerance: Optional[float], options: PruneOptions,
-                       whole_fields: Mapping[str, str]) -> HFPruneResult:
-    drop, notes = _select(analysis, scores, policy, widths, model.config, hf_compatible, layer_indices,
-                          attention, whole_fields)
+def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor],
+                       selection: PruneOptions, options: PruneOptions, widths: Mapping[str, float],
+                       attention: Optional[hf_policy.Attention], inputs: tuple, hf_compatible: bool,
+                       layer_indices: str, tolerance: Optional[float], whole_fields: Mapping[str, str]
+                       ) -> HFPruneResult:
+    notes: dict[str, str] = {}
+    selector = functools.partial(_select, widths=widths, config=model.config, hf_compatible=hf_compatible,
+                                 layer_indices=layer_indices, attention=attention, whole_fields=whole_fields,
+                                 notes=notes)
+    drop = selector(analysis, scores, selection)
     options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
                                   "constraints": notes})
     plan = make_plan(analysis, drop, options)
-    graph = finish(analysis, drop, inputs)
+    graph = stages.rewrite_graph(analysis, drop, inputs, options)
     config, changes = new_config(model, analysis, drop, attention)
     pruned = _rebuild(model, config, analysis, plan)
     try:
@@ -150,10 +180,6 @@ def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torc
         raise
     pruned.config.fxprune = _record(plan, changes, notes, error)
     return HFPruneResult(pruned, PruneResult(graph, plan, analysis, drop, inputs), changes, error)
-
-
-def analysis_split(hf_compatible: bool) -> str:
-    return "outer" if hf_compatible else "largest"
 
 
 # --- input checks ---------------------------------------------------------------------------------
@@ -230,25 +256,26 @@ def _honours_head_dim(model: Any, head_dim: int) -> bool:
 
 
 # --- selection ------------------------------------------------------------------------------------
-def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], policy: Policy,
-            widths: Mapping[str, float], config: Any,
-            hf_compatible: bool, layer_indices: str, attention: Optional[hf_policy.Attention],
-            whole_fields: Mapping[str, str]) -> tuple[torch.Tensor, dict[str, str]]:
-    wished = select(analysis, scores, policy)
+def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions, *,
+            widths: Mapping[str, float], config: Any, hf_compatible: bool, layer_indices: str,
+            attention: Optional[hf_policy.Attention], whole_fields: Mapping[str, str],
+            notes: dict[str, str]) -> torch.Tensor:
+    """A stage selector (:data:`fxprune.stages.Selector`): the ordinary selection, then one count per
+    kind a config can hold; ``notes`` receives the constraint that shaped each group."""
+    wished = select(analysis, scores, options)
     if not hf_compatible:
-        return wished, {}
+        return wished
     kinds = hf_policy.kinds(analysis, config, attention)
-    decisions = hf_policy.decide(kinds, hf_policy.requested_keeps(analysis, wished), policy, attention,
+    decisions = hf_policy.decide(kinds, hf_policy.requested_keeps(analysis, wished), options, attention,
                                  whole_fields, widths)
     if layer_indices == "shared":
         scores = hf_policy.shared_scores(decisions, scores)
-    drop = select(analysis, scores, policy, hf_policy.drop_counts(decisions))
-    notes = {g.name: d.reason for d in decisions for g in d.kind.groups}
-    return drop, notes
+    notes.update({g.name: d.reason for d in decisions for g in d.kind.groups})
+    return select(analysis, scores, options, hf_policy.drop_counts(decisions))
 
 
 # --- the new config ---------------------------------------------------------------------------------
-def new_config(model: Any, analysis: Analysis, drop: torch.Tensor,
+def new_config(model: Any, analysis: Analysis, drop: Dropped,
                attention: Optional[hf_policy.Attention]) -> tuple[Any, dict[str, tuple[Any, Any]]]:
     """The config that holds the plan, and what changed; ``ConfigMismatchError`` where none can."""
     config = copy.deepcopy(model.config)
@@ -372,19 +399,6 @@ def _record(plan, changes: Mapping[str, tuple[Any, Any]], notes: Mapping[str, st
             "constraints": dict(notes),
             "options": {k: v for k, v in plan.options.to_dict().items() if k != "hf"},
             "max_abs_error_vs_graph": error}
-
-
-def _bar(progress: bool):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=3, desc="fxprune.hf", unit="stage", leave=False)
-
-
-def _step(bar, name: str) -> None:
-    if bar is not None:
-        bar.set_postfix_str(name)
-        bar.update(1)
 
 
 __all__ = ["prune", "prune_with_result", "HFPruneResult", "new_config", "sliced_state_dict"]

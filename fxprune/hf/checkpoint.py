@@ -41,9 +41,9 @@ import torch
 from fxprune.core.analysis import Analysis
 from fxprune.core.plan import Plan
 from fxprune.core.repeat import PROXY_BLOCKS, repeat_blocks
-from fxprune.core.select import Policy, Sparsity, check_patterns
+from fxprune.core.select import check_patterns
 from fxprune.errors import CheckpointError, ConfigMismatchError, InvalidOptionError, UnsupportedModelError
-from fxprune.options import PruneOptions
+from fxprune.options import PruneOptions, Sparsity
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -337,50 +337,33 @@ def on_disk(analysis: Analysis, shards: Shards, ties: Mapping[str, str]) -> OnDi
 
 
 # --- the plan ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Options:
-    """The arguments that decide the output (their hash names a resumable run)."""
-
-    sparsity: Any
-    criterion: str
-    hf_compatible: bool = True
-    layer_indices: str = "own"
-    global_ranking: bool = False
-    round_to: int = 1
-    min_keep: int = 1
-    ignore: tuple = ()
-    reduce: str = "mean"
-    seed: int = 0
-
-    def fingerprint(self, directory: Path, files: Sequence[str]) -> str:
-        """The options and the source's files (name, size, modification time): equal means the same run."""
-        stats = [(n, (directory / n).stat().st_size, (directory / n).stat().st_mtime_ns)
-                 for n in sorted({*files, "config.json"})]
-        text = json.dumps([dataclasses.asdict(self), stats], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+def fingerprint(options: PruneOptions, hf_compatible: bool, layer_indices: str, directory: Path,
+                files: Sequence[str]) -> str:
+    """The options and the source's files (name, size, modification time): equal means the same run."""
+    stats = [(n, (directory / n).stat().st_size, (directory / n).stat().st_mtime_ns)
+             for n in sorted({*files, "config.json"})]
+    text = json.dumps([options.to_dict(), hf_compatible, layer_indices, stats], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_checkpoint_plan(model: Any, analysis: Analysis, scored: OnDisk, options: Options) -> tuple[Plan, Any]:
+def make_checkpoint_plan(model: Any, analysis: Analysis, scored: "OnDisk", options: PruneOptions,
+                         hf_compatible: bool = True, layer_indices: str = "own") -> tuple[Plan, Any]:
     """The plan and the pruned config, made as :func:`fxprune.hf.prune_with_result` makes them."""
-    from fxprune import hf
-    from fxprune.api import make_plan
-    from fxprune.data.criteria import score_groups
+    from fxprune import hf, stages
     from fxprune.hf import policy as hf_policy
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
-    policy = Policy(module_sparsity, options.global_ranking, options.round_to, options.min_keep, options.ignore)
-    check_patterns(analysis.groups, policy)
+    selection = options.replace(sparsity=module_sparsity)
+    check_patterns(analysis.groups, selection)
     attention = hf._attention(model)
     hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
-    scores = score_groups(scored, scored.groups, options.criterion, options.reduce, options.seed, None)
-    whole = _whole_fields(model)
-    drop, notes = hf._select(analysis, scores, policy, widths, model.config, options.hf_compatible,
-                             options.layer_indices, attention, whole)
-    prune_options = PruneOptions(options.sparsity, options.criterion, "export", options.reduce,
-                                 options.global_ranking, options.round_to, options.min_keep, options.ignore,
-                                 split_axis=hf.analysis_split(options.hf_compatible), seed=options.seed,
-                                 hf={"hf_compatible": options.hf_compatible,
-                                     "layer_indices": options.layer_indices, "constraints": notes})
-    plan = make_plan(analysis, drop, prune_options)
+    scores = stages.score(scored, options)
+    notes: dict[str, str] = {}
+    drop = hf._select(analysis, scores, selection, widths=widths, config=model.config,
+                      hf_compatible=hf_compatible, layer_indices=layer_indices, attention=attention,
+                      whole_fields=_whole_fields(model), notes=notes)
+    options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
+                                  "constraints": notes})
+    plan = stages.make_plan(analysis, drop, options)
     config, changes = hf.new_config(model, analysis, drop, attention)
     config.fxprune = hf._record(plan, changes, notes, None)
     _check_config(config)
@@ -454,10 +437,10 @@ def sliced(tensor: torch.Tensor, kept: Mapping[int, Sequence[int]]) -> torch.Ten
 
 
 # --- the run -----------------------------------------------------------------------------------------
-def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Sparsity = 0.5, criterion: str = "group_magnitude",
-                     *, hf_compatible: bool = True, layer_indices: str = "own", global_ranking: bool = False,
-                     round_to: int = 1, min_keep: int = 1, ignore: Sequence[str] = (), reduce: str = "mean",
-                     seed: int = 0, blocks_once: bool = True, progress: bool = False) -> dict:
+def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = None,
+                     criterion: Optional[str] = None, *, hf_compatible: bool = True, layer_indices: str = "own",
+                     options: Optional[PruneOptions] = None, blocks_once: bool = True, progress: bool = False,
+                     **option_fields: Any) -> dict:
     """Prune the safetensors checkpoint in ``src_dir`` into ``out_dir``, one unit at a time.
 
     ``out_dir`` loads with ``AutoModelForCausalLM.from_pretrained`` (or the config's class) and equals,
@@ -468,53 +451,51 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Sparsity = 0.5, crite
     Args:
         src_dir: a directory ``save_pretrained`` wrote (``config.json``, safetensors shards).
         out_dir: the new directory; it must not exist (or be empty) and must not be inside ``src_dir``.
-        sparsity, criterion, ...: as in :func:`fxprune.hf.prune`; ``criterion`` one of
-            :data:`STREAMING_CRITERIA`.
+        sparsity, criterion, hf_compatible, layer_indices, options, option_fields: as in
+            :func:`fxprune.hf.prune` (the options of :class:`~fxprune.options.PruneOptions`);
+            ``criterion`` one of :data:`STREAMING_CRITERIA`.
         blocks_once: analyse identical decoder layers once (:func:`analyse_structure`); False analyses
             every layer (the same plan, slower).
         progress: a bar over the bytes read, with the unit being written and the bytes written.
     """
+    from fxprune.hf import hf_options
     started = time.perf_counter()
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
-    options = Options(sparsity, criterion, hf_compatible, layer_indices, global_ranking, round_to, min_keep,
-                      tuple(ignore), reduce, seed)
-    _check_options(options)
+    options = hf_options(options, {"sparsity": sparsity, "criterion": criterion, **option_fields}, hf_compatible)
+    _check_options(options, layer_indices)
     _check_paths(src, out)
     shards = Shards.open(src)
     partial = out.parent / f".{out.name}.fxprune-partial"
-    fingerprint = options.fingerprint(src, list(shards.files.values()))
+    run_id = fingerprint(options, hf_compatible, layer_indices, src, list(shards.files.values()))
     timings: dict[str, float] = {}
-    plan, resumed = _resumed_plan(partial, fingerprint)
+    plan, resumed = _resumed_plan(partial, run_id)
     model = meta_model(src)
     check_shapes(model, shards)
     ties = tied_names(model)
     work = units([k for k in model.state_dict() if k not in ties])
     done = _journal(partial) if resumed else {}
     if plan is None:
-        plan, config = _plan(model, shards, ties, options, timings, blocks_once)
+        plan, config = _plan(model, shards, ties, options, hf_compatible, layer_indices, timings, blocks_once)
         _check_disk(shards, plan, work, ties, out.parent, done)
-        _start(partial, fingerprint, plan, config, timings)
+        _start(partial, run_id, plan, config, timings)
     else:
         _check_disk(shards, plan, work, ties, partial, done)
     shards.bytes_read = 0
     tic = time.perf_counter()
     records = list(_write_units(shards, plan, work, ties, partial, done, progress))
     timings["write_s"] = time.perf_counter() - tic
-    return _finish(src, partial, out, work, records, timings, started, fingerprint)
+    return _finish(src, partial, out, work, records, timings, started, run_id)
 
 
-def _check_options(options: Options) -> None:
+def _check_options(options: PruneOptions, layer_indices: str) -> None:
     if options.criterion not in STREAMING_CRITERIA:
         raise InvalidOptionError(
             f"prune_checkpoint scores with the data-free criteria {STREAMING_CRITERIA}, got "
             f"{options.criterion!r}: a data-aware criterion needs calibration run layer by layer, which the "
             f"disk-to-disk path does not do yet (use fxprune.hf.prune on a model that fits in memory)")
-    from fxprune.data.criteria import check_criterion
     from fxprune.hf import policy as hf_policy
-    check_criterion(options.criterion, options.reduce)
-    if options.layer_indices not in hf_policy.LAYER_INDICES:
-        raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, "
-                                 f"got {options.layer_indices!r}")
+    if layer_indices not in hf_policy.LAYER_INDICES:
+        raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -527,14 +508,14 @@ def _check_paths(src: Path, out: Path) -> None:
                               f"over an output (remove it, or choose another --out)")
 
 
-def _plan(model: Any, shards: Shards, ties: Mapping[str, str], options: Options,
-          timings: dict, blocks_once: bool) -> tuple[Plan, Any]:
-    from fxprune.hf import analysis_split
+def _plan(model: Any, shards: Shards, ties: Mapping[str, str], options: PruneOptions, hf_compatible: bool,
+          layer_indices: str, timings: dict, blocks_once: bool) -> tuple[Plan, Any]:
     tic = time.perf_counter()
-    analysis = analyse_structure(model, analysis_split(options.hf_compatible), blocks_once)
+    analysis = analyse_structure(model, options.split_axis, blocks_once)
     timings["structure_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    plan, config = make_checkpoint_plan(model, analysis, on_disk(analysis, shards, ties), options)
+    plan, config = make_checkpoint_plan(model, analysis, on_disk(analysis, shards, ties), options, hf_compatible,
+                                        layer_indices)
     timings["score_s"] = time.perf_counter() - tic
     timings["score_bytes_read"] = shards.bytes_read
     return plan, config

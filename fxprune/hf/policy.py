@@ -8,7 +8,7 @@ and HF's modules rebuild every layer from it. So this policy, on by default in :
   units are whole key/value heads, each with its ``num_attention_heads / num_key_value_heads`` query
   heads, so GQA's ratio holds by construction) into *kinds*: corresponding groups of every layer (the
   same parameters with the layer index replaced by ``*``), matched to the config field their width is;
-- keeps one count per kind in every layer: the mean of what the ordinary policy (sparsity, a mapping,
+- keeps one count per kind in every layer: the mean of what the ordinary selection (sparsity, a mapping,
   global ranking, round_to, min_keep, ignore) asks of its groups, raised to cover frozen units; a kind
   with a frozen group, or with no config field, stays whole;
 - never prunes inside a head: ``head_dim``, the rotary frequencies HF recomputes from it and the
@@ -29,10 +29,12 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.errors import InvalidOptionError
 from fxprune.core.groups import Group
-from fxprune.core.select import Policy, check_sparsity, round_up_units
+from fxprune.core.select import round_up_units
+from fxprune.options import PruneOptions
 
 LAYER_INDICES = ("own", "shared")
 INTERMEDIATE_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size",
@@ -140,13 +142,12 @@ WIDTH_FIELDS = (HIDDEN, HEADS, *INTERMEDIATE_FIELDS)
 
 
 def split_width_ratios(sparsity: Any) -> tuple[dict[str, float], Any]:
-    """``({config field: ratio}, what the ordinary policy gets)`` from ``fxprune.hf.prune``'s sparsity:
+    """``({config field: ratio}, what the ordinary selection gets)`` from ``fxprune.hf.prune``'s sparsity:
     a mapping's config-field keys (:data:`WIDTH_FIELDS`) ask for one kind of width; its other keys are
     module patterns; a mapping of fields only leaves every other kind whole."""
     if not isinstance(sparsity, Mapping):
         return {}, sparsity
     widths = {k: v for k, v in sparsity.items() if k in WIDTH_FIELDS}
-    check_sparsity(widths)
     rest = {k: v for k, v in sparsity.items() if k not in WIDTH_FIELDS}
     return widths, rest if rest or not widths else 0.0
 
@@ -160,18 +161,18 @@ def check_width_ratios(widths: Mapping[str, float], kinds_: list[Kind]) -> None:
                                      f"model is; its fields: {present}")
 
 
-def decide(kinds_: list[Kind], requested: Mapping[str, int], policy: Policy,
+def decide(kinds_: list[Kind], requested: Mapping[str, int], options: PruneOptions,
            attention: Optional[Attention], whole_fields: Optional[Mapping[str, str]] = None,
            widths: Optional[Mapping[str, float]] = None) -> list[Decision]:
-    """One kept count per kind. ``requested``: the count the ordinary policy would keep per group;
+    """One kept count per kind. ``requested``: the count the ordinary options would keep per group;
     ``whole_fields``: {config field: why it must stay as it is}; ``widths``: {config field: ratio}
     asked for a kind directly."""
     whole_fields, widths = whole_fields or {}, widths or {}
     decisions = {id(k): Decision(k, k.size, whole_fields[k.field]) if k.field in whole_fields
-                 else _decide(k, requested, policy, widths.get(k.field), _unit_channels(k, attention))
+                 else _decide(k, requested, options, widths.get(k.field), _unit_channels(k, attention))
                  for k in kinds_}
     if attention is not None and not attention.explicit_head_dim:
-        _tie_heads_to_hidden(kinds_, decisions, requested, policy, attention)
+        _tie_heads_to_hidden(kinds_, decisions, requested, options, attention)
     return [decisions[id(k)] for k in kinds_]
 
 
@@ -180,7 +181,7 @@ def _unit_channels(kind: Kind, attention: Optional[Attention]) -> int:
     return attention.head_dim if attention is not None and kind.field == HEADS else 1
 
 
-def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Optional[float] = None,
+def _decide(kind: Kind, requested: Mapping[str, int], options: PruneOptions, ratio: Optional[float] = None,
             unit_channels: int = 1) -> Decision:
     whole = [g for g in kind.groups if not g.prunable]
     size = kind.size
@@ -193,7 +194,7 @@ def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Opt
         return Decision(kind, size, "kept whole: no config field holds a per-layer width of "
                                     f"{size} here")
     asked = [requested.get(g.name, size) for g in kind.groups] if ratio is None else [size * (1 - ratio)]
-    keep = _rounded_keep(sum(asked) / len(asked), kind, policy, unit_channels)
+    keep = _rounded_keep(sum(asked) / len(asked), kind, options, unit_channels)
     what = f"{kind.field}={keep}" if kind.field != HEADS else f"{keep} of {size} key/value heads"
     how = "asked" if len(set(asked)) == 1 else f"the mean of the per-layer widths asked, {sorted(set(asked))}"
     how = f"{kind.field}: {ratio:g} asked" if ratio is not None else how
@@ -202,14 +203,14 @@ def _decide(kind: Kind, requested: Mapping[str, int], policy: Policy, ratio: Opt
                     f"{what} in every layer ({how}): a config holds one {kind.field}")
 
 
-def _rounded_keep(mean: float, kind: Kind, policy: Policy, unit_channels: int) -> int:
-    keep = round_up_units(int(math.floor(mean + 0.5)), policy.round_to, unit_channels)
+def _rounded_keep(mean: float, kind: Kind, options: PruneOptions, unit_channels: int) -> int:
+    keep = round_up_units(int(math.floor(mean + 0.5)), options.round_to, unit_channels)
     frozen = max(len(g.frozen_units) for g in kind.groups)
-    return min(kind.size, max(keep, policy.min_keep, frozen))
+    return min(kind.size, max(keep, options.min_keep, frozen))
 
 
 def _tie_heads_to_hidden(kinds_: list[Kind], decisions: dict, requested: Mapping[str, int],
-                         policy: Policy, attention: Attention) -> None:
+                         options: PruneOptions, attention: Attention) -> None:
     """``head_dim = hidden_size / num_attention_heads``: kept hidden = kept heads x head_dim."""
     heads = [k for k in kinds_ if k.field == HEADS]
     hidden = [k for k in kinds_ if k.field == HIDDEN]
@@ -234,8 +235,8 @@ def _tie_heads_to_hidden(kinds_: list[Kind], decisions: dict, requested: Mapping
                                             f"= kept heads x head_dim {attention.head_dim}")
 
 
-def requested_keeps(analysis: Analysis, drop: torch.Tensor) -> dict[str, int]:
-    """How many units each group keeps under a drop mask (the ordinary policy's wish)."""
+def requested_keeps(analysis: Analysis, drop: Dropped) -> dict[str, int]:
+    """How many units each group keeps under a drop mask (the ordinary selection's wish)."""
     out = {}
     for g in analysis.groups:
         units = torch.tensor(g.units, dtype=torch.long)

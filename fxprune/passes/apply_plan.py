@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from fxprune.api import apply_plan
+from fxprune.stages import apply
 from fxprune.core.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError
-from fxprune.passes.pipeline import Pass, example_inputs, record_plan, register
+from fxprune.passes.pipeline import Pass, placeholder_zeros, record_plan, register
 from fxprune.core.plan import Plan
 
 
@@ -44,5 +44,5 @@ class ApplyPlan(Pass):
             raise InvalidOptionError(f"plan_json is not a plan: {exc}") from exc
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        result = apply_plan(gm, self.plan, example_inputs(gm), capture=graph_level(gm))
+        result = apply(gm, self.plan, placeholder_zeros(gm), graph_level(gm))
         return record_plan(result.graph_module, result.plan)  # what recovery passes map layers with

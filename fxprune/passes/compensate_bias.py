@@ -18,13 +18,7 @@ The pass needs the graph before pruning: in a pipeline it is the input of the la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch.fx as fx
-
 from fxprune.passes.pipeline import register
-from fxprune.data.recovery import compensate_bias
-
 from fxprune.passes.recovery_data import RecoveryPass
 
 
@@ -34,6 +28,3 @@ class CompensateBias(RecoveryPass):
     """Dropped channels' mean contributions (from calibration data) folded into the consumers' biases."""
 
     name = "compensate-bias"
-
-    def recover(self, gm: fx.GraphModule, calibration: Any, analysis: Any, drop: Any):
-        return compensate_bias(analysis, drop, gm, calibration)

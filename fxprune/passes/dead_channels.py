@@ -32,9 +32,12 @@ import torch
 import torch.fx as fx
 
 from fxprune.core.analysis import Analysis
+from fxprune.core.channels import Dropped
 from fxprune.core.graph import iter_arrays
-from fxprune.api import analyze
-from fxprune.passes.pipeline import Pass, example_inputs, refresh_values, register
+from fxprune.core.capture import graph_level
+from fxprune.options import PruneOptions
+from fxprune.stages import analyze
+from fxprune.passes.pipeline import Pass, placeholder_zeros, refresh_values, register
 from fxprune.core.rewrite import rewrite
 from fxprune.core.predicates import is_tensor
 
@@ -82,18 +85,18 @@ def live_classes(analysis: Analysis) -> torch.Tensor:
     return live
 
 
-def dead_classes(analysis: Analysis) -> torch.Tensor:
-    """Bool per channel id, true on the roots of the dead classes of every group to drop."""
+def dead_classes(analysis: Analysis) -> Dropped:
+    """The dead classes of every group, to drop."""
     live = live_classes(analysis)
     drop = torch.zeros_like(live)
     for group in analysis.groups:
         units = torch.tensor(group.units, dtype=torch.long)
         drop[units[~live[units]]] = True
     _keep_one_per_dim(analysis, drop)
-    return drop
+    return Dropped(drop)
 
 
-def _keep_one_per_dim(analysis: Analysis, drop: torch.Tensor) -> None:
+def _keep_one_per_dim(analysis: Analysis, drop: Dropped) -> None:
     """Where a tensor dim would lose every channel, its first one stays."""
     root = analysis.solution.root
     for ids in analysis.id_arrays():
@@ -109,5 +112,5 @@ class DeadChannels(Pass):
     name = "dead-channels"
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        analysis = analyze(gm, example_inputs(gm))
+        analysis = analyze(gm, placeholder_zeros(gm), PruneOptions(capture=graph_level(gm)))
         return refresh_values(rewrite(analysis, dead_classes(analysis)))

@@ -43,24 +43,21 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.fx as fx
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
-from fxprune.api import analyze, drop_from_plan, make_plan
 from fxprune.core.capture import graph_level
 from fxprune.errors import InvalidOptionError, UnsafeFileError, UnsupportedModelError
+from fxprune.core.meta import PLAN_KEY
 from fxprune.core.graph import MaskSite, copy_graph_module, insert_masks, is_mask
-from fxprune.passes.pipeline import example_inputs, refresh_values, register
+from fxprune.passes.pipeline import placeholder_zeros, refresh_values, register
 from fxprune.core.plan import Plan
 from fxprune.core.rewrite import Pruning
-from fxprune.core.select import check_patterns, select
 from fxprune.core.verify import act_mask_sites
-
-from fxprune.passes.selection import SelectionOptions
-
-PLAN_KEY = "fxprune_plan"
-
+from fxprune.passes.selection import selection_options
+from fxprune.stages import analyze, choose, drop_from_plan, make_plan
 
 # --- where the masks go -------------------------------------------------------------------------
-def mask_sites(analysis: Analysis, drop: torch.Tensor) -> list[MaskSite]:
+def mask_sites(analysis: Analysis, drop: Dropped) -> list[MaskSite]:
     """Every reader of a dropped channel: parameter consumers, then activation contractions."""
     pruning = Pruning(analysis, drop)
     sites = list(_param_sites(analysis, pruning)) + list(act_mask_sites(analysis, pruning))
@@ -133,7 +130,7 @@ def masked_plan(gm: fx.GraphModule) -> Optional[Plan]:
 # --- the pass -----------------------------------------------------------------------------------
 @register
 @dataclass(frozen=True)
-class MaskChannels(SelectionOptions):
+class MaskChannels(selection_options("MaskChannelsOptions", exclude=("prune_outputs", "propagate_bias"))):
     """Mask the channels :class:`~fxprune.passes.PruneChannels` would drop (or a plan names)."""
 
     name = "mask-channels"
@@ -164,7 +161,7 @@ class MaskChannels(SelectionOptions):
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
         level = graph_level(gm)
         base = strip_masks(gm)
-        analysis = analyze(base, example_inputs(gm), level, split_axis=self._split_axis())
+        analysis = analyze(base, placeholder_zeros(gm), self.prune_options(level).replace(split_axis=self._split_axis()))
         drop, plan = self._select(analysis, masked_plan(gm))
         out = insert_masks(copy.deepcopy(analysis.gm), mask_sites(analysis, drop), level)
         out.meta[PLAN_KEY] = plan.to_json(indent=None)
@@ -180,12 +177,10 @@ class MaskChannels(SelectionOptions):
             plan = Plan.from_json(self.plan_json)
             drop = drop_from_plan(analysis, plan)
             return drop, make_plan(analysis, drop, plan.options)
-        check_patterns(analysis.groups, self.policy())
         scores = self.scores(analysis)
         if prior is not None:
             scores = _rank_below(analysis, scores, drop_from_plan(analysis, prior))
-        drop = select(analysis, scores, self.policy())
-        return drop, make_plan(analysis, drop, self.prune_options(analysis.level))
+        return choose(analysis, scores, self.prune_options(analysis.level))
 
 
 def _rank_below(analysis: Analysis, scores: dict[str, torch.Tensor], was: torch.Tensor) -> dict[str, Any]:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from fxprune.api import apply_plan
+from fxprune.stages import apply
 from fxprune.core.capture import graph_level
 from fxprune.errors import PipelineError
-from fxprune.passes.pipeline import Pass, example_inputs, register
+from fxprune.passes.pipeline import Pass, placeholder_zeros, register
 
-from fxprune.passes.mask_channels import PLAN_KEY, has_masks, is_mask, masked_plan, strip_masks
+from fxprune.core.meta import PLAN_KEY
+from fxprune.passes.mask_channels import has_masks, is_mask, masked_plan, strip_masks
 
 
 @register
@@ -40,4 +41,4 @@ class Materialize(Pass):
         if plan is None:
             return copy.deepcopy(gm)
         stripped = strip_masks(gm)
-        return apply_plan(stripped, plan, example_inputs(gm), capture=graph_level(gm)).graph_module
+        return apply(stripped, plan, placeholder_zeros(gm), graph_level(gm)).graph_module

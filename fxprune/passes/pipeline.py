@@ -9,7 +9,7 @@ dtypes and values), never declared by the pass.
 
 Passes read the example inputs they need (to re-trace shapes) from the graph itself: the traced value
 that :func:`fxprune.core.capture.capture` leaves on every placeholder (``node.meta["val"]``) becomes a zero
-tensor of the same shape and dtype (:func:`example_inputs`). So the input of a pipeline is a *captured*
+tensor of the same shape and dtype (:func:`placeholder_zeros`). So the input of a pipeline is a *captured*
 GraphModule, and every pass returns one with fresh traced values, ready for the next pass.
 
 A :class:`Pipeline` is a frozen tuple of passes. It parses from, and prints to, a one-line spec in the
@@ -23,7 +23,7 @@ Option values are parsed by the field's type (``float``, ``int``, ``bool`` as ``
 ``str``, ``tuple[str, ...]`` as ``[a,b]``); a string with spaces or any of ``,{}[]="`` is written as a
 JSON string. Printing omits options left at their default, so ``Pipeline.parse(str(p)) == p``.
 
->>> from fxprune.capture import capture
+>>> from fxprune import capture
 >>> gm = capture(model, (x,)).gm                                                       # doctest: +SKIP
 >>> pipeline = Pipeline.parse("fold-batchnorm,prune-channels{sparsity=0.5}")          # doctest: +SKIP
 >>> result = pipeline(gm, hook=lambda p, before, after: print(p))                     # doctest: +SKIP
@@ -31,6 +31,7 @@ JSON string. Printing omits options left at their default, so ``Pipeline.parse(s
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import json
 import re
@@ -42,9 +43,11 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxprune.core.meta import PRUNED_PLAN_KEY
 from fxprune.errors import CalibrationError, InvalidOptionError, PipelineError
+from fxprune.stages import RunData
 
-__all__ = ["Pass", "PassResult", "Pipeline", "register", "registered_passes", "example_inputs",
+__all__ = ["Pass", "PassResult", "Pipeline", "register", "registered_passes", "placeholder_zeros",
            "refresh_values", "graph_changed"]
 
 Hook = Callable[["Pass", fx.GraphModule, fx.GraphModule], None]
@@ -52,8 +55,6 @@ Hook = Callable[["Pass", fx.GraphModule, fx.GraphModule], None]
 _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _WORD = re.compile(r'[^\s,{}\[\]="]+')  # a name, or a value written without quotes
 PASSES: dict[str, type["Pass"]] = {}
-#: ``gm.meta`` key where a pruning pass records its plan (JSON), so recovery can map layers back.
-PRUNED_PLAN_KEY = "fxprune_pruned_plan"
 
 
 # --- the pass contract --------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class Pass(PassBase):
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         """Passes re-trace shapes from the placeholders' traced values: the graph must be captured."""
-        example_inputs(graph_module)
+        placeholder_zeros(graph_module)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         out = self.apply(graph_module)
@@ -149,6 +150,25 @@ def registered_passes() -> dict[str, type[Pass]]:
     """Every registered pass by name (the library in ``fxprune.passes`` included: importing fxprune
     imports it, and its modules register themselves)."""
     return dict(PASSES)
+
+
+# --- run-time data ------------------------------------------------------------------------------
+def bind_run_data(p: "Pass", calibration: Any, source: Any = None) -> "Pass":
+    """A copy of ``p`` carrying ``RunData(calibration, source)`` (read back with :func:`run_data`); the
+    copy is not rebuilt, so its options are not checked again.
+
+    >>> bound = bind_run_data(PruneChannels(criterion="wanda"), loader)   # doctest: +SKIP
+    >>> run_data(bound).calibration is loader                             # doctest: +SKIP
+    True
+    """
+    bound = copy.copy(p)
+    object.__setattr__(bound, "_run_data", RunData(calibration, source=source))  # frozen: set past the guard
+    return bound
+
+
+def run_data(p: "Pass") -> RunData:
+    """The data bound to ``p`` with :func:`bind_run_data` (an empty :class:`RunData` if none)."""
+    return p.__dict__.get("_run_data", RunData())
 
 
 # --- option types -------------------------------------------------------------------------------
@@ -432,7 +452,7 @@ def _zeros_like(node: fx.Node, value: Any) -> Any:
     return torch.zeros(shape, dtype=value.dtype, device=getattr(value, "device", "cpu"))
 
 
-def example_inputs(gm: fx.GraphModule) -> tuple:
+def placeholder_zeros(gm: fx.GraphModule) -> tuple:
     """Zero tensors shaped like the placeholders' traced values: the inputs a pass re-traces with.
 
     Fake values cannot feed the fake-tensor propagation of a new mode, and the values do not matter
@@ -450,7 +470,7 @@ def record_plan(gm: fx.GraphModule, plan: Any) -> fx.GraphModule:
 def refresh_values(gm: fx.GraphModule) -> fx.GraphModule:
     """Record fresh traced values on ``gm`` (a pass's own new output) from its placeholders'."""
     from fxprune.core.capture import propagate_values
-    propagate_values(gm, example_inputs(gm), rewritten=True)
+    propagate_values(gm, placeholder_zeros(gm), rewritten=True)
     return gm
 
 

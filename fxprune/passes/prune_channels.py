@@ -14,30 +14,22 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from fxprune.api import prune
 from fxprune.core.capture import graph_level
-from fxprune.passes.pipeline import example_inputs, record_plan, register
-
-from fxprune.passes.selection import SelectionOptions
+from fxprune.passes.pipeline import placeholder_zeros, record_plan, register, run_data
+from fxprune.passes.selection import selection_options
+from fxprune.stages import run
 
 
 @register
 @dataclass(frozen=True)
-class PruneChannels(SelectionOptions):
+class PruneChannels(selection_options("PruneChannelsOptions")):
     """Drop the lowest-scoring channels of every prunable group (see :func:`fxprune.prune`)."""
 
     name = "prune-channels"
 
     sparsity: float = field()  # required here (no default): a one-shot prune names its sparsity
     """Fraction of each group's units to drop, in [0, 1)."""
-    prune_outputs: bool = False
-    """Also prune channels that reach a graph output (changes the output shape)."""
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        result = prune(gm, example_inputs(gm), sparsity=self.sparsity, criterion=self.criterion,
-                       capture=graph_level(gm), reduce=self.reduce, global_ranking=self.global_ranking,
-                       round_to=self.round_to, min_keep=self.min_keep, ignore=self.ignore,
-                       prune_outputs=self.prune_outputs, seed=self.seed,
-                       split_axis=self.split_axis, calibration=self.calibration,
-                       normalize=self.normalize, min_keep_ratio=self.min_keep_ratio)
+        result = run(gm, placeholder_zeros(gm), self.prune_options(graph_level(gm)), data=run_data(self))
         return record_plan(result.graph_module, result.plan)  # what recovery passes map layers with

@@ -15,13 +15,7 @@ it runs on any captured graph with BatchNorms, pruned or not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch.fx as fx
-
 from fxprune.passes.pipeline import register
-from fxprune.data.recovery import recalibrate_batchnorm
-
 from fxprune.passes.recovery_data import RecoveryPass
 
 
@@ -31,7 +25,3 @@ class RecalibrateBatchNorm(RecoveryPass):
     """Running statistics of every BatchNorm, re-measured on the (pruned) graph's calibration inputs."""
 
     name = "recalibrate-batchnorm"
-    needs_source: ClassVar[bool] = False
-
-    def recover(self, gm: fx.GraphModule, calibration: Any, analysis: Any, drop: Any):
-        return recalibrate_batchnorm(gm, calibration)

@@ -19,13 +19,9 @@ directly, ``Reconstruct().with_calibration(loader, source=original_gm)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch.fx as fx
-
+from fxprune.data.recovery import check_ridge
 from fxprune.passes.pipeline import register
-from fxprune.data.recovery import check_ridge, reconstruct
-
 from fxprune.passes.recovery_data import RecoveryPass
 
 
@@ -41,6 +37,3 @@ class Reconstruct(RecoveryPass):
 
     def validate(self) -> None:
         check_ridge(self.ridge, self.name)
-
-    def recover(self, gm: fx.GraphModule, calibration: Any, analysis: Any, drop: Any):
-        return reconstruct(analysis, drop, gm, calibration, self.ridge)

@@ -9,20 +9,21 @@ matched through the plan the pruning pass recorded on its output (``prune-channe
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 
+from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
-from fxprune.api import PruneResult, analyze, drop_from_plan
+from fxprune.stages import PruneResult, analyze, drop_from_plan
 from fxprune.core.capture import graph_level
 from fxprune.errors import CalibrationError, InvalidOptionError
-from fxprune.passes.pipeline import PRUNED_PLAN_KEY, Pass, example_inputs
+from fxprune.core.meta import PRUNED_PLAN_KEY, REPORTS_KEY
+from fxprune.passes.pipeline import Pass, bind_run_data, placeholder_zeros, run_data
 from fxprune.core.plan import Plan
-from fxprune.data.recovery import RecoveryReport
+from fxprune.data.recovery import RECOVERY_STEPS, RecoveryReport
 
 @dataclass(frozen=True)
 class RecoveryPass(Pass):
@@ -34,16 +35,21 @@ class RecoveryPass(Pass):
         Reconstruct().with_calibration(loader, source=original_gm)(pruned_gm)
 
     A bound pass equals and prints as the unbound one (the data is not an option). Each run returns a
-    new GraphModule whose ``meta["fxprune_recovery"]`` lists the reports of every recovery pass so far.
+    new GraphModule whose ``meta[REPORTS_KEY]`` lists the reports of every recovery pass so far.
     """
 
     needs_calibration: ClassVar[bool] = True
-    needs_source: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name not in RECOVERY_STEPS:  # a recovery pass runs the step of its name
+            raise ValueError(f"recovery pass {cls.__qualname__} is named {cls.name!r}, which is no step of "
+                             f"fxprune.data.recovery.RECOVERY_STEPS ({list(RECOVERY_STEPS)})")
 
     def with_calibration(self, calibration: Any, source: Any = None) -> "RecoveryPass":
         """This pass with its run-time data bound: ``calibration`` (any iterable of batches, or a
         :class:`~fxprune.data.calibration.Calibration`) and ``source`` (the GraphModule before pruning, or
-        the :class:`~fxprune.api.PruneResult`)."""
+        the :class:`~fxprune.stages.PruneResult`)."""
         bound = copy.copy(self)
         object.__setattr__(bound, "_bound", (calibration, source))
         return bound
@@ -53,22 +59,16 @@ class RecoveryPass(Pass):
 
     def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, RecoveryReport]:
         """The new GraphModule and the report of what changed."""
-        calibration, source = self.__dict__.get("_bound", (None, None))
+        calibration, source = run_data(self).calibration, run_data(self).source
         if calibration is None:
             raise CalibrationError(f"pass {self.name!r} needs calibration data: run the pipeline as "
                                    f"pipeline(gm, calibration=loader), or bind it with "
                                    f"{type(self).__name__}(...).with_calibration(loader, source=...)")
-        analysis, drop = _source(self, source, gm) if self.needs_source else (None, None)
-        new, report = self.recover(gm, calibration, analysis, drop)
+        step = RECOVERY_STEPS[self.name]  # the record this pass is named after
+        analysis, drop = _source(self, source, gm) if step.needs_source else (None, None)
+        new, report = step.run(analysis, drop, gm, calibration, False, **self.options(include_defaults=True))
         new.meta[REPORTS_KEY] = tuple(gm.meta.get(REPORTS_KEY, ())) + (report,)
         return new, report
-
-    def recover(self, gm: fx.GraphModule, calibration: Any, analysis: Optional[Analysis],
-                drop: Optional[torch.Tensor]) -> tuple[fx.GraphModule, RecoveryReport]:
-        raise NotImplementedError
-
-
-REPORTS_KEY = "fxprune_recovery"
 
 
 def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analysis, torch.Tensor]:
@@ -85,6 +85,5 @@ def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analy
         raise InvalidOptionError(f"pass {p.name!r}: the graph carries no pruning plan "
                                  f"(meta[{PRUNED_PLAN_KEY!r}]); run prune-channels or apply-plan before it")
     plan = Plan.from_json(text)
-    analysis = analyze(source, example_inputs(source), graph_level(source),
-                       prune_outputs=plan.options.prune_outputs, split_axis=plan.options.split_axis)
+    analysis = analyze(source, placeholder_zeros(source), plan.options.replace(capture=graph_level(source)))
     return analysis, drop_from_plan(analysis, plan)

@@ -1,57 +1,44 @@
-"""The selection options ``prune-channels`` and ``mask-channels`` share: how channels are chosen.
+"""The selection options ``prune-channels`` and ``mask-channels`` share, derived from
+:class:`~fxprune.options.PruneOptions`: the same names, defaults, help and checks as :func:`fxprune.prune`.
 
-Both passes select exactly as :func:`fxprune.prune` does; declaring the options once keeps their
-names, defaults, docs and checks the same in both.
+A pass works at its graph's own level, so ``capture`` is not a pass option; a pass spec writes one
+``sparsity`` for every group (a float: ``{pattern: ratio}`` needs :func:`fxprune.prune`); and a pass
+whose route cannot honour an option does not declare it (``mask-channels`` has no ``prune_outputs`` or
+``propagate_bias``: its masks keep every shape), so giving one is an error naming it.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import typing
 from typing import Any
 
 import torch
 
 from fxprune.core.analysis import Analysis
+from fxprune.data.criteria import DATA_CRITERIA, GRADIENT_CRITERIA, check_criterion
 from fxprune.errors import InvalidOptionError
-from fxprune.options import PruneOptions
-from fxprune.data.criteria import CRITERIA, DATA_CRITERIA, DEFAULT_CRITERION, GRADIENT_CRITERIA, \
-    check_criterion, gather_evidence, score_groups
-from fxprune.passes.pipeline import Pass
-from fxprune.core.select import Policy
+from fxprune.options import PruneOptions, public_fields
+from fxprune.passes.pipeline import Pass, bind_run_data, run_data
+from fxprune.stages import score
 
-#: Criteria a pass can use: ``taylor`` and ``hessian`` need a loss function, which a pass option
-#: cannot hold (use :func:`fxprune.prune` with ``loss_fn=``). The activation criteria read the
-#: calibration data a pipeline is run with: ``pipeline(gm, calibration=loader)``.
-PASS_CRITERIA = tuple(c for c in CRITERIA if c not in GRADIENT_CRITERIA)
+#: Options no pass takes: a pass works at the level of the graph it is given.
+NOT_PASS_OPTIONS = ("capture",)
 
 
-@dataclass(frozen=True)
-class SelectionOptions(Pass):
-    """Base of the passes that select channels by importance (not registered itself)."""
+def option_fields(exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, dataclasses.Field]]:
+    """``PruneOptions``' fields as pass fields (``make_dataclass`` form), less ``exclude``."""
+    hints = typing.get_type_hints(PruneOptions)
+    out = []
+    for name, f in public_fields().items():
+        if name in NOT_PASS_OPTIONS + exclude:
+            continue
+        kind = float if name == "sparsity" else hints[name]
+        out.append((name, kind, dataclasses.field(default=f.default, metadata=f.metadata)))
+    return out
 
-    sparsity: float = 0.5
-    """Fraction of each group's units to drop, in [0, 1)."""
-    criterion: str = DEFAULT_CRITERION
-    """Importance: a name from :data:`PASS_CRITERIA` (``activation``, ``wanda`` and ``flap`` read
-    calibration data: bind it with :meth:`with_calibration`, or run the pipeline with it)."""
-    reduce: str = "mean"
-    """How a unit's scores over several members combine: ``mean``, ``sum`` or ``max``."""
-    global_ranking: bool = False
-    """Rank the units of all groups together (scores normalised per group) instead of per group."""
-    round_to: int = 1
-    """Kept counts are rounded up to a multiple of this."""
-    min_keep: int = 1
-    """No group (and no tensor dim it spans) keeps fewer units than this."""
-    ignore: tuple[str, ...] = ()
-    """fnmatch patterns of module names whose groups are left whole."""
-    seed: int = 0
-    """Seed of the ``random`` criterion."""
-    split_axis: str = "largest"
-    """Which axis carries the channels when a view splits a channel dim (``largest`` or ``outer``)."""
-    normalize: str = "mean"
-    """How global ranking compares groups: ``mean``, ``none``, ``max``, ``standardize`` or ``lamp``."""
-    min_keep_ratio: float = 0.0
-    """Every group keeps at least this fraction of its units."""
+
+class _Selection(Pass):
+    """What a selecting pass does with its options (the fields come from :func:`option_fields`)."""
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -61,38 +48,35 @@ class SelectionOptions(Pass):
     @property
     def calibration(self) -> Any:
         """The calibration data bound with :meth:`with_calibration` (None if none)."""
-        return getattr(self, "_calibration", None)
+        return run_data(self).calibration
 
-    def with_calibration(self, calibration: Any, source: Any = None) -> "SelectionOptions":
+    def with_calibration(self, calibration: Any, source: Any = None) -> "_Selection":
         """This pass with ``calibration`` batches bound (not an option: data is given at run time).
 
         >>> PruneChannels(sparsity=0.5, criterion="wanda").with_calibration(loader)(gm)  # doctest: +SKIP
         """
-        bound = dataclasses.replace(self)
-        object.__setattr__(bound, "_calibration", calibration)
-        return bound
+        return bind_run_data(self, calibration, source)
+
+    def prune_options(self, level: str = "fx") -> PruneOptions:
+        """These options as the :class:`PruneOptions` a plan records (checked there, once)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in public_fields()}
+        return PruneOptions(capture=level, **fields)
 
     def scores(self, analysis: Analysis) -> dict[str, torch.Tensor]:
         """Each prunable group's scores under these options (reading the bound calibration data)."""
-        evidence = gather_evidence(analysis, self.criterion, self.calibration)
-        return score_groups(analysis, analysis.groups, self.criterion, self.reduce, self.seed, evidence=evidence)
+        return score(analysis, self.prune_options(analysis.level), data=run_data(self))
 
     def validate(self) -> None:
-        if self.criterion not in PASS_CRITERIA:
-            raise InvalidOptionError(f"criterion {self.criterion!r} is not a {self.name} option; "
-                                     f"expected one of {list(PASS_CRITERIA)}")
+        """``taylor`` and ``hessian`` need a loss function, which a pass option cannot hold; the
+        activation criteria read the data a pipeline is run with: ``pipeline(gm, calibration=loader)``."""
+        if self.criterion in GRADIENT_CRITERIA:
+            raise InvalidOptionError(f"criterion {self.criterion!r} is not a {self.name} option: it needs a "
+                                     f"loss function; use fxprune.prune(..., loss_fn=...)")
         check_criterion(self.criterion, self.reduce)
-        self.policy()
-        if self.split_axis not in ("largest", "outer"):
-            raise InvalidOptionError(f"split_axis must be 'largest' or 'outer', got {self.split_axis!r}")
+        self.prune_options()
 
-    def prune_options(self, level: str) -> PruneOptions:
-        """The plan's record of these options (the same value :func:`fxprune.prune` records)."""
-        return PruneOptions(self.sparsity, self.criterion, level, self.reduce, self.global_ranking, self.round_to,
-                            self.min_keep, tuple(self.ignore), self.normalize, self.min_keep_ratio,
-                            split_axis=self.split_axis, seed=self.seed)
 
-    def policy(self) -> Policy:
-        """The selection policy these options describe (checks sparsity, round_to, min_keep, ignore)."""
-        return Policy(self.sparsity, self.global_ranking, self.round_to, self.min_keep, self.ignore,
-                      self.normalize, self.min_keep_ratio)
+def selection_options(name: str, exclude: tuple[str, ...] = ()) -> type:
+    """The frozen base dataclass of a selecting pass: its options are ``PruneOptions``' fields."""
+    return dataclasses.make_dataclass(name, option_fields(exclude), bases=(_Selection,), frozen=True,
+                                      namespace={"__module__": __name__})

@@ -28,8 +28,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_regression(case, capture) -> None:
+def test_regression(case, level) -> None:
     spec, opts = case
-    check_network(spec, {**L1, **opts, "capture": capture})
+    check_network(spec, {**L1, **opts, "capture": level})

@@ -31,7 +31,6 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_plan_json(level: str, run_pure, graph_snapshot) -> None:
     model = Net().eval()
     pruned = fxprune.prune(model, (X,), sparsity=0.5, capture=level)

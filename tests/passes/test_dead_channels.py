@@ -87,7 +87,6 @@ def _assert_same_outputs(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor
         torch.testing.assert_close(b(x), a(x))
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 @pytest.mark.parametrize("case", DEAD.keys())
 def test_dead_channels_go(case: str, level: str, run_pure, graph_snapshot) -> None:
     make, x, expected = DEAD[case]
@@ -161,7 +160,6 @@ class Summed(nn.Module):
 LIVE = {"chain": Chain, "layernorm": Mixed, "softmax": Softmaxed, "sum": Summed}
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 @pytest.mark.parametrize("case", LIVE.keys())
 def test_read_channels_stay(case: str, level: str, run_pure) -> None:
     model = LIVE[case]().eval()

@@ -13,6 +13,7 @@ from fxprune.core.capture import capture
 from fxprune.passes import FoldBatchNorm
 from fxprune.passes.fold_batchnorm import output_scale
 from fxprune.measure import count_params
+from fxprune.options import CAPTURES
 
 aten = torch.ops.aten
 
@@ -116,7 +117,6 @@ def test_decomposed_export_level(run_pure, graph_snapshot) -> None:
     _assert_same_outputs(model, result.graph_module, X)
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 @pytest.mark.parametrize("case", CASES.keys())
 def test_producers(case: str, level: str, run_pure) -> None:
     conv, norm, x = CASES[case]
@@ -197,7 +197,7 @@ UNFOLDABLE = {  # model factory (built in eval mode), input
 
 
 # export refuses a training-mode BatchNorm (see the aten.batch_norm(training=True) test instead)
-LEFT_ALONE = [(case, level) for case in UNFOLDABLE for level in ("fx", "export")
+LEFT_ALONE = [(case, level) for case in UNFOLDABLE for level in CAPTURES
               if not (level == "export" and case == "training-mode")]
 
 

@@ -11,13 +11,13 @@ import fxprune
 from fxprune.core.capture import capture
 from fxprune.errors import InvalidOptionError, UnsupportedModelError
 from fxprune.passes import MaskChannels, Materialize, PruneChannels
-from fxprune.passes.mask_channels import PLAN_KEY, is_mask, masked_plan
+from fxprune.core.meta import PLAN_KEY
+from fxprune.passes.mask_channels import is_mask, masked_plan
 from fxprune.passes.pipeline import Pipeline
 from fxprune.measure import count_params
 from pass_nets import ResidualNet as Net
 
 X = torch.randn(2, 3, 8, 8)
-LEVELS = ("fx", "export")
 
 
 class Attention(nn.Module):
@@ -52,7 +52,6 @@ def _close(a: torch.nn.Module, b: torch.nn.Module, *inputs: torch.Tensor) -> Non
         torch.testing.assert_close(a(*inputs), b(*inputs), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_golden(level: str, run_pure, graph_snapshot) -> None:
     gm = capture(Net().eval(), (X,), level).gm
     result = run_pure(MaskChannels(sparsity=0.5), gm)
@@ -60,7 +59,6 @@ def test_golden(level: str, run_pure, graph_snapshot) -> None:
     assert result.graph_module == graph_snapshot
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_masked_equals_pruned(level: str, run_pure) -> None:
     gm = capture(Net().eval(), (X,), level).gm
     masked = run_pure(MaskChannels(sparsity=0.5), gm).graph_module
@@ -70,7 +68,6 @@ def test_masked_equals_pruned(level: str, run_pure) -> None:
     assert masked_plan(masked).kept_indices == pruned.plan.kept_indices
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_masks_are_named_buffers_in_the_code(level: str) -> None:
     gm = capture(Net().eval(), (X,), level).gm
     masked = MaskChannels(sparsity=0.5)(gm).graph_module
@@ -91,7 +88,6 @@ def test_fx_masks_the_layer_inputs_export_the_weights() -> None:
     assert {str(n.args[0].target) for n in ex_masks} == {"conv2.weight", "conv3.weight", "fc.weight"}
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_activation_contractions_and_loose_weights(level: str, run_pure) -> None:
     x = torch.randn(2, 5, 8)
     gm = capture(Attention().eval(), (x,), level).gm

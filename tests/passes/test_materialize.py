@@ -9,12 +9,12 @@ import fxprune
 from fxprune.core.capture import capture
 from fxprune.errors import PipelineError
 from fxprune.passes import MaskChannels, Materialize
-from fxprune.passes.mask_channels import PLAN_KEY, is_mask
+from fxprune.core.meta import PLAN_KEY
+from fxprune.passes.mask_channels import is_mask
 from fxprune.measure import count_params
 from pass_nets import ResidualNet as Net
 
 X = torch.randn(2, 3, 8, 8)
-LEVELS = ("fx", "export")
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
@@ -35,7 +35,6 @@ def _fine_tune(gm: torch.fx.GraphModule, steps: int = 3) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_golden_equals_prune(level: str, run_pure, graph_snapshot) -> None:
     model = Net().eval()
     result = run_pure(Materialize(), _masked(level, model, sparsity=0.5))
@@ -46,7 +45,6 @@ def test_golden_equals_prune(level: str, run_pure, graph_snapshot) -> None:
     assert PLAN_KEY not in result.graph_module.meta
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_fine_tuned_masked_model_materializes_to_the_same_function(level: str, run_pure) -> None:
     masked = _masked(level, sparsity=0.5)
     before = {k: v.clone() for k, v in masked.state_dict().items()}

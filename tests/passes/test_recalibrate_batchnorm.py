@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.core.capture import capture
+from fxprune.core.meta import REPORTS_KEY
 from fxprune.errors import CalibrationError, PipelineError
 from fxprune.passes import RecalibrateBatchNorm
 from fxprune.passes.pipeline import Pipeline
@@ -26,7 +27,6 @@ def _stats(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in gm.state_dict().items() if k.endswith(("running_mean", "running_var"))}
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_one_batch_equals_torch_train_mode_update(run_pure, level) -> None:
     # on one batch, torch's own train-mode forward with momentum 1 gives exactly the batch statistics
     # (unbiased variance), with every BatchNorm normalising by its batch's statistics: the definition
@@ -45,7 +45,7 @@ def test_one_batch_equals_torch_train_mode_update(run_pure, level) -> None:
     for key, value in _stats(reference).items():
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got["bn1.running_mean"], model.bn1.running_mean)
-    report = out.graph_module.meta["fxprune_recovery"][-1]
+    report = out.graph_module.meta[REPORTS_KEY][-1]
     assert report.step == "recalibrate-batchnorm" and [r.layer for r in report.layers] == ["bn1", "bn2"]
     assert report.batches == 1 and out.modified
 

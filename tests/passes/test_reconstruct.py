@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.core.capture import capture
+from fxprune.core.meta import REPORTS_KEY
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError, PipelineError
 from fxprune.passes import Reconstruct
 from fxprune.passes.pipeline import Pipeline
@@ -51,7 +52,6 @@ def _pruned(model: nn.Module, x: torch.Tensor, level: str, sparsity: float = 0.5
     return fxprune.prune(model, (x,), sparsity=sparsity, capture=level)
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_exact_when_kept_channels_span_the_dropped(run_pure, level) -> None:
     model = LowRank().eval()
     loader = _loader((3, 6, 6))
@@ -64,7 +64,7 @@ def test_exact_when_kept_channels_span_the_dropped(run_pure, level) -> None:
         before = (result.graph_module(x) - model(x)).abs().max()
         after = (out.graph_module(x) - model(x)).abs().max()
     assert before > 1e-2 and after < 1e-4
-    report = out.graph_module.meta["fxprune_recovery"][-1]
+    report = out.graph_module.meta[REPORTS_KEY][-1]
     assert [r.layer for r in report.layers] == ["conv"]
     assert report.layers[0].before > 0.1 and report.layers[0].after < 1e-4
     assert out.modified
@@ -128,7 +128,6 @@ def test_prune_with_recover_reports_fit_and_verifies_the_structural_prune() -> N
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-@pytest.mark.parametrize("level", ["fx", "export"])
 def test_snapshot(graph_snapshot, level) -> None:
     model = LowRank().eval()
     loader = _loader((3, 6, 6))

@@ -13,7 +13,6 @@ from torchvision.models import VisionTransformer
 import fxprune
 from fxprune.testing.check import check_pruned
 
-LEVELS = ("fx", "export")
 
 
 def build(factory, *args):
@@ -116,7 +115,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_attention_prunes_and_verifies(prune_checked, case, level):
     model, inputs = CASES[case]
@@ -172,7 +170,6 @@ def test_mha_with_kdim_is_unsupported():
     assert not kv.prunable and "kdim" in kv.reasons[0]
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_sdpa_keeps_the_original_scale(level):
     result = fxprune.prune(build(HandAttention, "sdpa"), tokens((2, 5, 16)), 0.5, capture=level)
     sdpa = next(n for n in result.graph_module.graph.nodes if "scaled_dot_product" in str(n.target))
@@ -199,7 +196,6 @@ def test_size_computed_scale_is_a_literal_at_export():
     assert report.verify.exact and report.verify.max_abs_error < 1e-5
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_vision_transformer(prune_checked, level):
     model, x = tiny_vit(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     report = prune_checked(model, x, level, sparsity=0.5)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import fxprune
 
-LEVELS = ("fx", "export")
 
 
 def build(factory):
@@ -123,7 +122,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_conv_prunes_and_verifies(prune_checked, case, level):
     factory, shape = CASES[case]
@@ -131,7 +129,6 @@ def test_conv_prunes_and_verifies(prune_checked, case, level):
     prune_checked(build(factory), torch.randn(shape), level, sparsity=0.5)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_grouped_conv_prunes_whole_groups(level):
     model = build(Grouped)
     result = fxprune.prune(model, torch.randn(1, 3, 8, 8), 0.5, capture=level)
@@ -148,7 +145,6 @@ def test_grouped_conv_prunes_whole_groups(level):
                 and n.args[1].target == "g.weight"] == [2]
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_depthwise_ties_in_and_out(level):
     model = build(Depthwise)
     analysis = fxprune.analyze(model, torch.randn(1, 3, 8, 8), level)

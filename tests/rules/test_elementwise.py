@@ -11,7 +11,6 @@ import fxprune
 from fxprune.testing.check import check_pruned
 from fxprune.core.rules.elementwise import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES
 
-LEVELS = ("fx", "export")
 # The 21 activations of torch.ao's structured pruner (PReLU has weights: see test_norm.py).
 AO_MODULES = [nn.ReLU, nn.RReLU, nn.Hardtanh, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.SiLU,
               nn.Mish, nn.Hardswish, nn.ELU, nn.CELU, nn.SELU, nn.Hardshrink, nn.LeakyReLU,
@@ -49,7 +48,6 @@ def test_rule_table_covers_torch_ao_activations():
     assert set(AO_FUNCTIONS) - {F.prelu} <= set(ACTIVATION_FUNCTIONS)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("act", AO_MODULES, ids=lambda a: a.__name__)
 def test_activation_module(act, level):
     torch.manual_seed(0)
@@ -57,7 +55,6 @@ def test_activation_module(act, level):
     assert report.verify.max_abs_error < 1e-5
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("fn", AO_FUNCTIONS, ids=lambda f: f.__name__)
 def test_activation_function(fn, level):
     torch.manual_seed(0)
@@ -121,7 +118,6 @@ class Gated(nn.Module):
         return self.fc2(F.glu(self.fc1(self.glu(self.conv(x)).mean((2, 3)))))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", [Residual, SqueezeExcite, LayerScale, Gated], ids=lambda c: c.__name__)
 def test_merges(prune_checked, case, level):
     torch.manual_seed(0)
@@ -129,14 +125,12 @@ def test_merges(prune_checked, case, level):
     assert report.verify.exact and report.verify.max_abs_error < 1e-5
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_glu_keeps_both_halves_of_a_unit(level):
     torch.manual_seed(0)
     analysis = fxprune.analyze(Gated().eval(), torch.randn(1, 3, 6, 6), level)
     assert {g.name: g.size for g in analysis.groups if g.prunable} == {"conv": 4, "fc1": 6}
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_residual_ties_both_branches(level):
     torch.manual_seed(0)
     analysis = fxprune.analyze(Residual().eval(), torch.randn(1, 3, 4, 4), level)
@@ -157,7 +151,6 @@ class AddInput(nn.Module):
         return self.head(self.conv(x) + x)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_add_graph_input_freezes(level):
     analysis = fxprune.analyze(AddInput().eval(), torch.randn(1, 3, 4, 4), level)
     group = next(g for g in analysis.groups if g.name == "conv")
@@ -177,7 +170,6 @@ class Unknown(nn.Module):
         return self.head(torch.fft.fft(y, dim=1).real)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_unknown_op_freezes_with_reason(level):
     analysis = fxprune.analyze(Unknown().eval(), torch.randn(1, 3, 4, 4), level)
     group = next(g for g in analysis.groups if g.name == "conv")
@@ -198,7 +190,6 @@ class Hooked(nn.Module):
         return self.head(torch.relu(self.mid(torch.relu(self.conv(x)))))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_a_hooked_layer_freezes_what_it_touches(level):
     # fx: the hooked call_module freezes its input and output channels (its own weights stay whole);
     # export: the hook is traced, and its constant gains freeze the output channels

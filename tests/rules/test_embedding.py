@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import fxprune
 
-LEVELS = ("fx", "export")
 
 
 class TokenMLP(nn.Module):
@@ -44,14 +43,12 @@ class LooseTable(nn.Module):
 CASES = {"embedding": TokenMLP, "embedding_bag": Bag, "functional": LooseTable}
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_embedding_prunes_and_verifies(prune_checked, case, level):
     torch.manual_seed(0)
     prune_checked(CASES[case]().eval(), torch.randint(0, 20, (3, 5)), level)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_embedding_dim_is_the_producer(level):
     torch.manual_seed(0)
     result = fxprune.prune(TokenMLP().eval(), torch.randint(0, 20, (3, 5)), 0.5, capture=level)

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+from fxprune.options import CAPTURES
 
-LEVELS = ("fx", "export")
 
 
 class LooseMatmul(nn.Module):
@@ -115,9 +115,9 @@ GAPS = {
 
 
 def _cases() -> list:
-    return [pytest.param(case, level, id=f"{case}-{level}",
+    return [pytest.param(case, level, id=f"{level}-{case}",
                          marks=[pytest.mark.xfail(strict=True, reason=GAPS[case, level])] if (case, level) in GAPS
-                         else []) for case in sorted(CASES) for level in LEVELS]
+                         else []) for case in sorted(CASES) for level in CAPTURES]
 
 
 def _build(case: str):
@@ -148,7 +148,6 @@ def test_hidden_group_members(case, level):
     assert not any(key in ("fc.weight", "fc2.weight") and dim == 0 for key, dim in members)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_broadcast_batch_dim_of_size_one_freezes(level):
     # einsum letter b of size 1 in w: a channel broadcast there could not be pruned alone, and w's
     # batch dim carries no group

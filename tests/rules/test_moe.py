@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.testing.check import check_pruned
 
-LEVELS = ("fx", "export")
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 12, 4, 2
 
 
@@ -63,7 +62,6 @@ def _check_experts(gm, inter_kept: int, hidden_kept: int) -> None:
     assert tuple(gm.get_parameter("down").shape) == (EXPERTS, hidden_kept, inter_kept)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_batched_experts_prune_exactly(prune_checked, level):
     torch.manual_seed(0)
     report = prune_checked(BatchedExperts().eval(), torch.randn(6, 8), level, sparsity=0.5)
@@ -71,7 +69,6 @@ def test_batched_experts_prune_exactly(prune_checked, level):
     _check_experts(report.result.graph_module, INTER // 2, HIDDEN // 2)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_grouped_experts_prune_exactly(prune_checked, level):
     torch.manual_seed(0)
     model = GroupedExperts(hidden=32, inter=32).eval().to(torch.bfloat16)
@@ -83,7 +80,6 @@ def test_grouped_experts_prune_exactly(prune_checked, level):
     assert tuple(gm.get_parameter("down").shape) == (EXPERTS, 16, 16)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_one_unit_is_an_intermediate_index_of_every_expert(level):
     torch.manual_seed(0)
     analysis = fxprune.analyze(BatchedExperts().eval(), torch.randn(6, 8), level)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import fxprune
 
-LEVELS = ("fx", "export")
 
 
 class Norms(nn.Module):
@@ -106,7 +105,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_norm_prunes_and_verifies(prune_checked, case, level):
     factory, shape, exact = CASES[case]
@@ -118,7 +116,6 @@ def test_norm_prunes_and_verifies(prune_checked, case, level):
     assert report.verify.passed and report.verify.max_abs_error < 1e-4
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_groupnorm_keeps_whole_groups(level):
     torch.manual_seed(0)
     model = Norms(nn.GroupNorm(4, 16)).eval()
@@ -133,7 +130,6 @@ def test_groupnorm_keeps_whole_groups(level):
         assert [n.args[1] for n in calls] == [2]
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_layernorm_group_is_marked_approximate(level):
     torch.manual_seed(0)
     analysis = fxprune.analyze(LayerNormMLP(nn.LayerNorm(16)).eval(), torch.randn(4, 6), level)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import fxprune
 
-LEVELS = ("fx", "export")
 
 
 class Pools(nn.Module):
@@ -102,7 +101,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pool_prunes_and_verifies(prune_checked, case, level):
     factory, shape = CASES[case]
@@ -110,7 +108,6 @@ def test_pool_prunes_and_verifies(prune_checked, case, level):
     prune_checked(factory().eval(), torch.randn(shape), level)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_sum_over_channels_is_an_exact_consumer(level):
     torch.manual_seed(0)
     analysis = fxprune.analyze(SumOverChannels().eval(), torch.randn(1, 2, 4, 4), level)
@@ -118,7 +115,6 @@ def test_sum_over_channels_is_an_exact_consumer(level):
     assert analysis.act_sinks, "the sum must be recorded as a contraction for verify"
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("statistic,reason", [
     (_channel_mean, "mean"),
     # only a *mean* of squares is a norm's statistic (RMSNorm); a max of them depends on every channel
@@ -131,7 +127,6 @@ def test_a_statistic_over_channels_freezes(level, statistic, reason):
     assert not group.prunable and reason in group.reasons[0]
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_pooling_over_a_channel_dim_freezes(level):
     # a conv's channels moved onto a pooled dim: pooling mixes them, so they stay
     class Moved(nn.Module):

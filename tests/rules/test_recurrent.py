@@ -9,7 +9,6 @@ import torch.nn as nn
 import fxprune
 from fxprune.testing.check import check_pruned
 
-LEVELS = ("fx", "export")
 
 
 def build(factory):
@@ -125,7 +124,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_recurrent_prunes_and_verifies(prune_checked, case, level):
     factory, inputs = CASES[case]
@@ -133,7 +131,6 @@ def test_recurrent_prunes_and_verifies(prune_checked, case, level):
     assert report.verify.exact and report.verify.max_abs_error < 1e-5
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_lstm_gates_and_layers_share_units(level):
     analysis = fxprune.analyze(build(TextLSTM), tokens(), level)
     group = next(g for g in analysis.groups if g.name == "lstm")
@@ -150,7 +147,6 @@ def test_lstm_gates_and_layers_share_units(level):
     assert producers == {(f"lstm.weight_{w}_l{k}", 0) for w in ("ih", "hh") for k in (0, 1)}
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_plan_keeps_whole_units_in_every_gate(level):
     result = fxprune.prune(build(TextLSTM), tokens(), 0.5, capture=level)
     kept = result.plan.kept_indices
@@ -178,14 +174,12 @@ def test_bidirectional_output_carries_both_directions():
     assert result.graph_module.fc.in_features == 6
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_zero_state_gets_the_new_hidden_size(level):
     result = fxprune.prune(build(ZeroState), sequence(), 0.5, capture=level)
     zeros = [n for n in result.graph_module.graph.nodes if "zeros" in str(n.target)]
     assert len(zeros) == 1 and tuple(zeros[0].meta["val"].shape) == (1, 2, 5)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_initial_state_from_outside_freezes_units(level):
     inputs = (sequence((5, 2, 4)), torch.zeros(1, 2, 6), torch.zeros(1, 2, 6))
     analysis = fxprune.analyze(build(GivenState), inputs, level)
@@ -195,7 +189,6 @@ def test_initial_state_from_outside_freezes_units(level):
     assert "lstm.weight_hh_l0" not in kept and set(kept["lstm.weight_ih_l0"]) == {1}  # only proj's outputs
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_projected_lstm_is_unsupported(level):
     analysis = fxprune.analyze(build(Projected), sequence((5, 2, 4)), level)
     proj = next(g for g in analysis.groups if g.name == "proj")

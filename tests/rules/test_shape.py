@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import fxprune
 
-LEVELS = ("fx", "export")
 
 
 class FlattenMLP(nn.Module):
@@ -167,7 +166,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_shape_rules_prune_and_verify(prune_checked, case, level):
     factory, shape = CASES[case]
@@ -176,7 +174,6 @@ def test_shape_rules_prune_and_verify(prune_checked, case, level):
     prune_checked(model, torch.randn(shape), level)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_flatten_maps_channel_to_feature_block(level):
     torch.manual_seed(0)
     result = fxprune.prune(FlattenMLP().eval(), torch.randn(2, 3, 8, 8), {"conv": 0.5}, capture=level)
@@ -185,7 +182,6 @@ def test_flatten_maps_channel_to_feature_block(level):
     assert kept_features == tuple(c * 16 + p for c in kept_channels for p in range(16))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_cat_and_split_map_offsets(level):
     torch.manual_seed(0)
     result = fxprune.prune(Inception().eval(), torch.randn(1, 3, 6, 6), 0.5, capture=level)
@@ -196,7 +192,6 @@ def test_cat_and_split_map_offsets(level):
     assert kept["mix.weight"][0][: len(left)] == left
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_channel_shuffle_keeps_shared_local_indices(level):
     torch.manual_seed(0)
     result = fxprune.prune(Shuffle().eval(), torch.randn(1, 3, 4, 4), 0.5, capture=level)

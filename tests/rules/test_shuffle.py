@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import fxprune
 
-LEVELS = ("fx", "export")
 
 
 class Shuffled(nn.Module):
@@ -47,7 +46,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("batched", [True, False])
 def test_shuffle_prunes_and_verifies(prune_checked, case, level, batched):
@@ -56,7 +54,6 @@ def test_shuffle_prunes_and_verifies(prune_checked, case, level, batched):
     assert report.verify.exact and report.verify.max_abs_error < 1e-5
 
 
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_shuffle_units_are_blocks(case, level):
     analysis = fxprune.analyze(build(case), torch.randn(1, 3, 4, 4), level)
@@ -64,7 +61,6 @@ def test_shuffle_units_are_blocks(case, level):
     assert group.prunable and group.size == CASES[case][1]
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_channel_shuffle_keeps_the_same_local_indices_in_every_group(level):
     result = fxprune.prune(build("channel_shuffle"), torch.randn(1, 3, 4, 4), 0.5, capture=level)
     weight = result.graph_module.get_parameter("conv.weight")

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 import fxprune
 
-LEVELS = ("fx", "export")
 
 
 class StackedTokensHead(nn.Module):
@@ -25,7 +24,6 @@ class StackedTokensHead(nn.Module):
         return self.head(self.aggregate(tokens).squeeze(1))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_pointwise_conv_across_stacked_tokens_passes_channels(prune_checked, level):
     torch.manual_seed(0)
     report = prune_checked(StackedTokensHead().eval(), torch.randn(2, 6), level, sparsity=0.5)
@@ -35,7 +33,6 @@ def test_pointwise_conv_across_stacked_tokens_passes_channels(prune_checked, lev
     assert len(kept["head.weight"][1]) == 8
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_wider_conv_along_channels_freezes_them(level):
     torch.manual_seed(0)
     analysis = fxprune.analyze(StackedTokensHead(kernel=3).eval(), torch.randn(2, 6), level)

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LEVELS = ("fx", "export")
 
 
 class CatBiasMLP(nn.Module):
@@ -27,7 +26,6 @@ class CatBiasMLP(nn.Module):
         return self.fc2(F.gelu(F.linear(x, self.fc1.weight, bias)))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_cat_built_bias_is_tied_to_its_weight(prune_checked, level):
     torch.manual_seed(0)
     model = CatBiasMLP().eval()

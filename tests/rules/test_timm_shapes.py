@@ -15,7 +15,6 @@ import fxprune
 from fxprune.core.capture import capture, propagate_values
 from fxprune.errors import ExampleInputError, PrunedGraphError
 
-LEVELS = ("fx", "export")
 
 
 class ShapeArithmeticAttention(nn.Module):
@@ -57,7 +56,6 @@ class RepeatedBySize(nn.Module):
         return self.head(h + x + self.mlp_out(torch.relu(self.mlp_in(x))))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_views_sized_from_another_groups_shape(prune_checked, level):
     torch.manual_seed(0)
     model = ShapeArithmeticAttention().eval()
@@ -113,7 +111,6 @@ class LeViTMLP(nn.Module):
         return self.ln2(nn.functional.hardswish(self.ln1(x)))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_reshape_as_ties_dims_to_the_other_tensor(prune_checked, level):
     torch.manual_seed(0)
     model = LeViTMLP().eval()

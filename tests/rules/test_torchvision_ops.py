@@ -13,7 +13,6 @@ from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 import fxprune
 from fxprune.testing.check import check_pruned
 
-LEVELS = ("fx", "export")
 
 
 def image(shape=(2, 3, 8, 8)):
@@ -101,7 +100,6 @@ class VideoWindowBlock(nn.Module):
         return self.head(self.merge(h).mean((1, 2, 3)))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_video_window_attention_prunes_whole_heads(prune_checked, level):
     # fx: one wrapped call (its list arguments are edited in place by the function: capture hands it
     # plain lists); export: the decomposed ATen ops
@@ -122,7 +120,6 @@ def test_window_attention_unshifted_fx():
     check_pruned(WindowBlock(shift=(0, 0)).eval(), (image(),), capture="fx")
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_einsum_attention_prunes_head_dims(level):
     report = check_pruned(EinsumAttention().eval(), (torch.randn(2, 5, 16),), capture=level)
     assert report.verify.exact
@@ -181,7 +178,6 @@ class RollGatherNorm(nn.Module):
         return self.head(h + bias + mask) + n.sum()
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_roll_index_and_new_zeros_pass_channels(level):
     x = image((1, 3, 4, 4))
     report = check_pruned(RollGatherNorm().eval(), (x,), capture=level)
@@ -193,7 +189,6 @@ def test_roll_index_and_new_zeros_pass_channels(level):
     assert any("a norm over a channel dim" in r for r in groups["side"].reasons)
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_roll_along_channels_freezes_them(level):
     analysis = fxprune.analyze(RollGatherNorm(roll_channels=True).eval(), (image((1, 3, 4, 4)),), level)
     conv = next(g for g in analysis.groups if g.name == "conv")
@@ -215,13 +210,11 @@ class IndexSelect(nn.Module):
         return self.head(self.conv(x).index_select(self.dim, self.rows))
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_index_select_over_rows_passes_channels(level):
     report = check_pruned(IndexSelect(2).eval(), (image((1, 3, 4, 4)),), capture=level)
     assert report.result.graph_module.get_parameter("conv.weight").shape[0] == 4
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_index_select_over_channels_freezes_them(level):
     analysis = fxprune.analyze(IndexSelect(1).eval(), (image((1, 3, 4, 4)),), level)
     conv = next(g for g in analysis.groups if g.name == "conv")

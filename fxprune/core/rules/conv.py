@@ -40,7 +40,7 @@ def conv(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str], groups:
     if groups == 1:
         op.unify(x_ids[c], w[in_dim])
         op.consume_param(w_key, in_dim)
-        op.foldable(w_key, in_dim, b_key, x, c, exact=not _padded(op))
+        op.weighted_consumer(w_key, in_dim, b_key, x, c, exact=not _padded(op))
     else:
         _tie_groups(op, x_ids[c], out_ids, groups)
     if b_key is not None:

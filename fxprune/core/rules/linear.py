@@ -32,7 +32,7 @@ def linear(op: OpCall, x: Any, w_key: Optional[str], b_key: Optional[str]) -> An
     x_ids = op.ids(x)
     op.unify(x_ids[-1], w[1])
     op.consume_param(w_key, 1)
-    op.foldable(w_key, 1, b_key, x, len(x_ids) - 1)
+    op.weighted_consumer(w_key, 1, b_key, x, len(x_ids) - 1)
     if b_key is not None:
         op.unify(op.param(b_key)[0], out_ids)
     return tuple(x_ids[:-1]) + (out_ids,)

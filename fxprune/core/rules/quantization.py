@@ -42,8 +42,8 @@ import torch.nn as nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
-from fxprune.core.opcall import OpCall, Unsupported
-from fxprune.core.predicates import is_quantizer, torchao_quantizers, weight_source  # noqa: F401  (also imported from here)
+from fxprune.core.opcall import OpCall, Unsupported, weight_source
+from fxprune.core.predicates import is_quantizer, torchao_quantizers  # noqa: F401  (also imported from here)
 from fxprune.core.registry import OpFamily, OpRule, owner, register, register_late
 from fxprune.core.rules.conv import CONV_MODULES, conv
 from fxprune.core.rules.elementwise import ACTIVATION_MODULES, PASS_MODULES
