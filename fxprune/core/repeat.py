@@ -154,11 +154,14 @@ def _remap(ids: Optional[torch.Tensor], mapping: Optional[torch.Tensor]) -> Opti
 def _solution(solution: Solution, local: torch.Tensor, maps: list[torch.Tensor]) -> Solution:
     local_ids = local.nonzero().flatten()
     roots, frozen, approx, reasons = [solution.root], [solution.frozen], [solution.approximate], dict(solution.reasons)
+    keys = torch.tensor(list(solution.reasons), dtype=torch.long)
+    inside = keys[local[keys]] if keys.numel() else keys  # the frozen roots of block 1: their reasons copy
+    whys = [solution.reasons[r] for r in inside.tolist()]
     for mapping in maps:
         roots.append(mapping[solution.root[local_ids]])  # a global root stays; a local one is copied
         frozen.append(solution.frozen[local_ids])
         approx.append(solution.approximate[local_ids])
-        reasons.update({int(mapping[r]): why for r, why in solution.reasons.items() if bool(local[r])})
+        reasons.update(zip(mapping[inside].tolist(), whys))
     return Solution(torch.cat(roots), torch.cat(frozen), torch.cat(approx), reasons)
 
 
