@@ -25,6 +25,7 @@ The source files were just written, so their pages may be in the page cache for 
 floor runs first, so it gets no advantage over the prune.
 
     nice -n 10 python benchmarks/bench_out_of_core.py --models 1b 8b   # writes bench_out_of_core.md/.png
+    nice -n 10 python benchmarks/bench_out_of_core.py --only structure  # the structure rows alone
     python benchmarks/bench_out_of_core.py --table-only
 """
 from __future__ import annotations
@@ -186,14 +187,21 @@ def in_memory(src: Path, out: Path) -> dict:
     return {"wall_s": time.perf_counter() - tic, "cpu_s": _cpu_s(), "peak_gb": _peak_gb()}
 
 
+#: A tied tensor one writer stores and the other does not (save_pretrained writes both names).
+TIES = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
 def compare(a: Path, b: Path) -> dict:
-    """Whether two checkpoints hold the same tensors (read one at a time)."""
+    """Whether two checkpoints hold the same tensors (read one at a time; a tied name one side leaves
+    out is compared with the tensor it is tied to)."""
     import torch
     from fxprune.hf.checkpoint import Shards
     left, right = Shards.open(a), Shards.open(b)
-    equal = sorted(left.shapes) == sorted(right.shapes) and all(
-        torch.equal(left.read(k), right.read(k)) for k in left.shapes)
-    return {"equal": equal, "tensors": len(left.shapes)}
+    pairs = [(k, k if k in right.shapes else TIES.get(k)) for k in left.shapes]
+    pairs += [(TIES.get(k), k) for k in right.shapes if k not in left.shapes]
+    equal = all(x in left.shapes and y in right.shapes and torch.equal(left.read(x), right.read(y))
+                for x, y in pairs)
+    return {"equal": equal, "tensors": len(pairs)}
 
 
 def worker(argv: list[str]) -> None:
@@ -218,12 +226,22 @@ def _run(task: str, model: str, *paths: Path, timeout: float = 7200, mem_gb: flo
     return result
 
 
-def measure(model: str, cache: Path, structure_only: bool = False) -> dict:
+def measure(model: str, cache: Path, only: str = "") -> dict:
     src, out = cache / model, cache / f"{model}-work"
-    if structure_only:  # the structure needs config.json alone
+    if only == "structure":  # the structure needs config.json alone
         _config(model).save_pretrained(src)
         return {"structure once": _run("structure-once", model, src),
                 "structure each": _run("structure-each", model, src)}
+    if only == "equality":  # disk to disk and in memory, compared
+        if not (src / "model.safetensors.index.json").is_file():
+            _run("write", model, src)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        rows = {"disk to disk": _run("disk-to-disk", model, src, out / "pruned"),
+                "in memory": _run("in-memory", model, src, out / "memory")}
+        rows["in memory"].update(_run("compare", model, out / "memory", out / "pruned"))
+        shutil.rmtree(out, ignore_errors=True)
+        return rows
     if not (src / "model.safetensors.index.json").is_file():
         _run("write", model, src)
     shutil.rmtree(out, ignore_errors=True)
@@ -288,14 +306,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fxprune-bench-out-of-core")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints for a rerun")
-    parser.add_argument("--structure-only", action="store_true",
-                        help="only the structure rows (config.json alone: no checkpoint written)")
+    parser.add_argument("--only", choices=("structure", "equality"), default="",
+                        help="only the structure rows (config.json alone: no checkpoint written), or only "
+                             "disk to disk and in memory, compared")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     if not args.table_only:
         meta = environment(THREADS)
         for model in args.models:
-            save_section(SECTION, meta, {model: measure(model, args.cache, args.structure_only)})
+            previous = load_results().get(SECTION, {}).get("rows", {}).get(model, {})
+            save_section(SECTION, meta, {model: {**previous, **measure(model, args.cache, args.only)}})
         if not args.keep:
             shutil.rmtree(args.cache, ignore_errors=True)
     results = load_results().get(SECTION, {})
