@@ -10,7 +10,8 @@ GraphModule or ExportedProgram) or a ``.pt2`` file from ``torch.export.save`` (l
 random inputs of ``--input-shape`` (repeat it for several inputs; a ``.pt2`` may use its own example
 inputs). ``hf:PATH_OR_CONFIG`` is a HuggingFace model directory or ``config.json`` (see
 :mod:`fxprune.cli.hf`): it is pruned by :mod:`fxprune.hf` and ``--out`` becomes a directory that
-``from_pretrained`` loads.
+``from_pretrained`` loads; a checkpoint directory given without ``--input-shape`` is pruned disk to disk,
+one layer at a time (:func:`fxprune.hf.checkpoint.prune_checkpoint`: models larger than memory).
 
 ``prune`` writes to ``--out``: the saved result (``plan.json``, ``model.safetensors``, ``module.py``, see
 :func:`fxprune.save`), ``summary.md`` (the table it prints) and ``widths.png`` (per-layer widths before and
@@ -232,6 +233,10 @@ def run_prune(args: argparse.Namespace) -> int:
     check_output(args.out)  # a link, a file, someone else's directory: refused before any work
     _check_chart(args.no_chart)
     _check_deploy(args.to, args.quantize)
+    from fxprune.cli.hf import is_checkpoint, prune_checkpoint_and_report
+    if is_checkpoint(args):  # a checkpoint directory without --input-shape: disk to disk
+        print(prune_checkpoint_and_report(args))
+        return 0
     options = PruneOptions.build(**given_options(args))
     torch.manual_seed(options.seed)
     model = load_model(args.spec)

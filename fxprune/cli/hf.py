@@ -7,10 +7,17 @@ subclass. Weights load from safetensors only (nothing is unpickled), and a repos
 (``auto_map``) is never run: every transformers call passes ``trust_remote_code=False``. ``--out`` becomes a directory ``from_pretrained`` loads, plus ``plan.json`` and ``summary.md``.
 
     fxprune prune hf:tiny-llama/ --input-shape 2,16 --sparsity 0.5 --out pruned/
+
+A checkpoint directory without ``--input-shape`` is pruned disk to disk (nothing but one layer's tensors
+in memory; :func:`fxprune.hf.checkpoint.prune_checkpoint`), with a data-free criterion; rerun after an
+interruption, the same command continues from the last finished layer:
+
+    fxprune prune hf:llama-8b/ --sparsity 0.25 --criterion l2 --out llama-8b-p25/
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -22,6 +29,34 @@ from fxprune.errors import UnsafeFileError, UnsupportedModelError
 from fxprune.safe_files import staged_directory, write_new
 
 FILES = "config.json model.safetensors plan.json summary.md"
+
+
+def is_checkpoint(args: argparse.Namespace) -> bool:
+    """``hf:DIR`` of a directory holding safetensors, with no ``--input-shape``: the disk-to-disk route."""
+    source, _, name = args.spec.partition(":")
+    path = Path(name)
+    return source == "hf" and not args.input_shape and path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def prune_checkpoint_and_report(args: argparse.Namespace) -> str:
+    """Prune ``hf:DIR`` disk to disk into ``--out``; the lines to print."""
+    from fxprune.hf.checkpoint import REPORT, STREAMING_CRITERIA, prune_checkpoint
+    refuse_unsupported_flags(args)
+    options = given_options(args)
+    if options.get("criterion") is not None and options["criterion"] not in STREAMING_CRITERIA:
+        raise CliError(f"--criterion {options['criterion']} reads calibration data; the disk-to-disk route "
+                       f"offers {', '.join(STREAMING_CRITERIA)}")
+    report = prune_checkpoint(args.spec.partition(":")[2], args.out, progress=not args.no_progress, **options)
+    config = json.loads((Path(args.out) / "config.json").read_text(encoding="utf-8"))
+    rows = [("config field", "before", "after")]
+    rows += [(field, str(a), str(b)) for field, (a, b) in config["fxprune"]["changes"].items()]
+    seconds = report["timings"]["total_s"]
+    sparsity = format_sparsity(config["fxprune"]["options"]["sparsity"])
+    return "\n".join([f"# fxprune: {args.spec}, sparsity {sparsity}, disk to disk", "", *_table(rows), "",
+                      f"read {report['bytes_read'] / 1e9:.2f} GB, wrote {report['bytes_written'] / 1e9:.2f} GB "
+                      f"in {seconds:.1f} s ({report['resumed_units']} layers resumed)",
+                      f"wrote {args.out}/: config.json, {len(report['units'])} shards, "
+                      f"model.safetensors.index.json, plan.json, {REPORT}"])
 
 
 def load(path_text: str) -> Any:
