@@ -88,3 +88,9 @@ class MissingExtraError(FxPruneError, ImportError):
 class DeployError(FxPruneError, RuntimeError):
     """A pruned model could not be written for a runtime (ExecuTorch, ONNX Runtime): the message names
     the target and the stage that failed (export, quantize, lower)."""
+
+
+class CheckpointError(FxPruneError, ValueError):
+    """A checkpoint directory is unusable: a shard missing or truncated, an index naming a tensor no
+    shard holds, a tensor whose shape the config does not build, an output directory inside the input,
+    or too little disk for the output (the message names the file or tensor)."""

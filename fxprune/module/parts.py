@@ -331,7 +331,7 @@ class PartsResult:
     module: nn.Module
     """A smaller instance of the model's class: the parts' tensors sliced, the user's forward unchanged."""
     result: Any
-    """The :class:`~fxprune.stages.PruneResult` of the joined graph (plan keyed by the model's names)."""
+    """The :class:`~fxprune.api.PruneResult` of the joined graph (plan keyed by the model's names)."""
     parts: tuple[str, ...]
     """The paths of the modules captured and pruned together."""
     crossings: Mapping[str, str]
@@ -352,8 +352,8 @@ def prune_parts(model: nn.Module, example_inputs: Any, *, modules: Optional[Sequ
     >>> type(out.module) is type(yolo)                       # doctest: +SKIP
     True
     """
+    from fxprune.stages import prune
     from fxprune.core.capture import as_inputs
-    from fxprune.module.graph import prune_graph
 
     inputs = as_inputs(example_inputs)
     if options.get("capture") not in (None, "fx"):
@@ -367,7 +367,7 @@ def prune_parts(model: nn.Module, example_inputs: Any, *, modules: Optional[Sequ
     joined = join(work, rec, parts)
     values = _values(work, rec, joined.inputs, "args")
     _check_join(joined, values, _values(work, rec, joined.outputs, "output"))
-    result = prune_graph(joined.gm, values, **options)
+    result = prune(joined.gm, values, **options)
     small = rebuild(model, result)
     error = check_parts(small, result.graph_module, joined, inputs)
     return PartsResult(small, result, tuple(parts), dict(joined.crossings), error)
