@@ -48,6 +48,12 @@ class TrainingModeError(FxPruneError, RuntimeError):
     """The model is in training mode where a graph depends on it (BatchNorm under export)."""
 
 
+class ModuleForwardError(FxPruneError, RuntimeError):
+    """The user's own forward, run on the pruned parameters, fails or differs from the pruned graph: it
+    bakes a size into code (``x.view(-1, 512)``). The message names the module; the pruned graph
+    (``result.graph_module``) is the model to use instead (:mod:`fxprune.module`)."""
+
+
 class VerificationError(FxPruneError, AssertionError):
     """A pruned model does not match its zeroed-channel reference."""
 

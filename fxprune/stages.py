@@ -69,6 +69,9 @@ class PruneResult:
     """The :class:`~fxprune.data.recovery.RecoveryReport` of each ``recover=`` step (per-layer fit errors)."""
     structural: Optional[fx.GraphModule] = None
     """With ``recover=``: the pruned model before recovery, what :func:`fxprune.verify` checks."""
+    module: Optional[torch.nn.Module] = None
+    """With ``output="module"``: the model's own class, smaller, checked against ``graph_module``
+    (:mod:`fxprune.module`)."""
 
     @property
     def level(self) -> str:
@@ -81,7 +84,7 @@ class PruneResult:
     def __deepcopy__(self, memo: dict) -> "PruneResult":
         """Every field copied (the plan and the analysis are immutable values, shared)."""
         fields = {name: copy.deepcopy(getattr(self, name), memo)
-                  for name in ("graph_module", "drop", "example_inputs", "recovery", "structural")}
+                  for name in ("graph_module", "drop", "example_inputs", "recovery", "structural", "module")}
         return PruneResult(plan=self.plan, analysis=self.analysis, **fields)
 
 
@@ -174,11 +177,13 @@ def drop_from_plan(analysis: Analysis, plan: Plan) -> Dropped:
     """The dropped classes a plan implies; the plan must account for every tied position."""
     solution = analysis.solution
     drop = torch.zeros(solution.root.numel(), dtype=torch.bool)
+    spanned = {(m.key, m.dim) for g in analysis.groups for m in g.members}  # a kernel dim is no channel dim
     for key, dims in plan.kept_indices.items():
         ids = _param_ids(analysis, key, plan)
         for dim, kept in dims.items():
-            if dim >= len(ids) or ids[dim] is None:
-                raise PlanMismatchError(f"plan prunes dim {dim} of {key!r}, which has {len(ids)} dims")
+            if dim >= len(ids) or ids[dim] is None or (key, dim) not in spanned:
+                raise PlanMismatchError(f"plan prunes dim {dim} of {key!r}, which no channel group spans "
+                                        f"(it has {len(ids)} dims)")
             dropped = _dropped_positions(key, dim, kept, ids[dim].numel())
             roots = solution.root[ids[dim][dropped]]
             if bool(solution.frozen[roots].any()):

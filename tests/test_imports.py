@@ -26,7 +26,7 @@ ADAPTERS = ("fxprune.hf", "fxprune.deploy")
 #: The layers, lowest first: a module imports its own layer and the ones below, never one above. A name
 #: covers the module and everything under it; ``fxprune.stages`` counts once it exists.
 LAYERS = (
-    ("leaves", ("fxprune.errors", "fxprune.options", "fxprune.progress")),
+    ("leaves", ("fxprune.errors", "fxprune.options", "fxprune.progress", "fxprune.safe_files")),
     ("core", ("fxprune.core",)),
     ("data", ("fxprune.data",)),
     ("stages", ("fxprune.stages",)),
@@ -188,13 +188,12 @@ def test_the_data_stages_import_nothing_above_them():
 
 
 def test_the_stage_composition_imports_nothing_above_it():
-    # holds no module until fxprune/stages.py lands; from then on it checks it
+    assert "fxprune.stages" in _modules()
     assert _imports_of(_graph(), ("stages",), _above("stages")) == []
 
 
-# The passes never import the one-call API (`_imports_of(graph, ("passes",), _above("passes"))` is
-# empty): left out while fxprune/passes/{apply_plan,dead_channels,mask_channels,materialize,
-# prune_channels,recovery_data}.py import fxprune.api (issue 16: they move to fxprune.stages).
+def test_the_passes_never_import_the_one_call_api():
+    assert _imports_of(_graph(), ("passes",), _above("passes")) == []
 
 
 def test_the_api_imports_no_adapter_runtime_cli_or_test_support():

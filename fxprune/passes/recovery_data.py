@@ -50,9 +50,7 @@ class RecoveryPass(Pass):
         """This pass with its run-time data bound: ``calibration`` (any iterable of batches, or a
         :class:`~fxprune.data.calibration.Calibration`) and ``source`` (the GraphModule before pruning, or
         the :class:`~fxprune.stages.PruneResult`)."""
-        bound = copy.copy(self)
-        object.__setattr__(bound, "_bound", (calibration, source))
-        return bound
+        return bind_run_data(self, calibration, source)
 
     def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
         return self.run(gm)[0]
@@ -71,7 +69,7 @@ class RecoveryPass(Pass):
         return new, report
 
 
-def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analysis, torch.Tensor]:
+def _source(p: RecoveryPass, source: Any, pruned: fx.GraphModule) -> tuple[Analysis, Dropped]:
     """The original model's analysis and the dropped classes, from a PruneResult or from the graph
     before pruning plus the plan the pruning pass recorded on ``pruned``."""
     if isinstance(source, PruneResult):
