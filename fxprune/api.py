@@ -26,7 +26,7 @@ from fxprune.core.verify import (VerifyReport, check_other_sizes, check_same_mod
                                  quantizer_state_mismatch, reference_model)
 from fxprune.data.criteria import Criterion
 from fxprune.data.recovery import recover as recover_model, recovery_steps
-from fxprune.errors import CalibrationError
+from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.options import PruneOptions, Sparsity
 from fxprune.progress import stage_bar
 from fxprune.stages import PruneResult, RunData, apply, criterion_name, run
@@ -46,7 +46,7 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
           criterion: Optional[Criterion] = None, capture: Optional[str] = None, *,
           options: Optional[PruneOptions] = None, calibration: Any = None, loss_fn: Optional[Callable] = None,
           batch: Optional[tuple] = None, recover: Sequence[str] = (), progress: bool = False,
-          dynamic_shapes: Any = AUTO, **option_fields: Any) -> PruneResult:
+          dynamic_shapes: Any = AUTO, output: str = "graph", **option_fields: Any) -> PruneResult:
     """Prune ``model`` and return a new, smaller GraphModule; ``model`` is never modified.
 
     The options (``sparsity``, ``criterion``, ``capture`` and every field of
@@ -71,9 +71,23 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
             fit; :func:`verify` checks the structural pruning before recovery.
         dynamic_shapes: export level: ``"auto"`` (dynamic batch, and sequence for token inputs),
             ``None`` (the example's sizes only) or a ``torch.export`` spec.
+        output: ``"graph"`` (default) or ``"module"``: also ``result.module``, a smaller instance of the
+            model's own class (its forward unchanged, checked against the graph; :mod:`fxprune.module`).
+            A model not traceable whole is then pruned through its traceable submodules.
 
     >>> result = fxprune.prune(model, (x,), 0.5, "l1", round_to=8)     # doctest: +SKIP
+    >>> small = fxprune.prune(model, (x,), 0.5, output="module").module  # doctest: +SKIP
     """
+    if output not in ("graph", "module"):
+        raise InvalidOptionError(f"output must be 'graph' or 'module', got {output!r}")
+    if output == "module":
+        if recover:
+            raise InvalidOptionError("output='module' with recover= is not supported: recovery changes the "
+                                     "graph's weights, which the module would not hold; prune, then recover")
+        from fxprune.module import prune_module  # an adapter: loaded only when asked for
+        return prune_module(model, example_inputs, options=options, sparsity=sparsity, criterion=criterion,
+                            capture=capture, calibration=calibration, loss_fn=loss_fn, batch=batch,
+                            progress=progress, dynamic_shapes=dynamic_shapes, **option_fields)
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
     options = PruneOptions.build(options, sparsity=sparsity, criterion=named, capture=capture, **option_fields)
     scorer = criterion if callable(criterion) else None

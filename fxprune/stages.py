@@ -69,6 +69,9 @@ class PruneResult:
     """The :class:`~fxprune.data.recovery.RecoveryReport` of each ``recover=`` step (per-layer fit errors)."""
     structural: Optional[fx.GraphModule] = None
     """With ``recover=``: the pruned model before recovery, what :func:`fxprune.verify` checks."""
+    module: Optional[torch.nn.Module] = None
+    """With ``output="module"``: the model's own class, smaller, checked against ``graph_module``
+    (:mod:`fxprune.module`)."""
 
     @property
     def level(self) -> str:
@@ -81,7 +84,7 @@ class PruneResult:
     def __deepcopy__(self, memo: dict) -> "PruneResult":
         """Every field copied (the plan and the analysis are immutable values, shared)."""
         fields = {name: copy.deepcopy(getattr(self, name), memo)
-                  for name in ("graph_module", "drop", "example_inputs", "recovery", "structural")}
+                  for name in ("graph_module", "drop", "example_inputs", "recovery", "structural", "module")}
         return PruneResult(plan=self.plan, analysis=self.analysis, **fields)
 
 

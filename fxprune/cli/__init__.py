@@ -10,7 +10,8 @@ GraphModule or ExportedProgram) or a ``.pt2`` file from ``torch.export.save`` (l
 random inputs of ``--input-shape`` (repeat it for several inputs; a ``.pt2`` may use its own example
 inputs). ``hf:PATH_OR_CONFIG`` is a HuggingFace model directory or ``config.json`` (see
 :mod:`fxprune.cli.hf`): it is pruned by :mod:`fxprune.hf` and ``--out`` becomes a directory that
-``from_pretrained`` loads.
+``from_pretrained`` loads; a checkpoint directory given without ``--input-shape`` is pruned disk to disk,
+one layer at a time (:func:`fxprune.hf.checkpoint.prune_checkpoint`: models larger than memory).
 
 ``prune`` writes to ``--out``: the saved result (``plan.json``, ``model.safetensors``, ``module.py``, see
 :func:`fxprune.save`), ``summary.md`` (the table it prints) and ``widths.png`` (per-layer widths before and
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--no-chart", action="store_true", help="do not write widths.png (no matplotlib)")
+    prune.add_argument("--output", choices=("graph", "module"), default="graph",
+                       help="graph (default: the pruned graph, module.py) or module: the model's own class, "
+                            "saved as its state_dict (model.safetensors) with plan.json and sizes.json; load "
+                            "with fxprune.module.load(DIR, FACTORY())")
     inspect = sub.add_parser("inspect", help="print the channel groups and why any are frozen",
                              description="Print SPEC's channel groups and why any are frozen, without "
                                          "pruning.")
@@ -228,6 +233,10 @@ def run_prune(args: argparse.Namespace) -> int:
     check_output(args.out)  # a link, a file, someone else's directory: refused before any work
     _check_chart(args.no_chart)
     _check_deploy(args.to, args.quantize)
+    from fxprune.cli.hf import is_checkpoint, prune_checkpoint_and_report
+    if is_checkpoint(args):  # a checkpoint directory without --input-shape: disk to disk
+        print(prune_checkpoint_and_report(args))
+        return 0
     options = PruneOptions.build(**given_options(args))
     torch.manual_seed(options.seed)
     model = load_model(args.spec)
@@ -236,9 +245,9 @@ def run_prune(args: argparse.Namespace) -> int:
     with stage_bar(not args.no_progress, 5, "fxprune", file=sys.stderr, postfix="prune", disable=None) as step:
         text = _prune_and_write(args, model, inputs, step)
     print(text)
-    if _is_hf(model):
-        from fxprune.cli.hf import FILES
-        print(f"wrote {args.out}/: {FILES}")
+    if _is_hf(model) or args.output == "module":
+        from fxprune.cli import hf, module
+        print(f"wrote {args.out}/: {hf.FILES if _is_hf(model) else module.FILES}")
         return 0
     print(f"wrote {args.out}/: plan.json model.safetensors module.py summary.md"
           + ("" if args.no_chart else " widths.png") + (f" model{_suffix(args.to)}" if args.to else ""))
@@ -280,6 +289,9 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, step: 
         from fxprune.cli.hf import prune_and_write
         return prune_and_write(args, model, inputs)
     options = PruneOptions.build(**given_options(args))
+    if args.output == "module":  # the model's own class back (fxprune.module)
+        from fxprune.cli.module import prune_and_write as write_module
+        return write_module(args, model, inputs, options)
     calibration, loss_fn = calibration_data(args, options.criterion)
     result = fxprune.prune(model, inputs, options=options, calibration=calibration, loss_fn=loss_fn)
     step("verify")

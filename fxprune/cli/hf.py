@@ -7,10 +7,17 @@ subclass. Weights load from safetensors only (nothing is unpickled), and a repos
 (``auto_map``) is never run: every transformers call passes ``trust_remote_code=False``. ``--out`` becomes a directory ``from_pretrained`` loads, plus ``plan.json`` and ``summary.md``.
 
     fxprune prune hf:tiny-llama/ --input-shape 2,16 --sparsity 0.5 --out pruned/
+
+A checkpoint directory without ``--input-shape`` is pruned disk to disk (nothing but one layer's tensors
+in memory; :func:`fxprune.hf.checkpoint.prune_checkpoint`), with a data-free criterion; rerun after an
+interruption, the same command continues from the last finished layer:
+
+    fxprune prune hf:llama-8b/ --sparsity 0.25 --criterion l2 --out llama-8b-p25/
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -22,6 +29,34 @@ from fxprune.errors import UnsafeFileError, UnsupportedModelError
 from fxprune.safe_files import staged_directory, write_new
 
 FILES = "config.json model.safetensors plan.json summary.md"
+
+
+def is_checkpoint(args: argparse.Namespace) -> bool:
+    """``hf:DIR`` of a directory holding safetensors, with no ``--input-shape``: the disk-to-disk route."""
+    source, _, name = args.spec.partition(":")
+    path = Path(name)
+    return source == "hf" and not args.input_shape and path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def prune_checkpoint_and_report(args: argparse.Namespace) -> str:
+    """Prune ``hf:DIR`` disk to disk into ``--out``; the lines to print."""
+    from fxprune.hf.checkpoint import REPORT, STREAMING_CRITERIA, prune_checkpoint
+    refuse_unsupported_flags(args)
+    options = given_options(args)
+    if options.get("criterion") is not None and options["criterion"] not in STREAMING_CRITERIA:
+        raise CliError(f"--criterion {options['criterion']} reads calibration data; the disk-to-disk route "
+                       f"offers {', '.join(STREAMING_CRITERIA)}")
+    report = prune_checkpoint(args.spec.partition(":")[2], args.out, progress=not args.no_progress, **options)
+    config = json.loads((Path(args.out) / "config.json").read_text(encoding="utf-8"))
+    rows = [("config field", "before", "after")]
+    rows += [(field, str(a), str(b)) for field, (a, b) in config["fxprune"]["changes"].items()]
+    seconds = report["timings"]["total_s"]
+    sparsity = format_sparsity(config["fxprune"]["options"]["sparsity"])
+    return "\n".join([f"# fxprune: {args.spec}, sparsity {sparsity}, disk to disk", "", *_table(rows), "",
+                      f"read {report['bytes_read'] / 1e9:.2f} GB, wrote {report['bytes_written'] / 1e9:.2f} GB "
+                      f"in {seconds:.1f} s ({report['resumed_units']} layers resumed)",
+                      f"wrote {args.out}/: config.json, {len(report['units'])} shards, "
+                      f"model.safetensors.index.json, plan.json, {REPORT}"])
 
 
 def load(path_text: str) -> Any:
@@ -83,7 +118,8 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     """Prune with :func:`fxprune.hf.prune_with_result` and write ``--out``; returns the summary text."""
     from fxprune import hf
     refuse_unsupported_flags(args)
-    result = hf.prune_with_result(model, inputs, progress=not args.no_progress, **given_options(args))
+    result = hf.prune_with_result(model, inputs, progress=not args.no_progress,
+                                  calibration=calibration(args, inputs), **given_options(args))
     text = summary(args.spec, result.plan.options.sparsity, model, result)
     with staged_directory(args.out) as out:  # all or nothing, as fxprune.save
         result.model.save_pretrained(out)
@@ -92,9 +128,47 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     return text
 
 
+def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
+    """``--calibration`` for a HF model: a text file (``.txt``), tokenised with the model's own tokenizer
+    into windows as long as the example's sequence, ``--calibration-batch-size`` per batch; or a
+    safetensors file of token ids (``input``), as for any model.
+
+    >>> # fxprune prune hf:./smollm2 --calibration notes.txt --criterion wanda --out pruned/   # doctest: +SKIP
+    """
+    path = getattr(args, "calibration", None)
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise CliError(f"bad --calibration: no file {str(path)!r}")
+    length, size = int(inputs[0].shape[-1]), args.calibration_batch_size
+    if Path(path).suffix != ".txt":  # token ids ('input'): plain id batches, checked by fxprune.hf
+        windows = _token_ids(Path(path))
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.spec.partition(":")[2])
+        ids = torch.tensor(tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"])
+        windows = ids[:ids.numel() // length * length].view(-1, length)
+    if not windows.shape[0]:
+        raise CliError(f"bad --calibration: {str(path)!r} holds fewer tokens than one window of {length} "
+                       f"(the example's sequence length)")
+    batches = [windows[i:i + size] for i in range(0, windows.shape[0], size)]
+    return batches[:args.max_batches] if args.max_batches else batches
+
+
+def _token_ids(path: Path) -> torch.Tensor:
+    """The ``input`` tensor of a safetensors file (rows of token ids)."""
+    from fxprune.io import read_safetensors
+    try:
+        tensors = read_safetensors(path)[0]
+    except Exception as exc:
+        raise CliError(f"bad --calibration {str(path)!r}: not a safetensors file ({exc})") from exc
+    if "input" not in tensors:
+        raise CliError(f"bad --calibration: no tensor 'input' of token ids (it has {sorted(tensors)})")
+    return tensors["input"]
+
+
 #: Run flags this route does not take yet: (flag, its value when not given).
-UNSUPPORTED_FLAGS = {"calibration": None, "to": None, "quantize": None, "calibration_batch_size": 32,
-                     "max_batches": None}
+UNSUPPORTED_FLAGS = {"to": None, "quantize": None}
 
 
 def refuse_unsupported_flags(args: argparse.Namespace) -> None:

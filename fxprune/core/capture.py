@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import re
 import traceback
 import warnings
@@ -125,8 +126,21 @@ def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: 
                                     f"{type(model).__name__}")
     refuse_quantized(gm)
     warn_non_finite(gm)
+    _mark_dynamic_dims(gm)
     propagate_values(gm, inputs)
     return Captured(gm, level, inputs)
+
+
+#: ``placeholder.meta`` key: the dims torch.export traced as symbolic, kept when concrete values are
+#: propagated for the rules (calibration batches may then have any size along them).
+DYNAMIC_DIMS = "fxprune_dynamic_dims"
+
+
+def _mark_dynamic_dims(gm: fx.GraphModule) -> None:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if shape is not None and DYNAMIC_DIMS not in node.meta:
+            node.meta[DYNAMIC_DIMS] = tuple(i for i, size in enumerate(shape) if not isinstance(size, int))
 
 
 def _export_values_complete(gm: fx.GraphModule) -> bool:
@@ -172,10 +186,29 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str, dynamic_shapes: An
         _refuse_lost_hooks(model, gm)
         return gm
     _refuse_training_batch_norm(model)
-    gm = export(model, inputs, dynamic_shapes).module()
+    gm = export(without_cache(model), inputs, dynamic_shapes).module()
     for module in gm.modules():  # export's module always says training=True; keep the model's mode
         module.training = model.training
     return gm
+
+
+def without_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``model`` whose ``forward`` passes ``use_cache=False`` where it takes that
+    argument (a HF decoder): a KV cache in the outputs is an object export cannot return, and a fixed
+    interface holding every key/value head. The model itself is not touched.
+
+    >>> without_cache(llama).forward.keywords                              # doctest: +SKIP
+    {'use_cache': False}
+    """
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a builtin forward without a signature
+        takes = False
+    if not takes:
+        return model
+    view = copy.copy(model)
+    view.forward = functools.partial(type(model).forward, view, use_cache=False)
+    return view
 
 
 def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) -> torch.export.ExportedProgram:

@@ -329,11 +329,14 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 def placeholder_shapes(gm: fx.GraphModule) -> list[Optional[tuple]]:
     """The traced shape of each placeholder (None where unknown); symbolic sizes become None."""
+    from fxprune.core.capture import DYNAMIC_DIMS
     out = []
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val", node.meta.get("tensor_meta"))
         shape = getattr(value, "shape", None)
-        out.append(None if shape is None else tuple(s if isinstance(s, int) else None for s in shape))
+        dynamic = node.meta.get(DYNAMIC_DIMS, ())  # traced symbolic by export, then made concrete
+        out.append(None if shape is None else tuple(s if isinstance(s, int) and i not in dynamic else None
+                                                    for i, s in enumerate(shape)))
     return out
 
 
