@@ -29,7 +29,7 @@ from fxprune.data.recovery import recover as recover_model, recovery_steps
 from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.options import PruneOptions, Sparsity
 from fxprune.progress import stage_bar
-from fxprune.stages import PruneResult, RunData, apply, criterion_name, run
+from fxprune.stages import PruneResult, apply, prepare, run
 from fxprune import stages
 
 
@@ -88,10 +88,8 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
         return prune_module(model, example_inputs, options=options, sparsity=sparsity, criterion=criterion,
                             capture=capture, calibration=calibration, loss_fn=loss_fn, batch=batch,
                             progress=progress, dynamic_shapes=dynamic_shapes, **option_fields)
-    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
-    options = PruneOptions.build(options, sparsity=sparsity, criterion=named, capture=capture, **option_fields)
-    scorer = criterion if callable(criterion) else None
-    data = RunData(calibration, loss_fn, batch, progress)
+    options, scorer, data = prepare(options, sparsity, criterion, capture, calibration=calibration,
+                                    loss_fn=loss_fn, batch=batch, progress=progress, **option_fields)
     steps = check_recovery(recover, calibration)
     with stage_bar(progress, 4, "fxprune") as step:
         result = run(model, example_inputs, options, scorer, data, dynamic_shapes, step)

@@ -43,6 +43,7 @@ import torch.utils._pytree as pytree
 
 from fxprune.errors import PlanMismatchError, UnsafeFileError, UnsupportedModelError
 from fxprune.core.plan import Plan
+from fxprune.stages import PruneResult, apply
 from fxprune.safe_files import (check_pt2_json, check_safetensors, pt2_records, read_bounded,
                                 staged_directory, torch_load_weights_only, write_new)
 
@@ -488,11 +489,10 @@ def load(directory: Union[str, os.PathLike], model: Any, example_inputs: Any) ->
     :class:`~fxprune.errors.PlanMismatchError` or :class:`~fxprune.errors.UnsafeFileError` before
     anything is loaded. ``model`` is not modified.
     """
-    from fxprune.api import PruneResult, apply_plan
     root = Path(directory)
     plan = read_plan(root / PLAN_FILE)
     state, non_persistent = read_safetensors(root / TENSORS_FILE)
-    applied = apply_plan(model, plan, example_inputs)
+    applied = apply(model, plan, example_inputs)
     gm = applied.graph_module
     _check_state(gm, state, non_persistent, root / TENSORS_FILE)
     with torch.no_grad():

@@ -303,7 +303,7 @@ def torch_load_weights_only(data: bytes) -> Any:
 
 # --- all-or-nothing output directories ---------------------------------------------------------------------
 OUTPUT_NAMES = re.compile(r"(plan\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
-                          r"module\.py|README\.md|summary\.md|widths\.png|model\.pte|model\.onnx(\.data)?|"
+                          r"module\.py|sizes\.json|README\.md|summary\.md|widths\.png|model\.pte|model\.onnx(\.data)?|"
                           r"config\.json|generation_config\.json|__pycache__)\Z")
 """What fxprune (and ``save_pretrained`` on its behalf) writes: an existing output directory holding only
 these is replaced; one holding anything else is the user's, and is refused rather than deleted."""

@@ -149,6 +149,24 @@ def run(model: Any, example_inputs: Any, options: PruneOptions, criterion: Optio
     return PruneResult(gm, plan, analysis, drop, inputs)
 
 
+def prepare(options: Optional[PruneOptions] = None, sparsity: Any = None, criterion: Optional[Criterion] = None,
+            capture: Optional[str] = None, *, calibration: Any = None, loss_fn: Optional[Callable] = None,
+            batch: Optional[tuple] = None, progress: bool = False, **option_fields: Any
+            ) -> tuple[PruneOptions, Optional[Criterion], RunData]:
+    """:func:`fxprune.prune`'s keywords as ``(options, a callable criterion or None, run data)``."""
+    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
+    options = PruneOptions.build(options, sparsity=sparsity, criterion=named, capture=capture, **option_fields)
+    return options, criterion if callable(criterion) else None, RunData(calibration, loss_fn, batch, progress)
+
+
+def prune(model: Any, example_inputs: Any, *, dynamic_shapes: Any = AUTO,
+          step: Callable[[str], None] = lambda _: None, **arguments: Any) -> PruneResult:
+    """The structural pruning of :func:`fxprune.prune` (its keywords, no recovery): what the same-class
+    adapter (:mod:`fxprune.module`) and ``prune-channels`` build on."""
+    options, scorer, data = prepare(**arguments)
+    return run(model, example_inputs, options, scorer, data, dynamic_shapes, step)
+
+
 def criterion_name(criterion: Criterion) -> str:
     """What a plan records of a criterion: its name, or a callable's ``__name__``."""
     return criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable")

@@ -31,7 +31,8 @@ LAYERS = (
     ("data", ("fxprune.data",)),
     ("stages", ("fxprune.stages",)),
     ("passes", ("fxprune.passes",)),
-    ("api", ("fxprune.api", "fxprune.io", "fxprune.measure")),
+    # the same-class output of the API (``output="module"``) sits beside it: it builds on fxprune.stages
+    ("api", ("fxprune.api", "fxprune.io", "fxprune.measure", "fxprune.module")),
     ("adapters", ADAPTERS),
     ("tools", ("fxprune.cli", "fxprune.testing", "fxprune")),  # ``fxprune`` alone (not its modules) re-exports
 )

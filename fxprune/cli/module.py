@@ -36,8 +36,7 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, options
                       f"pruned: {how}",
                       f"params: {count_params(model):,} -> {count_params(out.module):,}",
                       f"own forward vs pruned graph: max abs error {out.max_abs_error:.3g}", ""])
-    path = fxprune.module.save(out, Path(args.out), model)
-    (path / "summary.md").write_text(text, encoding="utf-8")
+    fxprune.module.save(out, Path(args.out), model, extra={"summary.md": text.encode("utf-8")})
     return text
 
 

@@ -76,7 +76,7 @@ def prune(model: nn.Module, example_inputs: Any, **options: Any) -> ModuleResult
 
     >>> small = fxprune.module.prune(model, (x,), sparsity=0.5).module     # doctest: +SKIP
     """
-    from fxprune.api import prune as prune_graph
+    from fxprune.stages import prune as prune_graph
 
     result = prune_graph(model, example_inputs, **options)
     return to_module(model, result)
@@ -88,7 +88,7 @@ def prune_module(model: nn.Module, example_inputs: Any, **arguments: Any) -> Any
     parts' joined graph)."""
     import dataclasses
 
-    from fxprune.api import prune as prune_graph
+    from fxprune.stages import prune as prune_graph
     from fxprune.errors import CaptureError
 
     try:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from fxprune.core.plan import Plan
 from fxprune.errors import PlanMismatchError, UnsafeFileError
-from fxprune.io import _write_atomic, read_safetensors, tensors_bytes
+from fxprune.io import read_plan, read_safetensors, tensors_bytes
+from fxprune.safe_files import loads_json, read_bounded, staged_directory, write_new
 from fxprune.module.rebuild import rebuild
 
 PLAN_FILE, TENSORS_FILE, SIZES_FILE = "plan.json", "model.safetensors", "sizes.json"
@@ -47,22 +47,24 @@ def _is_size(value: Any) -> bool:
                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
 
 
-def save(out: Any, directory: Union[str, os.PathLike], original: nn.Module) -> Path:
+def save(out: Any, directory: Union[str, os.PathLike], original: nn.Module,
+         extra: Optional[Mapping[str, bytes]] = None) -> Path:
     """Write ``out`` (a :class:`~fxprune.module.ModuleResult` or ``PartsResult``) to ``directory``;
-    ``original`` is the model it was pruned from (for the size attributes that changed)."""
+    ``original`` is the model it was pruned from (for the size attributes that changed); ``extra``
+    files ({name: bytes}, a summary) join them in the same all-or-nothing write."""
     files = {TENSORS_FILE: tensors_bytes(out.module), PLAN_FILE: out.plan.to_json().encode(),
-             SIZES_FILE: json.dumps(size_changes(original, out.module), indent=1, sort_keys=True).encode()}
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        _write_atomic(path / name, data)
-    return path
+             SIZES_FILE: json.dumps(size_changes(original, out.module), indent=1, sort_keys=True).encode(),
+             **(extra or {})}
+    with staged_directory(directory) as staged:  # all or nothing, as fxprune.save
+        for name, data in files.items():
+            write_new(staged / name, data)
+    return Path(directory)
 
 
 def load(directory: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
     """A pruned copy of ``model`` (freshly built, same class as the saved one) from ``directory``."""
     path = Path(directory)
-    plan = Plan.from_json((path / PLAN_FILE).read_text(encoding="utf-8"))
+    plan = read_plan(path / PLAN_FILE)
     small = rebuild(model, plan)
     for module_path, values in _sizes(path / SIZES_FILE).items():
         module = _module(small, module_path)
@@ -77,7 +79,7 @@ def load(directory: Union[str, os.PathLike], model: nn.Module) -> nn.Module:
 
 def _sizes(path: Path) -> dict[str, dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(read_bounded(path, what="sizes file"), str(path))
     except (OSError, ValueError) as exc:
         raise UnsafeFileError(f"{path}: not a sizes file: {exc}") from exc
     ok = isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, dict) and all(

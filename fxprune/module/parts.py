@@ -352,7 +352,7 @@ def prune_parts(model: nn.Module, example_inputs: Any, *, modules: Optional[Sequ
     >>> type(out.module) is type(yolo)                       # doctest: +SKIP
     True
     """
-    from fxprune.api import prune
+    from fxprune.stages import prune
     from fxprune.core.capture import as_inputs
 
     inputs = as_inputs(example_inputs)
