@@ -410,7 +410,19 @@ def new_config(model: Any, analysis: Analysis, drop: Dropped,
         setattr(config, field, value)
     if "num_attention_heads" in changes and attention is not None and attention.explicit_head_dim:
         config.head_dim = attention.head_dim  # Qwen2, Phi-3 derive it unless it is written
+    _check_config(config)
     return config, changes
+
+
+def _check_config(config: Any) -> None:
+    """transformers' own checks of the new config, before anything is written (LLaMA's refuses a
+    hidden size that is not a multiple of the head count, even with head_dim written)."""
+    try:
+        config.validate()
+    except Exception as exc:  # transformers raises its own validation errors
+        cause = exc.__cause__ or exc
+        raise ConfigMismatchError(f"transformers refuses the pruned config: {str(cause).strip()[:300]} "
+                                  f"(choose a sparsity whose widths it accepts)") from exc
 
 
 def _common_width(kind: hf_policy.Kind, widths: Mapping[str, int]) -> int:
