@@ -348,6 +348,9 @@ def check_batch(inputs: tuple, expected: list[Optional[tuple]], index: int) -> N
     for position, (x, shape) in enumerate(zip(inputs, expected)):
         if shape is None:
             continue
+        if x.numel() == 0:  # it would add nothing to the statistics: every score zero, the kept set arbitrary
+            raise CalibrationError(f"batch {index} input {position} has shape {tuple(x.shape)}: no rows to "
+                                   f"calibrate on")
         same = x.dim() == len(shape) and all(e is None or d == 0 or s == e
                                              for d, (s, e) in enumerate(zip(x.shape, shape)))
         if not same:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -35,12 +37,13 @@ from fxprune import stages
 from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
 from fxprune.core.capture import AUTO, as_inputs, export, propagate_values, without_cache
+from fxprune.core.purity import leaves_models_untouched
 from fxprune.core.select import check_patterns, select
 from fxprune.data.criteria import DATA_CRITERIA, GRADIENT_CRITERIA, Criterion
 from fxprune.data.recovery import RECOVERY_STEPS, recovery_steps
 from fxprune.errors import (CalibrationError, ConfigMismatchError, ExampleInputError, InvalidOptionError,
                             TrainingModeError, UnsupportedModelError, VerificationError)
-from fxprune.hf import calibrated, policy as hf_policy
+from fxprune.hf import budget, calibrated, policy as hf_policy, structure
 from fxprune.options import PruneOptions, Sparsity
 from fxprune.progress import stage_bar
 from fxprune.stages import PruneResult, RunData, check_run, criterion_name, make_plan
@@ -60,10 +63,12 @@ class HFPruneResult:
     """{config field: (before, after)}."""
     max_abs_error: float
     """The largest difference between the HF model's outputs and the pruned graph's (example inputs)."""
+    depth: Any = None
+    """The layers removed (:class:`fxprune.hf.depth.DepthResult`), when ``sparsity`` named a depth field."""
 
     @property
     def plan(self):
-        return self.result.plan
+        return self.result.plan if self.result is not None else None
 
 
 def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
@@ -126,14 +131,35 @@ def hf_options(options: Optional[PruneOptions], given: Mapping[str, Any], hf_com
     return wanted.replace(**route)
 
 
+@leaves_models_untouched
 def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
                       criterion: Optional[Criterion] = None, *, hf_compatible: bool = True,
                       layer_indices: str = "own", options: Optional[PruneOptions] = None,
                       dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None, progress: bool = False,
                       calibration: Any = None, loss_fn: Optional[Callable] = None, recover: Sequence[str] = (),
+                      block_criterion: str = "block-influence", block_repair: bool = False,
+                      expert_criterion: str = "reap", target: Optional[Mapping[str, float]] = None,
                       **option_fields: Any) -> HFPruneResult:
-    """:func:`prune`, also returning the plan, the pruned graph and what changed in the config."""
+    """:func:`prune`, also returning the plan, the pruned graph and what changed in the config.
+
+    Whole structures (issue 19): ``sparsity`` may name ``num_hidden_layers`` (layers, by
+    ``block_criterion`` on ``calibration``, ``block_repair``: :mod:`fxprune.hf.depth`) and
+    ``num_experts`` / ``num_local_experts`` (by ``expert_criterion``: :mod:`fxprune.hf.experts`) beside
+    widths; ``target={"params": f}`` chooses the mix of depth and width (:mod:`fxprune.hf.budget`)."""
     _check_model(model)
+    same = dict(criterion=criterion, hf_compatible=hf_compatible, layer_indices=layer_indices, options=options,
+                dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, calibration=calibration,
+                loss_fn=loss_fn, recover=recover, **option_fields)
+    if target is not None:  # one budget instead of ratios: the sparsity is chosen
+        return budget.prune_to_budget(model, as_inputs(example_inputs), target, calibration, functools.partial(
+            _widths, model, example_inputs=example_inputs, block_criterion=block_criterion,
+            block_repair=block_repair, **same))
+    wanted = structure.split(sparsity)
+    if wanted.any:  # layers and experts first (fxprune.hf.structure), then widths on the smaller model
+        steps = dict(block_criterion=block_criterion, block_repair=block_repair, expert_criterion=expert_criterion,
+                     seed=option_fields.get("seed") or 0, dynamic_shapes=dynamic_shapes, tolerance=tolerance)
+        widths = functools.partial(_widths, example_inputs=example_inputs, **same)
+        return structure.run(model, wanted, as_inputs(example_inputs), calibration, steps, widths, _adapter())
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
@@ -172,6 +198,17 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
             out = attempt({hf_policy.HIDDEN: str(exc)})
         step("rewrite and rebuild")
     return out
+
+
+def _adapter() -> types.SimpleNamespace:
+    """The steps fxprune.hf.structure and fxprune.hf.depth share with this module (handed in, so they
+    do not import it back)."""
+    return types.SimpleNamespace(without_cache=_without_cache, dynamic_shapes=_dynamic_shapes,
+                                 check_outputs=_check_outputs, result=HFPruneResult, format=FORMAT)
+
+
+def _widths(model: Any, sparsity: Sparsity, example_inputs: Any, **options: Any) -> HFPruneResult:
+    return prune_with_result(model, example_inputs, sparsity, **options)
 
 
 class HiddenSizeReadError(VerificationError):

@@ -1,0 +1,282 @@
+"""Which residual blocks to remove, from calibration data, and a least-squares repair of the gap.
+
+Three criteria, each reading the graph's residual stream on calibration batches (blocks from
+:func:`fxprune.core.blocks.find_blocks`; the lowest score goes first):
+
+- ``block-influence`` (ShortGPT): ``1 - cos(x_in, x_out)`` between a block's input and output stream,
+  averaged over tokens (the cosine is taken over the feature dim: the last, or dim 1 of an NCHW map);
+- ``angular`` (Gromov et al.): ``arccos(cos(x_l, x_{l+n})) / π`` between the input of block ``l`` and
+  the output of block ``l+n-1``, averaged over tokens; the ``n`` consecutive blocks with the smallest
+  distance go (``n`` = the number removed);
+- ``sleb`` (SLEB): greedy, one block at a time, the block whose removal (with those already chosen)
+  raises a loss on the calibration data least. The loss is ``loss(outputs, inputs)`` when given (the
+  HF adapter gives next-token cross-entropy), else the relative squared error of all outputs from the
+  original's. Costs one forward pass per remaining block per step.
+
+:func:`repair` is the training-free repair: for each run of consecutive removed blocks, the linear layer
+that makes the last write into the stream before the run (a LLaMA layer's ``down_proj``, a ViT block's
+last MLP linear) is refitted by ridge least squares so that it also writes what the run wrote:
+``W' = argmin Σ ‖W' a - (W a + x_out - x_in)‖²`` over the calibration tokens, where ``a`` is its input,
+``x_in``/``x_out`` the run's input and output stream in the original model. Its shapes do not change, so
+an HF config still holds the model. A run with no such linear before it is listed, with the reason.
+
+>>> chosen, scores = choose_blocks(gm, find_blocks(gm), loader, 2, "angular")          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from fxprune.core.blocks import Block, Blocks, consecutive_runs, skipping
+from fxprune.core.graph import attribute
+from fxprune.data.calibration import eval_mode, run_batches
+from fxprune.data.recovery import calibration_chunks, relative_error
+from fxprune.errors import InvalidOptionError
+
+BLOCK_CRITERIA = ("block-influence", "angular", "sleb")
+Loss = Callable[[Any, tuple], torch.Tensor]
+
+
+def check_block_criterion(criterion: Any) -> str:
+    if criterion not in BLOCK_CRITERIA:
+        raise InvalidOptionError(f"unknown block criterion {criterion!r}; use one of {BLOCK_CRITERIA}")
+    return criterion
+
+
+def check_count(count: Any, found: Blocks) -> int:
+    """``count`` blocks can go: at least one block stays (a model with none left is refused)."""
+    total = len(found.blocks)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise InvalidOptionError(f"the number of blocks to remove must be an int >= 0, got {count!r}")
+    if count >= total:
+        raise InvalidOptionError(f"cannot remove {count} of the {total} removable blocks: at least one must "
+                                 f"stay (blocks: {list(found.names)[:8]})")
+    return count
+
+
+# --- the residual stream's angles -----------------------------------------------------------------------
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dim = 1 if a.dim() == 4 else -1
+    return F.cosine_similarity(a.float(), b.float(), dim=dim).flatten()
+
+
+def span_angles(gm: fx.GraphModule, found: Blocks, calibration: Any, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each start ``l``: mean cosine and mean angular distance (``arccos / π``) between the input of
+    block ``l`` and the output of block ``l+span-1`` (``nan`` where those blocks do not form one run)."""
+    blocks = found.blocks
+    starts = [l for l in range(len(blocks) - span + 1) if _one_stream(blocks[l:l + span])]
+    ends = {blocks[l + span - 1].output: l for l in starts}
+    sums = torch.zeros(len(blocks), 3, dtype=torch.float64)  # cos, angle, count
+    held: dict[str, torch.Tensor] = {}
+
+    def observe(index: int, node: fx.Node, value: torch.Tensor) -> None:
+        if node.name in {blocks[l].input for l in starts}:
+            held[node.name] = value.detach()
+        if node.name in ends:
+            cos = _cosine(held[blocks[ends[node.name]].input], value)
+            angle = torch.arccos(cos.clamp(-1, 1)) / math.pi
+            sums[ends[node.name]] += torch.tensor([float(cos.sum()), float(angle.sum()), cos.numel()],
+                                                  dtype=torch.float64)
+
+    run_batches(gm, calibration, {blocks[l].input for l in starts} | set(ends), observe)
+    count = sums[:, 2].clamp(min=1)
+    invalid = sums[:, 2] == 0
+    return (sums[:, 0] / count).masked_fill(invalid, math.nan), (sums[:, 1] / count).masked_fill(invalid, math.nan)
+
+
+def _one_stream(blocks: Sequence[Block]) -> bool:
+    return len({b.shape for b in blocks}) == 1
+
+
+# --- choosing -------------------------------------------------------------------------------------------
+def choose_blocks(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int, criterion: str,
+                  loss: Optional[Loss] = None) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The names of the ``count`` blocks to remove and every block's score (lower goes first)."""
+    check_block_criterion(criterion)
+    check_count(count, found)
+    if count == 0:
+        return (), {}
+    if criterion == "sleb":
+        return _sleb(gm, found, calibration, count, loss)
+    if criterion == "angular":
+        _, angle = span_angles(gm, found, calibration, count)
+        start = int(torch.nan_to_num(angle, nan=math.inf).argmin())
+        if math.isnan(float(angle[start])):
+            raise InvalidOptionError(f"no {count} consecutive blocks share one residual stream; remove fewer, "
+                                     f"or use criterion='block-influence'")
+        return found.names[start:start + count], _named(found, angle)
+    cos, _ = span_angles(gm, found, calibration, 1)
+    influence = 1 - cos
+    order = sorted(range(len(found.blocks)), key=lambda i: (float(influence[i]), i))
+    chosen = {found.names[i] for i in order[:count]}
+    return tuple(n for n in found.names if n in chosen), _named(found, influence)
+
+
+def _named(found: Blocks, scores: torch.Tensor) -> dict[str, float]:
+    return {n: float(s) for n, s in zip(found.names, scores) if not math.isnan(float(s))}
+
+
+def _sleb(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int,
+          loss: Optional[Loss]) -> tuple[tuple[str, ...], dict[str, float]]:
+    measure = _Measure(gm, calibration, loss)
+    chosen: list[str] = []
+    scores: dict[str, float] = {}
+    for _ in range(count):
+        trial = {n: measure(skipping(gm, found.pick(chosen + [n]))) for n in found.names if n not in chosen}
+        best = min(trial, key=lambda n: (trial[n], found.names.index(n)))
+        chosen.append(best)
+        scores[best] = trial[best]
+    return tuple(n for n in found.names if n in chosen), scores
+
+
+class _Measure:
+    """The calibration loss of a graph: ``loss(outputs, inputs)``, or the relative squared error of
+    its outputs from the original's (held once, per chunk)."""
+
+    def __init__(self, gm: fx.GraphModule, calibration: Any, loss: Optional[Loss]) -> None:
+        self.chunks = [inputs for _, inputs in calibration_chunks(gm, calibration)]
+        self.loss = loss
+        self.reference = None if loss is not None else [_leaves(_run(gm, x)) for x in self.chunks]
+
+    def __call__(self, gm: fx.GraphModule) -> float:
+        if self.loss is not None:
+            return sum(float(self.loss(_run(gm, x), x)) for x in self.chunks) / len(self.chunks)
+        error = total = 0.0
+        for x, expected in zip(self.chunks, self.reference):
+            for a, b in zip(_leaves(_run(gm, x)), expected):
+                error += float((a.double() - b.double()).pow(2).sum())
+                total += float(b.double().pow(2).sum())
+        return error / max(total, 1e-300)
+
+
+def _run(gm: fx.GraphModule, inputs: tuple) -> Any:
+    with torch.no_grad(), eval_mode(gm):
+        return gm(*inputs)
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+# --- repair -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockRepair:
+    """One run of removed blocks and the linear refitted in its place (or why none was)."""
+
+    run: tuple[str, ...]
+    layer: str
+    """The refitted weight (a state_dict key), or '' when none was."""
+    error_before: float = math.nan
+    """``‖W a - target‖ / ‖target‖`` over the calibration tokens with the original weight."""
+    error_after: float = math.nan
+    reason: str = ""
+
+    def __str__(self) -> str:
+        if not self.layer:
+            return f"{'+'.join(self.run)}: not repaired ({self.reason})"
+        return f"{'+'.join(self.run)}: {self.layer} refitted, error {self.error_before:.3f} -> {self.error_after:.3f}"
+
+
+def repair(original: fx.GraphModule, pruned: fx.GraphModule, found: Blocks, dropped: Sequence[Block],
+           calibration: Any, ridge: float = 1e-3) -> list[BlockRepair]:
+    """Refit, in ``pruned`` (edited in place: the caller's own new graph), the linear before each run."""
+    return [_repair_run(original, pruned, found, run, calibration, ridge)
+            for run in consecutive_runs(found, dropped)]
+
+
+def _repair_run(original: fx.GraphModule, pruned: fx.GraphModule, found: Blocks, run: tuple[Block, ...],
+                calibration: Any, ridge: float) -> BlockRepair:
+    names = tuple(b.name for b in run)
+    writer, reason = _writer(original, found, run)
+    if writer is None:
+        return BlockRepair(names, "", reason=reason)
+    node, weight_key, bias_key = writer
+    gram, cross, yy = _moments(original, node, run, calibration, bias_key is not None)
+    old = _weight_matrix(original, weight_key, bias_key)
+    new = _solve(gram, cross, ridge).T
+    before, after = (relative_error(w, gram, cross, yy) for w in (old, new))
+    if not after < before:
+        return BlockRepair(names, "", before, after, "the refit does not lower the error")
+    _write(pruned, weight_key, bias_key, new)
+    return BlockRepair(names, weight_key, before, after)
+
+
+def _writer(gm: fx.GraphModule, found: Blocks, run: tuple[Block, ...]) -> tuple[Optional[tuple], str]:
+    """(linear node, weight key, bias key) making the last write before ``run``, or None and why."""
+    index = found.names.index(run[0].name)
+    if index == 0 or found.blocks[index - 1].shape != run[0].shape:
+        return None, "no kept block writes into the stream just before it"
+    branch = next(n for n in gm.graph.nodes if n.name == found.blocks[index - 1].residuals[-1].branch)
+    keys = _linear_keys(gm, branch)
+    if keys is None:
+        return None, f"the last write before it ({branch.name}) is not a linear layer"
+    return (branch, *keys), ""
+
+
+def _linear_keys(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, Optional[str]]]:
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is torch.nn.Linear:
+        has_bias = gm.get_submodule(node.target).bias is not None
+        return f"{node.target}.weight", f"{node.target}.bias" if has_bias else None
+    if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+        params = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in node.args[1:3]]
+        if params[0] is not None and (len(node.args) < 3 or node.args[2] is None or params[1] is not None):
+            return str(params[0]), (str(params[1]) if len(params) > 1 and params[1] else None)
+    return None
+
+
+def _moments(gm: fx.GraphModule, node: fx.Node, run: tuple[Block, ...], calibration: Any,
+             bias: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``Σ ã ãᵀ``, ``Σ ã tᵀ`` and ``Σ ‖t‖²`` with ``t = W a + x_out - x_in`` (float64)."""
+    source, first, last = node.args[0].name, run[0].input, run[-1].output
+    held: dict[str, torch.Tensor] = {}
+    sums: dict[str, Any] = {"gram": 0, "cross": 0, "yy": 0.0}
+
+    def observe(index: int, seen: fx.Node, value: torch.Tensor) -> None:
+        held[seen.name] = value.detach()
+        if seen.name != last:
+            return
+        a = held[source].reshape(-1, held[source].shape[-1]).double()
+        if bias:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        target = (held[node.name] + value - held[first]).reshape(a.shape[0], -1).double()
+        sums["gram"] = sums["gram"] + a.T @ a
+        sums["cross"] = sums["cross"] + a.T @ target
+        sums["yy"] += float(target.pow(2).sum())
+
+    run_batches(gm, calibration, {source, node.name, first, last}, observe)
+    return sums["gram"], sums["cross"], sums["yy"]
+
+
+def _weight_matrix(gm: fx.GraphModule, weight_key: str, bias_key: Optional[str]) -> torch.Tensor:
+    w = attribute(gm, weight_key).detach().double()
+    return torch.cat([w, attribute(gm, bias_key).detach().double()[:, None]], 1) if bias_key else w
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(G + λ I)⁻¹ C`` with ``λ = ridge · mean(diag G)``; the ridge grows until G factorises."""
+    lam = max(ridge, 1e-10) * float(gram.diagonal().mean())
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(cross, factor)
+        lam *= 10
+    return torch.linalg.lstsq(gram + lam * eye, cross).solution
+
+
+def _write(gm: fx.GraphModule, weight_key: str, bias_key: Optional[str], matrix: torch.Tensor) -> None:
+    weight = attribute(gm, weight_key)
+    with torch.no_grad():
+        weight.copy_(matrix[:, :weight.shape[1]].to(weight.dtype))
+        if bias_key:
+            attribute(gm, bias_key).copy_(matrix[:, -1].to(weight.dtype))
+
+
+__all__ = ["BLOCK_CRITERIA", "check_block_criterion", "check_count", "span_angles", "choose_blocks", "repair",
+           "BlockRepair"]

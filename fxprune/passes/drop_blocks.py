@@ -1,0 +1,112 @@
+"""``drop-blocks``: remove whole residual blocks (``y = x + f(x)`` with ``f`` gone).
+
+Blocks are found in the graph (:mod:`fxprune.core.blocks`: LLM decoder layers, ResNet blocks with an
+identity shortcut, ViT blocks; a downsampling block is not a candidate and the report says why),
+scored on calibration data (:mod:`fxprune.data.block_criteria`: ``block-influence``, ``angular``,
+``sleb``) or named with ``blocks=[...]``, and removed: each of their adds becomes its shortcut and the
+branch, with the parameters only it read, is gone. Exact: before ``repair``, the result equals the
+original with those branches multiplied by zero (:func:`verify_drop`), at both graph levels. The
+original's parameter names are kept (``layers.5`` stays ``layers.5``; the HF adapter renumbers).
+
+``repair=true`` refits, per run of removed blocks, the linear layer that writes into the stream just
+before it, by least squares on the calibration data (the report gives its error before and after).
+
+>>> result = DropBlocks(count=2, criterion="angular").with_calibration(loader)(gm)       # doctest: +SKIP
+>>> result.graph_module.meta["fxprune_dropped_blocks"]["dropped"]                       # doctest: +SKIP
+['layers.3', 'layers.4']
+>>> Pipeline.parse("drop-blocks{sparsity=0.25,criterion=sleb}")(gm, calibration=loader)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch.fx as fx
+
+from fxprune.core.blocks import Blocks, drop_blocks, find_blocks, zeroed_reference
+from fxprune.core.verify import VerifyReport, compare
+from fxprune.data.block_criteria import BLOCK_CRITERIA, check_block_criterion, check_count, choose_blocks, repair
+from fxprune.errors import CalibrationError, InvalidOptionError
+from fxprune.passes.pipeline import Pass, register
+
+#: ``gm.meta`` key of what the pass removed: criterion, dropped names, scores, rejected, repairs.
+DROPPED_KEY = "fxprune_dropped_blocks"
+
+
+@register
+@dataclass(frozen=True)
+class DropBlocks(Pass):
+    """Whole residual blocks removed: the lowest-scoring ``count`` (or ``sparsity`` of them), or those named."""
+
+    name = "drop-blocks"
+    needs_calibration = True
+
+    count: int = 0
+    """How many blocks to remove (0: from ``sparsity``)."""
+    sparsity: float = 0.0
+    """The fraction of the removable blocks to remove (rounded), when ``count`` is 0."""
+    criterion: str = "block-influence"
+    """``block-influence``, ``angular`` (that many consecutive blocks) or ``sleb`` (greedy loss)."""
+    blocks: tuple[str, ...] = ()
+    """Remove exactly these blocks (module paths); no calibration data is read unless ``repair``."""
+    repair: bool = False
+    """Refit the linear before each removed run by least squares on the calibration data."""
+    ridge: float = 1e-3
+    """Damping of the repair's normal equations, relative to their mean diagonal."""
+
+    def validate(self) -> None:
+        check_block_criterion(self.criterion)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise InvalidOptionError(f"drop-blocks: sparsity must be in [0, 1), got {self.sparsity!r}")
+        if self.count < 0:
+            raise InvalidOptionError(f"drop-blocks: count must be >= 0, got {self.count!r}")
+        if self.ridge < 0:
+            raise InvalidOptionError(f"drop-blocks: ridge must be >= 0, got {self.ridge!r}")
+
+    def with_calibration(self, calibration: Any, source: Any = None, loss: Optional[Callable] = None) -> "DropBlocks":
+        """This pass with calibration batches bound (and, for ``sleb``, a ``loss(outputs, inputs)``)."""
+        bound = copy.copy(self)
+        object.__setattr__(bound, "_bound", (calibration, loss))
+        return bound
+
+    def removed_count(self, found: Blocks) -> int:
+        wanted = self.count or round(self.sparsity * len(found.blocks))
+        return check_count(len(self.blocks) if self.blocks else wanted, found)
+
+    def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
+        calibration, loss = self.__dict__.get("_bound", (None, None))
+        found = find_blocks(gm)
+        count = self.removed_count(found)
+        if calibration is None and (self.repair or not self.blocks) and count:
+            raise CalibrationError(f"pass {self.name!r} scores blocks on calibration data: bind it with "
+                                   f"DropBlocks(...).with_calibration(loader), or name blocks=[...]")
+        chosen, scores = (tuple(found.pick(self.blocks)), {}) if self.blocks else \
+            _chosen(gm, found, calibration, count, self.criterion, loss)
+        names = tuple(b.name for b in chosen)
+        new = drop_blocks(gm, chosen)
+        repairs = repair(gm, new, found, chosen, calibration, self.ridge) if self.repair and chosen else []
+        new.meta[DROPPED_KEY] = {"criterion": "named" if self.blocks else self.criterion, "dropped": list(names),
+                                 "scores": scores, "rejected": [list(r) for r in found.rejected],
+                                 "repairs": [str(r) for r in repairs]}
+        return new
+
+
+def _chosen(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int, criterion: str,
+            loss: Optional[Callable]) -> tuple[tuple, dict]:
+    names, scores = choose_blocks(gm, found, calibration, count, criterion, loss)
+    return found.pick(names), scores
+
+
+def verify_drop(original: fx.GraphModule, pruned: fx.GraphModule, inputs: tuple,
+                tolerance: Optional[float] = None) -> VerifyReport:
+    """``pruned`` (a ``drop-blocks`` output, before repair) against ``original`` with the dropped
+    blocks' branches multiplied by zero; the drift from ``original`` is reported beside it."""
+    record = pruned.meta.get(DROPPED_KEY)
+    if record is None:
+        raise InvalidOptionError(f"the graph carries no {DROPPED_KEY!r} record: it is not a drop-blocks output")
+    reference = zeroed_reference(original, find_blocks(original).pick(record["dropped"]))
+    return compare(reference, pruned, inputs, True, tolerance, original=original)
+
+
+__all__ = ["DropBlocks", "verify_drop", "DROPPED_KEY", "BLOCK_CRITERIA"]

@@ -1,0 +1,144 @@
+"""fxprune.hf depth: ``sparsity={"num_hidden_layers": r}`` removes whole layers; the config is rewritten
+(layer count, per-layer lists, MoE placement) so the model round-trips and generates with a KV cache,
+for every family fxprune.hf supports whose layers are ``y = x + f(x)``; BERT's post-norm layers are a
+typed error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxprune.errors import InvalidOptionError, UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+import fxprune.hf  # noqa: E402  (needs transformers)
+from fxprune.hf.depth import depth_config, renumbered  # noqa: E402
+
+T = transformers
+VOCAB = 100
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ENCODER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+FAMILIES = {
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**DECODER)),
+    # sliding attention in layers >= 2: layer_types and max_window_layers follow the kept layers
+    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**DECODER, use_sliding_window=True, max_window_layers=2)),
+    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**DECODER, head_dim=8)),
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**DECODER)),
+    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER)),
+    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**DECODER, head_dim=8)),  # alternating layer_types
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4,
+                                                   n_positions=64, bos_token_id=1, eos_token_id=2)),
+    "vit": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_labels=3, **ENCODER)),
+    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2)),
+    # experts in every second layer: decoder_sparse_step is written out as mlp_only_layers
+    "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**DECODER, num_experts=4, num_experts_per_tok=2,
+                                                                moe_intermediate_size=48, decoder_sparse_step=2,
+                                                                shared_expert_intermediate_size=40)),
+}
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    return FAMILIES[name]().eval()
+
+
+def _inputs(name: str, batch: int, length: int) -> tuple:
+    generator = torch.Generator().manual_seed(batch * 100 + length)
+    if name == "vit":
+        return (torch.randn(batch, 3, 16, 16, generator=generator),)
+    return (torch.randint(3, VOCAB, (batch, length), generator=generator),)
+
+
+def _logits(model, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs, **({} if inputs[0].is_floating_point() else {"use_cache": False})).logits
+
+
+def _kinds(model) -> list[str]:
+    """Each layer's kind, as the layers themselves report it (attention type, sparse or dense MLP)."""
+    layers = fxprune.hf.depth.layer_list(model)[0]
+    return [f"{getattr(l, 'attention_type', '')}:{type(getattr(l, 'mlp', l)).__name__}"
+            for l in model.get_submodule(layers)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_half_the_layers_go_and_the_model_round_trips(name: str, tmp_path) -> None:
+    model = _model(name)
+    calibration = [_inputs(name, 2, 8)[0] for _ in range(2)]
+    result = fxprune.hf.prune_with_result(model, _inputs(name, 2, 8), sparsity={"num_hidden_layers": 0.5},
+                                          calibration=calibration)
+    pruned = result.model
+    assert type(pruned) is type(model) and pruned.config.num_hidden_layers == 2
+    kept = [i for i in range(4) if i not in result.depth.dropped]
+    assert _kinds(pruned) == [_kinds(model)[i] for i in kept]  # each kept layer is built as it was
+    assert pruned.config.fxprune["depth"]["dropped"] == list(result.depth.dropped)
+    for batch, length in ((1, 5), (3, 11)):  # HF's forward equals the pruned graph's at other shapes
+        inputs = _inputs(name, batch, length)
+        torch.testing.assert_close(_logits(pruned, inputs), result.depth.graph_module(*inputs).logits,
+                                   rtol=1e-4, atol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert loaded.config.num_hidden_layers == 2 and _kinds(loaded) == _kinds(pruned)
+    inputs = _inputs(name, 3, 11)
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(pruned, inputs), rtol=0, atol=0)
+    if name != "vit":  # the KV cache is indexed by the renumbered layer_idx
+        prompt = _inputs(name, 1, 4)[0]
+        cached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        uncached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+        assert cached.shape == (1, 10) and torch.equal(cached, uncached)
+
+
+def test_depth_and_width_in_one_call() -> None:
+    model = _model("llama")
+    result = fxprune.hf.prune_with_result(model, _inputs("llama", 2, 8),
+                                          sparsity={"num_hidden_layers": 0.25, "intermediate_size": 0.5})
+    assert result.model.config.num_hidden_layers == 3 and result.model.config.intermediate_size == 32
+    assert result.changes["num_hidden_layers"] == (4, 3)
+    assert result.model.config.fxprune["changes"]["intermediate_size"] == [64, 32]
+    inputs = _inputs("llama", 2, 9)
+    torch.testing.assert_close(_logits(result.model, inputs), result.result.graph_module(*inputs).logits,
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["angular", "sleb"])
+def test_block_criteria_and_repair(criterion: str) -> None:
+    model = _model("llama")
+    calibration = [_inputs("llama", 4, 8)[0] for _ in range(2)]
+    kwargs = dict(sparsity={"num_hidden_layers": 0.5}, calibration=calibration, block_criterion=criterion)
+    plain = fxprune.hf.prune_with_result(model, _inputs("llama", 2, 8), **kwargs)
+    repaired = fxprune.hf.prune_with_result(model, _inputs("llama", 2, 8), block_repair=True, **kwargs)
+    assert plain.depth.record["criterion"] == criterion
+    dropped = plain.depth.dropped
+    if criterion == "angular":
+        assert dropped[1] - dropped[0] == 1
+    assert repaired.depth.dropped == dropped
+    assert repaired.depth.record["repairs"] and plain.depth.record["repairs"] == []
+    before = dropped[0] - 1
+    if before >= 0:  # the layer before the first removed run writes what the run wrote
+        key = f"model.layers.{before}.mlp.down_proj.weight"
+        assert not torch.equal(plain.model.state_dict()[key], repaired.model.state_dict()[key])
+
+
+def test_config_rewrite_renumbers_per_layer_fields() -> None:
+    config = T.Qwen2MoeConfig(**{**DECODER, "num_hidden_layers": 6}, num_experts=4, decoder_sparse_step=2,
+                              mlp_only_layers=[3])
+    new, changes = depth_config(config, [0, 1, 3, 5])
+    assert new.num_hidden_layers == 4 and changes["num_hidden_layers"] == (6, 4)
+    # sparse were 1 and 5 (step 2; 3 listed dense): dense are old 0, 3 -> new 0, 2
+    assert new.decoder_sparse_step == 1 and new.mlp_only_layers == [0, 2]
+    assert renumbered("model.layers.5.mlp.gate.weight", "model.layers", (2, 4)) == "model.layers.3.mlp.gate.weight"
+    assert renumbered("model.layers.2.mlp.gate.weight", "model.layers", (2, 4)) is None
+    assert renumbered("lm_head.weight", "model.layers", (2, 4)) == "lm_head.weight"
+
+
+def test_bad_depth_requests_are_typed_errors() -> None:
+    bert = T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, max_position_embeddings=64, **ENCODER)).eval()
+    with pytest.raises(UnsupportedModelError, match="post-norm"):
+        fxprune.hf.prune(bert, _inputs("bert", 2, 8), sparsity={"num_hidden_layers": 0.5})
+    llama = _model("llama")
+    with pytest.raises(InvalidOptionError, match="cannot remove 4 of the 4"):
+        fxprune.hf.prune(llama, _inputs("llama", 2, 8), sparsity={"num_hidden_layers": 0.99})
+    with pytest.raises(InvalidOptionError, match="unknown block criterion"):
+        fxprune.hf.prune(llama, _inputs("llama", 2, 8), sparsity={"num_hidden_layers": 0.5}, block_criterion="l1")
