@@ -201,7 +201,7 @@ def test_cli_prunes_a_checkpoint_directory_disk_to_disk(source, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "disk to disk" in printed and re.search(r"intermediate_size +\| 64 +\| 32", printed)
     _assert_same(_in_memory(source, 0.5, "l2"), tmp_path / "out")
-    assert main(argv[:5] + ["wanda"] + argv[6:]) == 2
+    assert main(argv[:5] + ["wanda", "--out", str(tmp_path / "other"), "--no-progress"]) == 2
     assert "disk-to-disk route offers" in capsys.readouterr().err
 
 
