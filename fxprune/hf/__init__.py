@@ -372,6 +372,7 @@ def _rebuild(model: Any, config: Any, analysis: Analysis, plan) -> Any:
     state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
     _check_shapes(new, state, type(model).__name__)
     new.load_state_dict(state, strict=True)
+    new.tie_weights()  # tied embeddings stay one tensor (loading fills both names with equal copies)
     return new.to(model.device).eval()
 
 
