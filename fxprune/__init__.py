@@ -6,14 +6,16 @@
 
 The layers, each importing only the ones above it (``tests/test_imports.py`` checks):
 
-- :mod:`fxprune.errors`, :mod:`fxprune.options`: the typed errors and the one declaration of the options.
+- :mod:`fxprune.errors`, :mod:`fxprune.options`, :mod:`fxprune.progress`, :mod:`fxprune.safe_files`: the typed
+  errors, the one declaration of the options, progress bars, and the checks that keep files data.
 - :mod:`fxprune.core`: the graph stages: capture, match (the rule table in ``core.rules``), select, plan,
   rewrite, verify.
 - :mod:`fxprune.data`: the data-aware stages: criteria, calibration statistics, recovery.
 - :mod:`fxprune.stages`: the one composition of the stages (capture -> match -> score -> select -> plan
   -> rewrite) that the API, the passes and the adapters share.
 - :mod:`fxprune.passes`: the pass infrastructure (``passes.pipeline``) and the pass library.
-- :mod:`fxprune.api`, :mod:`fxprune.io`: the one-call API and fxprune's file formats.
+- :mod:`fxprune.api`, :mod:`fxprune.io`, :mod:`fxprune.module`: the one-call API, fxprune's file formats,
+  and the user's own class back (``output="module"``; the traceable parts of a model not traceable whole).
 - adapters and runtimes: :mod:`fxprune.hf` (HuggingFace), :mod:`fxprune.deploy` (ExecuTorch, ONNX Runtime).
 - :mod:`fxprune.cli` (the command line) and :mod:`fxprune.testing` (the pytest plugin, ``check_pruned``).
 """

@@ -21,16 +21,19 @@ from fxprune.core.analysis import Analysis
 from fxprune.core.bias_folding import constant_reference, folded_biases, folding_is_exact
 from fxprune.core.capture import AUTO, as_inputs, propagate_values
 from fxprune.core.plan import Plan
-from fxprune.core.verify import VerifyReport, compare, output_masks, quantizer_state_mismatch, reference_model
+from fxprune.core.purity import leaves_models_untouched
+from fxprune.core.verify import (VerifyReport, check_other_sizes, check_same_model, compare, output_masks,
+                                 quantizer_state_mismatch, reference_model)
 from fxprune.data.criteria import Criterion
 from fxprune.data.recovery import recover as recover_model, recovery_steps
-from fxprune.errors import CalibrationError
+from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.options import PruneOptions, Sparsity
 from fxprune.progress import stage_bar
-from fxprune.stages import PruneResult, RunData, apply, criterion_name, run
+from fxprune.stages import PruneResult, apply, prepare, run
 from fxprune import stages
 
 
+@leaves_models_untouched
 def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outputs: bool = False,
             split_axis: str = "largest", dynamic_shapes: Any = AUTO) -> Analysis:
     """Capture and match only: the groups, and why any are frozen (what ``fxprune inspect`` prints)."""
@@ -38,11 +41,12 @@ def analyze(model: Any, example_inputs: Any, capture: str = "fx", *, prune_outpu
     return stages.analyze(model, example_inputs, options, dynamic_shapes)
 
 
+@leaves_models_untouched
 def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
           criterion: Optional[Criterion] = None, capture: Optional[str] = None, *,
           options: Optional[PruneOptions] = None, calibration: Any = None, loss_fn: Optional[Callable] = None,
           batch: Optional[tuple] = None, recover: Sequence[str] = (), progress: bool = False,
-          dynamic_shapes: Any = AUTO, **option_fields: Any) -> PruneResult:
+          dynamic_shapes: Any = AUTO, output: str = "graph", **option_fields: Any) -> PruneResult:
     """Prune ``model`` and return a new, smaller GraphModule; ``model`` is never modified.
 
     The options (``sparsity``, ``criterion``, ``capture`` and every field of
@@ -67,13 +71,25 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
             fit; :func:`verify` checks the structural pruning before recovery.
         dynamic_shapes: export level: ``"auto"`` (dynamic batch, and sequence for token inputs),
             ``None`` (the example's sizes only) or a ``torch.export`` spec.
+        output: ``"graph"`` (default) or ``"module"``: also ``result.module``, a smaller instance of the
+            model's own class (its forward unchanged, checked against the graph; :mod:`fxprune.module`).
+            A model not traceable whole is then pruned through its traceable submodules.
 
     >>> result = fxprune.prune(model, (x,), 0.5, "l1", round_to=8)     # doctest: +SKIP
+    >>> small = fxprune.prune(model, (x,), 0.5, output="module").module  # doctest: +SKIP
     """
-    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
-    options = PruneOptions.build(options, sparsity=sparsity, criterion=named, capture=capture, **option_fields)
-    scorer = criterion if callable(criterion) else None
-    data = RunData(calibration, loss_fn, batch, progress)
+    if output not in ("graph", "module"):
+        raise InvalidOptionError(f"output must be 'graph' or 'module', got {output!r}")
+    if output == "module":
+        if recover:
+            raise InvalidOptionError("output='module' with recover= is not supported: recovery changes the "
+                                     "graph's weights, which the module would not hold; prune, then recover")
+        from fxprune.module import prune_module  # an adapter: loaded only when asked for
+        return prune_module(model, example_inputs, options=options, sparsity=sparsity, criterion=criterion,
+                            capture=capture, calibration=calibration, loss_fn=loss_fn, batch=batch,
+                            progress=progress, dynamic_shapes=dynamic_shapes, **option_fields)
+    options, scorer, data = prepare(options, sparsity, criterion, capture, calibration=calibration,
+                                    loss_fn=loss_fn, batch=batch, progress=progress, **option_fields)
     steps = check_recovery(recover, calibration)
     with stage_bar(progress, 4, "fxprune") as step:
         result = run(model, example_inputs, options, scorer, data, dynamic_shapes, step)
@@ -94,6 +110,7 @@ def check_recovery(recover: Any, calibration: Any) -> tuple[str, ...]:
     return steps
 
 
+@leaves_models_untouched
 def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[str] = None) -> PruneResult:
     """Apply a plan (from this model or a fresh copy of it) and return the same pruned model.
 
@@ -102,6 +119,7 @@ def apply_plan(model: Any, plan: Plan, example_inputs: Any, capture: Optional[st
     return apply(model, plan, example_inputs, capture)
 
 
+@leaves_models_untouched
 def verify(model: Any, result: PruneResult, example_inputs: Any = None,
            tolerance: Optional[float] = None, raise_on_failure: bool = False) -> VerifyReport:
     """Compare ``result`` with ``model`` whose dropped channels contribute nothing and whose norms'
@@ -109,6 +127,7 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     drift from the unmasked original."""
     inputs = as_inputs(example_inputs) if example_inputs is not None else result.example_inputs
     analysis, drop = result.analysis, result.drop
+    check_same_model(model, analysis.gm, inputs, tolerance)
     exact = not bool(analysis.solution.approximate[drop.indices()].any())
     masks = output_masks(analysis, drop) if result.plan.options.prune_outputs else None
     if result.plan.options.propagate_bias and folding_is_exact(analysis, drop):
@@ -120,6 +139,9 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
         reference = reference_model(analysis, drop)
     pruned = result.structural if result.structural is not None else result.graph_module  # before recovery
     report = compare(reference, pruned, inputs, exact, tolerance, masks, original=analysis.gm)
+    other = check_other_sizes(model, analysis.gm, reference, pruned, inputs, tolerance, masks)
+    if other:  # a graph right at the example's batch only
+        report = dataclasses.replace(report, passed=False, other_sizes=other)
     mismatch = quantizer_state_mismatch(analysis.gm, pruned, result.plan.kept_indices)
     if mismatch:
         report = dataclasses.replace(report, passed=False, quantizer_mismatch=mismatch)

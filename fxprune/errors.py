@@ -48,6 +48,12 @@ class TrainingModeError(FxPruneError, RuntimeError):
     """The model is in training mode where a graph depends on it (BatchNorm under export)."""
 
 
+class ModuleForwardError(FxPruneError, RuntimeError):
+    """The user's own forward, run on the pruned parameters, fails or differs from the pruned graph: it
+    bakes a size into code (``x.view(-1, 512)``). The message names the module; the pruned graph
+    (``result.graph_module``) is the model to use instead (:mod:`fxprune.module`)."""
+
+
 class VerificationError(FxPruneError, AssertionError):
     """A pruned model does not match its zeroed-channel reference."""
 
@@ -82,3 +88,9 @@ class MissingExtraError(FxPruneError, ImportError):
 class DeployError(FxPruneError, RuntimeError):
     """A pruned model could not be written for a runtime (ExecuTorch, ONNX Runtime): the message names
     the target and the stage that failed (export, quantize, lower)."""
+
+
+class CheckpointError(FxPruneError, ValueError):
+    """A checkpoint directory is unusable: a shard missing or truncated, an index naming a tensor no
+    shard holds, a tensor whose shape the config does not build, an output directory inside the input,
+    or too little disk for the output (the message names the file or tensor)."""

@@ -30,12 +30,10 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import io
 import json
 import math
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -45,41 +43,47 @@ import torch.utils._pytree as pytree
 
 from fxprune.errors import PlanMismatchError, UnsafeFileError, UnsupportedModelError
 from fxprune.core.plan import Plan
+from fxprune.stages import PruneResult, apply
+from fxprune.safe_files import (check_pt2_json, check_safetensors, pt2_records, read_bounded,
+                                staged_directory, torch_load_weights_only, write_new)
 
 PLAN_FILE, TENSORS_FILE, MODULE_FILE, README_FILE = "plan.json", "model.safetensors", "module.py", "README.md"
 CLASS_NAME = "PrunedModel"
 _META = "fxprune"  # the one metadata key: safetensors writes several keys in random (hash) order
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle protocol >= 2; a torch.save zip archive
 
 
 # --- save ----------------------------------------------------------------------------------------
 def save(result: Any, directory: Union[str, os.PathLike]) -> Path:
     """Write ``result`` (a :class:`~fxprune.stages.PruneResult`, or a bare GraphModule) to ``directory``.
 
-    Everything is generated in memory first, so a model that cannot be written leaves no partial
-    output. Returns the directory.
+    All or nothing: everything is generated in memory, written into a fresh directory beside
+    ``directory`` and renamed into place in one step (:func:`fxprune.safe_files.staged_directory`); a
+    failed save leaves a previous output intact and no temporary files, and no link is followed.
+    Returns the directory.
 
     >>> fxprune.save(result, "pruned/")                                       # doctest: +SKIP
     >>> again = fxprune.load("pruned/", torchvision.models.resnet18(), (x,))   # doctest: +SKIP
     """
+    files = output_files(result)
+    with staged_directory(directory) as tmp:
+        write_files(tmp, files)
+    return Path(directory)
+
+
+def output_files(result: Any) -> dict[str, bytes]:
+    """The files :func:`save` writes, by name, built in memory."""
     gm = result if isinstance(result, fx.GraphModule) else result.graph_module
     files: dict[str, bytes] = {MODULE_FILE: module_source(gm).encode(), TENSORS_FILE: tensors_bytes(gm)}
     if not isinstance(result, fx.GraphModule):
         files[PLAN_FILE] = result.plan.to_json().encode()
     files[README_FILE] = _readme(PLAN_FILE in files).encode()
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    return files
+
+
+def write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Write new files into a staged directory (never through a link, never over a file)."""
     for name, data in files.items():
-        _write_atomic(out / name, data)
-    if PLAN_FILE not in files:  # a stale plan would not describe these tensors
-        (out / PLAN_FILE).unlink(missing_ok=True)
-    return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        write_new(directory / name, data)
 
 
 def tensors_bytes(gm: torch.nn.Module) -> bytes:
@@ -485,11 +489,10 @@ def load(directory: Union[str, os.PathLike], model: Any, example_inputs: Any) ->
     :class:`~fxprune.errors.PlanMismatchError` or :class:`~fxprune.errors.UnsafeFileError` before
     anything is loaded. ``model`` is not modified.
     """
-    from fxprune.api import PruneResult, apply_plan
     root = Path(directory)
     plan = read_plan(root / PLAN_FILE)
     state, non_persistent = read_safetensors(root / TENSORS_FILE)
-    applied = apply_plan(model, plan, example_inputs)
+    applied = apply(model, plan, example_inputs)
     gm = applied.graph_module
     _check_state(gm, state, non_persistent, root / TENSORS_FILE)
     with torch.no_grad():
@@ -540,20 +543,13 @@ def read_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Ten
 
 
 def _refuse_pickle(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise UnsafeFileError(f"cannot read {path}: {exc}") from exc
-    if head.startswith(_PICKLE_MAGIC):
-        raise UnsafeFileError(f"{path} is a pickle / torch.save file, not safetensors; fxprune never "
-                              f"unpickles (re-save the tensors with safetensors)")
+    check_safetensors(path)  # by structure: a header length whose low byte is 0x80 is not a pickle
 
 
 def _json_meta(path: Path, metadata: Mapping[str, str]) -> dict:
     try:
         value = json.loads(metadata.get(_META, "{}"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise UnsafeFileError(f"{path}: metadata {_META!r} is not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise UnsafeFileError(f"{path}: metadata {_META!r} must be a JSON object")
@@ -564,9 +560,10 @@ def _json_meta(path: Path, metadata: Mapping[str, str]) -> dict:
 def read_plan(path: Union[str, os.PathLike]) -> Plan:
     """Parse ``plan.json``; ``Plan.from_json`` refuses anything outside the plan's schema."""
     path = Path(path)
+    data = read_bounded(path, what="plan")  # /dev/zero or a FIFO is refused, not read forever
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise UnsafeFileError(f"cannot read plan {path}: {exc}") from exc
     return parse_plan(text, str(path))
 
@@ -589,49 +586,48 @@ def load_pt2(path: Union[str, os.PathLike]) -> torch.export.ExportedProgram:
     """
     path = Path(path)
     check_pt2(path)
-    return torch.export.load(str(path))
+    try:
+        program = torch.export.load(str(path))
+        program.module()  # an edited module_call_graph loads, then fails here (found by the file fuzzer)
+        return program
+    except Exception as exc:  # a malformed archive that passed the checks: still not a program
+        raise UnsafeFileError(f"{path} passed fxprune's checks but torch.export.load rejects it: "
+                              f"{type(exc).__name__}: {str(exc).strip()[:200]}") from exc
 
 
 def check_pt2(path: Path) -> None:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise UnsafeFileError(f"{path} is not a torch.export .pt2 archive: {exc}") from exc
-    with archive:
-        names = archive.namelist()
-        entries = {_strip_root(n): n for n in names}
-        if "archive_format" not in entries or archive.read(entries["archive_format"]) != b"pt2":
-            raise UnsafeFileError(f"{path} is not a .pt2 archive written by torch.export.save (torch >= 2.8)")
-        if "version" in names or any(n.startswith("serialized_") for n in names):
-            raise UnsafeFileError(f"{path} holds the legacy export layout, which torch.export.load unpickles; "
-                                  f"refusing")
-        for name, full in entries.items():
-            _check_pt2_entry(path, archive, name, full)
+    """Refuse a ``.pt2`` that ``torch.export.load`` would unpickle or evaluate code from. Its entries are
+    read with torch's own zip reader (duplicated names refused, see :mod:`fxprune.safe_files`), so the
+    checks see the bytes torch will load."""
+    records = pt2_records(path)
+    if records.get("archive_format") != b"pt2":
+        raise UnsafeFileError(f"{path} is not a .pt2 archive written by torch.export.save (torch >= 2.8)")
+    if "version" in records or any(n.startswith("serialized_") for n in records):
+        raise UnsafeFileError(f"{path} holds the legacy export layout, which torch.export.load unpickles; "
+                              f"refusing")
+    for name, data in records.items():
+        _check_pt2_entry(path, name, data)
 
 
 def _payloads(path: Path, name: str, data: bytes) -> dict:
-    try:
-        config = json.loads(data)["config"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UnsafeFileError(f"{path}: {name} is not a payload config: {exc}") from exc
+    config = check_pt2_json(path, name, data)
+    config = config.get("config") if isinstance(config, dict) else None
     if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
         raise UnsafeFileError(f"{path}: {name} is not a payload config")
     return config
 
 
-def _strip_root(name: str) -> str:
-    return name.split("/", 1)[1] if "/" in name else name
-
-
-def _check_pt2_entry(path: Path, archive: zipfile.ZipFile, name: str, full: str) -> None:
+def _check_pt2_entry(path: Path, name: str, data: bytes) -> None:
     if name.startswith("data/") and name.endswith("_config.json"):
-        for key, payload in _payloads(path, name, archive.read(full)).items():
+        for key, payload in _payloads(path, name, data).items():
             if payload.get("use_pickle") is not False or \
                     not str(payload.get("path_name", "")).startswith(("weight_", "tensor_")):
                 raise UnsafeFileError(f"{path}: {name} stores {key!r} as a pickled object; refusing to load")
+    elif name.endswith(".json"):
+        check_pt2_json(path, name, data)  # model.json: the SymInt expressions torch sympifies
     elif name.startswith("data/sample_inputs/"):
         try:
-            torch.load(io.BytesIO(archive.read(full)), weights_only=True)
+            torch_load_weights_only(data)
         except Exception as exc:
             raise UnsafeFileError(f"{path}: {name} needs the full unpickler ({type(exc).__name__}); "
                                   f"torch.export.load would fall back to it; refusing") from exc

@@ -69,6 +69,9 @@ class PruneResult:
     """The :class:`~fxprune.data.recovery.RecoveryReport` of each ``recover=`` step (per-layer fit errors)."""
     structural: Optional[fx.GraphModule] = None
     """With ``recover=``: the pruned model before recovery, what :func:`fxprune.verify` checks."""
+    module: Optional[torch.nn.Module] = None
+    """With ``output="module"``: the model's own class, smaller, checked against ``graph_module``
+    (:mod:`fxprune.module`)."""
 
     @property
     def level(self) -> str:
@@ -81,7 +84,7 @@ class PruneResult:
     def __deepcopy__(self, memo: dict) -> "PruneResult":
         """Every field copied (the plan and the analysis are immutable values, shared)."""
         fields = {name: copy.deepcopy(getattr(self, name), memo)
-                  for name in ("graph_module", "drop", "example_inputs", "recovery", "structural")}
+                  for name in ("graph_module", "drop", "example_inputs", "recovery", "structural", "module")}
         return PruneResult(plan=self.plan, analysis=self.analysis, **fields)
 
 
@@ -146,6 +149,24 @@ def run(model: Any, example_inputs: Any, options: PruneOptions, criterion: Optio
     return PruneResult(gm, plan, analysis, drop, inputs)
 
 
+def prepare(options: Optional[PruneOptions] = None, sparsity: Any = None, criterion: Optional[Criterion] = None,
+            capture: Optional[str] = None, *, calibration: Any = None, loss_fn: Optional[Callable] = None,
+            batch: Optional[tuple] = None, progress: bool = False, **option_fields: Any
+            ) -> tuple[PruneOptions, Optional[Criterion], RunData]:
+    """:func:`fxprune.prune`'s keywords as ``(options, a callable criterion or None, run data)``."""
+    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
+    options = PruneOptions.build(options, sparsity=sparsity, criterion=named, capture=capture, **option_fields)
+    return options, criterion if callable(criterion) else None, RunData(calibration, loss_fn, batch, progress)
+
+
+def prune(model: Any, example_inputs: Any, *, dynamic_shapes: Any = AUTO,
+          step: Callable[[str], None] = lambda _: None, **arguments: Any) -> PruneResult:
+    """The structural pruning of :func:`fxprune.prune` (its keywords, no recovery): what the same-class
+    adapter (:mod:`fxprune.module`) and ``prune-channels`` build on."""
+    options, scorer, data = prepare(**arguments)
+    return run(model, example_inputs, options, scorer, data, dynamic_shapes, step)
+
+
 def criterion_name(criterion: Criterion) -> str:
     """What a plan records of a criterion: its name, or a callable's ``__name__``."""
     return criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable")
@@ -174,11 +195,13 @@ def drop_from_plan(analysis: Analysis, plan: Plan) -> Dropped:
     """The dropped classes a plan implies; the plan must account for every tied position."""
     solution = analysis.solution
     drop = torch.zeros(solution.root.numel(), dtype=torch.bool)
+    spanned = {(m.key, m.dim) for g in analysis.groups for m in g.members}  # a kernel dim is no channel dim
     for key, dims in plan.kept_indices.items():
         ids = _param_ids(analysis, key, plan)
         for dim, kept in dims.items():
-            if dim >= len(ids) or ids[dim] is None:
-                raise PlanMismatchError(f"plan prunes dim {dim} of {key!r}, which has {len(ids)} dims")
+            if dim >= len(ids) or ids[dim] is None or (key, dim) not in spanned:
+                raise PlanMismatchError(f"plan prunes dim {dim} of {key!r}, which no channel group spans "
+                                        f"(it has {len(ids)} dims)")
             dropped = _dropped_positions(key, dim, kept, ids[dim].numel())
             roots = solution.root[ids[dim][dropped]]
             if bool(solution.frozen[roots].any()):

@@ -79,6 +79,22 @@ def test_prune_writes_table_model_and_chart(capsys, tmp_path, factory) -> None:
     assert again.graph_module.get_submodule("0").out_channels == 8
 
 
+def test_prune_output_module_writes_the_state_dict_of_the_class(capsys, tmp_path, factory) -> None:
+    import fxprune.module
+    out = tmp_path / "pruned"
+    code, stdout, stderr = run(capsys, "prune", factory, "--sparsity", "0.5", "--input-shape", "2,3,8,8",
+                               "--output", "module", "--out", str(out))
+    assert code == 0, stderr
+    assert "same class back (Sequential)" in stdout and "params: 5,450 -> 1,578" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json", "sizes.json", "summary.md"]
+    import cli_models
+    small = fxprune.module.load(out, cli_models.small().eval())
+    assert type(small) is torch.nn.Sequential and small[0].out_channels == 8 and small[7].in_features == 16
+    code, _, stderr = run(capsys, "prune", factory, "--input-shape", "2,3,8,8", "--output", "module",
+                          "--to", "onnx", "--out", str(tmp_path / "x"))
+    assert code != 0 and "--to" in stderr
+
+
 def test_prune_options_reach_the_plan(capsys, tmp_path, factory) -> None:
     out = tmp_path / "pruned"
     code, _, stderr = run(capsys, "prune", factory, "--input-shape", "1,3,8,8", "--out", str(out),

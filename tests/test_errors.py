@@ -102,13 +102,24 @@ def _fixed_batch(m: nn.Module):
 
 def _deploy_without(package: str, to: str):
     """Deploy with ``package`` unimportable, as when its extra is not installed."""
+    import sys
     import tempfile
-    from unittest import mock
 
     import fxprune.deploy
     result = fxprune.prune(_model(), X, 0.5)
-    with mock.patch.dict("sys.modules", {package: None}), tempfile.TemporaryDirectory() as tmp:
-        return fxprune.deploy.deploy(result, (X,), f"{tmp}/model{fxprune.deploy.SUFFIX[to]}", to)
+    # hide this one package only: patch.dict(sys.modules) would also drop every module first imported
+    # inside it, and re-importing a protobuf extension such as onnx later aborts the process
+    missing = object()
+    saved = sys.modules.get(package, missing)
+    sys.modules[package] = None  # type: ignore[assignment]  (None: "not installed" to the import system)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return fxprune.deploy.deploy(result, (X,), f"{tmp}/model{fxprune.deploy.SUFFIX[to]}", to)
+    finally:
+        if saved is missing:
+            del sys.modules[package]
+        else:
+            sys.modules[package] = saved
 
 
 def _hf_per_layer_widths(m: nn.Module):

@@ -264,3 +264,43 @@ def test_cli_bad_hf_spec_is_one_line(tmp_path, capsys):
                  str(tmp_path / "out"), "--no-progress", "--no-chart"]) == 2
     assert "no config.json there" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _remote_code_repo(directory, marker):
+    """A model directory whose config maps its classes to the repository's own ``evil.py`` (``auto_map``),
+    which creates ``marker`` when imported."""
+    import json
+    directory.mkdir()
+    config = dict(model_type="fxprune_evil", architectures=["EvilModel"],
+                  auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+                                       "from transformers import PretrainedConfig\n"
+                                       "class EvilConfig(PretrainedConfig):\n    model_type = 'fxprune_evil'\n")
+    return directory
+
+
+@pytest.mark.parametrize("command", ["inspect", "prune"])
+def test_hf_spec_never_runs_the_repository_code(tmp_path, capsys, monkeypatch, command):
+    """Even with ``y`` on stdin (transformers' prompt), an ``auto_map`` repository is refused."""
+    import io
+    from fxprune.cli import main
+    marker = tmp_path / "PWNED"
+    repo = _remote_code_repo(tmp_path / "repo", marker)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\n"))
+    extra = ["--out", str(tmp_path / "out"), "--no-progress", "--no-chart"] if command == "prune" else []
+    assert main([command, f"hf:{repo}", "--input-shape", "2,8", *extra]) == 2
+    assert "fxprune: error: bad SPEC" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["pipeline", "AutoModelForCausalLM", "__class__", "LlamaConfig", ["x"]])
+def test_hf_architecture_must_be_a_pretrained_model_class(tmp_path, capsys, name):
+    import json
+    from fxprune.cli import main
+    config = T.LlamaConfig(**DECODER).to_dict()
+    config["architectures"] = [name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", f"hf:{tmp_path}", "--input-shape", "2,8"]) == 2
+    err = capsys.readouterr().err
+    assert "must name a transformers PreTrainedModel class" in err and len(err.strip().splitlines()) == 1

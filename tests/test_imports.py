@@ -26,12 +26,13 @@ ADAPTERS = ("fxprune.hf", "fxprune.deploy")
 #: The layers, lowest first: a module imports its own layer and the ones below, never one above. A name
 #: covers the module and everything under it; ``fxprune.stages`` counts once it exists.
 LAYERS = (
-    ("leaves", ("fxprune.errors", "fxprune.options", "fxprune.progress")),
+    ("leaves", ("fxprune.errors", "fxprune.options", "fxprune.progress", "fxprune.safe_files")),
     ("core", ("fxprune.core",)),
     ("data", ("fxprune.data",)),
     ("stages", ("fxprune.stages",)),
     ("passes", ("fxprune.passes",)),
-    ("api", ("fxprune.api", "fxprune.io", "fxprune.measure")),
+    # the same-class output of the API (``output="module"``) sits beside it: it builds on fxprune.stages
+    ("api", ("fxprune.api", "fxprune.io", "fxprune.measure", "fxprune.module")),
     ("adapters", ADAPTERS),
     ("tools", ("fxprune.cli", "fxprune.testing", "fxprune")),  # ``fxprune`` alone (not its modules) re-exports
 )

@@ -71,7 +71,7 @@ def test_the_cli_flags_are_the_options():
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
     dests = {a.dest for a in prune._actions}
     runtime = {"help", "spec", "input_shape", "out", "calibration", "calibration_batch_size", "max_batches",
-               "to", "quantize", "no_progress", "no_chart"}
+               "to", "quantize", "no_progress", "no_chart", "output"}
     assert dests - runtime == set(public_fields())
     for name in public_fields():
         args = build_parser().parse_args(["prune", "m:f", "--out", "o", *_flag_argv(name)])

@@ -10,7 +10,8 @@ GraphModule or ExportedProgram) or a ``.pt2`` file from ``torch.export.save`` (l
 random inputs of ``--input-shape`` (repeat it for several inputs; a ``.pt2`` may use its own example
 inputs). ``hf:PATH_OR_CONFIG`` is a HuggingFace model directory or ``config.json`` (see
 :mod:`fxprune.cli.hf`): it is pruned by :mod:`fxprune.hf` and ``--out`` becomes a directory that
-``from_pretrained`` loads.
+``from_pretrained`` loads; a checkpoint directory given without ``--input-shape`` is pruned disk to disk,
+one layer at a time (:func:`fxprune.hf.checkpoint.prune_checkpoint`: models larger than memory).
 
 ``prune`` writes to ``--out``: the saved result (``plan.json``, ``model.safetensors``, ``module.py``, see
 :func:`fxprune.save`), ``summary.md`` (the table it prints) and ``widths.png`` (per-layer widths before and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -73,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--quantize", choices=("int8",), help="PT2E int8 quantization of the --to artefact")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--no-chart", action="store_true", help="do not write widths.png (no matplotlib)")
+    prune.add_argument("--output", choices=("graph", "module"), default="graph",
+                       help="graph (default: the pruned graph, module.py) or module: the model's own class, "
+                            "saved as its state_dict (model.safetensors) with plan.json and sizes.json; load "
+                            "with fxprune.module.load(DIR, FACTORY())")
     inspect = sub.add_parser("inspect", help="print the channel groups and why any are frozen",
                              description="Print SPEC's channel groups and why any are frozen, without "
                                          "pruning.")
@@ -88,6 +94,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     add_option_flags(parser, only=MODEL_FLAGS)
 
 
+MAX_INPUT_ELEMENTS = 2 ** 31
+"""The largest random example input ``--input-shape`` may ask for (8 GiB of float32)."""
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.split(","))
@@ -96,6 +106,9 @@ def _shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected positive integers separated by "
                                          f"commas, like 1,3,224,224")
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:  # a typo's 10**30 elements: refused, not allocated
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: {math.prod(dims):.3g} elements, more than "
+                                         f"{MAX_INPUT_ELEMENTS:.3g}")
     return dims
 
 
@@ -216,8 +229,14 @@ def _group_rows(plan) -> tuple[tuple[str, int, int, str], ...]:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    from fxprune.safe_files import check_output
+    check_output(args.out)  # a link, a file, someone else's directory: refused before any work
     _check_chart(args.no_chart)
     _check_deploy(args.to, args.quantize)
+    from fxprune.cli.hf import is_checkpoint, prune_checkpoint_and_report
+    if is_checkpoint(args):  # a checkpoint directory without --input-shape: disk to disk
+        print(prune_checkpoint_and_report(args))
+        return 0
     options = PruneOptions.build(**given_options(args))
     torch.manual_seed(options.seed)
     model = load_model(args.spec)
@@ -226,9 +245,9 @@ def run_prune(args: argparse.Namespace) -> int:
     with stage_bar(not args.no_progress, 5, "fxprune", file=sys.stderr, postfix="prune", disable=None) as step:
         text = _prune_and_write(args, model, inputs, step)
     print(text)
-    if _is_hf(model):
-        from fxprune.cli.hf import FILES
-        print(f"wrote {args.out}/: {FILES}")
+    if _is_hf(model) or args.output == "module":
+        from fxprune.cli import hf, module
+        print(f"wrote {args.out}/: {hf.FILES if _is_hf(model) else module.FILES}")
         return 0
     print(f"wrote {args.out}/: plan.json model.safetensors module.py summary.md"
           + ("" if args.no_chart else " widths.png") + (f" model{_suffix(args.to)}" if args.to else ""))
@@ -270,6 +289,9 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, step: 
         from fxprune.cli.hf import prune_and_write
         return prune_and_write(args, model, inputs)
     options = PruneOptions.build(**given_options(args))
+    if args.output == "module":  # the model's own class back (fxprune.module)
+        from fxprune.cli.module import prune_and_write as write_module
+        return write_module(args, model, inputs, options)
     calibration, loss_fn = calibration_data(args, options.criterion)
     result = fxprune.prune(model, inputs, options=options, calibration=calibration, loss_fn=loss_fn)
     step("verify")
@@ -282,18 +304,27 @@ def _prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple, step: 
                       (count_macs(original, inputs), count_macs(result.graph_module, inputs)), str(report),
                       tuple(ungrouped_lines(result.plan.ungrouped)))
     step("save")
-    out = fxprune.save(result, args.out)
     text = summary.markdown(f"{args.spec}, sparsity {format_sparsity(options.sparsity)}, {options.criterion}, "
                             f"{result.level} level")
     if artefact is not None:
         text = f"{text}\n{deployed}\n"
-        (out / f"model{_suffix(args.to)}").write_bytes(artefact)
-    (out / "summary.md").write_text(text, encoding="utf-8")
-    if not args.no_chart:
-        step("chart")
-        plot_widths(layer_widths(result), out / "widths.png", args.spec)
+    write_output(args, result, text, artefact)
     step("done")
     return text
+
+
+def write_output(args: argparse.Namespace, result, text: str, artefact: Optional[bytes]) -> None:
+    """Every file of ``--out``, written into a fresh directory that replaces ``--out`` in one rename: a
+    failed run leaves the previous output as it was (see :func:`fxprune.safe_files.staged_directory`)."""
+    from fxprune.io import output_files, write_files
+    from fxprune.safe_files import staged_directory, write_new
+    with staged_directory(args.out) as out:
+        write_files(out, output_files(result))
+        if artefact is not None:
+            write_new(out / f"model{_suffix(args.to)}", artefact)
+        write_new(out / "summary.md", text.encode("utf-8"))
+        if not args.no_chart:
+            plot_widths(layer_widths(result), out / "widths.png", args.spec)
 
 
 def calibration_data(args: argparse.Namespace, criterion: str) -> tuple[Any, Any]:
@@ -316,6 +347,9 @@ def calibration_data(args: argparse.Namespace, criterion: str) -> tuple[Any, Any
     if not names:
         raise CliError(f"bad --calibration: no tensor 'input' or 'input_0' (it has {sorted(tensors)})")
     columns = [tensors[n] for n in names] + ([tensors["target"]] if "target" in tensors else [])
+    flat = [n for n, c in zip(names + ["target"], columns) if c.dim() == 0 or c.shape[0] == 0]
+    if flat:  # rows are samples: a scalar or an empty tensor has none
+        raise CliError(f"bad --calibration: tensor {flat[0]!r} has no rows (shape {list(tensors[flat[0]].shape)})")
     size = args.calibration_batch_size
     batches = [tuple(c[i:i + size] for c in columns) for i in range(0, columns[0].shape[0], size)]
     loss_fn = torch.nn.functional.cross_entropy if criterion in GRADIENT_CRITERIA else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import re
 import traceback
 import warnings
@@ -61,6 +62,42 @@ def as_inputs(example_inputs: Any) -> tuple:
                             f"{type(example_inputs).__name__}")
 
 
+def check_nonempty(inputs: tuple) -> tuple:
+    """Example inputs with no elements would run every op on nothing and verify nothing: refused."""
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.numel() == 0:
+            raise ExampleInputError(f"example input {i} has shape {tuple(x.shape)} (no elements): pass at "
+                                    f"least one row")
+    return inputs
+
+
+def refuse_meta(model: torch.nn.Module) -> None:
+    """A model on the meta device has shapes but no values: nothing to score, verify or save."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise UnsupportedModelError(f"tensor {name!r} is on the meta device (no data): load the weights "
+                                        f"first (e.g. load_state_dict(..., assign=True) or .to_empty())")
+
+
+def check_input_count(gm: fx.GraphModule, inputs: tuple) -> None:
+    """More example inputs than the graph's placeholders would fail later, in verify: refused here."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any("*" in str(n.target) or n.target.startswith("*") for n in placeholders):
+        return  # *args: any count
+    if len(inputs) > len(placeholders):
+        raise ExampleInputError(f"{len(inputs)} example inputs given; the model's forward takes "
+                                f"{len(placeholders)} ({', '.join(str(n.target) for n in placeholders)})")
+
+
+def warn_non_finite(gm: fx.GraphModule) -> None:
+    """NaN or infinite weights prune (their scores are NaN or inf) but the result means nothing: said."""
+    bad = [name for name, t in gm.state_dict().items()
+           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(f"{len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}); their channels' "
+                      f"scores, and the pruned model, are not meaningful", stacklevel=3)
+
+
 def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: Any = AUTO) -> Captured:
     """Trace ``model`` at ``level`` and propagate fake values through every node.
 
@@ -71,22 +108,39 @@ def capture(model: Any, example_inputs: Any, level: str = "fx", dynamic_shapes: 
     >>> cap.level, cap.gm.graph.find_nodes(op="call_module")[0].target              # doctest: +SKIP
     ('fx', 'conv1')
     """
-    inputs = as_inputs(example_inputs)
+    inputs = check_nonempty(as_inputs(example_inputs))
     if isinstance(model, torch.export.ExportedProgram):
         gm, level = model.module(), "export"
     elif isinstance(model, fx.GraphModule):
         gm, level = copy_graph_module(model), graph_level(model)
     elif isinstance(model, torch.nn.Module):
+        refuse_meta(model)
         gm = _trace(model, inputs, level, dynamic_shapes)
+        check_input_count(gm, inputs)
         if _export_values_complete(gm):  # torch.export just traced fake values on every node: reuse them
             refuse_quantized(gm)
+            warn_non_finite(gm)
             return Captured(gm, level, inputs)
     else:
         raise UnsupportedModelError(f"expected an nn.Module, GraphModule or ExportedProgram, got "
                                     f"{type(model).__name__}")
     refuse_quantized(gm)
+    warn_non_finite(gm)
+    _mark_dynamic_dims(gm)
     propagate_values(gm, inputs)
     return Captured(gm, level, inputs)
+
+
+#: ``placeholder.meta`` key: the dims torch.export traced as symbolic, kept when concrete values are
+#: propagated for the rules (calibration batches may then have any size along them).
+DYNAMIC_DIMS = "fxprune_dynamic_dims"
+
+
+def _mark_dynamic_dims(gm: fx.GraphModule) -> None:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if shape is not None and DYNAMIC_DIMS not in node.meta:
+            node.meta[DYNAMIC_DIMS] = tuple(i for i, size in enumerate(shape) if not isinstance(size, int))
 
 
 def _export_values_complete(gm: fx.GraphModule) -> bool:
@@ -132,10 +186,29 @@ def _trace(model: torch.nn.Module, inputs: tuple, level: str, dynamic_shapes: An
         _refuse_lost_hooks(model, gm)
         return gm
     _refuse_training_batch_norm(model)
-    gm = export(model, inputs, dynamic_shapes).module()
+    gm = export(without_cache(model), inputs, dynamic_shapes).module()
     for module in gm.modules():  # export's module always says training=True; keep the model's mode
         module.training = model.training
     return gm
+
+
+def without_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``model`` whose ``forward`` passes ``use_cache=False`` where it takes that
+    argument (a HF decoder): a KV cache in the outputs is an object export cannot return, and a fixed
+    interface holding every key/value head. The model itself is not touched.
+
+    >>> without_cache(llama).forward.keywords                              # doctest: +SKIP
+    {'use_cache': False}
+    """
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a builtin forward without a signature
+        takes = False
+    if not takes:
+        return model
+    view = copy.copy(model)
+    view.forward = functools.partial(type(model).forward, view, use_cache=False)
+    return view
 
 
 def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) -> torch.export.ExportedProgram:
@@ -171,12 +244,34 @@ def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) ->
 
 
 def _export(model: torch.nn.Module, inputs: tuple, spec: Any) -> torch.export.ExportedProgram:
-    # export specialises a dynamic dim whose example size is 0 or 1 (its 0/1 rule); the size-oblivious
-    # mode traces it like any other size
+    # export specialises a dynamic dim whose example size is 0 or 1 (its 0/1 rule): such a dim is traced
+    # from the example repeated to 2 (a batch-1 example is what most users pass); the size-oblivious
+    # mode covers what remains
     import torch.fx.experimental._config as fx_config
+    inputs = _widened(inputs, spec)
     oblivious = spec is not None and any(s in (0, 1) for x in _tensors(inputs) for s in x.shape)
     with fx_config.patch(backed_size_oblivious=oblivious):
         return torch.export.export(model, inputs, dynamic_shapes=spec)
+
+
+def _widened(inputs: tuple, spec: Any) -> tuple:
+    """``inputs`` with every dynamic dim of size 1 repeated to 2 (a tuple spec, one entry per input).
+
+    >>> _widened((torch.zeros(1, 3),), ({0: torch.export.Dim("batch")},))[0].shape  # doctest: +SKIP
+    torch.Size([2, 3])
+    """
+    if not isinstance(spec, (tuple, list)) or len(spec) != len(inputs):
+        return inputs
+    return tuple(_repeat_dims(x, dims) for x, dims in zip(inputs, spec))
+
+
+def _repeat_dims(x: Any, dims: Any) -> Any:
+    if not isinstance(x, torch.Tensor) or not isinstance(dims, dict):
+        return x
+    for d, dim in dims.items():
+        if dim is not None and isinstance(d, int) and 0 <= d < x.dim() and x.shape[d] == 1:
+            x = torch.cat([x, x], dim=d)
+    return x
 
 
 def default_dynamic_shapes(inputs: tuple) -> Any:

@@ -11,6 +11,7 @@ True
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -80,7 +81,7 @@ class Plan:
                     for k, dims in _obj(data["kept_indices"], "kept_indices").items()}
             shapes = {_key(k): _ints(v, f"shapes[{k!r}]") for k, v in _obj(data["shapes"], "shapes").items()}
             groups = tuple(_group(g) for g in _list(data.get("groups", []), "groups"))
-            options = PruneOptions.from_dict(_obj(data.get("options", {}), "options"))
+            options = PruneOptions.from_dict(_shallow(_obj(data.get("options", {}), "options"), "options"))
             ungrouped = {_key(k): _str(v, f"ungrouped[{k!r}]")
                          for k, v in _obj(data.get("ungrouped", {}), "ungrouped").items()}
         except (KeyError, TypeError, ValueError, InvalidOptionError) as exc:
@@ -152,8 +153,24 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
+_MAX_DEPTH = 8
+
+
+def _shallow(value: Any, where: str) -> Any:
+    """``value`` if nested at most :data:`_MAX_DEPTH` deep: deeper options (``options.hf``) would overflow
+    the stack of every function that walks them (printing, hashing, writing the plan back)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"{where} is nested more than {_MAX_DEPTH} deep")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
 def _dim(value: str) -> int:
-    if not value.isdigit() or len(value) > 4:
+    if not re.fullmatch(r"[0-9]{1,4}", value):  # ASCII only: str.isdigit() accepts "٣" and "³"
         raise ValueError(f"dim {value!r} must be a small non-negative integer written as a string")
     return int(value)
 

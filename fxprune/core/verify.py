@@ -64,11 +64,16 @@ class VerifyReport:
     quantizer_mismatch: str = ""
     """A fake-quantizer whose state is not the original's sliced per the plan (then ``passed`` is False);
     the outputs are compared with fake quantization off (see :func:`eval_copy`)."""
+    other_sizes: str = ""
+    """Where the graph accepts another batch size (and sequence length): what went wrong there -- the
+    captured graph differs from the model (a forward that branches on the batch size), or the pruned
+    graph from its reference (then ``passed`` is False). Empty when both agree or the shapes are static."""
 
     def __str__(self) -> str:
         kind = "exact" if self.exact else "approximate"
         verdict = "passed" if self.passed else "FAILED"
         quantizers = f"; {self.quantizer_mismatch}" if self.quantizer_mismatch else ""
+        quantizers += f"; {self.other_sizes}" if self.other_sizes else ""
         return (f"verify {verdict}: max abs error {self.max_abs_error:.3g} ({kind}, tol {self.tolerance:g}); "
                 f"drift from the original {self.max_abs_drift:.3g} (rel {self.max_rel_drift:.3g}){quantizers}")
 
@@ -262,11 +267,92 @@ def compare(reference: torch.nn.Module, pruned: torch.nn.Module, inputs: tuple, 
     if len(ref_out) != len(new_out) or any(a.shape != b.shape for a, b in zip(ref_out, new_out)):
         raise VerificationError(f"pruned outputs have shapes {[tuple(t.shape) for t in new_out]}, "
                                 f"expected {[tuple(t.shape) for t in ref_out]}")
+    if not any(t.numel() for t in ref_out):  # an empty batch compares nothing: it cannot pass
+        raise VerificationError(f"the outputs have no elements ({[tuple(t.shape) for t in ref_out]}): verify "
+                                f"needs example inputs with at least one row")
     abs_err, rel = _difference(ref_out, new_out)
     tol = tolerance if tolerance is not None else _default_tolerance(ref_out)
     drift = _difference(_kept_outputs(original, inputs, masks), new_out) if original is not None else (0.0, 0.0)
     passed = rel <= tol or abs_err <= tol
     return VerifyReport(abs_err, rel, exact, passed, tol, *drift)
+
+
+def check_same_model(model: Any, original: torch.nn.Module, inputs: tuple,
+                     tolerance: Optional[float] = None) -> None:
+    """``verify(model, result)`` compares against ``result``'s own capture of the original; ``model`` must be
+    that model (the same outputs on ``inputs``), or the verdict would be about another one.
+
+    >>> check_same_model(torchvision.models.resnet34(), result.analysis.gm, (x,))  # doctest: +SKIP
+    Traceback (most recent call last):
+    fxprune.errors.PlanMismatchError: verify's model is not the model the result was pruned from: ...
+    """
+    from fxprune.errors import InvalidOptionError, PlanMismatchError
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(f"verify(model, result) needs the original model (an nn.Module, GraphModule "
+                                 f"or ExportedProgram), got {type(model).__name__}")
+    try:
+        given, captured = _outputs(eval_copy(model, rounding=False), inputs), _outputs(eval_copy(original, rounding=False), inputs)
+    except Exception as exc:  # another model that rejects the result's inputs
+        raise PlanMismatchError(f"verify's model is not the model the result was pruned from: it fails on "
+                                f"the example inputs ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    shapes = [tuple(t.shape) for t in given], [tuple(t.shape) for t in captured]
+    if shapes[0] != shapes[1]:
+        raise PlanMismatchError(f"verify's model is not the model the result was pruned from: its outputs "
+                                f"have shapes {shapes[0]}, the original's {shapes[1]}")
+    abs_err, rel = _difference(captured, given)
+    tol = tolerance if tolerance is not None else _default_tolerance(captured)
+    if not (rel <= tol or abs_err <= tol):
+        raise PlanMismatchError(f"verify's model is not the model the result was pruned from: its outputs "
+                                f"differ from the original's by {abs_err:.3g} (rel {rel:.3g})")
+
+
+def other_sizes(inputs: tuple) -> Optional[tuple]:
+    """The example inputs at a second batch size (1, or 3 for a batch of 1) and, for token ids (2-D
+    integer inputs), a second sequence length; None when no input has a batch dim."""
+    if not any(isinstance(x, torch.Tensor) and x.dim() for x in inputs):
+        return None
+    return tuple(_resized(x) if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+
+
+def _resized(x: torch.Tensor) -> torch.Tensor:
+    x = x[:1] if x.shape[0] > 1 else torch.cat([x, x, x])
+    tokens = x.dim() == 2 and not x.is_floating_point() and not x.is_complex()
+    if tokens:
+        x = x[:, :-1] if x.shape[1] > 1 else torch.cat([x, x], dim=1)
+    return x
+
+
+def check_other_sizes(model: Any, original: torch.nn.Module, reference: torch.nn.Module,
+                      pruned: torch.nn.Module, inputs: tuple, tolerance: Optional[float],
+                      masks: Any = None) -> str:
+    """Where the captured graph runs at :func:`other_sizes`, the user's model must agree with it there
+    (a forward that branches on the batch size exports one branch, right only at the example's batch)
+    and the pruned graph with its reference; returns what differs, or ``""``."""
+    other = other_sizes(inputs)
+    try:
+        captured = _outputs(eval_copy(original, rounding=False), other) if other is not None else None
+    except Exception:  # static shapes: the graph guards its input sizes; nothing to check
+        return ""
+    if captured is None or not any(t.numel() for t in captured):
+        return ""
+    shapes = [tuple(x.shape) for x in other if isinstance(x, torch.Tensor)]
+    model = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    try:
+        given = _outputs(eval_copy(model, rounding=False), other)
+    except Exception as exc:
+        return f"the model fails at input shapes {shapes}, which the graph accepts ({type(exc).__name__})"
+    tol = tolerance if tolerance is not None else _default_tolerance(captured)
+    if [t.shape for t in given] != [t.shape for t in captured] or min(_difference(captured, given)) > tol:
+        return (f"at input shapes {shapes} the captured graph differs from the model (does the forward "
+                f"depend on the batch size? capture with dynamic_shapes=None)")
+    try:
+        report = compare(reference, pruned, other, True, tolerance, masks)
+    except Exception as exc:  # fails or gives other shapes there: a failed verify, said
+        return f"at input shapes {shapes} the pruned graph fails: {type(exc).__name__}: {str(exc)[:160]}"
+    return "" if report.passed else f"at input shapes {shapes} the pruned graph differs from its " \
+                                    f"reference by {report.max_abs_error:.3g}"
 
 
 def _kept_outputs(model: torch.nn.Module, inputs: tuple,

@@ -329,11 +329,14 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 def placeholder_shapes(gm: fx.GraphModule) -> list[Optional[tuple]]:
     """The traced shape of each placeholder (None where unknown); symbolic sizes become None."""
+    from fxprune.core.capture import DYNAMIC_DIMS
     out = []
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("val", node.meta.get("tensor_meta"))
         shape = getattr(value, "shape", None)
-        out.append(None if shape is None else tuple(s if isinstance(s, int) else None for s in shape))
+        dynamic = node.meta.get(DYNAMIC_DIMS, ())  # traced symbolic by export, then made concrete
+        out.append(None if shape is None else tuple(s if isinstance(s, int) and i not in dynamic else None
+                                                    for i, s in enumerate(shape)))
     return out
 
 
@@ -345,6 +348,9 @@ def check_batch(inputs: tuple, expected: list[Optional[tuple]], index: int) -> N
     for position, (x, shape) in enumerate(zip(inputs, expected)):
         if shape is None:
             continue
+        if x.numel() == 0:  # it would add nothing to the statistics: every score zero, the kept set arbitrary
+            raise CalibrationError(f"batch {index} input {position} has shape {tuple(x.shape)}: no rows to "
+                                   f"calibrate on")
         same = x.dim() == len(shape) and all(e is None or d == 0 or s == e
                                              for d, (s, e) in enumerate(zip(x.shape, shape)))
         if not same:

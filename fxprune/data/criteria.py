@@ -267,12 +267,20 @@ def _slice_norms(tensor: torch.Tensor, dim: int, order: int) -> torch.Tensor:
     """The ``order``-norm (1 or 2) of each slice of ``tensor`` along ``dim`` (float64). Viewed as
     (outer, dim, inner) and summed inner first: contiguous reductions, many times faster on the CPU
     than one reduction over the scattered dims of a consumer's input columns."""
-    tensor = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
     shape = tensor.shape
     blocks = tensor.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
-    power = blocks.abs() if order == 1 else blocks.square()
-    total = power.sum(2).sum(0).double()
+    rows = max(1, _CHUNK // max(1, blocks.shape[1] * blocks.shape[2]))
+    total = torch.zeros(shape[dim], dtype=torch.float64)
+    for start in range(0, max(1, blocks.shape[0]), rows):  # a bf16 embedding is never copied whole as fp32
+        chunk = blocks[start:start + rows]
+        chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
+        power = chunk.abs() if order == 1 else chunk.square()
+        total += power.sum(2).sum(0).double().cpu()
     return total if order == 1 else total.sqrt()
+
+
+#: Elements of a tensor reduced at once by :func:`_slice_norms` (64 MB in fp32).
+_CHUNK = 1 << 24
 
 
 def _rows(analysis: Analysis, key: str, dim: int) -> torch.Tensor:

@@ -15,15 +15,18 @@ never edits its inputs, at either graph level:
   bias, creating the bias where the layer has none.
 - :func:`reconstruct`: for each conv/linear consumer of a dropped channel, in graph order, the
   least-squares weights (and bias) over its kept inputs that make its output match the original's:
-  ``W = C (G + λD)⁻¹`` from the Gram matrix ``G = Σ x̃x̃ᵀ`` of the inputs the *pruned* model really
-  produces (earlier layers already refitted) and the cross moments ``C = Σ y x̃ᵀ`` with the original
-  layer's output, in float64; ``λ`` is ``ridge`` times the Gram's mean diagonal. A Gram matrix the
+  ``W = (C + λW₀) (G + λD)⁻¹`` from the Gram matrix ``G = Σ x̃x̃ᵀ`` of the inputs the *pruned* model
+  really produces (earlier layers already refitted) and the cross moments ``C = Σ y x̃ᵀ`` with the
+  original layer's output, in float64; ``λ`` is ``ridge`` times the Gram's mean diagonal, and the
+  ridge pulls toward the layer's kept weights ``W₀`` (not toward zero): a fit from few calibration
+  rows stays near weights that generalise (a real LLM's MLP has more inputs than 8 windows have tokens). A Gram matrix the
   requested ridge cannot invert falls back to a larger ridge with a :class:`RecoveryWarning` naming the
   layer. The report gives each layer's relative output error (``‖ŷ - y‖ / ‖y‖`` over the calibration
   data) before and after its fit.
 
-Each layer of :func:`reconstruct` reads the calibration data once (both models run up to that layer
-only); what it holds is one batch of activations plus one Gram matrix and its cross moments. All
+:func:`reconstruct` walks both models through the calibration data once, every batch together
+(:mod:`fxprune.data.sequential`): each node runs once per batch, so its cost is linear in depth; it
+holds every batch's live activations plus one Gram matrix and its cross moments. All
 moments are :class:`~fxprune.data.calibration.Sums`, so they add over ``torch.distributed`` ranks.
 
 Each repair is one :class:`RecoveryStep` record in :data:`RECOVERY_STEPS` (name, short names, whether it
@@ -57,6 +60,7 @@ from fxprune.data.calibration import (GramSite, Site, Sums, as_calibration, chec
                           conv_unfold, eval_mode, fixed_batch_size, gram_features, placeholder_shapes,
                           split_batch)
 from fxprune.core.capture import MutableArgs, graph_level, node_values
+from fxprune.data.sequential import Stop, walk_moments
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
 from fxprune.progress import progress_bar
 from fxprune.core.rewrite import Pruning
@@ -390,23 +394,32 @@ def reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calib
     fits, skipped = _fits(analysis, drop)
     out = copy.deepcopy(pruned)
     out_nodes = {n.name: n for n in out.graph.nodes}
-    level, layers, batches = graph_level(out), [], 0
-    with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):
-        for fit in progress_bar(fits, progress, desc="reconstruct", unit="layer"):
-            sums, batches = _fit_moments(analysis.gm, out, fit, calibration)
-            layers.append(_refit(out, level, fit, out_nodes[fit.consumer.node], sums, ridge))
-    return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), batches, time.perf_counter() - t0)
+    level = graph_level(out)
+    chunks = list(calibration_chunks(out, calibration))
+    stops = {Stop(f.site.node, f.site.input, f.consumer.node): f for f in fits}
+    bar = progress_bar(None, progress, desc="reconstruct", unit="layer", total=len(fits))
+
+    def refit(stop: Stop, targets: list, inputs: list) -> LayerRecovery:
+        fit = stops[stop]
+        sums = _fit_moments(fit, targets, inputs)
+        if bar is not None:
+            bar.update(1)
+        return _refit(out, level, fit, out_nodes[fit.consumer.node], sums, ridge)
+
+    with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):  # each node once per batch
+        layers, _, _ = walk_moments(analysis.gm, out, list(stops), [c for _, c in chunks], refit)
+    if bar is not None:
+        bar.close()
+    return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), len({i for i, _ in chunks}),
+                               time.perf_counter() - t0)
 
 
-def _fit_moments(original: fx.GraphModule, pruned: fx.GraphModule, fit: _Fit, calibration: Any
-                 ) -> tuple[Sums, int]:
+def _fit_moments(fit: _Fit, targets: list, inputs: list) -> Sums:
     """``G = Σ x̃x̃ᵀ`` of the pruned layer's inputs (with a ones column), ``C = Σ x̃yᵀ`` with the
-    original layer's outputs, ``Σ‖y‖²``: one run of both graphs per batch, up to the layer only."""
-    sums, seen = Sums(), set()
-    site = fit.site
-    for index, inputs in calibration_chunks(pruned, calibration):
-        y = values_at(original, inputs, {site.node}, index)[site.node]
-        x = values_at(pruned, inputs, {site.input}, index)[site.input]
+    original layer's outputs, ``Σ‖y‖²``, over every batch (per batch: ``targets`` of the original
+    layer, ``inputs`` of the pruned one, from one sequential walk: :mod:`fxprune.data.sequential`)."""
+    sums, site = Sums(), fit.site
+    for y, x in zip(targets, inputs):
         per_sample = max(1, y.numel() // (y.shape[fit.out_dim] * max(1, y.shape[0])))
         step = max(1, _ROWS // per_sample)
         for xs, ys in zip(x.split(step), y.split(step)):  # a few samples at a time: unfolded, in float64
@@ -414,8 +427,7 @@ def _fit_moments(original: fx.GraphModule, pruned: fx.GraphModule, fit: _Fit, ca
             if fit.kept_out is not None:
                 target = target[:, fit.kept_out.to(target.device)]
             _add_moments(sums, gram_features(xs, site).double(), target.double())
-        seen.add(index)
-    return sums.all_reduce(), len(seen)
+    return sums.all_reduce()
 
 
 _ROWS = 4096
@@ -439,7 +451,7 @@ def _refit(gm: fx.GraphModule, level: str, fit: _Fit, node: fx.Node, sums: Sums,
     old = torch.cat([weight.detach().double().reshape(weight.shape[0], -1),
                      _bias_value(gm, fit.consumer, weight.shape[0], gram).unsqueeze(1)], dim=1)
     layer = _layer_name(fit.consumer.weight)
-    new = solve_ridge(gram, cross, ridge, layer).T
+    new = solve_ridge(gram, cross, ridge, layer, old.T).T
     with torch.no_grad():
         weight.copy_(new[:, :-1].reshape(weight.shape).to(weight.dtype))
     _set_bias(gm, level, fit.consumer, node, new[:, -1].to(weight.dtype))
@@ -447,8 +459,11 @@ def _refit(gm: fx.GraphModule, level: str, fit: _Fit, node: fx.Node, sums: Sums,
     return LayerRecovery(layer, before, after, f"{int(fit.kept_in.sum())} of {fit.kept_in.numel()} inputs")
 
 
-def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: str) -> torch.Tensor:
-    """``(G + λD)⁻¹ C`` by Cholesky, float64; ``λ = ridge · mean(diag G)`` (the bias row, last, is not
+def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: str,
+                prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(G + λD)⁻¹ (C + λD P)`` by Cholesky, float64: least squares pulled toward ``prior`` (the
+    layer's kept weights: a fit from little data then stays near weights that generalise, instead of
+    shrinking toward zero; none: toward zero); ``λ = ridge · mean(diag G)`` (the bias row, last, is not
     damped). Where the factorisation fails, λ grows tenfold (from at least 1e-8) with a warning."""
     features = gram.shape[0] - 1
     scale = float(gram.diagonal()[:features].mean()) if features else 1.0
@@ -461,7 +476,8 @@ def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: st
             if attempt:
                 warnings.warn(f"reconstruct: the Gram matrix of layer {layer!r} is singular at ridge {ridge:g}; "
                               f"fell back to ridge {lam / max(scale, 1e-300):.3g}", RecoveryWarning, stacklevel=3)
-            return torch.cholesky_solve(cross, factor)
+            rhs = cross if prior is None else cross + (damp * lam).unsqueeze(1) * prior
+            return torch.cholesky_solve(rhs, factor)
         lam = max(lam * 10, 1e-8 * max(scale, 1e-300))
     raise CalibrationError(f"reconstruct: the Gram matrix of layer {layer!r} cannot be factorised even with "
                            f"ridge {lam / max(scale, 1e-300):.3g} (its inputs are all zero or non-finite?)")

@@ -154,12 +154,41 @@ def _not_delegated(graph: fx.Graph) -> tuple[str, ...]:
 
 
 # --- running ---------------------------------------------------------------------------------------------
+def check_pte(source: Any) -> None:
+    """Refuse a ``.pte`` whose flatbuffer does not parse (ExecuTorch's loader aborts the process on some
+    malformed files). A ``.pte`` that parses is still trusted input to the runtime: load only your own.
+
+    >>> check_pte(b"<\\x00\\x00\\x00ET12eh00")                    # doctest: +SKIP
+    Traceback (most recent call last):
+    fxprune.errors.DeployError: these bytes is not a valid ExecuTorch program: ...
+    """
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    data = source if isinstance(source, bytes) else _read_pte(Path(source))
+    if len(data) < 8 or data[4:8] != b"ET12":
+        raise DeployError(f"{_pte_name(source)} is not an ExecuTorch program (no 'ET12' identifier)")
+    try:
+        deserialize_pte_binary(data)
+    except Exception as exc:  # any parse failure: the runtime must not see it
+        raise DeployError(f"{_pte_name(source)} is not a valid ExecuTorch program: {type(exc).__name__}: "
+                          f"{str(exc).strip()[:200]}") from exc
+
+
+def _read_pte(path: Path) -> bytes:
+    from fxprune.safe_files import read_bounded
+    return read_bounded(path, limit=16 << 30, what=".pte")
+
+
+def _pte_name(source: Any) -> str:
+    return "these bytes" if isinstance(source, bytes) else str(source)
+
+
 def load(source: Any, threads: Optional[int]) -> Callable[..., list[torch.Tensor]]:
     """Run a ``.pte`` (a path or its bytes) in ExecuTorch's runtime; ``threads`` sets its process-wide pool."""
     from executorch.runtime import Runtime
     if threads is not None:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         _unsafe_reset_threadpool(threads)
+    check_pte(source)  # what can be checked in Python first: the runtime aborts on some malformed files
     program = Runtime.get().load_program(source if isinstance(source, bytes) else Path(source))
     method = program.load_method("forward")
 

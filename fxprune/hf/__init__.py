@@ -27,6 +27,7 @@ import copy
 import functools
 import inspect
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -35,12 +36,14 @@ import torch
 from fxprune import stages
 from fxprune.core.channels import Dropped
 from fxprune.core.analysis import Analysis
-from fxprune.core.capture import AUTO, as_inputs, export
+from fxprune.core.capture import AUTO, as_inputs, export, propagate_values, without_cache
+from fxprune.core.purity import leaves_models_untouched
 from fxprune.core.select import check_patterns, select
-from fxprune.data.criteria import Criterion
-from fxprune.errors import (ConfigMismatchError, InvalidOptionError, TrainingModeError, UnsupportedModelError,
-                            VerificationError)
-from fxprune.hf import budget, policy as hf_policy, structure
+from fxprune.data.criteria import DATA_CRITERIA, GRADIENT_CRITERIA, Criterion
+from fxprune.data.recovery import RECOVERY_STEPS, recovery_steps
+from fxprune.errors import (CalibrationError, ConfigMismatchError, ExampleInputError, InvalidOptionError,
+                            TrainingModeError, UnsupportedModelError, VerificationError)
+from fxprune.hf import budget, calibrated, policy as hf_policy, structure
 from fxprune.options import PruneOptions, Sparsity
 from fxprune.progress import stage_bar
 from fxprune.stages import PruneResult, RunData, check_run, criterion_name, make_plan
@@ -80,7 +83,9 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
         sparsity: fraction of each kind of width to drop, or a mapping: ``{config field: ratio}`` for
             one kind of width (``{"intermediate_size": 0.5, "num_attention_heads": 0.25}``: the
             kinds not named, the hidden size here, are kept), ``{module pattern: ratio}``, or both.
-        criterion: as in :func:`fxprune.prune`.
+        criterion: as in :func:`fxprune.prune`. Default: ``"wanda"`` with ``calibration`` (the best
+            measured on a real LLM, ``benchmarks/bench_llm.py``), else ``"group_magnitude"``, which
+            warns on a causal LM with the figure that benchmark measured.
         hf_compatible: make only plans a config can hold (:mod:`fxprune.hf.policy`). With False, the
             ordinary policy selects, and a plan no config can hold raises ``ConfigMismatchError``.
         layer_indices: ``"own"`` (each layer keeps its best units at the common count) or
@@ -88,7 +93,15 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
         options: every option of :func:`fxprune.prune` (the fields of :class:`~fxprune.options.PruneOptions`,
             or ``options=PruneOptions(...)``); those this route cannot honour (``capture="fx"``,
             ``prune_outputs``, ``propagate_bias``) are refused. Also ``dynamic_shapes`` (default: dynamic
-            batch and sequence), ``tolerance``, ``progress``.
+            batch and sequence), ``tolerance`` (default: by the model's dtype), ``progress``.
+        calibration: token batches (``(batch, sequence)`` id tensors of any batch size, or dicts with
+            ``input_ids``) for the data-aware criteria and ``recover=``; ids are checked against the
+            vocabulary. A dict batch with padded positions is refused (the graph takes ids alone).
+        loss_fn: ``taylor`` / ``hessian``: default, the next-token cross-entropy on the batch's ids.
+        recover: recovery steps after pruning, as in :func:`fxprune.prune` (``"reconstruct"``,
+            ``"compensate-bias"``), or ``{step: {option: value}}`` (``{"reconstruct": {"ridge": 1.0}}``): they run on the pruned graph, block-sequentially (linear in depth),
+            and the returned model carries the recovered weights; a bias recovery adds is held through
+            the config flag that gives the class one (``mlp_bias``, ``attention_bias``) or refused.
 
     >>> fxprune.hf.prune(model, (ids,), {"intermediate_size": 0.3}, "l2", round_to=64)   # doctest: +SKIP
     """
@@ -117,11 +130,13 @@ def hf_options(options: Optional[PruneOptions], given: Mapping[str, Any], hf_com
     return wanted.replace(**route)
 
 
+@leaves_models_untouched
 def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
                       criterion: Optional[Criterion] = None, *, hf_compatible: bool = True,
                       layer_indices: str = "own", options: Optional[PruneOptions] = None,
                       dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None, progress: bool = False,
-                      calibration: Any = None, block_criterion: str = "block-influence", block_repair: bool = False,
+                      calibration: Any = None, loss_fn: Optional[Callable] = None, recover: Sequence[str] = (),
+                      block_criterion: str = "block-influence", block_repair: bool = False,
                       expert_criterion: str = "reap", target: Optional[Mapping[str, float]] = None,
                       **option_fields: Any) -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config.
@@ -132,11 +147,12 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
     widths; ``target={"params": f}`` chooses the mix of depth and width (:mod:`fxprune.hf.budget`)."""
     _check_model(model)
     same = dict(criterion=criterion, hf_compatible=hf_compatible, layer_indices=layer_indices, options=options,
-                dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, **option_fields)
+                dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, calibration=calibration,
+                loss_fn=loss_fn, recover=recover, **option_fields)
     if target is not None:  # one budget instead of ratios: the sparsity is chosen
         return budget.prune_to_budget(model, as_inputs(example_inputs), target, calibration, functools.partial(
-            _widths, model, example_inputs=example_inputs, calibration=calibration,
-            block_criterion=block_criterion, block_repair=block_repair, **same))
+            _widths, model, example_inputs=example_inputs, block_criterion=block_criterion,
+            block_repair=block_repair, **same))
     wanted = structure.split(sparsity)
     if wanted.any:  # layers and experts first (fxprune.hf.structure), then widths on the smaller model
         steps = dict(block_criterion=block_criterion, block_repair=block_repair, expert_criterion=expert_criterion,
@@ -146,12 +162,24 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
+    if named is None and calibration is not None and options is None:
+        named = CALIBRATED_CRITERION
     options = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
     scorer = criterion if callable(criterion) else None
-    check_run(options, scorer, RunData())
+    _warn_weight_criterion(model, scorer or options.criterion)
+    calibration = calibrated.token_calibration(calibration, getattr(model.config, "vocab_size", None))
+    if loss_fn is None and options.criterion in GRADIENT_CRITERIA and scorer is None:
+        loss_fn = calibrated.causal_lm_loss
+    data = RunData(calibration, loss_fn, None, progress)
+    check_run(options, scorer, data)
+    steps, step_options = _recovery(recover)
+    if steps and calibration is None:
+        raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration= (token batches)")
+    recovery = _Recovery(steps, calibration, progress, step_options)
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
     selection = options.replace(sparsity=module_sparsity)
     inputs = as_inputs(example_inputs)
+    _check_input_dtype(model, inputs)
     with stage_bar(progress, 3, "fxprune.hf") as step:
         program = export(_without_cache(model), inputs, _dynamic_shapes(model, inputs, dynamic_shapes))
         step("export")
@@ -159,10 +187,10 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
         check_patterns(analysis.groups, selection)
         attention = _attention(model)  # builds a probe on the meta device: once per call
         hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
-        scores = stages.score(analysis, options, scorer)
+        scores = stages.score(analysis, options, scorer, data)
         step("match and score")
         attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, selection, options, widths,
-                                    attention, inputs, hf_compatible, layer_indices, tolerance)
+                                    attention, inputs, hf_compatible, layer_indices, tolerance, recovery)
         try:
             out = attempt({})
         except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
@@ -189,8 +217,8 @@ class HiddenSizeReadError(VerificationError):
 def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor],
                        selection: PruneOptions, options: PruneOptions, widths: Mapping[str, float],
                        attention: Optional[hf_policy.Attention], inputs: tuple, hf_compatible: bool,
-                       layer_indices: str, tolerance: Optional[float], whole_fields: Mapping[str, str]
-                       ) -> HFPruneResult:
+                       layer_indices: str, tolerance: Optional[float], recovery: "_Recovery",
+                       whole_fields: Mapping[str, str]) -> HFPruneResult:
     notes: dict[str, str] = {}
     selector = functools.partial(_select, widths=widths, config=model.config, hf_compatible=hf_compatible,
                                  layer_indices=layer_indices, attention=attention, whole_fields=whole_fields,
@@ -199,9 +227,10 @@ def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torc
     options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
                                   "constraints": notes})
     plan = make_plan(analysis, drop, options)
-    graph = stages.rewrite_graph(analysis, drop, inputs, options)
+    structural = stages.rewrite_graph(analysis, drop, inputs, options)
+    graph, reports = recovery.run(analysis, drop, structural, inputs)
     config, changes = new_config(model, analysis, drop, attention)
-    pruned = _rebuild(model, config, analysis, plan)
+    pruned = _rebuild(model, config, analysis, plan, graph if reports else None)
     try:
         error = _check_outputs(pruned, graph, inputs, tolerance)
     except VerificationError as exc:
@@ -212,7 +241,8 @@ def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torc
                 f"hidden_size computes something else ({exc})") from exc
         raise
     pruned.config.fxprune = _record(plan, changes, notes, error)
-    return HFPruneResult(pruned, PruneResult(graph, plan, analysis, drop, inputs), changes, error)
+    result = PruneResult(graph, plan, analysis, drop, inputs, reports, structural if reports else None)
+    return HFPruneResult(pruned, result, changes, error)
 
 
 # --- input checks ---------------------------------------------------------------------------------
@@ -234,14 +264,69 @@ def _check_model(model: Any) -> None:
                                 f"exported into the graph. Call model.eval() first.")
 
 
+#: The criterion with calibration when none is named: the best 20%-MLP row of ``benchmarks/bench_llm.py``.
+CALIBRATED_CRITERION = "wanda"
+
+
+def _warn_weight_criterion(model: Any, criterion: Criterion) -> None:
+    """A weight criterion on a causal LM warns with the figure the benchmark measured."""
+    if isinstance(criterion, str) and criterion not in DATA_CRITERIA and _is_causal_lm(model):
+        warnings.warn(f"criterion {criterion!r} ranks units by weight alone; on a real LLM that is "
+                      f"catastrophic: {LLM_MEASURED}. Pass calibration= (token batches) for 'wanda'.",
+                      UserWarning, stacklevel=4)
+
+
+#: The figure the magnitude warning quotes (written from benchmarks/bench_llm.md by hand).
+LLM_MEASURED = ("on SmolLM2-135M-Instruct, 20% of the MLP width pruned by magnitude multiplied held-out "
+                "perplexity by 11,366 ('wanda' with 8x128 calibration tokens: 1.24x; benchmarks/bench_llm.md)")
+
+
+def _is_causal_lm(model: Any) -> bool:
+    return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
+
+
+def _check_input_dtype(model: Any, inputs: tuple) -> None:
+    """A floating example input must have the model's dtype (a bf16 model given fp32 pixel_values)."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != model.dtype:
+            raise ExampleInputError(f"example input {index} is {x.dtype}, the model {model.dtype}: cast it "
+                                    f"(x.to({model.dtype})) so the graph is traced at the model's precision")
+
+
+@dataclass(frozen=True)
+class _Recovery:
+    """``recover=`` steps and their data, run on the pruned graph before the HF model is rebuilt."""
+
+    steps: tuple
+    calibration: Any
+    progress: bool
+    options: Mapping[str, Mapping[str, Any]]
+    """Per step, its options (``reconstruct``: ``ridge``)."""
+
+    def run(self, analysis: Analysis, drop: torch.Tensor, graph: torch.nn.Module, inputs: tuple) -> tuple:
+        if not self.steps:
+            return graph, ()
+        reports, recovered = [], graph
+        for name in self.steps:
+            recovered, report = RECOVERY_STEPS[name].run(analysis, drop, recovered, self.calibration, self.progress,
+                                                         **self.options.get(name, {}))
+            reports.append(report)
+        propagate_values(recovered, inputs, rewritten=True)
+        return recovered, tuple(reports)
+
+
+def _recovery(recover: Any) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """``recover=`` as step names and per-step options: names, or ``{name: {option: value}}``
+    (``{"reconstruct": {"ridge": 1.0}}``)."""
+    if not isinstance(recover, Mapping):
+        return recovery_steps(recover), {}
+    steps = recovery_steps(tuple(recover))
+    return steps, {step: dict(recover[name] or {}) for step, name in zip(steps, recover)}
+
+
 def _without_cache(model: Any) -> Any:
-    """A shallow copy of the model whose ``forward`` passes ``use_cache=False``: a KV cache in the
-    outputs would be a fixed interface holding every key/value head. The model itself is not touched."""
-    if "use_cache" not in inspect.signature(model.forward).parameters:
-        return model
-    view = copy.copy(model)
-    view.forward = functools.partial(type(model).forward, view, use_cache=False)
-    return view
+    """A view of the model whose ``forward`` passes ``use_cache=False`` (:func:`fxprune.core.capture.without_cache`)."""
+    return without_cache(model)
 
 
 def _dynamic_shapes(model: Any, inputs: tuple, dynamic_shapes: Any) -> Any:
@@ -360,19 +445,28 @@ def _value(config: Any, field: str) -> Any:
 
 
 # --- the new model --------------------------------------------------------------------------------
-def _rebuild(model: Any, config: Any, analysis: Analysis, plan) -> Any:
-    """A fresh model of the same class from ``config``, loaded with the state_dict sliced per the plan."""
+def _rebuild(model: Any, config: Any, analysis: Analysis, plan, recovered: Optional[torch.nn.Module] = None) -> Any:
+    """A fresh model of the same class from ``config``, loaded with the state_dict sliced per the plan
+    (and the ``recovered`` graph's weights and new biases, through the config flag that holds them)."""
     from transformers.initialization import no_init_weights  # skips the random init we overwrite
+    state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
+    if recovered is not None:
+        state = calibrated.recovered_state(state, recovered)
+        flags = calibrated.bias_flags(model, [k for k in state if k not in model.state_dict()])
+        config = copy.deepcopy(config)
+        for flag, value in flags.items():
+            setattr(config, flag, value)
     try:
         with no_init_weights():
             new = type(model)._from_config(config, dtype=model.dtype)
     except Exception as exc:
         raise UnsupportedModelError(f"{type(model).__name__}.from_config could not rebuild the model from "
                                     f"the pruned config: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
+    if recovered is not None:
+        state = calibrated.with_biases(state, new.state_dict())
     _check_shapes(new, state, type(model).__name__)
     new.load_state_dict(state, strict=True)
-    new.tie_weights()  # tied embeddings stay one tensor (loading fills both names with equal copies)
+    calibrated.retie(new, model)
     return new.to(model.device).eval()
 
 
@@ -413,7 +507,7 @@ def _check_outputs(pruned: Any, graph: torch.nn.Module, inputs: tuple, tolerance
     error = max((float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs) if a.numel()),
                 default=0.0)
     scale = max((float(b.float().abs().max()) for b in theirs if b.numel()), default=1.0)
-    limit = tolerance if tolerance is not None else 1e-4 * max(1.0, scale)
+    limit = tolerance if tolerance is not None else calibrated.tolerance(pruned.dtype, scale)
     if not error <= limit:
         raise VerificationError(f"the rebuilt {type(pruned).__name__} differs from the pruned graph by "
                                 f"{error:.3g} (tolerance {limit:.3g}); this is a bug in fxprune.hf")

@@ -33,11 +33,13 @@ class CheckReport:
 
 
 def _snapshot(model: Any) -> tuple[dict, str]:
+    """Every tensor the model holds (non-persistent buffers and an ExportedProgram's constants included:
+    a forward that writes a buffer must not write the user's) and its code."""
     if isinstance(model, torch.export.ExportedProgram):  # state_dict is a property there
-        state, code = model.state_dict, str(model.graph)
+        state, code = {**model.state_dict, **model.constants}, str(model.graph)
     else:
-        state, code = model.state_dict(), getattr(model, "code", "")
-    return {k: v.detach().clone() for k, v in state.items()}, code
+        state, code = {**model.state_dict(), **dict(model.named_buffers())}, getattr(model, "code", "")
+    return {k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}, code
 
 
 def _same_state(a: dict, b: dict) -> bool:

@@ -1,0 +1,206 @@
+"""What calibration, recovery and real checkpoints need from the HF adapter.
+
+- **Data**: a HF model is exported with ``input_ids`` as its one input; calibration batches are token
+  tensors of any batch size or HF dict batches (``input_ids``; ``labels`` for a loss). Token ids are
+  checked against the vocabulary before any graph runs. The gradient criteria (``taylor``, ``hessian``)
+  get a next-token cross-entropy (:func:`causal_lm_loss`) when the user gives no ``loss_fn``.
+- **Recovered weights**: recovery changes the pruned graph's weights and may give a layer a bias;
+  :func:`recovered_state` reads them back by their state_dict names and :func:`bias_flags` finds the
+  config flag that gives the HF class that bias (LLaMA's ``mlp_bias`` / ``attention_bias``); the other
+  biases the flag adds are zero. No flag: a typed error naming the tensor.
+- **Ties**: ``_from_config`` builds untied tensors; :func:`retie` ties them again as the config says,
+  so a pruned model never has more parameters than its original.
+- **dtype**: bf16 / fp16 graphs and rebuilt models round differently; :func:`tolerance` scales with the
+  dtype's machine epsilon (fp32 keeps the old 1e-4).
+
+>>> flags = bias_flags(model, ["model.layers.0.mlp.down_proj.bias"])          # doctest: +SKIP
+{'mlp_bias': True}
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxprune.data.calibration import Calibration
+from fxprune.errors import CalibrationError, ConfigMismatchError
+
+#: Config flags that give a class's layers biases, tried in order for a bias recovery created.
+BIAS_FLAGS = ("mlp_bias", "attention_bias", "bias", "use_bias")
+
+
+
+def tolerance(dtype: torch.dtype, scale: float) -> float:
+    """How far the rebuilt model may differ from the pruned graph: 1e-4 in fp32, and for half types 8
+    machine epsilons (bf16: 0.031), relative to the outputs' largest magnitude."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(1e-4, 8 * eps) * max(1.0, scale)
+
+
+def retie(new: Any, original: Any) -> None:
+    """Tie ``new``'s tensors as its config says (``_from_config`` under ``no_init_weights`` leaves the
+    LM head a separate copy of the embedding); a tie the original has and ``new`` lacks is a bug."""
+    if getattr(new.config, "tie_word_embeddings", False) and hasattr(new, "tie_weights"):
+        new.tie_weights()
+    if _count(new) > _count(original):
+        raise ConfigMismatchError(f"the rebuilt {type(new).__name__} has {_count(new)} parameters, more than "
+                                  f"the original's {_count(original)}: a tied tensor came back untied")
+
+
+def _count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
+
+
+def recovered_state(state: Mapping[str, torch.Tensor], graph: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """``state`` (the sliced original) with every tensor the recovered graph holds under the same name,
+    and each layer's bias as the graph's layer node reads it (recovery may have added one under
+    another attribute name), under ``<layer>.bias``."""
+    out = dict(state)
+    for name, tensor in list(graph.named_parameters()) + list(graph.named_buffers()):
+        if name in out:
+            out[name] = tensor.detach().clone()
+    for weight, bias in _layer_biases(graph):
+        out[f"{weight.rpartition('.')[0]}.bias"] = _attr(graph, bias).detach().clone()
+    return out
+
+
+_LAYER_OPS = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default)
+
+
+def _layer_biases(graph: fx.GraphModule) -> list[tuple[str, str]]:
+    """(weight target, bias target) of every ATen linear/conv node that reads both from attributes."""
+    out = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target not in _LAYER_OPS or len(node.args) < 3:
+            continue
+        weight, bias = node.args[1], node.args[2]
+        if isinstance(weight, fx.Node) and isinstance(bias, fx.Node) and weight.op == bias.op == "get_attr":
+            out.append((str(weight.target), str(bias.target)))
+    return out
+
+
+def _attr(graph: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(graph.get_submodule(owner) if owner else graph, name)
+
+
+def bias_flags(model: Any, new_keys: Sequence[str]) -> dict[str, bool]:
+    """The config flags (:data:`BIAS_FLAGS`) under which ``type(model)`` has every tensor of
+    ``new_keys``; probed on the meta device. ``ConfigMismatchError`` naming the key where none does."""
+    if not new_keys:
+        return {}
+    flags: dict[str, bool] = {}
+    for flag in BIAS_FLAGS:
+        if getattr(model.config, flag, None) is False and not _all_present(model, flags, new_keys):
+            flags[flag] = True
+    if not _all_present(model, flags, new_keys):
+        missing = [k for k in new_keys if k not in _names(model, flags)]
+        have = [f for f in BIAS_FLAGS if hasattr(model.config, f)]
+        raise ConfigMismatchError(
+            f"recovery gave {missing[0]!r} a bias that {type(model).__name__} has no config flag for "
+            f"(flags tried: {have or list(BIAS_FLAGS)}); use recover=('reconstruct',) without "
+            f"'compensate-bias', or a class whose config has such a flag")
+    return {f: v for f, v in flags.items() if _needed(model, flags, f, new_keys)}
+
+
+def _names(model: Any, flags: Mapping[str, bool]) -> set[str]:
+    probe = copy.deepcopy(model.config)
+    for flag, value in flags.items():
+        setattr(probe, flag, value)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return set(type(model)(probe).state_dict())
+
+
+def _all_present(model: Any, flags: Mapping[str, bool], keys: Sequence[str]) -> bool:
+    return bool(flags) and set(keys) <= _names(model, flags)
+
+
+def _needed(model: Any, flags: Mapping[str, bool], flag: str, keys: Sequence[str]) -> bool:
+    """A flag is kept only if the keys are not all present without it (fewer zero biases)."""
+    rest = {f: v for f, v in flags.items() if f != flag}
+    return not (rest and set(keys) <= _names(model, rest))
+
+
+def with_biases(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict:
+    """``state`` completed with zeros for the biases a flag added that recovery did not set."""
+    out = dict(state)
+    for key, tensor in expected.items():
+        if key not in out and key.endswith(".bias"):
+            out[key] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    return out
+
+
+# --- calibration data ---------------------------------------------------------------------------------------
+def token_calibration(calibration: Any, vocab_size: Optional[int]) -> Any:
+    """Calibration read as ``input_ids`` batches (a dict batch's ``input_ids``; a tuple's first item),
+    each checked against the vocabulary: a token id the embedding cannot look up is a typed error
+    naming the batch, before any graph runs."""
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    return Calibration(_Checked(calibration, vocab_size), inputs=_input_ids, target=_input_ids)
+
+
+class _Checked:
+    """An iterable of batches whose token ids are checked as they are read (re-iterable if the data is)."""
+
+    def __init__(self, data: Any, vocab_size: Optional[int]):
+        if isinstance(data, (torch.Tensor, str, bytes, Mapping)):
+            raise CalibrationError(f"calibration data must be an iterable of batches (a list of token "
+                                   f"tensors or of dicts with 'input_ids'), got {type(data).__name__}")
+        self.data, self.vocab_size = data, vocab_size
+
+    def __iter__(self):
+        for index, batch in enumerate(self.data):
+            _check_ids(_input_ids(batch), self.vocab_size, index)
+            _check_mask(batch, index)
+            yield batch
+
+
+def _input_ids(batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        return batch["input_ids"]
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _check_ids(ids: Any, vocab_size: Optional[int], index: int) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+        raise CalibrationError(f"calibration batch {index}: input_ids must be a (batch, sequence) tensor of "
+                               f"token ids, got {_describe(ids)}")
+    if vocab_size is not None and ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        raise CalibrationError(f"calibration batch {index}: input_ids holds token id {int(ids.max())}, "
+                               f"outside the model's vocabulary of {vocab_size} (another tokenizer?)")
+
+
+def _check_mask(batch: Any, index: int) -> None:
+    if not isinstance(batch, Mapping) or batch.get("attention_mask") is None:
+        return
+    mask, ids = batch["attention_mask"], batch["input_ids"]
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        raise CalibrationError(f"calibration batch {index}: attention_mask of shape "
+                               f"{list(getattr(mask, 'shape', []))} does not match input_ids "
+                               f"{list(ids.shape)}")
+    if not bool(mask.bool().all()):
+        raise CalibrationError(f"calibration batch {index}: attention_mask has padded positions; the "
+                               f"exported graph takes input_ids alone, so padding would enter every "
+                               f"statistic: pass unpadded windows of equal length")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def causal_lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM's logits (the graph's first output) on the batch's ids."""
+    logits = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             target[:, 1:].reshape(-1))
+
+
+__all__ = ["tolerance", "retie", "recovered_state", "bias_flags", "with_biases", "token_calibration",
+           "causal_lm_loss"]

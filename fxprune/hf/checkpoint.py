@@ -1,0 +1,669 @@
+"""Prune a checkpoint bigger than memory, disk to disk: :func:`prune_checkpoint`.
+
+>>> from fxprune.hf.checkpoint import prune_checkpoint
+>>> report = prune_checkpoint("llama-8b/", "llama-8b-p25/", sparsity=0.25, criterion="l2")  # doctest: +SKIP
+>>> report["bytes_written"] < report["bytes_read"]                                          # doctest: +SKIP
+True
+
+The structure comes from ``config.json`` alone: the model is built on the ``meta`` device (no weights
+in memory), exported and analysed as :mod:`fxprune.hf` does. Scores read the tensors one at a time from
+the safetensors shards (memory-mapped), so the data-free criteria (:data:`STREAMING_CRITERIA`) see the
+same numbers as in memory and the plan is the one :func:`fxprune.hf.prune` makes. Then each *unit* (a
+decoder layer, or one tensor outside the layers) is read, sliced per the plan and written as its own
+shard; ``model.safetensors.index.json``, the rewritten ``config.json``, ``plan.json``, the report and
+the source's other files (tokenizer, generation config) complete the directory.
+
+Outputs appear whole or not at all: everything is written into a hidden directory beside ``out_dir``
+(``.NAME.fxprune-partial``) that becomes ``out_dir`` in one rename. A run that stops (killed, out of
+disk) leaves that directory; the same call again reads its ``plan.json`` and the finished units from
+its journal and continues with the next unit. A call with other arguments or a changed source starts
+over. Peak memory is one unit's tensors, not the model.
+
+Not here (yet): data-aware criteria layer by layer (calibration through one decoder layer at a time)
+and ``torch.distributed``; they need the block-sequential engine of :mod:`fxprune.data`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from fxprune.core.analysis import Analysis
+from fxprune.core.plan import Plan
+from fxprune.core.repeat import PROXY_BLOCKS, repeat_blocks
+from fxprune.core.select import check_patterns
+from fxprune.errors import CheckpointError, ConfigMismatchError, InvalidOptionError, UnsupportedModelError
+from fxprune.options import PruneOptions, Sparsity
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+REPORT = "fxprune-checkpoint.json"
+PLAN = "plan.json"
+#: Data-free criteria: each reads one tensor at a time, so a score needs nothing else in memory.
+STREAMING_CRITERIA = ("l1", "l2", "fpgm", "group_magnitude", "bn_scale", "random")
+#: Files that hold weights (never copied to the output: their tensors are rewritten).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
+#: model_type prefixes whose forward reads hidden_size as a number (Gemma scales its embeddings by
+#: sqrt(hidden_size)): in memory fxprune.hf finds out by running the model; from disk nothing runs.
+HIDDEN_SIZE_READERS = ("gemma",)
+_JOURNAL = "journal.jsonl"
+_RUN = "run.json"
+_MARGIN = 64 << 20  # bytes of disk kept free beyond the output's size (index, config, file-system slack)
+
+
+# --- the source: tensors read one at a time ----------------------------------------------------------
+class Shards:
+    """The tensors of a checkpoint directory, read one at a time straight from their shards.
+
+    A tensor is read with one ``readinto`` at the offset the shard's header gives, into a tensor of
+    its own: no memory map stays open (mapped pages count in the process' resident memory until it
+    is closed), so the peak is the tensor, whatever the shard's size.
+
+    >>> shards = Shards.open("llama/")                       # doctest: +SKIP
+    >>> shards.shapes["model.embed_tokens.weight"]           # doctest: +SKIP
+    (32000, 4096)
+    """
+
+    def __init__(self, directory: Path, files: Mapping[str, str], entries: Mapping[str, "Entry"]):
+        self.directory, self.files = directory, dict(files)
+        self.entries = dict(entries)
+        self.shapes = {k: e.shape for k, e in entries.items()}
+        self.dtypes = {k: e.dtype for k, e in entries.items()}
+        self.bytes_read = 0
+
+    @classmethod
+    def open(cls, directory: Any) -> "Shards":
+        directory = Path(directory)
+        files = _weight_map(directory)
+        entries: dict[str, Entry] = {}
+        for name in sorted(set(files.values())) or [SINGLE]:
+            header = _header(directory / name)
+            entries.update(header)
+            for key in (k for k, f in files.items() if f == name and k not in header):
+                raise CheckpointError(f"{INDEX} names tensor {key!r} in {name}, which that shard does not hold")
+            files.update({k: name for k in header if k not in files})
+        for key, entry in entries.items():
+            if _dtype_of(entry.dtype, key).itemsize * _numel(entry.shape) != entry.end - entry.begin:
+                raise CheckpointError(f"tensor {key!r} in {files[key]}: its byte range does not hold a "
+                                      f"{entry.dtype} tensor of shape {list(entry.shape)}")
+        return cls(directory, files, entries)
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, read from its shard into new memory."""
+        entry = self.entries[key]
+        tensor = torch.empty(entry.shape, dtype=_dtype_of(entry.dtype, key))
+        view = tensor.reshape(-1).view(torch.uint8).numpy()
+        with open(self.directory / self.files[key], "rb") as f:
+            f.seek(entry.begin)
+            got = f.readinto(view) if view.size else 0
+        if got != entry.end - entry.begin:
+            raise CheckpointError(f"shard {self.files[key]} ended while reading {key!r} (truncated while read?)")
+        self.bytes_read += got
+        return tensor
+
+    def nbytes(self, key: str, shape: Optional[Sequence[int]] = None) -> int:
+        shape = self.shapes[key] if shape is None else shape
+        return _dtype_of(self.dtypes[key], key).itemsize * _numel(shape)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a shard: shape, safetensors dtype, byte range in the file."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    begin: int
+    end: int
+
+
+def _dtype_of(name: str, key: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise CheckpointError(f"tensor {key!r} has dtype {name}, which fxprune does not read")
+    return _DTYPES[name]
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def _weight_map(directory: Path) -> dict[str, str]:
+    """{tensor: shard file} from the index, or every tensor of ``model.safetensors``."""
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not {tensor: file}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index: {type(exc).__name__}: {exc}") from exc
+        for name in sorted(set(weight_map.values())):
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise CheckpointError(f"{index} names shard {name!r} outside the directory")
+            if not (directory / name).is_file():
+                raise CheckpointError(f"shard {name} named by {index} is missing")
+        return dict(weight_map)
+    if (directory / SINGLE).is_file():
+        return {}  # filled from the shard's header
+    raise CheckpointError(f"{directory} holds neither {INDEX} nor {SINGLE} (fxprune reads safetensors only)")
+
+
+def _header(path: Path) -> dict[str, Entry]:
+    """Every tensor of one shard, from its header; a truncated shard is refused here."""
+    if not path.is_file():
+        raise CheckpointError(f"shard {path} is missing")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                raise ValueError(f"its header claims {length} bytes, the file has {size}")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        entries = {k: Entry(tuple(int(s) for s in v["shape"]), str(v["dtype"]), 8 + length + int(v["data_offsets"][0]),
+                            8 + length + int(v["data_offsets"][1])) for k, v in header.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"shard {path} is not a readable safetensors file: {exc}") from exc
+    end = max((e.end for e in entries.values()), default=8 + length)
+    if end != size:
+        raise CheckpointError(f"shard {path} is truncated or padded: its header needs {end} bytes, the file "
+                              f"has {size}")
+    return entries
+
+
+# --- the structure: the model on the meta device -------------------------------------------------------
+def meta_model(directory: Any) -> Any:
+    """The model ``config.json`` describes, built on the ``meta`` device: shapes, no weights.
+
+    >>> model = meta_model("llama/")          # doctest: +SKIP
+    >>> model.model.embed_tokens.weight.device
+    device(type='meta')
+    """
+    from fxprune.hf import _transformers
+    transformers = _transformers()
+    from transformers.initialization import no_init_weights
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} has no config.json")
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise CheckpointError(f"{directory / 'config.json'} names no transformers class in 'architectures' "
+                              f"(got {names})")
+    dtype = _dtype(config)
+    with torch.device("meta"), no_init_weights():
+        model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights also skips the tying that from_pretrained does
+    return model.eval()
+
+
+def _dtype(config: Any) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, value) if isinstance(value, str) else value
+
+
+def tied_names(model: Any) -> dict[str, str]:
+    """{state_dict key: the first key sharing its tensor} for tied weights (an LM head tied to the
+    embedding is stored once)."""
+    first: dict[int, str] = {}
+    out = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(tensor), key)
+        if owner != key:
+            out[key] = owner
+    return out
+
+
+def check_shapes(model: Any, shards: Shards) -> None:
+    """Every tensor the config builds is in a shard with its shape, and no shard holds another."""
+    ties = tied_names(model)
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in built.items():
+        stored = key if key in shards.shapes else ties.get(key)
+        if stored not in shards.shapes:
+            raise CheckpointError(f"the config builds tensor {key!r}, which no shard of {shards.directory} holds")
+        if shards.shapes[stored] != shape:
+            raise CheckpointError(f"tensor {stored!r} in {shards.files[stored]} has shape "
+                                  f"{list(shards.shapes[stored])}, the config builds {list(shape)}")
+    extra = sorted(set(shards.shapes) - set(built))
+    if extra:
+        raise CheckpointError(f"{shards.files[extra[0]]} holds {extra[0]!r}, which the config's "
+                              f"{type(model).__name__} does not have")
+
+
+def analyse_structure(model: Any, split_axis: str = "outer", blocks_once: bool = True) -> Analysis:
+    """Export the meta-device model (a dynamic batch and sequence, no KV cache) and analyse it; with
+    ``blocks_once``, a model of more than three identical decoder layers is analysed through a copy
+    with three (:func:`fxprune.core.repeat.repeat_blocks`): the cost of three layers, not of all."""
+    prefix = repeated_prefix(model) if blocks_once else None
+    if prefix is None:
+        return _analyse(model, split_axis)
+    proxy = _analyse(_with_layers(model, PROXY_BLOCKS), split_axis)
+    try:
+        return repeat_blocks(proxy, prefix, int(model.config.num_hidden_layers))
+    except UnsupportedModelError:  # a layer's channels reach another's: analyse them all
+        return _analyse(model, split_axis)
+
+
+def _analyse(model: Any, split_axis: str) -> Analysis:
+    from fxprune.api import analyze
+    from fxprune.core.capture import AUTO, export
+    from fxprune.hf import _dynamic_shapes, _without_cache
+    length = min(16, int(getattr(model.config, "max_position_embeddings", 16) or 16))
+    ids = torch.zeros(2, length, dtype=torch.long)
+    program = export(_without_cache(model), (ids,), _dynamic_shapes(model, (ids,), AUTO))
+    return analyze(program, (ids,), "export", split_axis=split_axis)
+
+
+def repeated_prefix(model: Any) -> Optional[str]:
+    """``"model.layers."`` where the model's ``num_hidden_layers`` (> 3) numbered blocks hold the same
+    tensors (names and shapes, up to the index) and no config list differs per layer; else None."""
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= PROXY_BLOCKS or _per_layer_lists(model.config, layers):
+        return None
+    by_prefix: dict[str, dict[int, set]] = {}
+    for key, tensor in model.state_dict().items():
+        match = _BLOCK.match(key)
+        if match:
+            rest = key[match.end():]
+            by_prefix.setdefault(match.group(1), {}).setdefault(int(match.group(2)), set()).add(
+                (rest, tuple(tensor.shape)))
+    for prefix, blocks in by_prefix.items():
+        if sorted(blocks) == list(range(layers)) and all(b == blocks[0] for b in blocks.values()):
+            return prefix
+    return None
+
+
+def _per_layer_lists(config: Any, layers: int) -> bool:
+    """Whether the config sets something per layer (Gemma's sliding-window pattern, mixed layer types)."""
+    return any(isinstance(v, (list, tuple)) and len(v) == layers and len(set(map(str, v))) > 1
+               for v in config.to_dict().values())
+
+
+def _with_layers(model: Any, layers: int) -> Any:
+    """The same class on the meta device with ``layers`` decoder layers (per-layer lists cut to match)."""
+    from transformers.initialization import no_init_weights
+    config = copy.deepcopy(model.config)
+    total = config.num_hidden_layers
+    for name, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == total:
+            setattr(config, name, value[:layers])
+    config.num_hidden_layers = layers
+    with torch.device("meta"), no_init_weights():
+        proxy = type(model)._from_config(config, dtype=model.dtype)
+    proxy.tie_weights()
+    return proxy.eval()
+
+
+@dataclass(frozen=True)
+class OnDisk(Analysis):
+    """An analysis of the meta-device model whose tensors are read from the shards, one at a time,
+    when a criterion asks for them (what ``score_groups`` reads through ``analysis.tensor``)."""
+
+    shards: Any = None
+    ties: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    structure: Any = None
+    """The analysis read for the tensors' kinds (a parameter or a buffer): its ``tensor`` is a meta one."""
+
+    def tensor(self, key: str) -> torch.Tensor:
+        meta = self.structure.tensor(key)
+        stored = key if key in self.shards.shapes else self.ties.get(self.canonical(key), self.canonical(key))
+        value = self.shards.read(stored)
+        return torch.nn.Parameter(value, requires_grad=False) if isinstance(meta, torch.nn.Parameter) else value
+
+
+def on_disk(analysis: Analysis, shards: Shards, ties: Mapping[str, str]) -> OnDisk:
+    fields = {f.name: getattr(analysis, f.name) for f in dataclasses.fields(Analysis)}
+    return OnDisk(**fields, shards=shards, ties=dict(ties), structure=analysis)
+
+
+# --- the plan ----------------------------------------------------------------------------------------
+def fingerprint(options: PruneOptions, hf_compatible: bool, layer_indices: str, directory: Path,
+                files: Sequence[str]) -> str:
+    """The options and the source's files (name, size, modification time): equal means the same run."""
+    stats = [(n, (directory / n).stat().st_size, (directory / n).stat().st_mtime_ns)
+             for n in sorted({*files, "config.json"})]
+    text = json.dumps([options.to_dict(), hf_compatible, layer_indices, stats], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_checkpoint_plan(model: Any, analysis: Analysis, scored: "OnDisk", options: PruneOptions,
+                         hf_compatible: bool = True, layer_indices: str = "own") -> tuple[Plan, Any]:
+    """The plan and the pruned config, made as :func:`fxprune.hf.prune_with_result` makes them."""
+    from fxprune import hf, stages
+    from fxprune.hf import policy as hf_policy
+    widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
+    selection = options.replace(sparsity=module_sparsity)
+    check_patterns(analysis.groups, selection)
+    attention = hf._attention(model)
+    hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
+    scores = stages.score(scored, options)
+    notes: dict[str, str] = {}
+    drop = hf._select(analysis, scores, selection, widths=widths, config=model.config,
+                      hf_compatible=hf_compatible, layer_indices=layer_indices, attention=attention,
+                      whole_fields=_whole_fields(model), notes=notes)
+    options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
+                                  "constraints": notes})
+    plan = stages.make_plan(analysis, drop, options)
+    config, changes = hf.new_config(model, analysis, drop, attention)
+    config.fxprune = hf._record(plan, changes, notes, None)
+    _check_config(config)
+    return plan, config
+
+
+def _check_config(config: Any) -> None:
+    """transformers' own checks of the new config, before anything is written (LLaMA's refuses a
+    hidden size that is not a multiple of the head count, even with head_dim written)."""
+    try:
+        config.validate()
+    except Exception as exc:  # transformers raises its own validation errors
+        cause = exc.__cause__ or exc
+        raise ConfigMismatchError(f"transformers refuses the pruned config: {str(cause).strip()[:300]} "
+                                  f"(choose a sparsity whose widths it accepts)") from exc
+
+
+def _whole_fields(model: Any) -> dict[str, str]:
+    from fxprune.hf import policy as hf_policy
+    kind = str(getattr(model.config, "model_type", ""))
+    if kind.startswith(HIDDEN_SIZE_READERS):
+        return {hf_policy.HIDDEN: f"kept whole: {kind}'s forward reads hidden_size as a number (Gemma "
+                                  f"scales its embeddings by sqrt(hidden_size))"}
+    return {}
+
+
+# --- the units: what one shard holds ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """The tensors written together as one shard: a decoder layer, or one tensor outside the layers."""
+
+    name: str
+    keys: tuple[str, ...]
+    file: str
+
+
+_BLOCK = re.compile(r"^(.*?\.)(\d+)\.")
+
+
+def units(keys: Sequence[str]) -> list[Unit]:
+    """Consecutive keys of one numbered block (``model.layers.7.``) form a unit; any other key is one.
+
+    >>> [u.name for u in units(["e.weight", "layers.0.a", "layers.0.b", "layers.1.a", "norm.weight"])]
+    ['e.weight', 'layers.0', 'layers.1', 'norm.weight']
+    """
+    runs: list[tuple[str, list[str]]] = []
+    for key in keys:
+        match = _BLOCK.match(key)
+        name = match.group(1) + match.group(2) if match else key
+        if runs and runs[-1][0] == name and match:
+            runs[-1][1].append(key)
+        else:
+            runs.append((name, [key]))
+    total = len(runs)
+    return [Unit(name, tuple(ks), f"model-{i + 1:05d}-of-{total:05d}.safetensors") for i, (name, ks) in enumerate(runs)]
+
+
+def kept_of(plan: Plan, key: str, aliases: Mapping[str, str]) -> Mapping[int, Sequence[int]]:
+    return plan.kept_indices.get(key) or plan.kept_indices.get(aliases.get(key, key), {})
+
+
+def sliced_shape(shape: Sequence[int], kept: Mapping[int, Sequence[int]]) -> tuple[int, ...]:
+    return tuple(len(kept[d]) if d in kept else s for d, s in enumerate(shape))
+
+
+def sliced(tensor: torch.Tensor, kept: Mapping[int, Sequence[int]]) -> torch.Tensor:
+    """``tensor`` with the kept indices of each dim selected (a new tensor; the read one is dropped)."""
+    for dim, index in sorted(kept.items()):
+        tensor = tensor.index_select(int(dim), torch.tensor(list(index), dtype=torch.long))
+    return tensor.contiguous()
+
+
+# --- the run -----------------------------------------------------------------------------------------
+def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = None,
+                     criterion: Optional[str] = None, *, hf_compatible: bool = True, layer_indices: str = "own",
+                     options: Optional[PruneOptions] = None, blocks_once: bool = True, progress: bool = False,
+                     **option_fields: Any) -> dict:
+    """Prune the safetensors checkpoint in ``src_dir`` into ``out_dir``, one unit at a time.
+
+    ``out_dir`` loads with ``AutoModelForCausalLM.from_pretrained`` (or the config's class) and equals,
+    tensor for tensor, what :func:`fxprune.hf.prune` returns for the same options. Returns the report
+    also written to ``out_dir/fxprune-checkpoint.json`` (bytes read and written per unit, timings).
+    A rerun after an interruption continues from the last finished unit.
+
+    Args:
+        src_dir: a directory ``save_pretrained`` wrote (``config.json``, safetensors shards).
+        out_dir: the new directory; it must not exist (or be empty) and must not be inside ``src_dir``.
+        sparsity, criterion, hf_compatible, layer_indices, options, option_fields: as in
+            :func:`fxprune.hf.prune` (the options of :class:`~fxprune.options.PruneOptions`);
+            ``criterion`` one of :data:`STREAMING_CRITERIA`.
+        blocks_once: analyse identical decoder layers once (:func:`analyse_structure`); False analyses
+            every layer (the same plan, slower).
+        progress: a bar over the bytes read, with the unit being written and the bytes written.
+    """
+    from fxprune.hf import hf_options
+    started = time.perf_counter()
+    src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
+    options = hf_options(options, {"sparsity": sparsity, "criterion": criterion, **option_fields}, hf_compatible)
+    _check_options(options, layer_indices)
+    _check_paths(src, out)
+    shards = Shards.open(src)
+    partial = out.parent / f".{out.name}.fxprune-partial"
+    run_id = fingerprint(options, hf_compatible, layer_indices, src, list(shards.files.values()))
+    timings: dict[str, float] = {}
+    plan, resumed = _resumed_plan(partial, run_id)
+    model = meta_model(src)
+    check_shapes(model, shards)
+    ties = tied_names(model)
+    work = units([k for k in model.state_dict() if k not in ties])
+    done = _journal(partial) if resumed else {}
+    if plan is None:
+        plan, config = _plan(model, shards, ties, options, hf_compatible, layer_indices, timings, blocks_once)
+        _check_disk(shards, plan, work, ties, out.parent, done)
+        _start(partial, run_id, plan, config, timings)
+    else:
+        _check_disk(shards, plan, work, ties, partial, done)
+    shards.bytes_read = 0
+    tic = time.perf_counter()
+    records = list(_write_units(shards, plan, work, ties, partial, done, progress))
+    timings["write_s"] = time.perf_counter() - tic
+    return _finish(src, partial, out, work, records, timings, started, run_id)
+
+
+def _check_options(options: PruneOptions, layer_indices: str) -> None:
+    if options.criterion not in STREAMING_CRITERIA:
+        raise InvalidOptionError(
+            f"prune_checkpoint scores with the data-free criteria {STREAMING_CRITERIA}, got "
+            f"{options.criterion!r}: a data-aware criterion needs calibration run layer by layer, which the "
+            f"disk-to-disk path does not do yet (use fxprune.hf.prune on a model that fits in memory)")
+    from fxprune.hf import policy as hf_policy
+    if layer_indices not in hf_policy.LAYER_INDICES:
+        raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a directory")
+    if out == src or src in out.parents:
+        raise CheckpointError(f"the output directory {out} is inside the input {src}: choose one outside it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"the output directory {out} exists and is not empty: fxprune never writes "
+                              f"over an output (remove it, or choose another --out)")
+
+
+def _plan(model: Any, shards: Shards, ties: Mapping[str, str], options: PruneOptions, hf_compatible: bool,
+          layer_indices: str, timings: dict, blocks_once: bool) -> tuple[Plan, Any]:
+    tic = time.perf_counter()
+    analysis = analyse_structure(model, options.split_axis, blocks_once)
+    timings["structure_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    plan, config = make_checkpoint_plan(model, analysis, on_disk(analysis, shards, ties), options, hf_compatible,
+                                        layer_indices)
+    timings["score_s"] = time.perf_counter() - tic
+    timings["score_bytes_read"] = shards.bytes_read
+    return plan, config
+
+
+def _resumed_plan(partial: Path, fingerprint: str) -> tuple[Optional[Plan], bool]:
+    """The plan of an interrupted run of the same arguments, or (None, False) after clearing another's."""
+    run = partial / _RUN
+    if not partial.exists():
+        return None, False
+    try:
+        same = json.loads(run.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+        plan = Plan.from_json((partial / PLAN).read_text(encoding="utf-8")) if same else None
+    except (OSError, ValueError):
+        same, plan = False, None
+    if plan is None:  # another run's (or an unfinished start's) leftovers: fxprune's own directory
+        shutil.rmtree(partial)
+        return None, False
+    return plan, True
+
+
+def _start(partial: Path, fingerprint: str, plan: Plan, config: Any, timings: dict) -> None:
+    """The plan and config first, then the run record that makes the directory resumable."""
+    tmp = partial.with_name(partial.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / PLAN).write_text(plan.to_json(), encoding="utf-8")
+    config.save_pretrained(str(tmp))
+    (tmp / _RUN).write_text(json.dumps({"fingerprint": fingerprint, "timings": timings}), encoding="utf-8")
+    os.replace(tmp, partial)
+
+
+def _journal(partial: Path) -> dict[str, dict]:
+    """{unit name: its record} of the units an interrupted run finished (shard present, size as recorded)."""
+    path = partial / _JOURNAL
+    out = {}
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by the interruption: that unit is redone
+            continue
+        shard = partial / record["file"]
+        if shard.is_file() and shard.stat().st_size == record["file_bytes"]:
+            out[record["name"]] = record
+    return out
+
+
+def _check_disk(shards: Shards, plan: Plan, work: Sequence[Unit], aliases: Mapping[str, str], where: Path,
+                done: Mapping[str, dict]) -> None:
+    """Refuse before writing when what is left of the output (from the plan's sizes) cannot fit."""
+    needed = sum(shards.nbytes(k, sliced_shape(shards.shapes[k], kept_of(plan, k, aliases)))
+                 for u in work if u.name not in done for k in u.keys) + _MARGIN
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise CheckpointError(f"not enough disk for the output: it needs {needed / 1e9:.2f} GB, {where} has "
+                              f"{free / 1e9:.2f} GB free")
+
+
+def _write_units(shards: Shards, plan: Plan, work: Sequence[Unit], aliases: Mapping[str, str], partial: Path,
+                 done: Mapping[str, dict], progress: bool) -> Iterator[dict]:
+    bar = _bar(progress, sum(shards.nbytes(k) for u in work for k in u.keys if u.name not in done))
+    written = 0
+    for unit in work:
+        if unit.name in done:
+            yield {**done[unit.name], "resumed": True}
+            continue
+        record = _write_unit(shards, plan, unit, aliases, partial)
+        written += record["bytes_written"]
+        if bar is not None:
+            bar.set_postfix_str(f"{unit.name}, {written / 1e9:.2f} GB written")
+            bar.update(record["bytes_read"])
+        yield record
+    if bar is not None:
+        bar.close()
+
+
+def _write_unit(shards: Shards, plan: Plan, unit: Unit, aliases: Mapping[str, str], partial: Path) -> dict:
+    """Read, slice and write one unit's shard, then record it in the journal (fsynced: a shard counts as
+    finished only once its journal line is on disk)."""
+    from safetensors.torch import save_file
+    tic, before = time.perf_counter(), shards.bytes_read
+    tensors = {key: sliced(shards.read(key), kept_of(plan, key, aliases)) for key in unit.keys}
+    tmp = partial / (unit.file + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    _fsync(tmp)
+    os.replace(tmp, partial / unit.file)
+    record = {"name": unit.name, "file": unit.file, "tensors": len(tensors),
+              "shapes": {k: list(v.shape) for k, v in tensors.items()},
+              "bytes_read": shards.bytes_read - before,
+              "bytes_written": sum(v.numel() * v.element_size() for v in tensors.values()),
+              "file_bytes": (partial / unit.file).stat().st_size,
+              "seconds": round(time.perf_counter() - tic, 3)}
+    with open(partial / _JOURNAL, "a", encoding="utf-8") as f:
+        f.write(json.dumps({k: v for k, v in record.items() if k != "shapes"}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return record
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _finish(src: Path, partial: Path, out: Path, work: Sequence[Unit], records: list[dict], timings: dict,
+            started: float, fingerprint: str) -> dict:
+    """The index, the copied files and the report, then the one rename that makes ``out`` appear."""
+    weight_map = {k: u.file for u in work for k in u.keys}
+    total = sum(r["bytes_written"] for r in records)
+    (partial / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                            indent=2), encoding="utf-8")
+    copied = _copy_other_files(src, partial)
+    run = json.loads((partial / _RUN).read_text(encoding="utf-8"))
+    timings = {**run.get("timings", {}), **timings, "total_s": time.perf_counter() - started}
+    report = {"format": "fxprune.hf.checkpoint/1", "source": str(src), "fingerprint": fingerprint,
+              "units": [{k: v for k, v in r.items() if k != "shapes"} for r in records],
+              "bytes_read": sum(r["bytes_read"] for r in records if not r.get("resumed")),
+              "bytes_written": total, "resumed_units": sum(1 for r in records if r.get("resumed")),
+              "copied": copied, "timings": {k: round(v, 3) if isinstance(v, float) else v
+                                            for k, v in timings.items()}}
+    (partial / REPORT).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    for name in (_JOURNAL, _RUN):
+        (partial / name).unlink(missing_ok=True)
+    if out.exists():
+        out.rmdir()  # empty (checked at the start)
+    os.replace(partial, out)
+    return report
+
+
+def _copy_other_files(src: Path, partial: Path) -> list[str]:
+    """Tokenizer, generation config and any other non-weight file at the top of ``src``."""
+    skip = {"config.json", INDEX, PLAN, REPORT}
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in skip and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, partial / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="fxprune checkpoint", unit="B", unit_scale=True, leave=False)
+
+
+__all__ = ["prune_checkpoint", "meta_model", "analyse_structure", "Shards", "OnDisk", "STREAMING_CRITERIA",
+           "units"]
