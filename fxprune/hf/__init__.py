@@ -99,7 +99,8 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
             vocabulary. A dict batch with padded positions is refused (the graph takes ids alone).
         loss_fn: ``taylor`` / ``hessian``: default, the next-token cross-entropy on the batch's ids.
         recover: recovery steps after pruning, as in :func:`fxprune.prune` (``"reconstruct"``,
-            ``"compensate-bias"``), or ``{step: {option: value}}`` (``{"reconstruct": {"ridge": 1.0}}``): they run on the pruned graph, block-sequentially (linear in depth),
+            ``"compensate-bias"``), or ``{step: {option: value}}`` (reconstruct's ``ridge`` defaults to 1
+            here, measured: :data:`LLM_STEP_OPTIONS`): they run on the pruned graph, block-sequentially (linear in depth),
             and the returned model carries the recovered weights; a bias recovery adds is held through
             the config flag that gives the class one (``mlp_bias``, ``attention_bias``) or refused.
 
@@ -315,13 +316,21 @@ class _Recovery:
         return recovered, tuple(reports)
 
 
+#: Step options this route defaults to, from ``benchmarks/bench_llm.md`` (SmolLM2, 20% of the MLP,
+#: 8x128 calibration tokens): reconstruct's ridge 1e-3 overfits (14.65x dense: each down_proj has more
+#: inputs than the calibration has tokens), 1 pulls the fit toward the kept weights enough (1.20x, from
+#: 1.24x without reconstruct), 10 too much (1.28x).
+LLM_STEP_OPTIONS = {"reconstruct": {"ridge": 1.0}}
+
+
 def _recovery(recover: Any) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
     """``recover=`` as step names and per-step options: names, or ``{name: {option: value}}``
-    (``{"reconstruct": {"ridge": 1.0}}``)."""
-    if not isinstance(recover, Mapping):
-        return recovery_steps(recover), {}
-    steps = recovery_steps(tuple(recover))
-    return steps, {step: dict(recover[name] or {}) for step, name in zip(steps, recover)}
+    (``{"reconstruct": {"ridge": 1.0}}``); options not given take :data:`LLM_STEP_OPTIONS`."""
+    names = tuple(recover) if isinstance(recover, Mapping) else recover
+    steps = recovery_steps(names)
+    given = {step: dict(recover[name] or {}) for step, name in zip(steps, recover)} \
+        if isinstance(recover, Mapping) else {}
+    return steps, {step: {**LLM_STEP_OPTIONS.get(step, {}), **given.get(step, {})} for step in steps}
 
 
 def _without_cache(model: Any) -> Any:
@@ -410,7 +419,19 @@ def new_config(model: Any, analysis: Analysis, drop: Dropped,
         setattr(config, field, value)
     if "num_attention_heads" in changes and attention is not None and attention.explicit_head_dim:
         config.head_dim = attention.head_dim  # Qwen2, Phi-3 derive it unless it is written
+    _check_config(config)
     return config, changes
+
+
+def _check_config(config: Any) -> None:
+    """transformers' own checks of the new config, before anything is written (LLaMA's refuses a
+    hidden size that is not a multiple of the head count, even with head_dim written)."""
+    try:
+        config.validate()
+    except Exception as exc:  # transformers raises its own validation errors
+        cause = exc.__cause__ or exc
+        raise ConfigMismatchError(f"transformers refuses the pruned config: {str(cause).strip()[:300]} "
+                                  f"(choose a sparsity whose widths it accepts)") from exc
 
 
 def _common_width(kind: hf_policy.Kind, widths: Mapping[str, int]) -> int:
