@@ -142,3 +142,13 @@ def test_bad_depth_requests_are_typed_errors() -> None:
         fxprune.hf.prune(llama, _inputs("llama", 2, 8), sparsity={"num_hidden_layers": 0.99})
     with pytest.raises(InvalidOptionError, match="unknown block criterion"):
         fxprune.hf.prune(llama, _inputs("llama", 2, 8), sparsity={"num_hidden_layers": 0.5}, block_criterion="l1")
+
+
+@pytest.mark.parametrize("sparsity", [{"num_hidden_layers": 0.5}, {"intermediate_size": 0.5}])
+def test_tied_embeddings_stay_tied(sparsity) -> None:
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**DECODER, tie_word_embeddings=True)).eval()
+    pruned = fxprune.hf.prune(model, _inputs("llama", 2, 8), sparsity=sparsity)
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
+    untied = sum(p.numel() for n, p in pruned.named_parameters(remove_duplicate=False))
+    assert pruned.num_parameters() == untied - pruned.lm_head.weight.numel()

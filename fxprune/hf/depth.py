@@ -213,6 +213,7 @@ def _rebuild(model: Any, config: Any, path: str, dropped: Sequence[int], pruned:
     with no_init_weights():
         new = type(model)._from_config(config, dtype=model.dtype)
     new.load_state_dict(state, strict=True)
+    new.tie_weights()  # tied embeddings stay one tensor (loading fills both names with equal copies)
     return new.to(model.device).eval()
 
 

@@ -178,6 +178,7 @@ def _rebuild(model: Any, config: Any, dropped: Mapping[str, tuple[int, ...]]) ->
     with no_init_weights():
         new = type(model)._from_config(config, dtype=model.dtype)
     new.load_state_dict(state, strict=True)
+    new.tie_weights()  # tied embeddings stay one tensor
     return new.to(model.device).eval()
 
 
