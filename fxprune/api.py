@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from fxprune.core.analysis import Analysis
 from fxprune.core.bias_folding import constant_reference, folded_biases, folding_is_exact
-from fxprune.core.capture import AUTO, as_inputs, propagate_values
+from fxprune.core.capture import AUTO, as_inputs, non_finite_tensors, propagate_values
 from fxprune.core.plan import Plan
 from fxprune.core.purity import leaves_models_untouched
 from fxprune.core.verify import (VerifyReport, check_other_sizes, check_same_model, compare, output_masks,
@@ -145,6 +145,7 @@ def verify(model: Any, result: PruneResult, example_inputs: Any = None,
     mismatch = quantizer_state_mismatch(analysis.gm, pruned, result.plan.kept_indices)
     if mismatch:
         report = dataclasses.replace(report, passed=False, quantizer_mismatch=mismatch)
+    report = dataclasses.replace(report, non_finite=tuple(non_finite_tensors(analysis.gm)))
     if raise_on_failure and not report.passed:
         from fxprune.errors import VerificationError
         raise VerificationError(str(report))

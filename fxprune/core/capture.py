@@ -89,10 +89,16 @@ def check_input_count(gm: fx.GraphModule, inputs: tuple) -> None:
                                 f"{len(placeholders)} ({', '.join(str(n.target) for n in placeholders)})")
 
 
+def non_finite_tensors(gm: torch.nn.Module) -> list[str]:
+    """The tensors of ``gm`` that hold NaN or infinite values."""
+    return [name for name, t in gm.state_dict().items()
+            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+
+
 def warn_non_finite(gm: fx.GraphModule) -> None:
-    """NaN or infinite weights prune (their scores are NaN or inf) but the result means nothing: said."""
-    bad = [name for name, t in gm.state_dict().items()
-           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+    """NaN or infinite weights prune (their scores are NaN or inf) but the result means nothing: said
+    here, and in the verify report (:class:`~fxprune.core.verify.VerifyReport.non_finite`)."""
+    bad = non_finite_tensors(gm)
     if bad:
         warnings.warn(f"{len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}); their channels' "
                       f"scores, and the pruned model, are not meaningful", stacklevel=3)

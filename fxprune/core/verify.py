@@ -68,12 +68,17 @@ class VerifyReport:
     """Where the graph accepts another batch size (and sequence length): what went wrong there -- the
     captured graph differs from the model (a forward that branches on the batch size), or the pruned
     graph from its reference (then ``passed`` is False). Empty when both agree or the shapes are static."""
+    non_finite: tuple[str, ...] = ()
+    """The original's tensors that hold NaN or infinite values: their scores, and the pruned model, mean
+    nothing (pruning still ran and was warned about)."""
 
     def __str__(self) -> str:
         kind = "exact" if self.exact else "approximate"
         verdict = "passed" if self.passed else "FAILED"
         quantizers = f"; {self.quantizer_mismatch}" if self.quantizer_mismatch else ""
         quantizers += f"; {self.other_sizes}" if self.other_sizes else ""
+        quantizers += (f"; note: {len(self.non_finite)} tensors of the original hold NaN or infinite values "
+                       f"({', '.join(self.non_finite[:3])})") if self.non_finite else ""
         return (f"verify {verdict}: max abs error {self.max_abs_error:.3g} ({kind}, tol {self.tolerance:g}); "
                 f"drift from the original {self.max_abs_drift:.3g} (rel {self.max_rel_drift:.3g}){quantizers}")
 
@@ -301,6 +306,7 @@ def check_same_model(model: Any, original: torch.nn.Module, inputs: tuple,
     if shapes[0] != shapes[1]:
         raise PlanMismatchError(f"verify's model is not the model the result was pruned from: its outputs "
                                 f"have shapes {shapes[0]}, the original's {shapes[1]}")
+    captured, given = _nan_where_both(captured, given)  # NaN weights give NaN at the same places
     abs_err, rel = _difference(captured, given)
     tol = tolerance if tolerance is not None else _default_tolerance(captured)
     if not (rel <= tol or abs_err <= tol):
@@ -361,6 +367,16 @@ def _kept_outputs(model: torch.nn.Module, inputs: tuple,
     if masks is not None and len(masks) == len(out):
         out = [_keep(t, m) for t, m in zip(out, masks)]
     return out
+
+
+def _nan_where_both(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[list, list]:
+    """Both lists with zeros where both tensors hold NaN (the same model run twice), NaN left elsewhere."""
+    both = [x.isnan() & y.isnan() if x.is_floating_point() and x.shape == y.shape else None for x, y in zip(a, b)]
+
+    def clear(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t if m is None else t.masked_fill(m, 0.0) for t, m in zip(tensors, both)]
+
+    return clear(a), clear(b)
 
 
 def _difference(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> tuple[float, float]:

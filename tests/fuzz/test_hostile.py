@@ -232,4 +232,6 @@ def test_nan_weights_are_warned_about() -> None:
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.warns(UserWarning, match=r"NaN or infinite values \(0\.weight\)"):
-        fxprune.prune(model, (X,), 0.5)
+        result = fxprune.prune(model, (X,), 0.5)
+    report = fxprune.verify(model, result, (X,))  # and the report says so
+    assert report.non_finite == ("0.weight",) and "hold NaN or infinite values (0.weight)" in str(report)
