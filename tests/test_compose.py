@@ -129,7 +129,8 @@ def _train_and_prune(prepared: torch.nn.Module) -> tuple:
     result = fxprune.prune(prepared, (X,), sparsity=0.5)
     assert _unchanged(before, prepared)
     report = fxprune.verify(prepared, result, (X,))  # fake-quantizers' observers frozen, as at inference
-    assert report.passed and report.max_abs_error < 1e-4, str(report)
+    # one QAT step leaves outputs of ~2e5 on this machine: equal to the reference relative to their size
+    assert report.passed and report.max_rel_error < 1e-6, str(report)
     return result, list(result.plan.kept_indices["conv1.weight"][0])
 
 

@@ -33,11 +33,11 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.nn.utils.weight_norm import WeightNorm  # the class (torch.nn.utils.weight_norm is a function)
 
+from fxprune.options import CAPTURES
 from fxprune.core.graph import copy_graph_module
 from fxprune.errors import (CaptureError, DynamicShapesError, ExampleInputError, InvalidOptionError,
                      PrunedGraphError, TrainingModeError, UnsupportedModelError)
 
-LEVELS = ("fx", "export")
 _BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
 AUTO = "auto"
 """``dynamic_shapes`` default: a dynamic batch (and sequence for token inputs), see
@@ -181,8 +181,8 @@ def graph_level(gm: fx.GraphModule) -> str:
 
 
 def _trace(model: torch.nn.Module, inputs: tuple, level: str, dynamic_shapes: Any = AUTO) -> fx.GraphModule:
-    if level not in LEVELS:
-        raise InvalidOptionError(f"capture must be one of {LEVELS}, got {level!r}")
+    if level not in CAPTURES:
+        raise InvalidOptionError(f"capture must be one of {CAPTURES}, got {level!r}")
     if level == "fx":
         try:
             gm = _symbolic_trace(model)

@@ -38,11 +38,10 @@ import torch
 from fxprune.core.analysis import Analysis
 from fxprune.core.groups import Group
 from fxprune.errors import CalibrationError, InvalidOptionError
-from fxprune.options import DEFAULT_CRITERION  # noqa: F401  (re-exported: one default, in the options module)
+from fxprune.options import DEFAULT_CRITERION, REDUCTIONS  # noqa: F401  (re-exported: declared once, in the options module)
 from fxprune.progress import progress_bar
 
 Criterion = Union[str, Callable[..., torch.Tensor]]
-REDUCTIONS = ("mean", "sum", "max")
 #: What a criterion reads besides nothing: the one vocabulary of :attr:`CriterionSpec.reads`.
 READS = ("weights", "activations", "gradients")
 
