@@ -3,6 +3,7 @@ scale kept, hand-written attention through the view/matmul rules, and a small to
 from __future__ import annotations
 
 import math
+import operator
 
 import pytest
 import torch
@@ -133,6 +134,18 @@ def test_mha_heads_are_units():
     stream = root[analysis.params["embed.weight"][0]]
     assert torch.equal(stream, rows[0].reshape(-1))  # residual position i*d + j belongs to head i
     assert torch.equal(root[analysis.params["attn.out_proj.weight"][1]], stream)
+
+
+def test_exported_heads_keep_a_dynamic_batch():
+    # export writes MHA's batch * heads as sym_size * 4: pruning heads scales it in the graph
+    # (sym_size * 4 // 2), where a literal would have baked the example's batch of 2 into the views
+    model = build(MHABlock)
+    result = fxprune.prune(model, tokens(), 0.5, capture="export")
+    assert any(n.target is operator.floordiv for n in result.graph_module.graph.nodes)
+    for batch in (1, 3):
+        x = tokens((batch, 5, 6))
+        reference = fxprune.verify(model, result, (x,))
+        assert reference.passed and reference.exact, str(reference)
 
 
 def test_mha_is_rewritten_with_fewer_heads():

@@ -10,6 +10,7 @@ like view sizes and slice bounds, are recomputed by the rewriters from the prune
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 from typing import Any, Optional
 
@@ -183,15 +184,42 @@ def _view_sizes(rw, sizes: list, old_sizes: Optional[list] = None) -> list:
         return sizes
     env = rw.pruning.analysis.env
     old_sizes = sizes if old_sizes is None else old_sizes
-    return [n if _stale_size(s, o, n != before, env) else s
-            for s, o, n, before in zip(sizes, old_sizes, new, old)]
+    return [_new_size(rw, s, o, n, before, env) for s, o, n, before in zip(sizes, old_sizes, new, old)]
 
 
-def _stale_size(size: Any, old: Any, shrinks: bool, env: dict) -> bool:
+def _new_size(rw, size: Any, old: Any, new: int, before: int, env: dict) -> Any:
     if isinstance(size, int):
-        return size != -1
+        return size if size == -1 else new
+    if not isinstance(size, fx.Node):
+        return size
     measures = isinstance(old, fx.Node) and any(True for _ in iter_arrays(env.get(old)))
-    return isinstance(size, fx.Node) and (shrinks or measures)
+    if measures:  # it would follow the tensor it measured, not this output: the literal size
+        return new
+    if new == before:
+        return size
+    if not _symbolic(old):
+        return new
+    # a size the graph computes from a dynamic dim (batch * heads) at a position that shrinks: scaled in
+    # the graph, so a dynamic batch stays dynamic (a literal would bake the example's batch in)
+    common = math.gcd(new, before)
+    graph = rw.node.graph
+    with graph.inserting_before(rw.node):
+        if new // common != 1:
+            size = graph.call_function(operator.mul, (size, new // common))
+        return graph.call_function(operator.floordiv, (size, before // common))
+
+
+def _symbolic(node: Any) -> bool:
+    """An exported graph's size computed from ``aten.sym_size`` (export keeps only dynamic dims as
+    sizes read at run time; static ones are constants), through SymInt arithmetic."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target is torch.ops.aten.sym_size.int:
+        return True
+    return node.target in _SIZE_ARITHMETIC and any(_symbolic(a) for a in node.all_input_nodes)
+
+
+_SIZE_ARITHMETIC = (operator.mul, operator.floordiv, operator.add, operator.sub, operator.mod)
 
 
 def reshape_alias(op: OpCall) -> Any:
