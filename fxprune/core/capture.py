@@ -234,7 +234,10 @@ def export(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any = AUTO) ->
         try:
             return _export(model, inputs, spec)
         except Exception as exc:  # what export rejects is dropped, with a warning; other failures raise
-            if spec is None or not _is_shape_failure(exc):
+            # a model that rejects its example widened to a batch of 2 (an initial state of batch 1
+            # beside it) has no dynamic dim there: the next attempt, as for a rejected dim
+            widened = _widened(inputs, spec) is not inputs
+            if spec is None or not (_is_shape_failure(exc) or widened):
                 raise CaptureError(_trace_failure(exc, "torch.export.export", "fx")) from exc
             bounded = _suggested(spec, exc)  # export's own fix: a range (a position table's length)
             if bounded is not None:
@@ -268,7 +271,8 @@ def _widened(inputs: tuple, spec: Any) -> tuple:
     """
     if not isinstance(spec, (tuple, list)) or len(spec) != len(inputs):
         return inputs
-    return tuple(_repeat_dims(x, dims) for x, dims in zip(inputs, spec))
+    widened = tuple(_repeat_dims(x, dims) for x, dims in zip(inputs, spec))
+    return inputs if all(a is b for a, b in zip(widened, inputs)) else widened
 
 
 def _repeat_dims(x: Any, dims: Any) -> Any:
