@@ -128,9 +128,14 @@ def _train_and_prune(prepared: torch.nn.Module) -> tuple:
     before = _state(prepared)
     result = fxprune.prune(prepared, (X,), sparsity=0.5)
     assert _unchanged(before, prepared)
-    report = fxprune.verify(prepared, result, (X,))  # fake-quantizers' observers frozen, as at inference
-    # one QAT step leaves outputs of ~2e5 on this machine: equal to the reference relative to their size
-    assert report.passed and report.max_rel_error < 1e-6, str(report)
+    report = fxprune.verify(prepared, result, (X,))  # eval mode, fake-quantizers' observers frozen
+    # One step on a batch of 2 makes huge weights (BatchNorm in training mode normalises 2 values per
+    # channel at layer4's 1x1: its gradients scale with 1/std), so outputs reach ~2e5 (fx) and ~1e9
+    # (pt2e), and only relative errors mean anything. The model's own float32 noise (the original in
+    # float32 against float64) is 6.8e-7 (fx) and 3.9e-7 (pt2e) relative here; the pruned model is
+    # 3.8e-7 / 2.5e-7 from the reference. 1e-5 leaves machines with other kernels room; a wrong slice
+    # is off by far more than 1e-2.
+    assert report.passed and report.max_rel_error < 1e-5, str(report)
     return result, list(result.plan.kept_indices["conv1.weight"][0])
 
 

@@ -19,7 +19,9 @@ from fxprune import deploy
 from fxprune.errors import InvalidOptionError, MissingExtraError
 from fxprune.measure import count_params
 
-SQNR_MIN_DB = 20.0  # int8 with per-channel weights on these random models gives 25-45 dB; a broken one ~0
+# int8 with per-channel 7-bit weights on these random models gives 33-47 dB (ONNX: cnn 46.6, vit 33.6,
+# lm 39.7 with ONNX Runtime 1.32 on an AVX2 CPU); a broken artefact ~0, int16 saturation ~13
+SQNR_MIN_DB = 20.0
 
 
 class TinyCNN(nn.Module):
@@ -146,6 +148,9 @@ def test_int8_artefact_is_smaller_and_close_by_sqnr(tmp_path, name, level, to):
                          calibration=calibration)
     assert "calibrated on 3 batch(es)" in " ".join(int8.notes)
     assert _int8_weights(int8, fp32) if to == "onnx" else int8.size_bytes < fp32.size_bytes
+    if to == "onnx":  # 7-bit: what shows as saturation only on a CPU without VNNI, checked on any
+        low, high = _int8_weight_range(int8.path)
+        assert deploy.onnx.WEIGHT_RANGE[0] <= low < 0 < high <= deploy.onnx.WEIGHT_RANGE[1], (low, high)
     agreement = deploy.compare(deploy.load(int8.path), result.graph_module, other)
     assert agreement.sqnr_db >= SQNR_MIN_DB, agreement
     assert agreement.sqnr_db < 100, agreement  # really quantized, not fp32 under another name
@@ -159,6 +164,15 @@ def _weight_bytes(path) -> dict[int, int]:
         if len(tensor.dims) >= 2:
             sizes[tensor.data_type] = sizes.get(tensor.data_type, 0) + len(tensor.raw_data)
     return sizes
+
+
+def _int8_weight_range(path) -> tuple[int, int]:
+    """The smallest and largest value of the ONNX model's int8 weights (initializers of two or more dims)."""
+    import onnx
+    from onnx import numpy_helper
+    values = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+              if len(t.dims) >= 2 and t.data_type == onnx.TensorProto.INT8]
+    return min(int(v.min()) for v in values), max(int(v.max()) for v in values)
 
 
 def _int8_weights(int8, fp32) -> bool:
@@ -230,8 +244,9 @@ def test_int8_of_integer_position_arithmetic(tmp_path, to):
     result = fxprune.prune(model, x, 0.5, capture="export")
     int8 = deploy.deploy(result, (x,), tmp_path / f"m{deploy.SUFFIX[to]}", to, quantize="int8",
                          calibration=[torch.randn(4, 6, 8) for _ in range(3)])
-    # what this checks is that the build works (a broken one is ~0 dB): ONNX Runtime 1.32 gives 19.7 dB here
-    assert 15.0 <= int8.agreement.sqnr_db < 100, int8.agreement
+    # ONNX Runtime 1.32 gave 19.7 dB here on an AVX2 CPU with 8-bit weights (int16 saturation, see
+    # deploy.onnx.WEIGHT_RANGE), 42.7 dB with 7-bit ones
+    assert SQNR_MIN_DB <= int8.agreement.sqnr_db < 100, int8.agreement
 
 
 class ResidualMLP(nn.Module):

@@ -206,3 +206,35 @@ def test_folded_padded_consumer_is_verified(level):
     with torch.no_grad():
         result.graph_module.get_parameter("c2.bias").add_(0.1)  # a wrong fold fails
     assert not fxprune.verify(model, result, x).passed
+
+
+# --- exported graphs run in eval mode --------------------------------------------------------------
+class _BnDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.bn(self.conv(x)))
+
+
+def test_eval_copy_switches_an_exported_training_graph_to_eval():
+    # an exported graph ignores .eval(): its batch_norm/dropout take the training flag as an argument (a
+    # prepare_qat_pt2e graph is built so). verify's copy runs the eval-mode ops: running statistics, no
+    # dropout, and the original's buffers untouched
+    from fxprune.core.verify import eval_copy
+
+    torch.manual_seed(0)
+    model = _BnDropout().train()
+    x = torch.randn(2, 3, 5, 5)
+    gm = torch.export.export(model, (x,)).module()
+    assert any(n.target == torch.ops.aten.batch_norm.default and n.args[5] is True for n in gm.graph.nodes)
+    for module in gm.modules():  # as fxprune's capture does (export's module refuses eval()); the ops
+        module.training = False  # keep their training flag
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    frozen = eval_copy(gm)
+    assert frozen is not gm
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model.eval()(x))
+        torch.testing.assert_close(frozen(x), frozen(x))
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())

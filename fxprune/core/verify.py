@@ -201,19 +201,84 @@ def eval_copy(model: torch.nn.Module, rounding: bool = True) -> torch.nn.Module:
     (observed) graph its observers' statistics, in any mode: run an eval copy instead, its
     fake-quantizers' observers frozen (each then applies its stored scale, as at inference).
 
+    An exported (aten) graph ignores ``.eval()``: its ``batch_norm``/``dropout`` calls carry their
+    training flag as an argument (a ``prepare_qat_pt2e`` graph is built in training mode). The copy gets
+    the eval-mode calls instead (:func:`_eval_mode_ops`, what torchao's ``move_exported_model_to_eval``
+    does): batch statistics over a verification batch of 2 divide by a near-zero std where the 2 samples
+    nearly agree (layer4 of resnet18 at 32x32 is 1x1, so 2 values per channel), which turned float
+    summation-order noise into errors of 1e-4..1e-3, and dropout would make both runs random.
+
     ``rounding=False`` also turns their rounding off (values pass through in float): rounding to a grid
     turns float summation-order differences (1e-7, a pruned conv sums fewer terms) into whole
     quantization steps that compound over layers, so verify compares the two models in float and
     checks the quantizers' state apart (:func:`quantizer_state_mismatch`)."""
-    if not (model.training or any(is_quantizer(m) for m in model.modules())):
+    if not (model.training or any(is_quantizer(m) for m in model.modules()) or _training_ops(model)):
         return model
-    frozen = copy.deepcopy(model).eval()
+    frozen = copy.deepcopy(model)
+    try:
+        frozen.eval()
+    except NotImplementedError:  # torch.export's module() refuses eval(): its ops carry the mode
+        for module in frozen.modules():
+            module.training = False
+    _eval_mode_ops(frozen)
     for module in frozen.modules():
         if is_quantizer(module) and callable(getattr(module, "disable_observer", None)):
             module.disable_observer()
         if not rounding and is_quantizer(module) and callable(getattr(module, "disable_fake_quant", None)):
             module.disable_fake_quant()
     return frozen
+
+
+_aten = torch.ops.aten
+# aten ops whose training flag is an argument: the flag's position
+_TRAINING_FLAG = {_aten.batch_norm.default: 5, _aten.native_batch_norm.default: 5,
+                  _aten.dropout.default: 2, _aten.native_dropout.default: 2,
+                  _aten.feature_dropout.default: 2, _aten.alpha_dropout.default: 2,
+                  _aten.feature_alpha_dropout.default: 2}
+# training-mode overloads with an eval-mode twin of the same arguments and outputs
+_EVAL_TWIN = {_aten._batch_norm_with_update.default: _aten._batch_norm_no_update.default}
+
+
+def _training_ops(model: torch.nn.Module) -> list[fx.Node]:
+    """The nodes of ``model``'s graphs (itself and GraphModule children) that run in training mode."""
+    nodes = []
+    for module in model.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.op != "call_function":
+                    continue
+                flag = _TRAINING_FLAG.get(node.target)
+                if node.target in _EVAL_TWIN or (
+                        node.target == _aten._native_batch_norm_legit.default and node.args[5] is not False) or (
+                        flag is not None and _flag(node, flag) is not False):
+                    nodes.append(node)
+    return nodes
+
+
+def _flag(node: fx.Node, index: int) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get("train", node.kwargs.get("training"))
+
+
+def _eval_mode_ops(model: torch.nn.Module) -> None:
+    """Switch the training-mode aten calls of ``model``'s graphs (a copy) to their eval-mode form."""
+    owners = set()
+    for node in _training_ops(model):
+        owners.add(node.graph.owning_module)
+        if node.target in _EVAL_TWIN:
+            node.target = _EVAL_TWIN[node.target]
+        elif node.target == _aten._native_batch_norm_legit.default:
+            # (x, w, b, mean, var, training, momentum, eps) -> no_training(x, w, b, mean, var, momentum, eps)
+            node.target = _aten._native_batch_norm_legit_no_training.default
+            node.args = node.args[:5] + node.args[6:]
+        else:
+            index = _TRAINING_FLAG[node.target]
+            if len(node.args) > index:
+                node.args = node.args[:index] + (False,) + node.args[index + 1:]
+            else:
+                node.kwargs = {**node.kwargs, **{k: False for k in ("train", "training") if k in node.kwargs}}
+    for gm in owners:
+        if gm is not None:
+            gm.recompile()
 
 
 def quantizer_state_mismatch(original: torch.nn.Module, pruned: torch.nn.Module,

@@ -13,8 +13,10 @@ Two targets, each an optional extra:
 ``convert_pt2e``): int8 weights per output channel and int8 activations per tensor. ExecuTorch gets
 ExecuTorch's ``XNNPACKQuantizer`` (symmetric weights, the pattern XNNPACK's int8 kernels take); ONNX
 gets torchao's ``X86InductorQuantizer`` (uint8 activations, int8 weights: the U8S8 form ONNX Runtime's
-x86 kernels prefer). The exporter turns the quantize/dequantize pairs into ``QuantizeLinear`` /
-``DequantizeLinear``, which ONNX Runtime fuses into ``QLinearConv`` and ``QGemm``. Activation ranges
+x86 kernels prefer; the weights in 7 bits, :data:`fxprune.deploy.onnx.WEIGHT_RANGE`, which those kernels
+compute exactly on CPUs without VNNI too). The exporter turns the quantize/dequantize pairs into
+``QuantizeLinear`` / ``DequantizeLinear``, which ONNX Runtime fuses into ``QLinearConv``, ``QGemm`` and
+``MatMulIntegerToFloat``. Activation ranges
 come from ``calibration`` — anything :func:`fxprune.data.calibration.iter_batches` reads (a DataLoader, a
 list of tensors or tuples, a :class:`~fxprune.data.calibration.Calibration`) — or, when none is given, from
 the example inputs alone, which :attr:`Deployed.notes` and a warning say out loud.
