@@ -1,5 +1,6 @@
 """Shared fixtures: ``level`` runs a test at each capture level, ``prune_checked`` runs every promise of a
-prune and snapshots the result."""
+prune and snapshots the result; ``--heavy`` runs the tests marked ``heavy`` (skipped by default, so CI
+stays within its time budget: a long suite runs a bounded set of cases by default, all of them here)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -9,6 +10,20 @@ import torch
 
 from fxprune.options import CAPTURES
 from fxprune.testing.check import CheckReport, check_pruned
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--heavy", action="store_true",
+                     help="also run the tests marked heavy (the long tail of the long suites)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--heavy") or "heavy" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="heavy: `pytest --heavy` runs it")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=CAPTURES)
