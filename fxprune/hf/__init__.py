@@ -329,7 +329,7 @@ def _warn_weight_criterion(model: Any, criterion: Criterion) -> None:
     if isinstance(criterion, str) and criterion not in DATA_CRITERIA and _is_causal_lm(model):
         warnings.warn(f"criterion {criterion!r} ranks units by weight alone; on a real LLM that is "
                       f"catastrophic: {LLM_MEASURED}. Pass calibration= (token batches) for 'wanda'.",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=6)  # the caller of prune_with_result (past its wrapper)
 
 
 #: The figure the magnitude warning quotes (written from benchmarks/bench_llm.md by hand).
