@@ -31,8 +31,9 @@ def add_option_flags(parser: argparse.ArgumentParser, only: Sequence[str] = (), 
     for name, f in public_fields().items():
         if (only and name not in only) or name in exclude:
             continue
+        route = "; hf: SPECs only" if f.metadata["route"] else ""  # fxprune.hf's options (PruneOptions)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
-                                  "help": f"{f.metadata['help']} (default {_shown(f.default)})"}
+                                  "help": f"{f.metadata['help']} (default {_shown(f.default)}{route})"}
         if hints[name] is bool:
             kwargs["action"] = "store_true"
         elif name == "ignore":

@@ -18,7 +18,7 @@ a typed error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
