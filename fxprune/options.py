@@ -5,14 +5,19 @@ command line can read them). From this one declaration come:
 
 - the keywords of :func:`fxprune.prune` and :func:`fxprune.hf.prune` (``**options``, or ``options=``
   a ``PruneOptions``), checked by :meth:`PruneOptions.build`;
-- the options of the ``prune-channels`` and ``mask-channels`` passes (their fields are these fields);
+- the options of the ``prune-channels`` and ``mask-channels`` passes (their fields are these fields; the
+  whole-structure fields are ``drop-blocks``' ``criterion`` and ``repair``);
 - the ``fxprune prune`` flags (``--round-to`` for ``round_to``...: :func:`fxprune.cli.option_flags`);
 - the ``options`` object of a plan's JSON (:meth:`to_dict` / :meth:`from_dict`, which checks every
   field's type and refuses unknown ones: nothing is coerced or executed).
 
 Validation lives here, in ``__post_init__``: a ``PruneOptions`` that exists is a valid one. The criterion's
 name is checked against the criteria table when it is looked up (:mod:`fxprune.data.criteria`, a layer
-above this leaf).
+above this leaf); the names of the closed tables (block criteria, expert criteria, budgets) are declared
+here and the tables that implement them are keyed by these names (checked where each table is built).
+
+Some options only one route honours (``route`` in a field's metadata: whole layers, whole experts and a
+parameter budget are :mod:`fxprune.hf`'s): :func:`check_route` refuses them, by name, everywhere else.
 
 >>> options = PruneOptions(sparsity={"layer*": 0.3}, capture="export")
 >>> options.sparsity["layer*"], options.split_axis
@@ -43,6 +48,14 @@ SPLIT_AXES = ("largest", "outer")
 REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
 """How ``global_ranking`` makes groups' scores comparable (see :func:`fxprune.core.select.normalize_scores`)."""
+BLOCK_CRITERIA = ("block-influence", "angular", "sleb")
+"""How whole residual blocks (an LLM's layers) are scored (:mod:`fxprune.data.block_criteria`)."""
+EXPERT_CRITERIA = ("reap", "frequency", "weight-norm", "random")
+"""How whole MoE experts are scored (:mod:`fxprune.hf.experts`)."""
+BUDGETS = ("params",)
+"""What ``target`` can budget (:mod:`fxprune.hf.budget`; ``active_params`` and MACs are not implemented)."""
+HF_ROUTE = "fxprune.hf.prune"
+"""The route that removes whole layers and experts and meets a budget (see :func:`check_route`)."""
 
 Sparsity = Union[float, Mapping[str, float]]
 
@@ -64,13 +77,28 @@ def _fraction(value: float) -> Optional[str]:
     return None if 0 <= value <= 1 else "must be a float in [0, 1]"
 
 
+def _target_ok(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if len(value) != 1:
+        return f"target is one budget, e.g. {{'params': 0.8}}, got {dict(value)!r}"
+    (key, fraction), = value.items()
+    if key not in BUDGETS:
+        return f"target {key!r} is not supported; budgets: {BUDGETS} (active_params and macs are not implemented)"
+    if math.isnan(fraction) or not 0 < fraction < 1:
+        return f"target {key!r} must be a fraction in (0, 1) of the parameters kept, got {fraction!r}"
+    return None
+
+
 def option(default: Any, help: str, *, choices: tuple = (), check: Optional[Callable[[Any], Optional[str]]] = None,
-           metavar: Optional[str] = None, internal: bool = False) -> Any:
+           metavar: Optional[str] = None, internal: bool = False, route: Optional[str] = None) -> Any:
     """A field of :class:`PruneOptions`: its default, help text and constraints, in one place.
 
     ``check(value)`` returns None or what is wrong; ``internal`` fields are set by an adapter, never by a
-    user (no keyword, no flag)."""
-    metadata = {"help": help, "choices": choices, "check": check, "metavar": metavar, "internal": internal}
+    user (no keyword, no flag); ``route``: the only entry point that honours the field (every other one
+    refuses it, :func:`check_route`; no pass but its own declares it)."""
+    metadata = {"help": help, "choices": choices, "check": check, "metavar": metavar, "internal": internal,
+                "route": route}
     return field(default=default, metadata=metadata)
 
 
@@ -102,6 +130,18 @@ class PruneOptions:
     propagate_bias: bool = option(False, "fold each dropped channel's constant part (its bias through "
                                          "norms and activations) into the consumers' biases")
     seed: int = option(0, "seed of the random criterion (and of the CLI's random weights and inputs)")
+    block_criterion: str = option("block-influence", "how the layers a sparsity on the layer count "
+                                                     "(num_hidden_layers) removes are chosen, on calibration data",
+                                  choices=BLOCK_CRITERIA, route=HF_ROUTE)
+    block_repair: bool = option(False, "refit the linear layer before each run of removed layers by least "
+                                       "squares on the calibration data", route=HF_ROUTE)
+    expert_criterion: str = option("reap", "how the experts a sparsity on the expert count (num_experts, "
+                                           "num_local_experts) removes are chosen", choices=EXPERT_CRITERIA,
+                                   route=HF_ROUTE)
+    target: Optional[Mapping[str, float]] = option(None, "one budget instead of ratios, {'params': F}: the mix of "
+                                                         "layers and MLP width removed is chosen to keep F of the "
+                                                         "parameters", check=_target_ok, metavar="params=F",
+                                                   route=HF_ROUTE)
     hf: Optional[Mapping[str, Any]] = option(None, "set by fxprune.hf: hf_compatible, layer_indices and "
                                                    "the constraint that shaped each group", internal=True)
 
@@ -110,8 +150,9 @@ class PruneOptions:
             object.__setattr__(self, "sparsity", MappingProxyType(dict(self.sparsity)))
         if isinstance(self.ignore, list):
             object.__setattr__(self, "ignore", tuple(self.ignore))
-        if isinstance(self.hf, Mapping):
-            object.__setattr__(self, "hf", MappingProxyType(dict(self.hf)))
+        for name in ("hf", "target"):
+            if isinstance(getattr(self, name), Mapping):
+                object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
 
@@ -169,9 +210,46 @@ class PruneOptions:
         return cls(**values)
 
 
+def same_as(name: str) -> Any:
+    """A dataclass field (a pass's option under its own name) with the default, help and checks of
+    ``PruneOptions.<name>``: ``criterion: str = same_as("block_criterion")`` in ``drop-blocks``."""
+    f = public_fields()[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
+def keyed_by(names: tuple[str, ...], table: dict[str, Any], what: str) -> dict[str, Any]:
+    """``table``, a records table implementing the choices of an option (``names``, declared here),
+    checked to hold exactly those names in that order: the table and the option cannot drift apart."""
+    if tuple(table) != tuple(names):
+        raise TypeError(f"the {what} table holds {tuple(table)}, the option declares {tuple(names)}")
+    return table
+
+
 def public_fields() -> dict[str, dataclasses.Field]:
     """The fields a user sets (every one but the adapters' records), by name, in declaration order."""
     return {f.name: f for f in dataclasses.fields(PruneOptions) if not f.metadata["internal"]}
+
+
+def route_fields(route: str = HF_ROUTE) -> tuple[str, ...]:
+    """The fields only ``route`` honours (:data:`HF_ROUTE`: whole layers, whole experts, the budget)."""
+    return tuple(name for name, f in public_fields().items() if f.metadata["route"] == route)
+
+
+def check_route(options: PruneOptions, route: str, instead: Mapping[str, str] = MappingProxyType({})) -> None:
+    """Refuse, by name, an option set to other than its default that ``route`` cannot honour (it
+    belongs to another route): never ignored. ``instead``: per option, what to use on this route.
+
+    >>> check_route(PruneOptions(block_repair=True), "fxprune.prune")
+    Traceback (most recent call last):
+    ...
+    fxprune.errors.InvalidOptionError: fxprune.prune cannot honour block_repair=True: only fxprune.hf.prune does
+    """
+    for name, f in public_fields().items():
+        owner, value = f.metadata["route"], getattr(options, name)
+        if owner is not None and owner != route and value != f.default:
+            shown = _plain(value) if isinstance(value, Mapping) else value
+            raise InvalidOptionError(f"{route} cannot honour {name}={shown!r}: only {owner} does"
+                                     + (f"; {instead[name]}" if name in instead else ""))
 
 
 # --- checking a field ---------------------------------------------------------------------------------
@@ -193,7 +271,7 @@ def _check(f: dataclasses.Field, value: Any) -> None:
         raise InvalidOptionError(f"{f.name} must be one of {choices}, got {value!r}")
     problem = check(value) if check is not None else None
     if problem:
-        raise InvalidOptionError(problem if problem.startswith("sparsity") else f"{f.name} {problem}, got {value!r}")
+        raise InvalidOptionError(problem if problem.startswith(f.name) else f"{f.name} {problem}, got {value!r}")
 
 
 def _has_type(value: Any, hint: Any) -> bool:

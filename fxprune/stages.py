@@ -33,7 +33,11 @@ from fxprune.core.select import check_patterns, select
 from fxprune.core.ungrouped import ungrouped
 from fxprune.data.criteria import Criterion, check_criterion, check_data, gather_evidence, score_groups
 from fxprune.errors import PlanMismatchError
-from fxprune.options import PruneOptions
+from fxprune.options import PruneOptions, check_route
+
+#: What a graph offers instead of the options only the HF adapter honours.
+GRAPH_INSTEAD = dict.fromkeys(("block_criterion", "block_repair"), "on a graph, the drop-blocks pass removes whole "
+                              "residual blocks (DropBlocks(criterion=..., repair=...))")
 
 #: ``selector(analysis, scores, options) -> Dropped``: how units are chosen (default :func:`select`).
 Selector = Callable[[Analysis, Mapping[str, torch.Tensor], PruneOptions], Dropped]
@@ -156,6 +160,7 @@ def prepare(options: Optional[PruneOptions] = None, sparsity: Any = None, criter
     """:func:`fxprune.prune`'s keywords as ``(options, a callable criterion or None, run data)``."""
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
     options = PruneOptions.build(options, sparsity=sparsity, criterion=named, capture=capture, **option_fields)
+    check_route(options, "fxprune.prune", GRAPH_INSTEAD)
     return options, criterion if callable(criterion) else None, RunData(calibration, loss_fn, batch, progress)
 
 

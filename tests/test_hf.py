@@ -15,33 +15,12 @@ from fxprune.errors import ConfigMismatchError, DynamicShapesError, UnsupportedM
 
 transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
+from fxprune.testing.hf_models import VOCAB, tiny_config, tiny_model  # noqa: E402
 
 T = transformers
-VOCAB = 100
-DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
-ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-
-FAMILIES = {
-    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**DECODER)),
-    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**DECODER)),
-    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**DECODER, head_dim=8)),  # QK-norm
-    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**DECODER)),
-    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER)),  # fused qkv_proj / gate_up_proj
-    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**DECODER, head_dim=8)),
-    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
-                                                   n_positions=64, bos_token_id=1, eos_token_id=2)),
-    "bert": lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, max_position_embeddings=64, **ENCODER)),
-    "vit": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_labels=3,
-                                                           **ENCODER)),
-    # routed experts as 3-D parameters (fxprune/rules/moe.py): one intermediate width for all experts
-    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**DECODER, num_local_experts=4,
-                                                            num_experts_per_tok=2)),
-    "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**DECODER, num_experts=4, num_experts_per_tok=2,
-                                                                moe_intermediate_size=48,
-                                                                shared_expert_intermediate_size=40)),
-}
+#: The families pruned by width here (the table: fxprune.testing.hf_models); Mixtral's and Qwen2-MoE's
+#: routed experts are 3-D parameters (fxprune/core/rules/moe.py): one intermediate width for all experts.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "bert", "vit", "mixtral", "qwen2_moe")
 DECODERS = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "mixtral", "qwen2_moe"}
 #: The experts' widths the config records (every expert keeps the same intermediate indices).
 EXPERT_WIDTHS = {"mixtral": {"intermediate_size": (64, 32)},
@@ -53,8 +32,7 @@ HIDDEN_PRUNES = set(FAMILIES) - {"gemma2"}
 
 
 def _model(name: str):
-    torch.manual_seed(0)
-    return FAMILIES[name]().eval()
+    return tiny_model(name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,7 +195,7 @@ class _NoSmallerMLP(T.LlamaForCausalLM):
 @pytest.mark.slow
 def test_a_class_from_config_cannot_rebuild_is_a_typed_error():
     torch.manual_seed(0)
-    model = _NoSmallerMLP(T.LlamaConfig(**DECODER)).eval()
+    model = _NoSmallerMLP(tiny_config("llama")).eval()
     with pytest.raises(UnsupportedModelError, match="_NoSmallerMLP.from_config could not rebuild.*"
                                                     "intermediate_size must be 64, got 32"):
         fxprune.hf.prune(model, _inputs("llama", 2, 8), sparsity=0.5)
@@ -236,7 +214,7 @@ def test_not_a_pretrained_model_and_training_mode_are_refused():
     with pytest.raises(UnsupportedModelError, match="PreTrainedModel, got Linear"):
         fxprune.hf.prune(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
     torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(**DECODER))  # constructed in training mode
+    model = T.LlamaForCausalLM(tiny_config("llama"))  # constructed in training mode
     with pytest.raises(fxprune.errors.TrainingModeError, match="model.eval()"):
         fxprune.hf.prune(model, _inputs("llama", 2, 8))
 
@@ -298,7 +276,7 @@ def test_hf_spec_never_runs_the_repository_code(tmp_path, capsys, monkeypatch, c
 def test_hf_architecture_must_be_a_pretrained_model_class(tmp_path, capsys, name):
     import json
     from fxprune.cli import main
-    config = T.LlamaConfig(**DECODER).to_dict()
+    config = tiny_config("llama").to_dict()
     config["architectures"] = [name]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["inspect", f"hf:{tmp_path}", "--input-shape", "2,8"]) == 2

@@ -10,14 +10,10 @@ from fxprune.errors import InvalidOptionError
 transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
 from fxprune.hf.budget import mixes  # noqa: E402
-
-DECODER = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
+from fxprune.testing.hf_models import tiny_model  # noqa: E402
 
 def _llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
+    return tiny_model("llama", layers=4)
 
 
 def _ids(seed: int) -> torch.Tensor:

@@ -12,35 +12,19 @@ from fxprune.errors import InvalidOptionError, UnsupportedModelError
 transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
 from fxprune.hf.depth import depth_config, renumbered  # noqa: E402
+from fxprune.testing.hf_models import VOCAB, tiny_config, tiny_model  # noqa: E402
 
 T = transformers
-VOCAB = 100
-DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2)
-ENCODER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
-FAMILIES = {
-    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**DECODER)),
-    # sliding attention in layers >= 2: layer_types and max_window_layers follow the kept layers
-    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**DECODER, use_sliding_window=True, max_window_layers=2)),
-    "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**DECODER, head_dim=8)),
-    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**DECODER)),
-    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**DECODER)),
-    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**DECODER, head_dim=8)),  # alternating layer_types
-    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4,
-                                                   n_positions=64, bos_token_id=1, eos_token_id=2)),
-    "vit": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_labels=3, **ENCODER)),
-    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2)),
-    # experts in every second layer: decoder_sparse_step is written out as mlp_only_layers
-    "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**DECODER, num_experts=4, num_experts_per_tok=2,
-                                                                moe_intermediate_size=48, decoder_sparse_step=2,
-                                                                shared_expert_intermediate_size=40)),
-}
+#: The families whose layers go (the table: fxprune.testing.hf_models), with what each changes there:
+#: Qwen2 with sliding attention in layers >= 2 (layer_types and max_window_layers follow the kept
+#: layers), Qwen2-MoE with experts in every second layer (decoder_sparse_step is written out as
+#: mlp_only_layers). BERT's post-norm layers are refused (test_bad_depth_requests_are_typed_errors).
+FAMILIES = {"llama": {}, "qwen2": dict(use_sliding_window=True, max_window_layers=2), "qwen3": {}, "mistral": {},
+            "phi3": {}, "gemma2": {}, "gpt2": {}, "vit": {}, "mixtral": {}, "qwen2_moe": dict(decoder_sparse_step=2)}
 
 
 def _model(name: str):
-    torch.manual_seed(0)
-    return FAMILIES[name]().eval()
+    return tiny_model(name, layers=4, **FAMILIES[name])
 
 
 def _inputs(name: str, batch: int, length: int) -> tuple:
@@ -122,8 +106,7 @@ def test_block_criteria_and_repair(criterion: str) -> None:
 
 
 def test_config_rewrite_renumbers_per_layer_fields() -> None:
-    config = T.Qwen2MoeConfig(**{**DECODER, "num_hidden_layers": 6}, num_experts=4, decoder_sparse_step=2,
-                              mlp_only_layers=[3])
+    config = tiny_config("qwen2_moe", layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
     new, changes = depth_config(config, [0, 1, 3, 5])
     assert new.num_hidden_layers == 4 and changes["num_hidden_layers"] == (6, 4)
     # sparse were 1 and 5 (step 2; 3 listed dense): dense are old 0, 3 -> new 0, 2
@@ -134,20 +117,19 @@ def test_config_rewrite_renumbers_per_layer_fields() -> None:
 
 
 def test_bad_depth_requests_are_typed_errors() -> None:
-    bert = T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, max_position_embeddings=64, **ENCODER)).eval()
+    bert = tiny_model("bert", layers=4)
     with pytest.raises(UnsupportedModelError, match="post-norm"):
         fxprune.hf.prune(bert, _inputs("bert", 2, 8), sparsity={"num_hidden_layers": 0.5})
     llama = _model("llama")
     with pytest.raises(InvalidOptionError, match="cannot remove 4 of the 4"):
         fxprune.hf.prune(llama, _inputs("llama", 2, 8), sparsity={"num_hidden_layers": 0.99})
-    with pytest.raises(InvalidOptionError, match="unknown block criterion"):
+    with pytest.raises(InvalidOptionError, match="block_criterion must be one of .* got 'l1'"):
         fxprune.hf.prune(llama, _inputs("llama", 2, 8), sparsity={"num_hidden_layers": 0.5}, block_criterion="l1")
 
 
 @pytest.mark.parametrize("sparsity", [{"num_hidden_layers": 0.5}, {"intermediate_size": 0.5}])
 def test_tied_embeddings_stay_tied(sparsity) -> None:
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(**DECODER, tie_word_embeddings=True)).eval()
+    model = tiny_model("llama", layers=4, tie_word_embeddings=True)
     pruned = fxprune.hf.prune(model, _inputs("llama", 2, 8), sparsity=sparsity)
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
     untied = sum(p.numel() for n, p in pruned.named_parameters(remove_duplicate=False))

@@ -11,26 +11,13 @@ from fxprune.errors import InvalidOptionError, UnsupportedModelError
 transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
 from fxprune.hf.experts import moe_blocks, reference  # noqa: E402
+from fxprune.testing.hf_models import EXPERT_FIELDS, VOCAB, tiny_model  # noqa: E402
 
-T = transformers
-VOCAB = 100
-DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-FAMILIES = {  # (model, the config field of the expert count)
-    "mixtral": (lambda: T.MixtralForCausalLM(T.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2)),
-                "num_local_experts"),
-    "qwen2_moe": (lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**DECODER, num_experts=4, num_experts_per_tok=2,
-                                                                 moe_intermediate_size=48,
-                                                                 shared_expert_intermediate_size=40)), "num_experts"),
-    "qwen3_moe": (lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**DECODER, num_experts=4, num_experts_per_tok=2,
-                                                                 moe_intermediate_size=48)), "num_experts"),
-    "olmoe": (lambda: T.OlmoeForCausalLM(T.OlmoeConfig(**DECODER, num_experts=4, num_experts_per_tok=2)), "num_experts"),
-}
+FAMILIES = EXPERT_FIELDS  # {family: the config field of its expert count} (the table: fxprune.testing.hf_models)
 
 
 def _model(name: str):
-    torch.manual_seed(0)
-    return FAMILIES[name][0]().eval()
+    return tiny_model(name)
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -44,7 +31,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_half_the_experts_go_exactly_and_round_trip(name: str, tmp_path) -> None:
-    model, field = _model(name), FAMILIES[name][1]
+    model, field = _model(name), FAMILIES[name]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = [_ids(2, 8, seed) for seed in range(3)]
     result = fxprune.hf.prune_with_result(model, (_ids(2, 8),), sparsity={field: 0.5}, calibration=calibration)
@@ -93,8 +80,8 @@ def test_bad_expert_requests_are_typed_errors() -> None:
     model = _model("mixtral")
     with pytest.raises(InvalidOptionError, match="keeps 1 experts, fewer than num_experts_per_tok=2"):
         fxprune.hf.prune(model, (_ids(2, 8),), sparsity={"num_local_experts": 0.75})
-    with pytest.raises(InvalidOptionError, match="unknown expert criterion 'l1'"):
+    with pytest.raises(InvalidOptionError, match="expert_criterion must be one of .* got 'l1'"):
         fxprune.hf.prune(model, (_ids(2, 8),), sparsity={"num_local_experts": 0.25}, expert_criterion="l1")
-    llama = T.LlamaForCausalLM(T.LlamaConfig(**DECODER)).eval()
+    llama = tiny_model("llama")
     with pytest.raises(UnsupportedModelError, match="no mixture-of-experts block"):
         fxprune.hf.prune(llama, (_ids(2, 8),), sparsity={"num_experts": 0.25})

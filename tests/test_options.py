@@ -15,15 +15,19 @@ import fxprune
 from fxprune.cli import build_parser, main
 from fxprune.cli.flags import given_options
 from fxprune.errors import InvalidOptionError
-from fxprune.options import PruneOptions, public_fields
-from fxprune.passes import MaskChannels, PruneChannels
+from fxprune.options import PruneOptions, public_fields, route_fields
+from fxprune.passes import DropBlocks, MaskChannels, PruneChannels
 
 #: A valid value other than the default, for every option.
 CHANGED = {"sparsity": 0.25, "criterion": "l2", "capture": "export", "reduce": "max", "global_ranking": True,
            "round_to": 2, "min_keep": 2, "ignore": ("2",), "normalize": "standardize", "min_keep_ratio": 0.25,
-           "prune_outputs": True, "split_axis": "outer", "propagate_bias": True, "seed": 3}
+           "prune_outputs": True, "split_axis": "outer", "propagate_bias": True, "seed": 3,
+           "block_criterion": "sleb", "block_repair": True, "expert_criterion": "random", "target": {"params": 0.8}}
 #: The flag spelling of each changed value.
-FLAG_TEXT = {"ignore": ["2"], "global_ranking": [], "prune_outputs": [], "propagate_bias": []}
+FLAG_TEXT = {"ignore": ["2"], "global_ranking": [], "prune_outputs": [], "propagate_bias": [], "block_repair": [],
+             "target": ["params=0.8"]}
+#: The options only fxprune.hf honours (whole layers, whole experts, a parameter budget).
+HF_ONLY = {"block_criterion", "block_repair", "expert_criterion", "target"}
 
 
 def _net() -> nn.Module:
@@ -45,9 +49,33 @@ def test_every_option_has_a_changed_value():
 
 def test_the_api_takes_every_option_by_name_and_records_it_in_the_plan():
     x = torch.randn(2, 6)
+    assert set(route_fields()) == HF_ONLY
     for name, value in CHANGED.items():
+        if name in HF_ONLY:  # a graph has no config to remove layers or experts from: refused by name
+            with pytest.raises(InvalidOptionError, match=f"fxprune.prune cannot honour {name}=.*only fxprune.hf"):
+                fxprune.prune(_net(), (x,), **{name: value})
+            continue
         result = fxprune.prune(_net(), (x,), **{name: value})
         assert getattr(result.plan.options, name) == value, name
+
+
+def test_the_option_tables_are_the_declared_names():
+    from fxprune.data.block_criteria import BLOCK_CRITERION_RECORDS
+    from fxprune.hf.experts import EXPERT_CRITERION_RECORDS
+    from fxprune.options import BLOCK_CRITERIA, EXPERT_CRITERIA
+    assert tuple(BLOCK_CRITERION_RECORDS) == public_fields()["block_criterion"].metadata["choices"] == BLOCK_CRITERIA
+    assert tuple(EXPERT_CRITERION_RECORDS) == public_fields()["expert_criterion"].metadata["choices"] == \
+        EXPERT_CRITERIA
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"block_criterion": "l1"}, "block_criterion must be one of"), ({"expert_criterion": "l2"}, "expert_criterion"),
+    ({"target": {"params": 1.5}}, r"fraction in \(0, 1\)"), ({"target": {"macs": 0.5}}, "'macs' is not supported"),
+    ({"target": {"params": 0.8, "active_params": 0.5}}, "one budget"), ({"target": 0.8}, "target must be a mapping"),
+])
+def test_whole_structure_options_are_checked_where_declared(bad, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        PruneOptions(**bad)
 
 
 def test_an_unknown_or_internal_option_is_refused_by_name():
@@ -88,12 +116,17 @@ def test_a_flag_is_checked_where_the_option_is():
 
 def test_the_passes_fields_are_the_options_but_capture():
     prune_fields = {f.name: f.default for f in dataclasses.fields(PruneChannels)}
-    assert set(prune_fields) == set(public_fields()) - {"capture"}
+    assert set(prune_fields) == set(public_fields()) - {"capture"} - HF_ONLY
     for name, default in prune_fields.items():
         if name != "sparsity":  # required by prune-channels
             assert default == public_fields()[name].default, name
     masked = {f.name for f in dataclasses.fields(MaskChannels)} - {"plan_json"}
-    assert masked == set(public_fields()) - {"capture", "prune_outputs", "propagate_bias"}
+    assert masked == set(public_fields()) - {"capture", "prune_outputs", "propagate_bias"} - HF_ONLY
+    # drop-blocks' criterion and repair are block_criterion and block_repair, under the pass's names
+    blocks = {f.name: f for f in dataclasses.fields(DropBlocks)}
+    for name, option in (("criterion", "block_criterion"), ("repair", "block_repair")):
+        assert blocks[name].default == public_fields()[option].default
+        assert blocks[name].metadata["help"] == public_fields()[option].metadata["help"]
 
 
 def test_the_plan_json_holds_every_option():
@@ -113,6 +146,7 @@ def test_a_prune_result_deep_copies():
 # --- the HF route: every option honoured or refused ------------------------------------------------
 transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
+from fxprune.testing.hf_models import tiny_model  # noqa: E402
 
 #: What fxprune.hf cannot honour (its models are exported, keep their output widths, hold no folded bias).
 HF_REFUSED = {"capture": "fx", "prune_outputs": True, "propagate_bias": True}
@@ -131,11 +165,52 @@ def test_the_hf_route_honours_or_refuses_every_option():
     assert fxprune.hf.hf_options(None, {}, hf_compatible=True).split_axis == "outer"
 
 
-def _llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
+def _llama(layers: int = 2):
+    return tiny_model("llama", layers=layers)
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_hf_plan_records_the_whole_structure_options():
+    out = fxprune.hf.prune_with_result(_llama(), (_ids(),), {"num_hidden_layers": 0.5}, block_criterion="angular",
+                                       block_repair=True, calibration=[_ids(1)])
+    options = out.plan.options
+    assert (options.block_criterion, options.block_repair, dict(options.sparsity)) == \
+        ("angular", True, {"num_hidden_layers": 0.5})
+    assert out.plan.kept_indices == {}  # no width pruned: the layers' record is config.fxprune["depth"]
+    assert fxprune.Plan.from_json(out.plan.to_json()).options == options
+    assert out.model.config.fxprune["options"]["block_criterion"] == "angular"
+    widths = fxprune.hf.prune_with_result(_llama(), (_ids(),), {"intermediate_size": 0.5, "num_hidden_layers": 0.5})
+    assert dict(widths.plan.options.sparsity) == {"intermediate_size": 0.5, "num_hidden_layers": 0.5}
+    assert widths.plan.kept_indices and widths.plan.options.hf["hf_compatible"] is True
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(sparsity=0.5, expert_criterion="random"), "expert_criterion='random' has no effect: the sparsity names "
+                                                    "no expert count"),
+    (dict(sparsity=0.5, block_repair=True), "block_repair=True has no effect"),
+    (dict(sparsity={"num_hidden_layers": 0.5}, target={"params": 0.8}), "give target or sparsity, not both"),
+])
+def test_a_whole_structure_option_with_no_effect_is_refused(given, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        fxprune.hf.prune(_llama(), (_ids(),), **given)
+
+
+def test_the_disk_to_disk_route_refuses_whole_structures(tmp_path):
+    from fxprune.hf.checkpoint import prune_checkpoint
+    with pytest.raises(InvalidOptionError, match=r"prune_checkpoint \(disk to disk\) cannot honour block_repair"):
+        prune_checkpoint(tmp_path / "in", tmp_path / "out", block_repair=True, criterion="l2")
+    with pytest.raises(InvalidOptionError, match="widths only, not whole layers"):
+        prune_checkpoint(tmp_path / "in", tmp_path / "out", {"num_hidden_layers": 0.5}, criterion="l2")
+
+
+def test_the_hf_adapter_takes_no_option_as_a_loose_keyword():
+    """Every option reaches fxprune.hf through PruneOptions (``**option_fields``): none is declared again."""
+    import inspect
+    keywords = set(inspect.signature(fxprune.hf.prune_with_result).parameters)
+    assert keywords & set(public_fields()) == {"sparsity", "criterion"}
 
 
 def test_the_hf_adapter_applies_normalize_and_min_keep_ratio():
@@ -163,3 +238,30 @@ def test_the_hf_cli_route_honours_or_refuses_every_flag(tmp_path, capsys):
         assert main([*base, "--out", str(target), *refused]) == 2, refused
         assert refused[0].lstrip("-").split("-")[0] in capsys.readouterr().err
         assert not target.exists()
+
+
+@pytest.mark.parametrize("family, layers, flags, config", [
+    ("llama", 2, ["--sparsity", "num_hidden_layers=0.5", "--block-criterion", "angular", "--block-repair"],
+     {"num_hidden_layers": 1}),
+    ("mixtral", 2, ["--sparsity", "num_local_experts=0.5", "--expert-criterion", "frequency"],
+     {"num_local_experts": 2}),
+    ("llama", 4, ["--target", "params=0.8"], {}),
+], ids=["depth", "experts", "budget"])
+def test_the_hf_cli_removes_layers_experts_or_meets_a_budget(tmp_path, family, layers, flags, config):
+    source, out = tmp_path / "tiny", tmp_path / "pruned"
+    model = tiny_model(family, layers=layers)
+    model.save_pretrained(source)
+    assert main(["prune", f"hf:{source}", "--input-shape", "2,8", "--no-progress", "--no-chart", "--out", str(out),
+                 *flags]) == 0
+    loaded = type(model).from_pretrained(out)
+    assert {k: getattr(loaded.config, k) for k in config} == config
+    options = fxprune.Plan.from_json((out / "plan.json").read_text()).options
+    given = given_options(build_parser().parse_args(["prune", "m:f", "--out", "o", *flags]))
+    assert {k: getattr(options, k) for k in given if k != "sparsity"} == {k: v for k, v in given.items()
+                                                                          if k != "sparsity"}
+    assert loaded.config.fxprune["options"] == {k: v for k, v in options.to_dict().items() if k != "hf"}
+    if "--target" in flags:
+        assert abs(loaded.num_parameters() / model.num_parameters() - 0.8) < 0.03
+        assert "target params=0.8" in (out / "summary.md").read_text()
+    else:
+        assert options.sparsity == given["sparsity"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import typing
+from collections import abc
 from typing import Any, Callable, Sequence
 
 from fxprune.data.criteria import CRITERIA
@@ -30,8 +31,9 @@ def add_option_flags(parser: argparse.ArgumentParser, only: Sequence[str] = (), 
     for name, f in public_fields().items():
         if (only and name not in only) or name in exclude:
             continue
+        route = "; hf: SPECs only" if f.metadata["route"] else ""  # fxprune.hf's options (PruneOptions)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
-                                  "help": f"{f.metadata['help']} (default {_shown(f.default)})"}
+                                  "help": f"{f.metadata['help']} (default {_shown(f.default)}{route})"}
         if hints[name] is bool:
             kwargs["action"] = "store_true"
         elif name == "ignore":
@@ -50,20 +52,26 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _shown(default: Any) -> str:
-    return "none" if default == () else str(default).lower() if isinstance(default, bool) else str(default)
+    return "none" if default in ((), None) else str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def _option_value(name: str, hint: Any) -> Callable[[str], Any]:
     """The flag's text as the option's value, checked by PruneOptions itself (one place)."""
     def parse(text: str) -> Any:
         try:
-            value = _sparsity(text) if name == "sparsity" else _number(text, hint)
+            value = _sparsity(text) if _takes_mapping(hint) else _number(text, hint)
             PruneOptions(**{name: value})
         except (InvalidOptionError, ValueError) as exc:
             raise argparse.ArgumentTypeError(f"bad {name.replace('_', ' ')} {text!r}: {exc}") from exc
         return value
     parse.__name__ = name.replace("_", "-")  # argparse names the type in its errors
     return parse
+
+
+def _takes_mapping(hint: Any) -> bool:
+    """``sparsity`` (a ratio or a mapping) and ``target`` (a mapping): written ``KEY=VALUE,...``."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    return any(typing.get_origin(a) is abc.Mapping for a in args)
 
 
 def _number(text: str, hint: Any) -> Any:
@@ -76,7 +84,8 @@ def _number(text: str, hint: Any) -> Any:
 
 
 def _sparsity(text: str) -> Any:
-    """``0.5``, or ``PATTERN=RATIO[,PATTERN=RATIO...]`` (module patterns, or HF config fields)."""
+    """``0.5``, or ``PATTERN=RATIO[,PATTERN=RATIO...]`` (module patterns, or HF config fields; a budget
+    ``params=0.8``)."""
     if "=" not in text:
         return _number(text, float)
     pairs = [item.rpartition("=") for item in text.split(",")]

@@ -120,7 +120,7 @@ def prune_and_write(args: argparse.Namespace, model: Any, inputs: tuple) -> str:
     refuse_unsupported_flags(args)
     result = hf.prune_with_result(model, inputs, progress=not args.no_progress,
                                   calibration=calibration(args, inputs), **given_options(args))
-    text = summary(args.spec, result.plan.options.sparsity, model, result)
+    text = summary(args.spec, result.plan.options, model, result)
     with staged_directory(args.out) as out:  # all or nothing, as fxprune.save
         result.model.save_pretrained(out)
         write_new(out / "plan.json", result.plan.to_json().encode("utf-8"))
@@ -180,11 +180,13 @@ def refuse_unsupported_flags(args: argparse.Namespace) -> None:
                            f"from_pretrained directory)")
 
 
-def summary(spec: str, sparsity: Any, model: Any, result: Any) -> str:
+def summary(spec: str, options: Any, model: Any, result: Any) -> str:
     rows = [("config field", "before", "after")]
     rows += [(field, str(before), str(after)) for field, (before, after) in result.changes.items()]
     before, after = model.num_parameters(), result.model.num_parameters()
-    lines = [f"# fxprune: {spec}, sparsity {format_sparsity(sparsity)}, HF-compatible", "", *_table(rows), "",
+    budget = f", target {format_sparsity(dict(options.target))}" if options.target is not None else ""
+    lines = [f"# fxprune: {spec}, sparsity {format_sparsity(options.sparsity)}{budget}, HF-compatible", "",
+             *_table(rows), "",
              f"params: {before:,} -> {after:,} ({after / before:.1%})",
              f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", ""]
     return "\n".join(lines)

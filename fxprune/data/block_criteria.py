@@ -38,8 +38,8 @@ from fxprune.core.graph import attribute
 from fxprune.data.calibration import eval_mode, run_batches
 from fxprune.data.recovery import calibration_chunks, relative_error
 from fxprune.errors import InvalidOptionError
+from fxprune.options import BLOCK_CRITERIA, keyed_by  # BLOCK_CRITERIA re-exported: declared in the options module
 
-BLOCK_CRITERIA = ("block-influence", "angular", "sleb")
 Loss = Callable[[Any, tuple], torch.Tensor]
 
 
@@ -102,20 +102,26 @@ def choose_blocks(gm: fx.GraphModule, found: Blocks, calibration: Any, count: in
     check_count(count, found)
     if count == 0:
         return (), {}
-    if criterion == "sleb":
-        return _sleb(gm, found, calibration, count, loss)
-    if criterion == "angular":
-        _, angle = span_angles(gm, found, calibration, count)
-        start = int(torch.nan_to_num(angle, nan=math.inf).argmin())
-        if math.isnan(float(angle[start])):
-            raise InvalidOptionError(f"no {count} consecutive blocks share one residual stream; remove fewer, "
-                                     f"or use criterion='block-influence'")
-        return found.names[start:start + count], _named(found, angle)
+    return BLOCK_CRITERION_RECORDS[criterion](gm, found, calibration, count, loss)
+
+
+def _influence(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int,
+               loss: Optional[Loss]) -> tuple[tuple[str, ...], dict[str, float]]:
     cos, _ = span_angles(gm, found, calibration, 1)
     influence = 1 - cos
     order = sorted(range(len(found.blocks)), key=lambda i: (float(influence[i]), i))
     chosen = {found.names[i] for i in order[:count]}
     return tuple(n for n in found.names if n in chosen), _named(found, influence)
+
+
+def _angular(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int,
+             loss: Optional[Loss]) -> tuple[tuple[str, ...], dict[str, float]]:
+    _, angle = span_angles(gm, found, calibration, count)
+    start = int(torch.nan_to_num(angle, nan=math.inf).argmin())
+    if math.isnan(float(angle[start])):
+        raise InvalidOptionError(f"no {count} consecutive blocks share one residual stream; remove fewer, "
+                                 f"or use criterion='block-influence'")
+    return found.names[start:start + count], _named(found, angle)
 
 
 def _named(found: Blocks, scores: torch.Tensor) -> dict[str, float]:
@@ -133,6 +139,12 @@ def _sleb(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int,
         chosen.append(best)
         scores[best] = trial[best]
     return tuple(n for n in found.names if n in chosen), scores
+
+
+#: Each block criterion (named in :data:`fxprune.options.BLOCK_CRITERIA`) as ``(gm, blocks, calibration,
+#: count, loss) -> (names removed, scores)``: adding a criterion is one entry here and one name there.
+BLOCK_CRITERION_RECORDS = keyed_by(BLOCK_CRITERIA, {"block-influence": _influence, "angular": _angular,
+                                                    "sleb": _sleb}, "block criteria")
 
 
 class _Measure:

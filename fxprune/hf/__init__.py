@@ -24,6 +24,7 @@ transformers is an optional dependency: ``pip install fxprune[hf]``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import types
@@ -44,7 +45,8 @@ from fxprune.data.recovery import RECOVERY_STEPS, recovery_steps
 from fxprune.errors import (CalibrationError, ConfigMismatchError, ExampleInputError, InvalidOptionError,
                             TrainingModeError, UnsupportedModelError, VerificationError)
 from fxprune.hf import budget, calibrated, policy as hf_policy, structure
-from fxprune.options import PruneOptions, Sparsity
+from fxprune.core.plan import Plan
+from fxprune.options import PruneOptions, Sparsity, public_fields, route_fields
 from fxprune.progress import stage_bar
 from fxprune.stages import PruneResult, RunData, check_run, criterion_name, make_plan
 
@@ -65,10 +67,18 @@ class HFPruneResult:
     """The largest difference between the HF model's outputs and the pruned graph's (example inputs)."""
     depth: Any = None
     """The layers removed (:class:`fxprune.hf.depth.DepthResult`), when ``sparsity`` named a depth field."""
+    request: Optional[PruneOptions] = None
+    """Every option of the run: what :attr:`plan` records (the layers', experts' and budget's beside the
+    widths')."""
 
     @property
-    def plan(self):
-        return self.result.plan if self.result is not None else None
+    def plan(self) -> Optional[Plan]:
+        """The widths' plan, recording :attr:`request`; a run that pruned no width has a plan of no tensor."""
+        if self.result is None:
+            return Plan({}, {}, (), self.request) if self.request is not None else None
+        if self.request is None:
+            return self.result.plan
+        return dataclasses.replace(self.result.plan, options=self.request)
 
 
 def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
@@ -137,29 +147,78 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
                       layer_indices: str = "own", options: Optional[PruneOptions] = None,
                       dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None, progress: bool = False,
                       calibration: Any = None, loss_fn: Optional[Callable] = None, recover: Sequence[str] = (),
-                      block_criterion: str = "block-influence", block_repair: bool = False,
-                      expert_criterion: str = "reap", target: Optional[Mapping[str, float]] = None,
                       **option_fields: Any) -> HFPruneResult:
     """:func:`prune`, also returning the plan, the pruned graph and what changed in the config.
 
-    Whole structures (issue 19): ``sparsity`` may name ``num_hidden_layers`` (layers, by
-    ``block_criterion`` on ``calibration``, ``block_repair``: :mod:`fxprune.hf.depth`) and
+    Whole structures (issue 19): ``sparsity`` may name ``num_hidden_layers`` (layers, by the
+    ``block_criterion`` option on ``calibration``, ``block_repair``: :mod:`fxprune.hf.depth`) and
     ``num_experts`` / ``num_local_experts`` (by ``expert_criterion``: :mod:`fxprune.hf.experts`) beside
-    widths; ``target={"params": f}`` chooses the mix of depth and width (:mod:`fxprune.hf.budget`)."""
+    widths; the ``target={"params": f}`` option chooses the mix of depth and width instead
+    (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
+    recorded in the plan; one set to no effect (``expert_criterion`` with no expert count asked) is refused."""
     _check_model(model)
-    same = dict(criterion=criterion, hf_compatible=hf_compatible, layer_indices=layer_indices, options=options,
-                dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, calibration=calibration,
-                loss_fn=loss_fn, recover=recover, **option_fields)
-    if target is not None:  # one budget instead of ratios: the sparsity is chosen
-        return budget.prune_to_budget(model, as_inputs(example_inputs), target, calibration, functools.partial(
-            _widths, model, example_inputs=example_inputs, block_criterion=block_criterion,
-            block_repair=block_repair, **same))
+    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
+    asked = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
+    _check_whole_structures(asked, structure.split(asked.sparsity), sparsity is not None)
+    inputs = as_inputs(example_inputs)
+    whole = route_fields()
+    widths = functools.partial(
+        _prune_widths, example_inputs=example_inputs, criterion=criterion, hf_compatible=hf_compatible,
+        layer_indices=layer_indices, options=options.replace(**_defaults(whole)) if options is not None else None,
+        dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, calibration=calibration,
+        loss_fn=loss_fn, recover=recover, **{k: v for k, v in option_fields.items() if k not in whole})
+    run = functools.partial(_structures_then_widths, asked=asked, inputs=inputs, calibration=calibration,
+                            steps=dict(dynamic_shapes=dynamic_shapes, tolerance=tolerance), widths=widths)
+    if asked.target is None:
+        return _recorded(run(model, asked.sparsity), asked, asked.sparsity)
+    out, chosen = budget.prune_to_budget(model, inputs, asked.target, calibration, functools.partial(run, model))
+    return _recorded(out, asked, chosen)
+
+
+def _defaults(names: Sequence[str]) -> dict[str, Any]:
+    return {name: public_fields()[name].default for name in names}
+
+
+def _check_whole_structures(asked: PruneOptions, wanted: structure.Structure, sparsity_given: bool) -> None:
+    """A whole-structure option set to no effect is refused, by name: never ignored."""
+    if asked.target is not None and (sparsity_given or wanted.any):
+        raise InvalidOptionError(f"target={dict(asked.target)!r} chooses the sparsity itself: give target or "
+                                 f"sparsity, not both")
+    unused = {"block_criterion": (wanted.layers is None and asked.target is None, "layer count"),
+              "block_repair": (wanted.layers is None and asked.target is None, "layer count"),
+              "expert_criterion": (wanted.experts is None, "expert count")}
+    for name, (idle, what) in unused.items():
+        value = getattr(asked, name)
+        if idle and value != public_fields()[name].default:
+            raise InvalidOptionError(f"fxprune.hf: {name}={value!r} has no effect: the sparsity names no {what} "
+                                     f"({', '.join(structure.FIELDS[what])}) and no target is given")
+
+
+def _structures_then_widths(model: Any, sparsity: Sparsity, asked: PruneOptions, inputs: tuple, calibration: Any,
+                            steps: Mapping[str, Any], widths: Callable[..., HFPruneResult]) -> HFPruneResult:
+    """Layers and experts first (:mod:`fxprune.hf.structure`), then widths on the smaller model."""
     wanted = structure.split(sparsity)
-    if wanted.any:  # layers and experts first (fxprune.hf.structure), then widths on the smaller model
-        steps = dict(block_criterion=block_criterion, block_repair=block_repair, expert_criterion=expert_criterion,
-                     seed=option_fields.get("seed") or 0, dynamic_shapes=dynamic_shapes, tolerance=tolerance)
-        widths = functools.partial(_widths, example_inputs=example_inputs, **same)
-        return structure.run(model, wanted, as_inputs(example_inputs), calibration, steps, widths, _adapter())
+    if not wanted.any:
+        return widths(model, sparsity)
+    return structure.run(model, wanted, inputs, calibration, asked, steps, widths, _adapter())
+
+
+def _recorded(out: HFPruneResult, asked: PruneOptions, sparsity: Sparsity) -> HFPruneResult:
+    """The plan (and ``config.fxprune``) record the whole request: the widths' options with the sparsity
+    asked (or the budget's choice), the layers', experts' and budget's options; a run with no width to
+    prune still has a plan, of no tensor."""
+    base = out.result.plan.options if out.result is not None else asked
+    request = base.replace(sparsity=sparsity, **{name: getattr(asked, name) for name in route_fields()})
+    out.model.config.fxprune = {**out.model.config.fxprune,
+                                "options": {k: v for k, v in request.to_dict().items() if k != "hf"}}
+    return dataclasses.replace(out, request=request)
+
+
+def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any, criterion: Optional[Criterion],
+                  *, hf_compatible: bool, layer_indices: str, options: Optional[PruneOptions], dynamic_shapes: Any,
+                  tolerance: Optional[float], progress: bool, calibration: Any, loss_fn: Optional[Callable],
+                  recover: Sequence[str], **option_fields: Any) -> HFPruneResult:
+    """Widths only: export, match, score, the HF policy's selection, rewrite, rebuild."""
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
@@ -205,10 +264,6 @@ def _adapter() -> types.SimpleNamespace:
     do not import it back)."""
     return types.SimpleNamespace(without_cache=_without_cache, dynamic_shapes=_dynamic_shapes,
                                  check_outputs=_check_outputs, result=HFPruneResult, format=FORMAT)
-
-
-def _widths(model: Any, sparsity: Sparsity, example_inputs: Any, **options: Any) -> HFPruneResult:
-    return prune_with_result(model, example_inputs, sparsity, **options)
 
 
 class HiddenSizeReadError(VerificationError):
@@ -274,7 +329,7 @@ def _warn_weight_criterion(model: Any, criterion: Criterion) -> None:
     if isinstance(criterion, str) and criterion not in DATA_CRITERIA and _is_causal_lm(model):
         warnings.warn(f"criterion {criterion!r} ranks units by weight alone; on a real LLM that is "
                       f"catastrophic: {LLM_MEASURED}. Pass calibration= (token batches) for 'wanda'.",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=6)  # the caller of prune_with_result (past its wrapper)
 
 
 #: The figure the magnitude warning quotes (written from benchmarks/bench_llm.md by hand).

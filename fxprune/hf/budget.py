@@ -7,8 +7,9 @@ and width in the shares :data:`MIXES` (all width, half and half, all depth), eac
 layer count and an intermediate ratio from the parameter counts of one layer and of its MLP. The
 achieved fraction and every mix tried are recorded in ``config.fxprune["budget"]``. A budget no mix can
 reach (at most all layers but one, and 90% of the last one's MLP) is an ``InvalidOptionError`` naming
-the smallest fraction reachable. Only ``"params"`` is a budget today; ``"active_params"`` and
-``"macs"`` are refused with a typed error.
+the smallest fraction reachable. ``target`` is an option of :class:`~fxprune.options.PruneOptions`,
+checked there: only ``"params"`` is a budget today; ``"active_params"`` and ``"macs"`` are refused with
+a typed error.
 
 >>> smaller = fxprune.hf.prune(model, (ids,), target={"params": 0.8}, calibration=batches)  # doctest: +SKIP
 >>> smaller.config.fxprune["budget"]["achieved"]                                          # doctest: +SKIP
@@ -17,7 +18,7 @@ the smallest fraction reachable. Only ``"params"`` is a budget today; ``"active_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from fxprune.data.calibration import as_calibration
 from fxprune.errors import InvalidOptionError, UnsupportedModelError
 from fxprune.hf.depth import layer_list
+from fxprune.options import BUDGETS, PruneOptions  # noqa: F401  (BUDGETS re-exported: declared there)
 
-BUDGETS = ("params",)
 #: The share of the parameters to remove taken by depth, per mix tried.
 MIXES = (0.0, 0.5, 1.0)
 MAX_WIDTH = 0.9
@@ -46,15 +47,9 @@ class Mix:
 
 
 def check_target(target: Any) -> float:
-    if not isinstance(target, Mapping) or len(target) != 1:
-        raise InvalidOptionError(f"target is one budget, e.g. {{'params': 0.8}}, got {target!r}")
-    (key, value), = target.items()
-    if key not in BUDGETS:
-        raise InvalidOptionError(f"target {key!r} is not supported; budgets: {BUDGETS} (active_params and macs "
-                                 f"are not implemented)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise InvalidOptionError(f"target {key!r} must be a fraction in (0, 1) of the parameters kept, got {value!r}")
-    return float(value)
+    """The fraction a budget keeps (checked as the ``target`` option is: :class:`PruneOptions`)."""
+    (fraction,) = PruneOptions(target=target).target.values()
+    return float(fraction)
 
 
 def _counts(model: Any) -> tuple[int, int, int, int]:
@@ -89,8 +84,9 @@ def mixes(model: Any, fraction: float) -> list[Mix]:
 
 
 def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any,
-                    prune: Callable[[Any], Any]) -> Any:
-    """Try every mix with ``prune(sparsity) -> HFPruneResult``; keep the lowest calibration loss."""
+                    prune: Callable[[Any], Any]) -> tuple[Any, dict[str, float]]:
+    """Try every mix with ``prune(sparsity) -> HFPruneResult``; keep the lowest calibration loss.
+    Returns that result and the sparsity it was pruned with."""
     fraction = check_target(target)
     _, layers, _, _ = _counts(model)
     batches = [inputs] if calibration is None else list(as_calibration(calibration).batches(len(inputs)))
@@ -102,12 +98,12 @@ def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any,
         kept = result.model.num_parameters() / total
         tried.append({"layers": mix.layers, "intermediate": mix.width, "params": round(kept, 4), "loss": loss})
         if best is None or loss < best[0]:
-            best = (loss, result, kept)
-    _, result, kept = best
+            best = (loss, result, kept, mix.sparsity(layers))
+    _, result, kept, sparsity = best
     result.model.config.fxprune = {**result.model.config.fxprune,
                                    "budget": {"target": {"params": fraction}, "achieved": round(kept, 4),
                                               "tried": tried}}
-    return result
+    return result, sparsity
 
 
 def next_token_loss(model: Any, batches: list[tuple]) -> float:

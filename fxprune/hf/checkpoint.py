@@ -43,7 +43,7 @@ from fxprune.core.plan import Plan
 from fxprune.core.repeat import PROXY_BLOCKS, repeat_blocks
 from fxprune.core.select import check_patterns
 from fxprune.errors import CheckpointError, ConfigMismatchError, InvalidOptionError, UnsupportedModelError
-from fxprune.options import PruneOptions, Sparsity
+from fxprune.options import PruneOptions, Sparsity, check_route, route_fields
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -476,6 +476,13 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = 
 
 
 def _check_options(options: PruneOptions, layer_indices: str) -> None:
+    from fxprune.hf import structure
+    instead = "use fxprune.hf.prune on a model that fits in memory"
+    check_route(options, "prune_checkpoint (disk to disk)", dict.fromkeys(route_fields(), instead))
+    wanted = structure.split(options.sparsity)
+    if wanted.any:
+        raise InvalidOptionError(f"prune_checkpoint (disk to disk) prunes widths only, not whole layers or "
+                                 f"experts (sparsity {dict(options.sparsity)!r}): {instead}")
     if options.criterion not in STREAMING_CRITERIA:
         raise InvalidOptionError(
             f"prune_checkpoint scores with the data-free criteria {STREAMING_CRITERIA}, got "

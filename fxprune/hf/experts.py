@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from fxprune.data.calibration import as_calibration
-from fxprune.options import PruneOptions
+from fxprune.options import EXPERT_CRITERIA, PruneOptions, keyed_by
 from fxprune.errors import InvalidOptionError, UnsupportedModelError, VerificationError
 
 EXPERT_FIELDS = ("num_experts", "num_local_experts")
-EXPERT_CRITERIA = ("reap", "frequency", "weight-norm", "random")
 
 
 @dataclass(frozen=True)
@@ -81,17 +80,40 @@ def expert_scores(model: Any, batches: list[tuple], criterion: str, seed: int = 
     """{MoE block path: one score per expert} (higher is kept)."""
     if criterion not in EXPERT_CRITERIA:
         raise InvalidOptionError(f"unknown expert criterion {criterion!r}; use one of {EXPERT_CRITERIA}")
-    blocks = moe_blocks(model)
-    if criterion == "weight-norm":
-        return {p: _weight_norms(b.experts) for p, b in blocks.items()}
-    if criterion == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return {p: torch.rand(b.gate.weight.shape[0], generator=generator) for p, b in blocks.items()}
+    return EXPERT_CRITERION_RECORDS[criterion](model, moe_blocks(model), batches, seed)
+
+
+def _routed(model: Any, blocks: Mapping[str, Any], batches: list[tuple], reap: bool) -> dict[str, torch.Tensor]:
+    """Per expert, the tokens routed to it and (``reap``) their summed gate x output norm."""
     sums = {p: torch.zeros(b.gate.weight.shape[0], 2, dtype=torch.float64) for p, b in blocks.items()}
-    with _routing_hooks(blocks, sums, criterion == "reap"), torch.no_grad():
+    with _routing_hooks(blocks, sums, reap), torch.no_grad():
         for inputs in batches:
             model(*inputs, **_no_cache(model))
-    return {p: (s[:, 1] / s[:, 0].clamp(min=1)) if criterion == "reap" else s[:, 0] for p, s in sums.items()}
+    return sums
+
+
+def _reap(model: Any, blocks: Mapping[str, Any], batches: list[tuple], seed: int) -> dict[str, torch.Tensor]:
+    return {p: s[:, 1] / s[:, 0].clamp(min=1) for p, s in _routed(model, blocks, batches, True).items()}
+
+
+def _frequency(model: Any, blocks: Mapping[str, Any], batches: list[tuple], seed: int) -> dict[str, torch.Tensor]:
+    return {p: s[:, 0] for p, s in _routed(model, blocks, batches, False).items()}
+
+
+def _weight_norm(model: Any, blocks: Mapping[str, Any], batches: list[tuple], seed: int) -> dict[str, torch.Tensor]:
+    return {p: _weight_norms(b.experts) for p, b in blocks.items()}
+
+
+def _random(model: Any, blocks: Mapping[str, Any], batches: list[tuple], seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {p: torch.rand(b.gate.weight.shape[0], generator=generator) for p, b in blocks.items()}
+
+
+#: Each expert criterion (named in :data:`fxprune.options.EXPERT_CRITERIA`) as ``(model, MoE blocks,
+#: calibration batches, seed) -> {block: one score per expert}``.
+EXPERT_CRITERION_RECORDS = keyed_by(EXPERT_CRITERIA, {"reap": _reap, "frequency": _frequency,
+                                                      "weight-norm": _weight_norm, "random": _random},
+                                    "expert criteria")
 
 
 def _no_cache(model: Any) -> dict:

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from fxprune.hf import depth as hf_depth, experts as hf_experts
+from fxprune.options import PruneOptions
+
+#: The config fields a sparsity names to remove whole structures, by what they count.
+FIELDS = {"layer count": hf_depth.DEPTH_FIELDS, "expert count": hf_experts.EXPERT_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -34,22 +38,23 @@ def split(sparsity: Any) -> Structure:
     return Structure(layers, experts, rest)
 
 
-def run(model: Any, wanted: Structure, inputs: tuple, calibration: Any, options: Mapping[str, Any],
-        widths: Callable[[Any, Any], Any], adapter: Any) -> Any:
-    """Depth, then experts, then ``widths(model, rest)``; ``options``: block_criterion, block_repair,
-    expert_criterion, seed, dynamic_shapes, tolerance; ``adapter``: the HF adapter's shared steps and
-    its result type (handed in: this module does not import :mod:`fxprune.hf` back)."""
+def run(model: Any, wanted: Structure, inputs: tuple, calibration: Any, options: PruneOptions,
+        steps: Mapping[str, Any], widths: Callable[[Any, Any], Any], adapter: Any) -> Any:
+    """Depth, then experts, then ``widths(model, rest)``; ``options``: the run's (``block_criterion``,
+    ``block_repair``, ``expert_criterion``, ``seed``); ``steps``: ``dynamic_shapes`` and ``tolerance``;
+    ``adapter``: the HF adapter's shared steps and its result type (handed in: this module does not
+    import :mod:`fxprune.hf` back)."""
     changes: dict[str, tuple[Any, Any]] = {}
     records: dict[str, Any] = {}
     depth = None
     if wanted.layers is not None:
-        depth = hf_depth.prune_depth(model, inputs, wanted.layers, adapter, calibration, options["block_criterion"],
-                                     options["block_repair"], options["dynamic_shapes"], options["tolerance"])
+        depth = hf_depth.prune_depth(model, inputs, wanted.layers, adapter, calibration, options.block_criterion,
+                                     options.block_repair, steps["dynamic_shapes"], steps["tolerance"])
         model, records["depth"] = depth.model, depth.record
         changes.update(depth.changes)
     if wanted.experts is not None:
-        experts = hf_experts.prune_experts(model, inputs, wanted.experts, calibration, options["expert_criterion"],
-                                           options["seed"], options["tolerance"])
+        experts = hf_experts.prune_experts(model, inputs, wanted.experts, calibration, options.expert_criterion,
+                                           options.seed, steps["tolerance"])
         model, records["experts"] = experts.model, experts.record
         changes.update(experts.changes)
     listed = {k: [a, b] for k, (a, b) in changes.items()}
@@ -63,4 +68,4 @@ def run(model: Any, wanted: Structure, inputs: tuple, calibration: Any, options:
     return adapter.result(out.model, out.result, {**changes, **out.changes}, out.max_abs_error, depth)
 
 
-__all__ = ["Structure", "split", "run"]
+__all__ = ["FIELDS", "Structure", "split", "run"]

@@ -28,6 +28,7 @@ from fxprune.core.blocks import Blocks, drop_blocks, find_blocks, zeroed_referen
 from fxprune.core.verify import VerifyReport, compare
 from fxprune.data.block_criteria import BLOCK_CRITERIA, check_block_criterion, check_count, choose_blocks, repair
 from fxprune.errors import CalibrationError, InvalidOptionError
+from fxprune.options import same_as
 from fxprune.passes.pipeline import Pass, register
 
 #: ``gm.meta`` key of what the pass removed: criterion, dropped names, scores, rejected, repairs.
@@ -46,12 +47,13 @@ class DropBlocks(Pass):
     """How many blocks to remove (0: from ``sparsity``)."""
     sparsity: float = 0.0
     """The fraction of the removable blocks to remove (rounded), when ``count`` is 0."""
-    criterion: str = "block-influence"
-    """``block-influence``, ``angular`` (that many consecutive blocks) or ``sleb`` (greedy loss)."""
+    criterion: str = same_as("block_criterion")
+    """``block-influence``, ``angular`` (that many consecutive blocks) or ``sleb`` (greedy loss): the
+    ``block_criterion`` option of :class:`~fxprune.options.PruneOptions` (the HF route's)."""
     blocks: tuple[str, ...] = ()
     """Remove exactly these blocks (module paths); no calibration data is read unless ``repair``."""
-    repair: bool = False
-    """Refit the linear before each removed run by least squares on the calibration data."""
+    repair: bool = same_as("block_repair")
+    """Refit the linear before each removed run by least squares on the calibration data (``block_repair``)."""
     ridge: float = 1e-3
     """Damping of the repair's normal equations, relative to their mean diagonal."""
 

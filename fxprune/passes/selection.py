@@ -4,7 +4,8 @@
 A pass works at its graph's own level, so ``capture`` is not a pass option; a pass spec writes one
 ``sparsity`` for every group (a float: ``{pattern: ratio}`` needs :func:`fxprune.prune`); and a pass
 whose route cannot honour an option does not declare it (``mask-channels`` has no ``prune_outputs`` or
-``propagate_bias``: its masks keep every shape), so giving one is an error naming it.
+``propagate_bias``: its masks keep every shape; no selecting pass has the options only :mod:`fxprune.hf`
+honours, whole layers being the ``drop-blocks`` pass's), so giving one is an error naming it.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import torch
 from fxprune.core.analysis import Analysis
 from fxprune.data.criteria import DATA_CRITERIA, GRADIENT_CRITERIA, check_criterion
 from fxprune.errors import InvalidOptionError
-from fxprune.options import PruneOptions, public_fields
+from fxprune.options import PruneOptions, public_fields, route_fields
 from fxprune.passes.pipeline import Pass, bind_run_data, run_data
 from fxprune.stages import score
 
-#: Options no pass takes: a pass works at the level of the graph it is given.
-NOT_PASS_OPTIONS = ("capture",)
+#: Options no selecting pass takes: a pass works at the level of the graph it is given, and removes
+#: channels, not whole layers or experts (``drop-blocks`` declares the block options as its own).
+NOT_PASS_OPTIONS = ("capture", *route_fields())
 
 
 def option_fields(exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, dataclasses.Field]]:
