@@ -437,7 +437,24 @@ def split(op: OpCall) -> Any:
     if op.node.target in ("tensor_split", torch.tensor_split, aten.tensor_split):
         raise Unsupported("tensor_split")
     dim = op.value(op.arg(2, "dim", 0))
-    return _pieces(op, dim)
+    pieces = _pieces(op, dim)
+    if _is_chunk(op.node):
+        _equal_chunks(op, [piece[dim % len(piece)] for piece in pieces])
+    return pieces
+
+
+def _equal_chunks(op: OpCall, arrays: list) -> None:
+    """chunk(n) splits at size // n: after pruning it splits where the plan's pieces end only if they
+    stay equal (a forward that keeps ``chunk``, such as the user's own under fxprune.module), so equal
+    pieces are recorded for selection to keep equal. Unequal ones (chunk(3) of 10) have nothing to keep."""
+    if arrays[0] is None or len({a.numel() for a in arrays}) != 1 or len(arrays) < 2:
+        return
+    op.equal_pieces(arrays)
+
+
+def _is_chunk(node: fx.Node) -> bool:
+    return node.target in ("chunk", torch.chunk) or getattr(node.target, "overloadpacket", None) is aten.chunk \
+        or node.target is aten.chunk
 
 
 def rewrite_split(rw) -> None:
@@ -461,8 +478,7 @@ def rewrite_split(rw) -> None:
 
 def _still_a_chunk(rw, sizes: list[int]) -> bool:
     """chunk(n) of the pruned tensor gives the same pieces when they are equal: keep it readable."""
-    is_chunk = rw.node.target in ("chunk", torch.chunk) or rw.node.target in (aten.chunk, aten.chunk.default)
-    return is_chunk and len(set(sizes)) == 1
+    return _is_chunk(rw.node) and len(set(sizes)) == 1
 
 
 def unbind(op: OpCall) -> Any:
@@ -695,7 +711,8 @@ FAMILY = register(OpFamily("shape", (
     OpRule((torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat, aten.concatenate), cat,
            rewrite=None),
     OpRule((torch.stack, aten.stack), stack, rewrite=None),
-    # split(x, sizes, dim) / chunk(x, n, dim): pieces map offsets exactly; the rewrite recomputes the sizes
+    # split(x, sizes, dim) / chunk(x, n, dim): pieces map offsets exactly; the rewrite recomputes the sizes;
+    # a chunk's equal pieces stay equal (selection keeps them in lockstep, fxprune.core.lockstep)
     OpRule(("split", "chunk", "split_with_sizes", torch.split, torch.chunk, aten.split, aten.split_with_sizes,
            aten.chunk,
             aten.split_copy, aten.split_with_sizes_copy), split, rewrite=rewrite_split),
