@@ -93,11 +93,23 @@ def _drop_count(group: Group, ratio: float, options: PruneOptions, width: int, g
     drops = max(0, group.size - max(keep, len(group.frozen_units)))
     if granularity == 1:
         return drops
-    # every free unit drops in lockstep steps: the count a whole number of steps, round_to still met
-    while drops and (drops % granularity or round_up_units(group.size - drops, options.round_to, width)
-                     != group.size - drops):
-        drops -= 1
-    return drops
+    most = group.size - max(options.min_keep, _min_keep_of(group, options), len(group.frozen_units))
+    return _whole_steps(drops, most, granularity, group.size, options.round_to, width)
+
+
+def _whole_steps(drops: int, most: int, granularity: int, size: int, round_to: int, width: int) -> int:
+    """The drop count nearest ``drops`` (at most ``most``; the lower one on a tie) that is a whole number
+    of lockstep steps and keeps ``round_to`` met: a group made only of a chunk's pieces.
+
+    >>> _whole_steps(7, 20, 8, 24, 1, 1), _whole_steps(9, 31, 2, 32, 1, 1), _whole_steps(9, 31, 2, 32, 8, 1)
+    (8, 8, 8)
+    """
+    def whole(d: int) -> bool:
+        return d % granularity == 0 and round_up_units(size - d, round_to, width) == size - d
+
+    down = next((d for d in range(drops, -1, -1) if whole(d)), 0)
+    up = next((d for d in range(drops, most + 1) if whole(d)), None)
+    return up if up is not None and up - drops < drops - down else down
 
 
 def locksteps_by_group(analysis: Analysis) -> dict[str, tuple[Lockstep, ...]]:
