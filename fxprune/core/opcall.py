@@ -43,6 +43,11 @@ class AnalysisOptions:
     split_axis: str = "largest"
     """Which axis carries the channels when a view splits a channel dim in two (``"largest"`` prunes
     head dims and shuffle-group widths; ``"outer"`` prunes whole heads)."""
+    code_sizes: bool = False
+    """When True, a view whose size is measured from another tensor's channel dim at run time
+    (``v.view(B, C, H, W)`` with ``B, C, H, W = x.shape``) keeps the two dims' kept counts equal, so
+    code that recomputes the size (the user's own forward, under :mod:`fxprune.module`) stays valid.
+    The graph needs no such tie: its rewrite puts the pruned literal there."""
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,35 @@ def reshape_as(op: OpCall) -> Any:
 
 
 def reshape(op: OpCall) -> Any:
+    out = _reshape(op)
+    if op.ctx.options.code_sizes:
+        _measured_widths(op, out)
+    return out
+
+
+def _measured_widths(op: OpCall, out: tuple) -> None:
+    """``v.view(B, C, H, W)`` with ``C`` read from ``x.shape``: code that recomputes ``C`` from the pruned
+    ``x`` views ``v`` correctly only if both kept as many channels (``AnalysisOptions.code_sizes``)."""
+    for position, size in enumerate(_size_args(op)):
+        measured = op.ids(size) if isinstance(size, fx.Node) else None
+        if isinstance(measured, torch.Tensor) and position < len(out) and out[position] is not None \
+                and measured.numel() == out[position].numel():
+            op.equal_pieces([measured, out[position]])
+
+
+def _size_args(op: OpCall) -> list:
+    """The size arguments of a view/reshape, one per output dim (empty for spellings without them)."""
+    node = op.node
+    if node.op == "call_method" and node.target in VIEW_METHODS:
+        args = list(node.args[1:]) or list(node.kwargs.get("shape", ()))
+        return list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    if node.target in VIEW_FUNCTIONS:
+        sizes = op.arg(1, "shape" if node.target is torch.reshape else "size")
+        return list(sizes) if isinstance(sizes, (list, tuple)) else []
+    return []
+
+
+def _reshape(op: OpCall) -> Any:
     x = op.arg(0, "input")
     in_shape, out_shape = op.shape(x), op.shape(op.node)
     x_ids = op.ids(x)
@@ -438,15 +467,18 @@ def split(op: OpCall) -> Any:
         raise Unsupported("tensor_split")
     dim = op.value(op.arg(2, "dim", 0))
     pieces = _pieces(op, dim)
-    if _is_chunk(op.node):
-        _equal_chunks(op, [piece[dim % len(piece)] for piece in pieces])
+    if _is_chunk(op.node) or op.ctx.options.code_sizes:
+        _equal_pieces(op, [piece[dim % len(piece)] for piece in pieces])
     return pieces
 
 
-def _equal_chunks(op: OpCall, arrays: list) -> None:
+def _equal_pieces(op: OpCall, arrays: list) -> None:
     """chunk(n) splits at size // n: after pruning it splits where the plan's pieces end only if they
     stay equal (a forward that keeps ``chunk``, such as the user's own under fxprune.module), so equal
-    pieces are recorded for selection to keep equal. Unequal ones (chunk(3) of 10) have nothing to keep."""
+    pieces are recorded for selection to keep equal. Unequal ones (chunk(3) of 10) have nothing to keep.
+    Under ``code_sizes`` a split into equal pieces is kept so too: its sizes come from one number in the
+    user's code (``split((self.c, self.c), 1)`` in YOLO11's C2PSA), which can take only one new value;
+    a graph alone needs neither, the rewrite recomputes the split sizes."""
     if arrays[0] is None or len({a.numel() for a in arrays}) != 1 or len(arrays) < 2:
         return
     op.equal_pieces(arrays)
