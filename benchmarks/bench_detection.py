@@ -68,6 +68,18 @@ def prune(tool: str, model, inputs: tuple, ratio: float):
     return model
 
 
+def fails(model, inputs: tuple) -> str:
+    """The error of one plain forward of ``model`` ('' when it runs). A peer's model is run as is, not
+    through fxprune's input checks (count_macs would report its failure as fxprune's ExampleInputError)."""
+    import torch
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[-200:]}"
+    return ""
+
+
 def latency(model, inputs: tuple) -> float:
     import torch
     with torch.no_grad():
@@ -90,10 +102,10 @@ def worker(name: str, tool: str, ratio: float) -> dict:
     pruned = prune(tool, model, make(1), ratio)
     row["prune_s"] = round(time.perf_counter() - t0, 1)
     row["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    try:
-        macs = count_macs(pruned, make(1))
-    except Exception as exc:  # the pruned model does not run: a row of its own
-        return {**row, "status": "broken", "stderr_tail": f"pruned model fails: {str(exc)[-200:]}"}
+    failure = fails(pruned, make(1))
+    if failure:  # the pruned model does not run: a row of its own, with the model's own error
+        return {**row, "status": "broken", "stderr_tail": f"pruned model fails: {failure}"}
+    macs = count_macs(pruned, make(1))
     row.update(params_after=count_params(pruned), macs_after=macs, same_class=type(pruned) is type(build(name)[0]),
                ms_b1=round(latency(pruned, make(1)), 1), ms_b8=round(latency(pruned, make(8)), 1))
     row["ms_b1_before"] = round(latency(build(name)[0], make(1)), 1)

@@ -127,6 +127,9 @@ class PruneOptions:
     prune_outputs: bool = option(False, "also prune channels that reach a graph output (changes its shape)")
     split_axis: str = option("largest", "which axis carries the channels where a view splits a channel dim",
                              choices=SPLIT_AXES)
+    code_sizes: Optional[bool] = option(None, "set by fxprune.module: a width the user's forward reads from one "
+                                              "tensor's shape and gives another's view keeps the two equal",
+                                        internal=True)
     propagate_bias: bool = option(False, "fold each dropped channel's constant part (its bias through "
                                          "norms and activations) into the consumers' biases")
     seed: int = option(0, "seed of the random criterion (and of the CLI's random weights and inputs)")

@@ -96,7 +96,8 @@ class PruneResult:
 def analyze(model: Any, example_inputs: Any, options: PruneOptions, dynamic_shapes: Any = AUTO) -> Analysis:
     """capture + match: the groups of ``model`` at ``options.capture``'s level, and why any are frozen."""
     captured = capture(model, example_inputs, options.capture, dynamic_shapes)
-    return match(captured.gm, captured.level, AnalysisOptions(options.prune_outputs, options.split_axis))
+    return match(captured.gm, captured.level, AnalysisOptions(options.prune_outputs, options.split_axis,
+                                                                 bool(options.code_sizes)))
 
 
 def check_run(options: PruneOptions, criterion: Optional[Criterion], data: RunData) -> None:

@@ -194,3 +194,50 @@ def test_prune_output_module():
     with pytest.raises(fxprune.errors.InvalidOptionError, match="output"):
         fxprune.prune(model, (x,), output="modules")
 
+
+
+class PSALike(nn.Module):
+    """YOLO11's C2PSA in small: halves split by ``(self.c, self.c)`` (one number in the code), attention
+    whose ``v`` is viewed back with ``C`` read from the input's shape, heads sized by attributes."""
+
+    def __init__(self, c: int = 24, heads: int = 4):
+        super().__init__()
+        self.c, self.num_heads = c, heads
+        self.head_dim, self.key_dim = c // heads, c // heads // 2
+        self.cv1 = nn.Conv2d(3, 2 * c, 1)
+        self.qkv = nn.Conv2d(c, c + 2 * self.key_dim * heads, 1)
+        self.pe = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.proj = nn.Conv2d(c, c, 1)
+        self.cv2 = nn.Conv2d(2 * c, 4, 1)
+
+    def attention(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, self.num_heads, self.key_dim * 2 + self.head_dim, H * W).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        x = (v @ attn.transpose(-2, -1)).view(B, C, H, W) + self.pe(v.reshape(B, C, H, W))
+        return self.proj(x)
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), dim=1)
+        b = b + self.attention(b)
+        return self.cv2(torch.cat((a, b), 1))
+
+
+def test_sizes_the_forward_reads_from_shapes_stay_equal_at_30_percent():
+    """At 30% the graph alone may keep ``v`` wider than ``x`` and the halves unequal (its rewrite puts
+    the literals in place); the user's forward recomputes those sizes, so fxprune.module keeps them
+    equal (``code_sizes``) and the class comes back, checked."""
+    torch.manual_seed(0)
+    model = PSALike().eval()
+    x = torch.randn(2, 3, 4, 4)
+    out = fxprune.module.prune(model, (x,), sparsity=0.3)
+    small = out.module
+    assert type(small) is PSALike and out.max_abs_error < 1e-4
+    kept = out.plan.kept_indices
+    halves = [i for i in kept["cv1.weight"][0] if i < 24], [i for i in kept["cv1.weight"][0] if i >= 24]
+    assert len(halves[0]) == len(halves[1]) == small.c < 24
+    assert small.num_heads * small.head_dim == len(kept["proj.weight"][0])  # v's width is x's
+    assert out.plan.options.code_sizes is True
+    plain = fxprune.prune(model, (x,), sparsity=0.3)
+    assert plain.plan.options.code_sizes is None  # the graph result is not tied

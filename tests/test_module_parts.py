@@ -141,3 +141,30 @@ def test_yolo_same_class_trains_and_exports(config, tmp_path, monkeypatch):
         want = small.eval()(x)
     want = torch.utils._pytree.tree_leaves(want)[0]  # the first output: the detections
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_yolo_same_class_at_30_percent_trains(config):
+    """At 30% the halves of C2f's ``chunk(2, 1)`` and C2PSA's ``split((self.c, self.c), 1)``, and the
+    width YOLO11's Attention reads from ``x.shape`` for ``v``, would come out unequal; they drop in
+    lockstep, so the class comes back, checked, and trains."""
+    ultralytics = pytest.importorskip("ultralytics")
+    from ultralytics.cfg import get_cfg
+
+    torch.manual_seed(0)
+    model = ultralytics.YOLO(config, verbose=False).model.eval().requires_grad_(False)
+    out = fxprune.module.prune_parts(model, (torch.rand(1, 3, 64, 64),), sparsity=0.3)
+    small = out.module
+    assert type(small) is type(model) and out.max_abs_error < 1e-4
+    assert _params(small) < 0.6 * _params(model)
+    assert out.result.analysis.locksteps
+    trained = copy.deepcopy(small)
+    trained.args = get_cfg()
+    trained.train().requires_grad_(True)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.01)
+    loss, _ = trained.loss(_yolo_batch(config))
+    loss.sum().backward()
+    first = trained.model[0].conv.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(trained.model[0].conv.weight, first)

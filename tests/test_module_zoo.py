@@ -121,13 +121,17 @@ def test_segmentation_same_class(name):
     assert out.module(x)["out"].shape == (1, 4, 64, 64)
 
 
-def test_shufflenet_whose_forward_halves_its_channels_is_refused():
-    """ShuffleNetV2's blocks ``chunk(2)`` their input and run one half through a branch: the plan keeps
-    uneven halves (the graph result holds them, rewritten), which the own forward cannot split, so the
-    error names the module and points to the graph result."""
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_shufflenet_whose_forward_halves_its_channels_comes_back(sparsity):
+    """ShuffleNetV2's blocks ``chunk(2)`` their input and run one half through a branch: the halves keep
+    equal widths (a chunk's pieces drop in lockstep), so its own forward's chunk splits where the plan's
+    pieces end, at 30% as at 50%."""
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
-    with pytest.raises(ModuleForwardError, match="result.graph_module"):
-        fxprune.module.prune(model, (torch.randn(1, 3, 64, 64),), sparsity=0.5)
+    x = torch.randn(1, 3, 64, 64)
+    out = fxprune.module.prune(model, (x,), sparsity=sparsity)
+    assert type(out.module) is type(model) and _params(out.module) < (0.7 if sparsity == 0.3 else 0.4) * _params(model)
+    assert out.max_abs_error < 1e-3
+    assert out.result.analysis.locksteps
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

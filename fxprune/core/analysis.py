@@ -21,6 +21,7 @@ from fxprune.core.capture import has_hooks
 from fxprune.core.channels import Solution, TensorIds
 from fxprune.core.graph import describe_target, fixed_like, has_value, iter_arrays, meta_value, tensor_at
 from fxprune.core.groups import Group, build_groups
+from fxprune.core.lockstep import Lockstep, settle
 from fxprune.core.opcall import (ActSink, AnalysisOptions, Context, NormSite, OpCall, Producer,  # noqa: F401
                                  Unsupported, WeightedConsumer)
 from fxprune.core.registry import lookup_analyze, run_after_rule
@@ -46,6 +47,8 @@ class Analysis:
     weighted_consumers: tuple[WeightedConsumer, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
     norm_sites: tuple[NormSite, ...] = ()
+    locksteps: tuple[Lockstep, ...] = ()
+    """Units that drop in fixed proportions so that every chunk's pieces stay equal (selection reads them)."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -74,10 +77,10 @@ def match(gm: fx.GraphModule, level: str, options: AnalysisOptions = AnalysisOpt
     ctx = Context(gm, options)
     for node in gm.graph.nodes:
         ctx.env[node] = _visit(ctx, node, lookup_analyze)
-    solution = ctx.table.solve()
-    groups = build_groups(ctx.params, ctx.producers, solution)
+    solution, locksteps = settle(ctx.pieces, ctx.table.solve())
+    groups = build_groups(ctx.params, ctx.producers, solution, ties=[lock.units for lock in locksteps])
     return Analysis(gm, level, ctx.env, ctx.params, solution, ctx.producers, ctx.param_sinks,
-                    ctx.act_sinks, groups, ctx.weighted_consumers, ctx.aliases, tuple(ctx.norm_sites))
+                    ctx.act_sinks, groups, ctx.weighted_consumers, ctx.aliases, tuple(ctx.norm_sites), locksteps)
 
 
 def _visit(ctx: Context, node: fx.Node, lookup: Callable) -> Any:

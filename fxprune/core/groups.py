@@ -66,11 +66,13 @@ class Group:
 
 
 def build_groups(params: Mapping[str, TensorIds], producers: Sequence[Any],
-                 solution: Solution) -> tuple[Group, ...]:
+                 solution: Solution, ties: Sequence[Sequence[int]] = ()) -> tuple[Group, ...]:
     """Connect producers that share a class; each connected set is one group.
 
     ``params``: every parameter's channel map; ``producers``: the parameter dims that create channels
-    (``.key``, ``.dim``, in graph order: the first names its group); ``solution``: the solved classes.
+    (``.key``, ``.dim``, in graph order: the first names its group); ``solution``: the solved classes;
+    ``ties``: sets of classes that one selection must see together (a lockstep's units, which may come
+    from several producers: ``cat([a, b]).chunk(2)``).
     """
     roots = [solution.root[params[p.key][p.dim]] for p in producers]
     parent = list(range(len(roots)))
@@ -81,6 +83,10 @@ def build_groups(params: Mapping[str, TensorIds], producers: Sequence[Any],
         owner[classes[seen < 0]] = index
         for other in seen[seen >= 0].unique().tolist():  # producers met before: usually none or one
             _union(parent, index, other)
+    for tie in ties:
+        owners = [o for o in owner[torch.as_tensor(list(tie), dtype=torch.long)].unique().tolist() if o >= 0]
+        for other in owners[1:]:
+            _union(parent, owners[0], other)
     by_group: dict[int, list[int]] = {}
     for index in range(len(roots)):
         by_group.setdefault(_find(parent, index), []).append(index)

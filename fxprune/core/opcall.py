@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.core.channels import ChannelTable, TensorIds
+from fxprune.core.lockstep import Pieces
 from fxprune.core.graph import describe_target, fixed_like, iter_arrays, meta_value, tensor_at
 from fxprune.core.predicates import is_quantizer
 
@@ -42,6 +43,11 @@ class AnalysisOptions:
     split_axis: str = "largest"
     """Which axis carries the channels when a view splits a channel dim in two (``"largest"`` prunes
     head dims and shuffle-group widths; ``"outer"`` prunes whole heads)."""
+    code_sizes: bool = False
+    """When True, a view whose size is measured from another tensor's channel dim at run time
+    (``v.view(B, C, H, W)`` with ``B, C, H, W = x.shape``) keeps the two dims' kept counts equal, so
+    code that recomputes the size (the user's own forward, under :mod:`fxprune.module`) stays valid.
+    The graph needs no such tie: its rewrite puts the pruned literal there."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class Context:
     act_sinks: list[ActSink] = field(default_factory=list)
     weighted_consumers: list[WeightedConsumer] = field(default_factory=list)
     norm_sites: list[NormSite] = field(default_factory=list)
+    pieces: list[Pieces] = field(default_factory=list)
+    """Splits whose pieces must keep equal sizes (``chunk``): see :mod:`fxprune.core.lockstep`."""
     aliases: dict[str, str] = field(default_factory=dict)
     """Every parameter name seen -> its canonical name (see :meth:`canonical`)."""
     _names: dict[int, str] = field(default_factory=dict)
@@ -241,6 +249,10 @@ class OpCall:
         if dims:
             self.ctx.norm_sites.append(NormSite(self.node.name, dims, tuple(x_ids[d] for d in dims),
                                                 kept_only, (x, *args)))
+
+    def equal_pieces(self, arrays: list[torch.Tensor]) -> None:
+        """Declare that these pieces of one dim must keep equal sizes (the code splits at ``size // n``)."""
+        self.ctx.pieces.append(Pieces(tuple(arrays), self.where()))
 
     def fixed(self, value: Any = None) -> Any:
         """A channel map with no channel on any dim, shaped like ``value`` (default: the output)."""

@@ -33,6 +33,7 @@ from fxprune.core.analysis import Analysis
 from fxprune.core.channels import Solution
 from fxprune.core.graph import iter_arrays, tensor_at
 from fxprune.core.groups import build_groups
+from fxprune.core.lockstep import Lockstep, remap
 from fxprune.errors import UnsupportedModelError
 
 #: The blocks of the proxy: first, the one copied, last.
@@ -91,12 +92,28 @@ def repeat_blocks(proxy: Analysis, prefix: str, blocks: int) -> Analysis:
     params = _expand(proxy.params.items(), prefix, blocks, maps, lambda ids, m: tuple(_remap(i, m) for i in ids))
     producers = [dataclasses.replace(p, key=k)
                  for k, p in _expand(((p.key, p) for p in proxy.producers), prefix, blocks, maps, lambda p, m: p)]
-    groups = build_groups(dict(params), producers, solution)
+    locksteps = _locksteps(proxy.locksteps, local, maps, prefix)
+    groups = build_groups(dict(params), producers, solution, ties=[lock.units for lock in locksteps])
     arrays = [a for a in _node_arrays(proxy) if bool(local[a[a >= 0]].any())]
     copied = tuple(_remap(a, m) for m in maps for a in arrays)
     fields = {f.name: getattr(proxy, f.name) for f in dataclasses.fields(Analysis)}
-    fields.update(params=dict(params), solution=solution, producers=tuple(producers), groups=groups)
+    fields.update(params=dict(params), solution=solution, producers=tuple(producers), groups=groups,
+                  locksteps=locksteps)
     return Repeated(**fields, prefix=prefix, blocks=blocks, copied_arrays=copied)
+
+
+def _locksteps(locks: tuple[Lockstep, ...], local: torch.Tensor, maps: list[torch.Tensor],
+               prefix: str) -> tuple[Lockstep, ...]:
+    """The proxy's locksteps, with one copy per copied block of those inside block 1."""
+    copies = []
+    for lock in locks:
+        inside = local[torch.tensor(lock.units, dtype=torch.long)]
+        if bool(inside.any()) and not bool(inside.all()):
+            raise UnsupportedModelError(f"{prefix}1 is not a repeatable block: a chunk at {lock.where[0]} keeps "
+                                        f"its channels equal to channels outside it; analyse the full model")
+        if bool(inside.all()):
+            copies += [remap(lock, m) for m in maps]
+    return locks + tuple(copies)
 
 
 # --- which ids belong to block 1 alone ------------------------------------------------------------

@@ -7,7 +7,10 @@ that spans several channels, such as an attention head of ``head_dim`` channels,
 frozen units. ``global_ranking`` ranks units of all groups together on scores normalised per group
 (``normalize``: ``mean`` by default, ``none``, ``max``, ``standardize`` or ``lamp``), which gives each
 group its own ratio — FLAP's adaptive per-layer ratios with ``normalize="standardize"`` — bounded
-below by ``min_keep_ratio`` (the fraction of its units every group keeps) and ``min_keep``.
+below by ``min_keep_ratio`` (the fraction of its units every group keeps) and ``min_keep``. The pieces
+of a ``chunk`` keep equal sizes: their units drop in lockstep (:mod:`fxprune.core.lockstep`), a whole
+step at a time, each piece losing its own lowest-scoring channels; a group made only of such units drops
+a whole number of steps (with ``round_to`` still met, which may drop fewer).
 
 >>> options = PruneOptions(0.5, global_ranking=True, normalize="standardize", min_keep_ratio=0.2)
 >>> adaptive_ratios(analysis, scores, options)                     # doctest: +SKIP
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import Counter
 from typing import Mapping, Optional
 
 import torch
@@ -25,6 +29,7 @@ from fxprune.core.analysis import Analysis
 from fxprune.core.channels import Dropped
 from fxprune.errors import InvalidOptionError
 from fxprune.core.groups import Group
+from fxprune.core.lockstep import Lockstep
 from fxprune.options import NORMALIZATIONS, PruneOptions, Sparsity
 
 def module_names(group: Group) -> list[str]:
@@ -66,23 +71,65 @@ def select(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: Prun
     segments = _segments(analysis)
     holding = _segments_of_units(segments)
     budgets = _global_budgets(analysis, scores, options) if options.global_ranking else {}
+    locks = locksteps_by_group(analysis)
     for group in analysis.groups:
         if group.name not in scores:
             continue
         ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, options)
-        count = _drop_count(group, ratio, options, unit_width(analysis, group))  # global shares get round_to too
+        mine_locks = locks.get(group.name, ())
+        count = _drop_count(group, ratio, options, unit_width(analysis, group),  # global shares get round_to too
+                            _granularity(group, mine_locks))
         count = counts.get(group.name, count) if counts else count
         mine = [segments[i] for i in sorted({i for u in group.units for i in holding.get(u, ())})]
-        for unit in _choose(group, scores[group.name], count, mine, options.min_keep):
+        for unit in _choose(group, scores[group.name], count, mine, options.min_keep, mine_locks):
             drop[unit] = True
     return Dropped(drop)
 
 
-def _drop_count(group: Group, ratio: float, options: PruneOptions, width: int) -> int:
+def _drop_count(group: Group, ratio: float, options: PruneOptions, width: int, granularity: int = 1) -> int:
     keep = group.size - math.floor(ratio * group.size + 1e-9)
     keep = round_up_units(keep, options.round_to, width)
     keep = min(group.size, max(options.min_keep, _min_keep_of(group, options), keep))
-    return max(0, group.size - max(keep, len(group.frozen_units)))
+    drops = max(0, group.size - max(keep, len(group.frozen_units)))
+    if granularity == 1:
+        return drops
+    most = group.size - max(options.min_keep, _min_keep_of(group, options), len(group.frozen_units))
+    return _whole_steps(drops, most, granularity, group.size, options.round_to, width)
+
+
+def _whole_steps(drops: int, most: int, granularity: int, size: int, round_to: int, width: int) -> int:
+    """The drop count nearest ``drops`` (at most ``most``; the lower one on a tie) that is a whole number
+    of lockstep steps and keeps ``round_to`` met: a group made only of a chunk's pieces.
+
+    >>> _whole_steps(7, 20, 8, 24, 1, 1), _whole_steps(9, 31, 2, 32, 1, 1), _whole_steps(9, 31, 2, 32, 8, 1)
+    (8, 8, 8)
+    """
+    def whole(d: int) -> bool:
+        return d % granularity == 0 and round_up_units(size - d, round_to, width) == size - d
+
+    down = next((d for d in range(drops, -1, -1) if whole(d)), 0)
+    up = next((d for d in range(drops, most + 1) if whole(d)), None)
+    return up if up is not None and up - drops < drops - down else down
+
+
+def locksteps_by_group(analysis: Analysis) -> dict[str, tuple[Lockstep, ...]]:
+    """Each group's locksteps (build_groups puts all of a lockstep's units in one group)."""
+    owner = {u: g.name for g in analysis.groups for u in g.units} if analysis.locksteps else {}
+    out: dict[str, tuple[Lockstep, ...]] = {}
+    for lock in analysis.locksteps:
+        name = owner[lock.units[0]]
+        out[name] = out.get(name, ()) + (lock,)
+    return out
+
+
+def _granularity(group: Group, locks: tuple[Lockstep, ...]) -> int:
+    """Units a group's drops come in: a step's size when every free unit is in a lockstep, else 1."""
+    if not locks:
+        return 1
+    locked = {u for lock in locks for u in lock.units}
+    if any(u not in locked for u in set(group.units) - set(group.frozen_units)):
+        return 1
+    return math.gcd(*(lock.size for lock in locks))
 
 
 def round_up_units(keep: int, round_to: int, width: int = 1) -> int:
@@ -109,18 +156,17 @@ def unit_width(analysis: Analysis, group: Group) -> int:
     return ids.numel() // classes if classes and ids.numel() % classes == 0 else 1
 
 
-def _choose(group: Group, scores: torch.Tensor, count: int, mine: list, min_keep: int) -> list[int]:
+def _choose(group: Group, scores: torch.Tensor, count: int, mine: list, min_keep: int,
+            locks: tuple[Lockstep, ...] = ()) -> list[int]:
     """The ``count`` lowest-scoring free units, never emptying a segment (of ``mine``, the segments
     holding any of the group's units, in segment order) below ``min_keep``.
 
     A first pass also keeps every segment (a tensor dim the group spans, like one half of a split)
     at least as full as the group's overall keep ratio, so a split's halves shrink alike; a second pass
-    fills what remains of the budget with only ``min_keep`` as the bound.
+    fills what remains of the budget with only ``min_keep`` as the bound. Units in a lockstep (a chunk's
+    pieces) go a whole step at a time (:func:`_items`), never beyond ``count``.
     """
-    frozen = set(group.frozen_units)
-    values = scores.tolist()  # one conversion, not one tensor index per comparison key
-    order = [group.units[i] for i in sorted(range(group.size), key=lambda i: (values[i], i))]
-    order = [u for u in order if u not in frozen]
+    items = _items(group, scores.tolist(), set(group.frozen_units), locks)
     of_unit: dict[int, list[int]] = {}
     for index, segment in enumerate(mine):
         for unit in segment:
@@ -131,16 +177,41 @@ def _choose(group: Group, scores: torch.Tensor, count: int, mine: list, min_keep
     floors = [min(min_keep, len(s)) for s in mine]
     chosen: dict[int, None] = {}  # insertion-ordered set
     for bound in (balanced, floors):
-        for unit in order:
+        for item in items:
             if len(chosen) == count:
                 return list(chosen)
-            touched = of_unit.get(unit, [])
-            if unit in chosen or any(kept[i] - 1 < bound[i] for i in touched):
+            if item[0] in chosen or len(chosen) + len(item) > count:
                 continue
-            for i in touched:
-                kept[i] -= 1
-            chosen[unit] = None
+            touched = dict.fromkeys(of_unit.get(item[0], ()), 1) if len(item) == 1 else \
+                Counter(i for unit in item for i in of_unit.get(unit, ()))
+            if any(kept[i] - n < bound[i] for i, n in touched.items()):
+                continue
+            for i, n in touched.items():
+                kept[i] -= n
+            chosen.update(dict.fromkeys(item))
     return list(chosen)
+
+
+def _items(group: Group, values: list[float], frozen: set, locks: tuple[Lockstep, ...]) -> list[tuple[int, ...]]:
+    """What selection drops, lowest score first (ties by unit order): each free unit alone, except
+    those in a lockstep, which go one step at a time — step ``t`` takes the ``t``-th lowest-scoring
+    ``steps[c]`` units of every cell ``c``, so each piece loses its own least important channels —
+    ranked by the mean score of its units (non-decreasing in ``t``)."""
+    index = {u: i for i, u in enumerate(group.units)}
+
+    def key(unit: int) -> tuple[float, int]:
+        return values[index[unit]], index[unit]
+
+    ranked, locked = [], set()
+    for lock in locks:
+        cells = [sorted((u for u in cell if u not in frozen), key=key) for cell in lock.cells]
+        locked.update(lock.units)
+        for t in range(min(len(c) // s for c, s in zip(cells, lock.steps))):
+            units = tuple(u for c, s in zip(cells, lock.steps) for u in c[t * s:(t + 1) * s])
+            mean = sum(values[index[u]] for u in units) / len(units)
+            ranked.append(((mean, min(index[u] for u in units)), units))
+    ranked += [(key(u), (u,)) for u in group.units if u not in locked and u not in frozen]
+    return [units for _, units in sorted(ranked, key=lambda entry: entry[0])]
 
 
 def _segments(analysis: Analysis) -> list[frozenset]:
@@ -221,9 +292,11 @@ def adaptive_ratios(analysis: Analysis, scores: Mapping[str, torch.Tensor], opti
     """The fraction of its units each scored group loses under ``options`` (global ranking gives each
     group its own; ``round_to`` and the keep bounds applied)."""
     budgets = _global_budgets(analysis, scores, options) if options.global_ranking else {}
+    locks = locksteps_by_group(analysis)
     out = {}
     for group in analysis.groups:
         if group.name in scores:
             ratio = budgets[group.name] / group.size if group.name in budgets else group_ratio(group, options)
-            out[group.name] = _drop_count(group, ratio, options, unit_width(analysis, group)) / group.size
+            granularity = _granularity(group, locks.get(group.name, ()))
+            out[group.name] = _drop_count(group, ratio, options, unit_width(analysis, group), granularity) / group.size
     return out

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxprune.module.check import check
+from fxprune.module.check import check, keeping_code_sizes
 from fxprune.module.files import load, save
 from fxprune.module.rebuild import rebuild
 
@@ -78,7 +78,7 @@ def prune(model: nn.Module, example_inputs: Any, **options: Any) -> ModuleResult
     """
     from fxprune.stages import prune as prune_graph
 
-    result = prune_graph(model, example_inputs, **options)
+    result = prune_graph(model, example_inputs, **keeping_code_sizes(options))
     return to_module(model, result)
 
 
@@ -92,7 +92,7 @@ def prune_module(model: nn.Module, example_inputs: Any, **arguments: Any) -> Any
     from fxprune.errors import CaptureError
 
     try:
-        result = prune_graph(model, example_inputs, **arguments)
+        result = prune_graph(model, example_inputs, **keeping_code_sizes(arguments))
     except CaptureError:
         from fxprune.module.parts import prune_parts
         parts = prune_parts(model, example_inputs, **arguments)

@@ -22,6 +22,18 @@ from fxprune.errors import ModuleForwardError
 GRAPH_HINT = "use result.graph_module (the pruned graph, whose sizes are rewritten) instead"
 
 
+def keeping_code_sizes(arguments: dict) -> dict:
+    """``fxprune.prune`` keywords for a result the user's own forward will run: a width that forward reads
+    from one tensor's shape and gives another's view stays equal in both (``code_sizes``; the graph
+    alone needs no such tie, its rewrite puts the pruned literal there)."""
+    from fxprune.options import PruneOptions
+
+    base = arguments.get("options") or PruneOptions()
+    if not isinstance(base, PruneOptions):
+        return arguments  # PruneOptions.build names the wrong type
+    return {**arguments, "options": base.replace(code_sizes=True)}
+
+
 def check(module: nn.Module, reference: Callable, example_inputs: tuple, tolerance: float = 1e-4) -> float:
     """The largest output difference between ``module`` and ``reference`` (the pruned graph) over the
     example inputs and one more batch row; raises :class:`ModuleForwardError` beyond ``tolerance``

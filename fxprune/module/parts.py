@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fxprune.errors import CaptureError, InvalidOptionError, ModuleForwardError
-from fxprune.module.check import GRAPH_HINT, batches, compare, eval_mode
+from fxprune.module.check import GRAPH_HINT, batches, compare, eval_mode, keeping_code_sizes
 from fxprune.module.rebuild import rebuild
 
 
@@ -367,7 +367,7 @@ def prune_parts(model: nn.Module, example_inputs: Any, *, modules: Optional[Sequ
     joined = join(work, rec, parts)
     values = _values(work, rec, joined.inputs, "args")
     _check_join(joined, values, _values(work, rec, joined.outputs, "output"))
-    result = prune(joined.gm, values, **options)
+    result = prune(joined.gm, values, **keeping_code_sizes(options))
     small = rebuild(model, result)
     error = check_parts(small, result.graph_module, joined, inputs)
     return PartsResult(small, result, tuple(parts), dict(joined.crossings), error)

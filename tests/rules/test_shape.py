@@ -203,3 +203,125 @@ def test_channel_shuffle_keeps_shared_local_indices(level):
                                         for i in range(0, len(inputs), 2))
     stem_right_of_left_half = {4 + i // 2 for i in inputs}
     assert stem_right_of_left_half == {c for c in kept["stem.weight"][0] if 4 <= c < 8}
+
+
+# --- a chunk's pieces stay equal (fxprune.core.lockstep) ------------------------------------------
+class CatChunked(nn.Module):
+    """Two convs concatenated, then chunked: the halves come from different producers, so the lockstep
+    ties the two groups into one selection."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 1)
+        self.h1, self.h2 = nn.Conv2d(6, 2, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        left, right = torch.cat([self.a(x), self.b(x)], 1).chunk(2, dim=1)
+        return self.h1(left) + self.h2(right)
+
+
+class C2fLike(nn.Module):
+    """YOLO's C2f (``list(cv1(x).chunk(2, 1))`` there; unpacked here, which fx traces): the second half
+    through a residual block, all three concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 20, 1)
+        self.m = nn.Sequential(nn.Conv2d(10, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, 10, 3, padding=1))
+        self.cv2 = nn.Conv2d(30, 4, 1)
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        return self.cv2(torch.cat([a, b, b + self.m(b)], 1))
+
+
+class Entangled(nn.Module):
+    """A chunk no drop keeps equal but by moving two cells independently: piece 0 holds ``a`` once and
+    ``b`` twice, piece 1 holds ``c`` (``d_a + 2 d_b = d_c`` has a plane of solutions): its units freeze,
+    with the reason, and the rest prunes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(3, 6, 1)
+        self.h1, self.h2 = nn.Conv2d(6, 8, 1), nn.Conv2d(6, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        b = self.b(x)
+        left, right = torch.cat([self.a(x), b, b, self.c(x)], 1).chunk(2, dim=1)
+        return self.head(F.relu(self.h1(left) + self.h2(right)))
+
+
+CHUNK_CASES = {"chunked": (Chunked, (1, 3, 4, 4)), "shuffle": (Shuffle, (1, 3, 4, 4)),
+               "cat_chunked": (CatChunked, (1, 3, 4, 4)), "c2f": (C2fLike, (1, 3, 6, 6)),
+               "entangled": (Entangled, (1, 3, 4, 4))}
+
+
+@pytest.mark.parametrize("case", sorted(CHUNK_CASES))
+def test_chunk_pieces_stay_equal_at_30_percent(prune_checked, case, level):
+    """30% of a chunked dim leaves unequal halves unless selection keeps them in lockstep: every chunk
+    must still be a chunk of equal pieces (kept as ``chunk`` in the graph), and verify passes."""
+    factory, shape = CHUNK_CASES[case]
+    torch.manual_seed(0)
+    report = prune_checked(factory().eval(), torch.randn(shape), level, sparsity=0.3)
+    gm = report.result.graph_module
+    assert not any(str(n.target) in ("split", "aten.split_with_sizes.default") for n in gm.graph.nodes)
+    chunks = [n for n in gm.graph.nodes if "chunk" in str(n.target)]
+    assert chunks
+    for node in chunks:
+        pieces = [int(v.shape[1]) for v in (node.meta.get("val") or node.meta["tensor_meta"])]
+        assert len(set(pieces)) == 1, (node.name, pieces)
+
+
+def test_each_piece_drops_its_own_lowest_channels(level):
+    """In lockstep each half loses the same number of channels, each its own lowest-scoring ones."""
+    torch.manual_seed(0)
+    model = Chunked().eval()
+    with torch.no_grad():  # the consumers' columns alike: a channel's score is its conv row's
+        model.conv.bias.zero_()
+        model.h1.weight.fill_(1.0), model.h2.weight.fill_(1.0)
+        model.conv.weight.copy_(torch.randn(12, 1, 1, 1).expand(12, 3, 1, 1))
+    result = fxprune.prune(model, torch.randn(1, 3, 4, 4), 0.3, capture=level)
+    kept = result.plan.kept_indices["conv.weight"][0]
+    left, right = [k for k in kept if k < 6], [k - 6 for k in kept if k >= 6]
+    assert len(left) == len(right) == 5  # 30% of 12 is 3.6 drops: the nearest whole step is 2 (one a half)
+    norms = model.conv.weight.detach().flatten(1).abs().sum(1)
+    for half, offset in ((left, 0), (right, 6)):
+        dropped = set(range(6)) - set(half)
+        assert all(norms[offset + d] <= norms[offset + k] for d in dropped for k in half)
+
+
+def test_cat_then_chunk_ties_the_groups(level):
+    torch.manual_seed(0)
+    result = fxprune.prune(CatChunked().eval(), torch.randn(1, 3, 4, 4), 0.3, capture=level)
+    assert [g.name for g in result.analysis.groups if g.prunable] == ["a"]  # a and b: one selection
+    kept = result.plan.kept_indices
+    assert len(kept["a.weight"][0]) == len(kept["b.weight"][0])
+
+
+def test_a_chunk_no_drop_keeps_equal_freezes_with_the_reason(level):
+    torch.manual_seed(0)
+    result = fxprune.prune(Entangled().eval(), torch.randn(1, 3, 4, 4), 0.5, capture=level)
+    frozen = {g.name: g.reasons for g in result.analysis.groups if not g.prunable}
+    assert {"a", "b", "c"} <= set(frozen)
+    assert all("pieces of a chunk must keep equal sizes" in frozen[n][0] for n in ("a", "b", "c"))
+    assert len(result.plan.kept_indices["h1.weight"][0]) == 4  # the rest still prunes
+
+
+@pytest.mark.parametrize("options", [{"round_to": 4}, {"global_ranking": True}, {"min_keep": 4},
+                                     {"sparsity": {"cv1": 0.3}}])
+def test_lockstep_with_selection_options(level, options):
+    """round_to, global ranking, min_keep and per-module ratios all keep the halves equal and verify."""
+    torch.manual_seed(0)
+    options = {"sparsity": 0.3, **options}
+    report = check_pruned_quiet(C2fLike().eval(), torch.randn(1, 3, 6, 6), level, options)
+    kept = report.result.plan.kept_indices["cv1.weight"][0]
+    halves = [k for k in kept if k < 10], [k for k in kept if k >= 10]
+    assert len(halves[0]) == len(halves[1]) >= options.get("min_keep", 1)
+    if "round_to" in options:
+        assert len(kept) % 4 == 0
+
+
+def check_pruned_quiet(model, x, level, options):
+    from fxprune.testing.check import check_pruned
+    return check_pruned(model, (x,), capture=level, **options)

@@ -104,6 +104,35 @@ def reshape_as(op: OpCall) -> Any:
 
 
 def reshape(op: OpCall) -> Any:
+    out = _reshape(op)
+    if op.ctx.options.code_sizes:
+        _measured_widths(op, out)
+    return out
+
+
+def _measured_widths(op: OpCall, out: tuple) -> None:
+    """``v.view(B, C, H, W)`` with ``C`` read from ``x.shape``: code that recomputes ``C`` from the pruned
+    ``x`` views ``v`` correctly only if both kept as many channels (``AnalysisOptions.code_sizes``)."""
+    for position, size in enumerate(_size_args(op)):
+        measured = op.ids(size) if isinstance(size, fx.Node) else None
+        if isinstance(measured, torch.Tensor) and position < len(out) and out[position] is not None \
+                and measured.numel() == out[position].numel():
+            op.equal_pieces([measured, out[position]])
+
+
+def _size_args(op: OpCall) -> list:
+    """The size arguments of a view/reshape, one per output dim (empty for spellings without them)."""
+    node = op.node
+    if node.op == "call_method" and node.target in VIEW_METHODS:
+        args = list(node.args[1:]) or list(node.kwargs.get("shape", ()))
+        return list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    if node.target in VIEW_FUNCTIONS:
+        sizes = op.arg(1, "shape" if node.target is torch.reshape else "size")
+        return list(sizes) if isinstance(sizes, (list, tuple)) else []
+    return []
+
+
+def _reshape(op: OpCall) -> Any:
     x = op.arg(0, "input")
     in_shape, out_shape = op.shape(x), op.shape(op.node)
     x_ids = op.ids(x)
@@ -437,7 +466,27 @@ def split(op: OpCall) -> Any:
     if op.node.target in ("tensor_split", torch.tensor_split, aten.tensor_split):
         raise Unsupported("tensor_split")
     dim = op.value(op.arg(2, "dim", 0))
-    return _pieces(op, dim)
+    pieces = _pieces(op, dim)
+    if _is_chunk(op.node) or op.ctx.options.code_sizes:
+        _equal_pieces(op, [piece[dim % len(piece)] for piece in pieces])
+    return pieces
+
+
+def _equal_pieces(op: OpCall, arrays: list) -> None:
+    """chunk(n) splits at size // n: after pruning it splits where the plan's pieces end only if they
+    stay equal (a forward that keeps ``chunk``, such as the user's own under fxprune.module), so equal
+    pieces are recorded for selection to keep equal. Unequal ones (chunk(3) of 10) have nothing to keep.
+    Under ``code_sizes`` a split into equal pieces is kept so too: its sizes come from one number in the
+    user's code (``split((self.c, self.c), 1)`` in YOLO11's C2PSA), which can take only one new value;
+    a graph alone needs neither, the rewrite recomputes the split sizes."""
+    if arrays[0] is None or len({a.numel() for a in arrays}) != 1 or len(arrays) < 2:
+        return
+    op.equal_pieces(arrays)
+
+
+def _is_chunk(node: fx.Node) -> bool:
+    return node.target in ("chunk", torch.chunk) or getattr(node.target, "overloadpacket", None) is aten.chunk \
+        or node.target is aten.chunk
 
 
 def rewrite_split(rw) -> None:
@@ -461,8 +510,7 @@ def rewrite_split(rw) -> None:
 
 def _still_a_chunk(rw, sizes: list[int]) -> bool:
     """chunk(n) of the pruned tensor gives the same pieces when they are equal: keep it readable."""
-    is_chunk = rw.node.target in ("chunk", torch.chunk) or rw.node.target in (aten.chunk, aten.chunk.default)
-    return is_chunk and len(set(sizes)) == 1
+    return _is_chunk(rw.node) and len(set(sizes)) == 1
 
 
 def unbind(op: OpCall) -> Any:
@@ -695,7 +743,8 @@ FAMILY = register(OpFamily("shape", (
     OpRule((torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat, aten.concatenate), cat,
            rewrite=None),
     OpRule((torch.stack, aten.stack), stack, rewrite=None),
-    # split(x, sizes, dim) / chunk(x, n, dim): pieces map offsets exactly; the rewrite recomputes the sizes
+    # split(x, sizes, dim) / chunk(x, n, dim): pieces map offsets exactly; the rewrite recomputes the sizes;
+    # a chunk's equal pieces stay equal (selection keeps them in lockstep, fxprune.core.lockstep)
     OpRule(("split", "chunk", "split_with_sizes", torch.split, torch.chunk, aten.split, aten.split_with_sizes,
            aten.chunk,
             aten.split_copy, aten.split_with_sizes_copy), split, rewrite=rewrite_split),
