@@ -198,7 +198,7 @@ def check_mask(mask: Any, inputs: tuple, index: int, ids_name: str = "input 0") 
                                f"{list(getattr(mask, 'shape', [])) if isinstance(mask, torch.Tensor) else _describe(mask)} "
                                f"does not match {ids_name} {list(first.shape) if isinstance(first, torch.Tensor) else '?'} "
                                f"(its (batch, sequence) dims)")
-    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
         raise CalibrationError(f"calibration batch {index}: attention_mask must hold 0 (padding) and 1 "
                                f"(real token), got a {mask.dtype} tensor with other values")
     mask = mask.bool()
