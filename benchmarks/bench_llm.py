@@ -82,7 +82,7 @@ class Row:
 
 ROWS = [
     "hf magnitude @ mlp20", "hf random @ mlp20",
-    *[f"hf {c}{r} @ {w}" for w in ("mlp20", "mlp50", "mlp20+kv1") for c in ("wanda", "flap", "activation")
+    *[f"hf {c}{r} @ {w}" for w in ("mlp20", "mlp50", "mlp20+kv1") for c in ("wanda", "flap", "activation", "energy")
       for r in ("", " + reconstruct", " + compensate-bias")],
     "hf taylor @ mlp20",
     "hf wanda + reconstruct{ridge=1} @ mlp20", "hf wanda + reconstruct{ridge=10} @ mlp20",

@@ -119,8 +119,10 @@ def test_dict_batches_are_read_by_input_ids():
     (torch.full((2, 16), VOCAB), r"batch 1: input_ids holds token id 100, outside the model's vocabulary"),
     ({"input_ids": _ids(2, 1), "attention_mask": torch.ones(2, 15)},
      r"batch 1: attention_mask of shape \[2, 15\] does not match input_ids \[2, 16\]"),
-    ({"input_ids": _ids(2, 1), "attention_mask": torch.tensor([[1] * 16, [1] * 12 + [0] * 4])},
-     r"batch 1: attention_mask has padded positions"),
+    ({"input_ids": _ids(2, 1), "attention_mask": torch.full((2, 16), 2)},
+     r"batch 1: attention_mask must hold 0 \(padding\) and 1"),
+    ({"input_ids": _ids(2, 1), "attention_mask": torch.zeros(2, 16)},
+     r"batch 1: attention_mask marks no real token"),
 ])
 def test_bad_calibration_batches_are_typed_errors_and_leave_the_model(batch, message):
     model = _llama()

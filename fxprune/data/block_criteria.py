@@ -35,9 +35,9 @@ import torch.utils._pytree as pytree
 
 from fxprune.core.blocks import Block, Blocks, consecutive_runs, skipping
 from fxprune.core.graph import attribute
-from fxprune.data.calibration import eval_mode, run_batches
-from fxprune.data.recovery import calibration_chunks, relative_error
-from fxprune.errors import InvalidOptionError
+from fxprune.data.calibration import eval_mode, run_batches, token_rows
+from fxprune.data.recovery import masked_chunks, relative_error
+from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.options import BLOCK_CRITERIA, keyed_by  # BLOCK_CRITERIA re-exported: declared in the options module
 
 Loss = Callable[[Any, tuple], torch.Tensor]
@@ -75,16 +75,18 @@ def span_angles(gm: fx.GraphModule, found: Blocks, calibration: Any, span: int) 
     sums = torch.zeros(len(blocks), 3, dtype=torch.float64)  # cos, angle, count
     held: dict[str, torch.Tensor] = {}
 
-    def observe(index: int, node: fx.Node, value: torch.Tensor) -> None:
+    def observe(index: int, node: fx.Node, value: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         if node.name in {blocks[l].input for l in starts}:
             held[node.name] = value.detach()
         if node.name in ends:
             cos = _cosine(held[blocks[ends[node.name]].input], value)
+            real = token_rows(mask, value, 1 if value.dim() == 4 else -1, node.name, index)
+            cos = cos if real is None else cos[real]
             angle = torch.arccos(cos.clamp(-1, 1)) / math.pi
             sums[ends[node.name]] += torch.tensor([float(cos.sum()), float(angle.sum()), cos.numel()],
                                                   dtype=torch.float64)
 
-    run_batches(gm, calibration, {blocks[l].input for l in starts} | set(ends), observe)
+    run_batches(gm, calibration, {blocks[l].input for l in starts} | set(ends), observe, with_mask=True)
     count = sums[:, 2].clamp(min=1)
     invalid = sums[:, 2] == 0
     return (sums[:, 0] / count).masked_fill(invalid, math.nan), (sums[:, 1] / count).masked_fill(invalid, math.nan)
@@ -152,19 +154,33 @@ class _Measure:
     its outputs from the original's (held once, per chunk)."""
 
     def __init__(self, gm: fx.GraphModule, calibration: Any, loss: Optional[Loss]) -> None:
-        self.chunks = [inputs for _, inputs in calibration_chunks(gm, calibration)]
+        chunks = list(masked_chunks(gm, calibration))
+        self.chunks, self.masks = [c for _, c, _ in chunks], [m for _, _, m in chunks]
         self.loss = loss
         self.reference = None if loss is not None else [_leaves(_run(gm, x)) for x in self.chunks]
 
     def __call__(self, gm: fx.GraphModule) -> float:
         if self.loss is not None:
-            return sum(float(self.loss(_run(gm, x), x)) for x in self.chunks) / len(self.chunks)
+            return sum(float(self._loss(_run(gm, x), x, m)) for x, m in zip(self.chunks, self.masks)) / len(self.chunks)
         error = total = 0.0
-        for x, expected in zip(self.chunks, self.reference):
+        for index, (x, expected, mask) in enumerate(zip(self.chunks, self.reference, self.masks)):
             for a, b in zip(_leaves(_run(gm, x)), expected):
+                real = token_rows(mask, b, -1, "output", index)  # padded positions left out
+                a, b = (a, b) if real is None else (a.reshape(-1, a.shape[-1])[real], b.reshape(-1, b.shape[-1])[real])
                 error += float((a.double() - b.double()).pow(2).sum())
                 total += float(b.double().pow(2).sum())
         return error / max(total, 1e-300)
+
+
+    def _loss(self, outputs: Any, inputs: tuple, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The loss, told the padded positions (``mask=``) where a batch has some."""
+        if mask is None:
+            return self.loss(outputs, inputs)
+        try:
+            return self.loss(outputs, inputs, mask=mask)
+        except TypeError as exc:
+            raise CalibrationError(f"the calibration batches are padded (attention_mask) and the block loss "
+                                   f"takes no mask= argument to leave the padding out: {exc}") from exc
 
 
 def _run(gm: fx.GraphModule, inputs: tuple) -> Any:
@@ -249,19 +265,21 @@ def _moments(gm: fx.GraphModule, node: fx.Node, run: tuple[Block, ...], calibrat
     held: dict[str, torch.Tensor] = {}
     sums: dict[str, Any] = {"gram": 0, "cross": 0, "yy": 0.0}
 
-    def observe(index: int, seen: fx.Node, value: torch.Tensor) -> None:
+    def observe(index: int, seen: fx.Node, value: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         held[seen.name] = value.detach()
         if seen.name != last:
             return
         a = held[source].reshape(-1, held[source].shape[-1]).double()
+        target = (held[node.name] + value - held[first]).reshape(a.shape[0], -1).double()
+        real = token_rows(mask, held[source], -1, source, index)  # real tokens only
+        a, target = (a, target) if real is None else (a[real], target[real])
         if bias:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        target = (held[node.name] + value - held[first]).reshape(a.shape[0], -1).double()
         sums["gram"] = sums["gram"] + a.T @ a
         sums["cross"] = sums["cross"] + a.T @ target
         sums["yy"] += float(target.pow(2).sum())
 
-    run_batches(gm, calibration, {source, node.name, first, last}, observe)
+    run_batches(gm, calibration, {source, node.name, first, last}, observe, with_mask=True)
     return sums["gram"], sums["cross"], sums["yy"]
 
 

@@ -5,6 +5,16 @@ plain tensors, tuples of model inputs, HuggingFace-style dicts — and :class:`C
 part of a batch the model takes (``inputs=``), which part a loss compares with (``target=``) and how
 many batches to read (``max_batches=``). :func:`iter_batches` turns it into model-input tuples.
 
+Padding: a batch may say which of its ``(batch, sequence)`` positions are real tokens (``mask=``; by
+default a dict batch's ``attention_mask``). The mask follows the tokens through the graph: at every
+watched node, the positions whose dims are the batch's ``(batch, sequence)`` dims (a hidden state
+``(batch, sequence, channels)``, a flattened ``(batch·sequence, channels)``, attention's ``(batch,
+heads, sequence, ...)``) are read only where the mask is 1, and every statistic — moments, Gram
+matrices, counts — sums over real tokens only and is normalised by their count (:func:`token_rows`).
+The graph itself still computes the padded positions; for a causal model with the real tokens first in
+each row (right padding) they never reach a real token, so statistics equal those of the unpadded
+sequences (``fxprune.hf`` moves left-padded tokens first).
+
 Statistics are gathered by running the captured graph (fx or export level alike) one batch at a time
 with an ``fx.Interpreter``, which frees every activation after its last use: nothing holds more than
 one batch of activations. What is kept are *sums* (:class:`Sums`): per channel of each watched node,
@@ -24,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -58,6 +68,10 @@ class Calibration:
     Default: a tuple's last item, a dict's ``labels``, none for a tensor batch."""
     max_batches: Optional[int] = None
     """Read at most this many batches (default: all)."""
+    mask: Selector = None
+    """Which ``(batch, sequence)`` positions of a batch are real tokens (1) and which are padding (0),
+    read like ``inputs``. Default: a dict's ``attention_mask``, none otherwise. Padded positions are
+    left out of every statistic."""
 
     def __post_init__(self) -> None:
         if self.max_batches is not None and (isinstance(self.max_batches, bool)
@@ -75,16 +89,33 @@ class Calibration:
     def pairs(self, n_inputs: int = 1, allow_empty: bool = False) -> Iterator[tuple[int, tuple, Any]]:
         """``(batch index, model inputs, target)`` per batch; at least one batch (unless
         ``allow_empty``: one rank of several may hold none) or a CalibrationError."""
+        for index, inputs, target, _ in self.read(n_inputs, allow_empty):
+            yield index, inputs, target
+
+    def read(self, n_inputs: int = 1, allow_empty: bool = False) -> Iterator["Batch"]:
+        """:meth:`pairs` with each batch's token mask (:func:`check_mask`: None when every position is
+        a real token)."""
         index = 0
         for batch in self.data:  # not enumerate(): it keeps its last (index, batch) tuple alive
             if self.max_batches is not None and index >= self.max_batches:
                 break
             inputs = _as_tuple(_select(batch, self.inputs, index, n_inputs, "inputs"), index, "inputs")
-            yield index, inputs, _target(batch, self.target, index)
-            del batch, inputs  # not held while the next batch is fetched
+            mask = check_mask(_mask(batch, self.mask, index), inputs, index)
+            yield Batch(index, inputs, _target(batch, self.target, index), mask)
+            del batch, inputs, mask  # not held while the next batch is fetched
             index += 1
         if index == 0 and not allow_empty:
             raise empty_error(self.data)
+
+
+class Batch(NamedTuple):
+    """One calibration batch as the stages read it."""
+
+    index: int
+    inputs: tuple
+    target: Any
+    mask: Optional[torch.Tensor]
+    """``(batch, sequence)`` bool, True at real tokens; None when every position is one."""
 
 
 def empty_error(data: Any) -> CalibrationError:
@@ -146,6 +177,64 @@ def _target(batch: Any, selector: Selector, index: int) -> Any:
     if isinstance(batch, (list, tuple)) and len(batch) > 1:
         return batch[-1]
     return None
+
+
+def _mask(batch: Any, selector: Selector, index: int) -> Any:
+    if selector is not None:
+        return _select(batch, selector, index, 1, "mask")
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+def check_mask(mask: Any, inputs: tuple, index: int, ids_name: str = "input 0") -> Optional[torch.Tensor]:
+    """A batch's token mask as a bool ``(batch, sequence)`` tensor, or None when it pads nothing. It
+    must be a 0/1 tensor of the first input's ``(batch, sequence)`` shape: else a CalibrationError
+    naming the batch and the tensor."""
+    if mask is None:
+        return None
+    first = inputs[0] if inputs else None
+    want = list(first.shape[:2]) if isinstance(first, torch.Tensor) and first.dim() >= 2 else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or want is None or list(mask.shape) != want:
+        raise CalibrationError(f"calibration batch {index}: attention_mask of shape "
+                               f"{list(getattr(mask, 'shape', [])) if isinstance(mask, torch.Tensor) else _describe(mask)} "
+                               f"does not match {ids_name} {list(first.shape) if isinstance(first, torch.Tensor) else '?'} "
+                               f"(its (batch, sequence) dims)")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise CalibrationError(f"calibration batch {index}: attention_mask must hold 0 (padding) and 1 "
+                               f"(real token), got a {mask.dtype} tensor with other values")
+    mask = mask.bool()
+    if not bool(mask.any()):
+        raise CalibrationError(f"calibration batch {index}: attention_mask marks no real token")
+    return None if bool(mask.all()) else mask
+
+
+def token_rows(mask: Optional[torch.Tensor], value: torch.Tensor, channel_dim: Optional[int], node: str,
+               index: int) -> Optional[torch.Tensor]:
+    """Which positions of ``value`` (its dims but ``channel_dim``, flattened in order) are real tokens,
+    following the batch's ``(batch, sequence)`` mask to this node; None when the batch pads nothing.
+
+    The positions are read as ``(batch, sequence)``, ``(batch·sequence)`` or ``(batch, ..., sequence,
+    ...)`` with the sequence size found once after the batch dim; any other layout is a
+    CalibrationError naming the node (a padded batch is never read as if it were not).
+
+    >>> token_rows(torch.tensor([[True, False]]), torch.zeros(1, 2, 5), 2, "h", 0)
+    tensor([ True, False])
+    """
+    if mask is None:
+        return None
+    shape = list(value.shape)
+    rest = shape[:channel_dim % len(shape)] + shape[channel_dim % len(shape) + 1:] if channel_dim is not None \
+        else shape
+    batch, seq = mask.shape
+    mask = mask.to(value.device)
+    if rest == [batch, seq] or rest == [batch * seq]:
+        return mask.reshape(-1)
+    later = [d for d in range(1, len(rest)) if rest[d] == seq]
+    if len(rest) >= 3 and rest[0] == batch and len(later) == 1:
+        view = [batch] + [seq if d == later[0] else 1 for d in range(1, len(rest))]
+        return mask.reshape(view).expand(rest).reshape(-1)
+    raise CalibrationError(f"calibration batch {index} is padded (attention_mask of shape [{batch}, {seq}]), and "
+                           f"node {node!r} of shape {shape} has no (batch, sequence) positions to follow it to: "
+                           f"pass unpadded batches")
 
 
 def _as_tuple(value: Any, index: int, what: str) -> tuple:
@@ -297,6 +386,15 @@ def gram_features(x: torch.Tensor, site: GramSite) -> torch.Tensor:
     return x.movedim(site.channel_dim, -1).reshape(-1, x.shape[site.channel_dim])
 
 
+def real_feature_rows(mask: torch.Tensor, value: torch.Tensor, site: GramSite, index: int) -> torch.Tensor:
+    """The rows of :func:`gram_features` that are real tokens (a conv's unfolded patches are not
+    token positions: a padded batch there is a CalibrationError)."""
+    if site.unfold is not None:
+        raise CalibrationError(f"calibration batch {index} is padded (attention_mask), and node {site.node!r} is "
+                               f"a convolution whose patches are not token positions: pass unpadded batches")
+    return token_rows(mask, value, site.channel_dim, site.input, index)
+
+
 # --- running the graph ----------------------------------------------------------------------------
 class _Watcher(MutableArgs, fx.Interpreter):
     """Runs the graph and hands every watched node's value to ``observe``."""
@@ -360,9 +458,10 @@ def check_batch(inputs: tuple, expected: list[Optional[tuple]], index: int) -> N
 
 
 def run_batches(gm: fx.GraphModule, calibration: Any, watched: set[str],
-                observe: Callable[[int, fx.Node, Any], None], progress: bool = False) -> int:
+                observe: Callable[..., None], progress: bool = False, with_mask: bool = False) -> int:
     """Run ``gm`` on every calibration batch under ``no_grad`` and eval mode, calling
-    ``observe(batch index, node, value)`` on each watched node; returns the number of batches read.
+    ``observe(batch index, node, value)`` on each watched node (with ``with_mask``: also the batch's
+    token mask, :attr:`Batch.mask`, as a fourth argument); returns the number of batches read.
 
     A batch of the wrong shape, or one the graph raises on, is a :class:`CalibrationError` naming the
     batch; NaN or infinite values at a watched node are a :class:`NonFiniteActivationError` naming it.
@@ -372,18 +471,18 @@ def run_batches(gm: fx.GraphModule, calibration: Any, watched: set[str],
     device = _device_of(gm)
     batches = 0
     with torch.no_grad(), eval_mode(gm):
-        pairs = calibration.pairs(len(expected), allow_empty=is_distributed())  # checked over all ranks
-        for index, inputs, _ in progress_bar(pairs, progress, desc="calibration", unit="batch",
-                                                   total=calibration.max_batches):
+        read = calibration.read(len(expected), allow_empty=is_distributed())  # checked over all ranks
+        for index, inputs, _, mask in progress_bar(read, progress, desc="calibration", unit="batch",
+                                                    total=calibration.max_batches):
             check_batch(inputs, expected, index)
+            for chunk, part in split_masked(inputs, mask, fixed_batch_size(gm), index):
 
-            def watch(node: fx.Node, value: Any, index: int = index) -> None:
-                check_finite(node, value, index)
-                observe(index, node, value)
+                def watch(node: fx.Node, value: Any, index: int = index, part: Any = part) -> None:
+                    check_finite(node, value, index)
+                    observe(index, node, value, part) if with_mask else observe(index, node, value)
 
-            for chunk in split_batch(inputs, fixed_batch_size(gm), index):
                 _run_one(gm, tuple(x.to(device) for x in chunk), watched, watch, index)
-            del inputs, chunk  # one batch at a time: none is held while the next is fetched
+            del inputs, chunk, mask, part  # one batch at a time: none is held while the next is fetched
             batches += 1
     return batches
 
@@ -410,6 +509,17 @@ def split_batch(inputs: tuple, size: Optional[int], index: int) -> Iterator[tupl
                                f"or capture with a dynamic batch dim")
     for start in range(0, rows, size):
         yield tuple(x[start:start + size] for x in inputs)
+
+
+def split_masked(inputs: tuple, mask: Optional[torch.Tensor], size: Optional[int],
+                 index: int) -> Iterator[tuple[tuple, Optional[torch.Tensor]]]:
+    """:func:`split_batch` with the batch's token mask split alike."""
+    if mask is None:
+        for chunk in split_batch(inputs, size, index):
+            yield chunk, None
+        return
+    for chunk in split_batch(inputs + (mask,), size, index):
+        yield chunk[:-1], None if bool(chunk[-1].all()) else chunk[-1]
 
 
 def _run_one(gm: fx.GraphModule, inputs: tuple, watched: set[str], watch: Callable, index: int) -> None:
@@ -455,12 +565,12 @@ def collect(gm: fx.GraphModule, calibration: Any, sites: Sequence[Site] = (),
         sums.add(f"{gram.node}:rows", torch.zeros(()))
         by_node.setdefault(gram.input, []).append(gram)
 
-    def observe(index: int, node: fx.Node, value: Any) -> None:
+    def observe(index: int, node: fx.Node, value: Any, mask: Optional[torch.Tensor]) -> None:
         for item in by_node[node.name]:
-            (_add_moments if isinstance(item, Site) else _add_gram)(sums, item, value)
+            (_add_moments if isinstance(item, Site) else _add_gram)(sums, item, value, mask, index)
 
     sums.add(":batches", torch.zeros(()))
-    local = run_batches(gm, calibration, set(by_node), observe, progress)
+    local = run_batches(gm, calibration, set(by_node), observe, progress, with_mask=True)
     sums.add(":batches", torch.tensor(float(local)))
     sums.all_reduce()
     if sums[":batches"].item() == 0:
@@ -476,16 +586,22 @@ def _zero_moments(sums: Sums, site: Site) -> None:
     sums.add(f"{site.node}:count", torch.zeros(()))
 
 
-def _add_moments(sums: Sums, site: Site, value: torch.Tensor) -> None:
-    x = value.detach().movedim(site.dim, 0).reshape(site.channels, -1).double()
+def _add_moments(sums: Sums, site: Site, value: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 index: int = 0) -> None:
+    """Per-channel sums over the real tokens' positions (all positions when ``mask`` is None)."""
+    x = value.detach().movedim(site.dim, 0).reshape(site.channels, -1)
+    real = token_rows(mask, value, site.dim, site.node, index)
+    x = (x if real is None else x[:, real]).double()
     sums.add(f"{site.node}:sum", x.sum(1))
     sums.add(f"{site.node}:sq", (x * x).sum(1))
     sums.add(f"{site.node}:abs", x.abs().sum(1))
     sums.add(f"{site.node}:count", torch.tensor(float(x.shape[1])))
 
 
-def _add_gram(sums: Sums, site: GramSite, value: torch.Tensor) -> None:
+def _add_gram(sums: Sums, site: GramSite, value: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              index: int = 0) -> None:
     rows = gram_features(value.detach().double(), site)
+    rows = rows if mask is None else rows[real_feature_rows(mask, value, site, index)]
     sums.add(f"{site.node}:gram", rows.T @ rows)
     sums.add(f"{site.node}:rows", torch.tensor(float(rows.shape[0])))
 

@@ -13,7 +13,10 @@ members are reduced with ``mean`` (default), ``sum`` or ``max``. Lower scores ar
   scales — each ``Σ w²`` per unit, averaged over members (Torch-Pruning's ``GroupMagnitudeImportance``).
 - Data-aware, from calibration statistics (:mod:`fxprune.data.calibration`): ``activation`` (mean ``|x|``
   of the unit at its consumers' inputs), ``wanda`` (``Σ |W_ij| · ‖X_j‖₂`` over the consumer columns
-  of the unit: structured Wanda), ``flap`` (FLAP's fluctuation: ``Var(X_j) · ‖W_:j‖²``).
+  of the unit: structured Wanda), ``flap`` (FLAP's fluctuation: ``Var(X_j) · ‖W_:j‖²``), ``energy``
+  (``Σ‖W_u x_u‖²``: the unit's output energy at its consumers, with the cross terms of a unit of several
+  columns — a whole head group at ``o_proj`` — from the consumer's Gram matrix: what removing the
+  unit takes from the consumer's output; measured on a real LLM's head groups, ``benchmarks/bench_llm.py``).
 - Gradient-based, over the whole calibration set: ``taylor`` (``Σ |w · ∂L/∂w|`` with the gradient
   accumulated over all batches; ``batch=`` still gives the one-batch form) and ``hessian`` (``Σ w² ·
   F`` with ``F`` the diagonal empirical Fisher, per-sample gradients from ``torch.func.vmap``).
@@ -396,6 +399,46 @@ def _flap_positions(rows: torch.Tensor, statistics: Any, node: str) -> torch.Ten
     return rows.pow(2).sum(1) * statistics.var(node)
 
 
+def _energy_positions(rows: torch.Tensor, statistics: Any, node: str) -> torch.Tensor:
+    """``‖W_:j‖² · Σx_j²`` (the diagonal of ``energy``)"""
+    return rows.pow(2).sum(1) * statistics.sums[f"{node}:sq"]
+
+
+def _energy_scores(analysis: Analysis, group: Group, evidence: Evidence, reduce: str, seed: int,
+                   name: str) -> torch.Tensor:
+    """``energy``: ``Σ_rows ‖W_u x_u‖²``, the squared norm of the unit's contribution to each consumer's
+    output over the calibration data (its producers' outputs where no conv/linear reads it). A unit of
+    several columns (a whole attention head group at ``o_proj``) includes their cross terms from the
+    consumer's Gram matrix: ``tr(W_u G_uu W_uᵀ)``, the exact output error of removing it there."""
+    statistics, lookup = _statistics(evidence, name), _unit_lookup(analysis, group)
+    consumers = _watched_consumers(analysis, lookup, statistics)
+    if not consumers:
+        return _consumer_scores(_energy_positions, analysis, group, evidence, reduce, seed, name)
+    per = [_gram_energy(analysis, lookup, statistics, c, group.size) if c.node in statistics.grams else
+           _consumer_score(analysis, lookup, statistics, c.weight, c.in_dim, c.input, _energy_positions, group.size)
+           for c in consumers]
+    return _reduce(per, reduce, group.size)
+
+
+def _gram_energy(analysis: Analysis, lookup: dict[int, int], statistics: Any, consumer: Any, size: int
+                 ) -> torch.Tensor:
+    """Per unit, ``Σ_{i,j ∈ u} (WᵀW ∘ G)_ij`` over the consumer's input columns ``i, j`` of the unit."""
+    index = _unit_index(analysis, lookup, consumer.weight, consumer.in_dim)
+    cols = (index >= 0).nonzero().flatten()
+    weight = analysis.tensor(consumer.weight).detach().double().cpu()[:, cols]
+    gram = statistics.gram(consumer.node)[cols][:, cols]
+    onehot = torch.nn.functional.one_hot(index[cols], size).double()
+    return (((weight.T @ weight) * gram) @ onehot * onehot).sum(0)
+
+
+def _spans_columns(analysis: Analysis, consumer: Any) -> bool:
+    """A linear consumer some of whose units are several input columns (a head group at ``o_proj``)."""
+    if analysis.tensor(consumer.weight).dim() != 2 or consumer.in_dim != 1:
+        return False
+    roots = analysis.solution.root[analysis.params[consumer.weight][consumer.in_dim]]
+    return roots.unique().numel() < roots.numel()
+
+
 def _reduce(per_member: list[torch.Tensor], reduce: str, size: int) -> torch.Tensor:
     if not per_member:
         return torch.zeros(size, dtype=torch.float64)
@@ -412,6 +455,16 @@ def _gather_statistics(analysis: Analysis, calibration: Any, loss_fn: Optional[C
                        progress: bool) -> Evidence:
     from fxprune.data import calibration as calib  # the calibration stage imports the capture stack lazily
     return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis),
+                                             progress=progress))
+
+
+def _gather_energy(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
+                   progress: bool) -> Evidence:
+    """Statistics, with the input Gram matrix of every linear consumer whose units span columns."""
+    from fxprune.data import calibration as calib
+    nodes = [c.node for c in analysis.weighted_consumers if _spans_columns(analysis, c)]
+    grams = calib.gram_sites(analysis, nodes) if nodes else []
+    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis), grams,
                                              progress=progress))
 
 
@@ -542,6 +595,9 @@ CRITERION_SPECS: dict[str, CriterionSpec] = {spec.name: spec for spec in (
                   _weighted_activation_scores(_wanda_positions), _gather_statistics),
     CriterionSpec("flap", "activations", "Var(X)·‖W‖² over the unit's consumer columns (FLAP)",
                   _weighted_activation_scores(_flap_positions), _gather_statistics),
+    CriterionSpec("energy", "activations", "‖W_u·X_u‖² of the unit's contribution to its consumers' outputs "
+                  "(cross terms of a multi-column unit, a head group, from the consumer's Gram matrix)",
+                  _energy_scores, _gather_energy),
     CriterionSpec("taylor", "gradients", "Σ|w·∂L/∂w| with the gradient summed over the calibration set",
                   _by_members(_producers, _taylor_positions), _gather_gradients, one_batch=True),
     CriterionSpec("hessian", "gradients", "Σw²·F with F the diagonal empirical Fisher",

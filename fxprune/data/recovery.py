@@ -58,7 +58,7 @@ from fxprune.core.graph import describe_target, free_attribute, set_aten_bias, t
 from fxprune.core.opcall import WeightedConsumer
 from fxprune.data.calibration import (GramSite, Site, Sums, as_calibration, check_batch, check_finite, collect,
                           conv_unfold, eval_mode, fixed_batch_size, gram_features, placeholder_shapes,
-                          split_batch)
+                          real_feature_rows, split_batch, split_masked)
 from fxprune.core.capture import MutableArgs, graph_level, node_values
 from fxprune.data.sequential import Stop, walk_moments
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
@@ -142,13 +142,19 @@ def values_at(gm: fx.GraphModule, inputs: tuple, names: set[str], index: int = 0
 def calibration_chunks(gm: fx.GraphModule, calibration: Any) -> Iterator[tuple[int, tuple]]:
     """``(batch index, model inputs)`` for every calibration batch, checked against the graph's example
     inputs and split to an export graph's fixed batch size; at least one batch or a CalibrationError."""
+    for index, chunk, _ in masked_chunks(gm, calibration):
+        yield index, chunk
+
+
+def masked_chunks(gm: fx.GraphModule, calibration: Any) -> Iterator[tuple[int, tuple, Optional[torch.Tensor]]]:
+    """:func:`calibration_chunks` with each chunk's token mask (None where it pads nothing)."""
     calibration = as_calibration(calibration)
     expected = placeholder_shapes(gm)
     size = fixed_batch_size(gm)
-    for index, inputs, _ in calibration.pairs(len(expected)):
+    for index, inputs, _, mask in calibration.read(len(expected)):
         check_batch(inputs, expected, index)
-        for chunk in split_batch(inputs, size, index):
-            yield index, chunk
+        for chunk, part in split_masked(inputs, mask, size, index):
+            yield index, chunk, part
 
 
 # --- which layers ---------------------------------------------------------------------------------
@@ -275,8 +281,12 @@ def recalibrate_batchnorm(pruned: fx.GraphModule, calibration: Any, progress: bo
     norms = {n.node: n for n in batch_norms(out)}
     sums, batches = Sums(), set()
     with torch.no_grad(), eval_mode(out):
-        for index, inputs in progress_bar(list(calibration_chunks(out, calibration)), progress,
-                                           desc="recalibrate-batchnorm", unit="batch"):
+        for index, inputs, mask in progress_bar(list(masked_chunks(out, calibration)), progress,
+                                                 desc="recalibrate-batchnorm", unit="batch"):
+            if mask is not None and norms:  # its batch statistics normalise the batch itself, pads included
+                raise CalibrationError(f"recalibrate-batchnorm: calibration batch {index} is padded "
+                                       f"(attention_mask); a BatchNorm normalises each batch by its own "
+                                       f"statistics, padding included: pass unpadded batches")
             _BatchStatistics(out, norms, sums, index).run(*inputs)
             batches.add(index)
     sums.all_reduce()
@@ -395,38 +405,46 @@ def reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calib
     out = copy.deepcopy(pruned)
     out_nodes = {n.name: n for n in out.graph.nodes}
     level = graph_level(out)
-    chunks = list(calibration_chunks(out, calibration))
+    chunks = list(masked_chunks(out, calibration))
+    masks = [mask for _, _, mask in chunks]
     stops = {Stop(f.site.node, f.site.input, f.consumer.node): f for f in fits}
     bar = progress_bar(None, progress, desc="reconstruct", unit="layer", total=len(fits))
 
     def refit(stop: Stop, targets: list, inputs: list) -> LayerRecovery:
         fit = stops[stop]
-        sums = _fit_moments(fit, targets, inputs)
+        sums = _fit_moments(fit, targets, inputs, masks)
         if bar is not None:
             bar.update(1)
         return _refit(out, level, fit, out_nodes[fit.consumer.node], sums, ridge)
 
     with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):  # each node once per batch
-        layers, _, _ = walk_moments(analysis.gm, out, list(stops), [c for _, c in chunks], refit)
+        layers, _, _ = walk_moments(analysis.gm, out, list(stops), [c for _, c, _ in chunks], refit)
     if bar is not None:
         bar.close()
-    return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), len({i for i, _ in chunks}),
+    return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), len({i for i, _, _ in chunks}),
                                time.perf_counter() - t0)
 
 
-def _fit_moments(fit: _Fit, targets: list, inputs: list) -> Sums:
+def _fit_moments(fit: _Fit, targets: list, inputs: list, masks: Optional[list] = None) -> Sums:
     """``G = Σ x̃x̃ᵀ`` of the pruned layer's inputs (with a ones column), ``C = Σ x̃yᵀ`` with the
     original layer's outputs, ``Σ‖y‖²``, over every batch (per batch: ``targets`` of the original
-    layer, ``inputs`` of the pruned one, from one sequential walk: :mod:`fxprune.data.sequential`)."""
+    layer, ``inputs`` of the pruned one, from one sequential walk: :mod:`fxprune.data.sequential`),
+    over real tokens only where a batch's ``masks`` entry pads some positions."""
     sums, site = Sums(), fit.site
-    for y, x in zip(targets, inputs):
+    for index, (y, x) in enumerate(zip(targets, inputs)):
+        mask = masks[index] if masks else None
         per_sample = max(1, y.numel() // (y.shape[fit.out_dim] * max(1, y.shape[0])))
         step = max(1, _ROWS // per_sample)
-        for xs, ys in zip(x.split(step), y.split(step)):  # a few samples at a time: unfolded, in float64
+        parts = mask.split(step) if mask is not None else [None] * len(x.split(step))
+        for xs, ys, part in zip(x.split(step), y.split(step), parts):  # a few samples at a time, float64
             target = ys.movedim(fit.out_dim, -1).reshape(-1, ys.shape[fit.out_dim])
             if fit.kept_out is not None:
                 target = target[:, fit.kept_out.to(target.device)]
-            _add_moments(sums, gram_features(xs, site).double(), target.double())
+            rows = gram_features(xs, site)
+            if part is not None:
+                real = real_feature_rows(part, xs, site, index)
+                rows, target = rows[real], target[real]
+            _add_moments(sums, rows.double(), target.double())
     return sums.all_reduce()
 
 

@@ -106,7 +106,11 @@ def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
             batch and sequence), ``tolerance`` (default: by the model's dtype), ``progress``.
         calibration: token batches (``(batch, sequence)`` id tensors of any batch size, or dicts with
             ``input_ids``) for the data-aware criteria and ``recover=``; ids are checked against the
-            vocabulary. A dict batch with padded positions is refused (the graph takes ids alone).
+            vocabulary. A dict batch's ``attention_mask`` marks padding, left out of every statistic
+            (activation moments, wanda/flap, Gram matrices of ``reconstruct``, the loss of
+            ``taylor``/``hessian``): the real tokens of each row are moved first (the graph takes ids
+            alone; a causal LM's real tokens then see their unpadded sequence), so a padded batch
+            gives the statistics of its sequences given one by one. Non-causal models refuse padding.
         loss_fn: ``taylor`` / ``hessian``: default, the next-token cross-entropy on the batch's ids.
         recover: recovery steps after pruning, as in :func:`fxprune.prune` (``"reconstruct"``,
             ``"compensate-bias"``), or ``{step: {option: value}}`` (reconstruct's ``ridge`` defaults to 1
@@ -157,6 +161,8 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
     (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
     recorded in the plan; one set to no effect (``expert_criterion`` with no expert count asked) is refused."""
     _check_model(model)
+    calibration = calibrated.token_calibration(calibration, getattr(model.config, "vocab_size", None),
+                                               _is_causal_lm(model) or bool(getattr(model.config, "is_decoder", False)))
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
     asked = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
     _check_whole_structures(asked, structure.split(asked.sparsity), sparsity is not None)
@@ -227,7 +233,6 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
     options = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
     scorer = criterion if callable(criterion) else None
     _warn_weight_criterion(model, scorer or options.criterion)
-    calibration = calibrated.token_calibration(calibration, getattr(model.config, "vocab_size", None))
     if loss_fn is None and options.criterion in GRADIENT_CRITERIA and scorer is None:
         loss_fn = calibrated.causal_lm_loss
     data = RunData(calibration, loss_fn, None, progress)

@@ -135,29 +135,41 @@ def with_biases(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
 
 
 # --- calibration data ---------------------------------------------------------------------------------------
-def token_calibration(calibration: Any, vocab_size: Optional[int]) -> Any:
+def token_calibration(calibration: Any, vocab_size: Optional[int], causal: bool = True) -> Any:
     """Calibration read as ``input_ids`` batches (a dict batch's ``input_ids``; a tuple's first item),
     each checked against the vocabulary: a token id the embedding cannot look up is a typed error
-    naming the batch, before any graph runs."""
+    naming the batch, before any graph runs.
+
+    A dict batch's ``attention_mask`` marks padding, which is left out of every statistic
+    (:mod:`fxprune.data.calibration`). The exported graph takes ``input_ids`` alone, so in each row
+    the real tokens are moved first, in their order (a left-padded row becomes right-padded; trailing
+    padding is cut): for a causal LM a real token then sees exactly the tokens of its unpadded
+    sequence, and the statistics equal those of the sequences given one by one. The loss of
+    ``taylor`` / ``hessian`` ignores padded positions (their labels are -100). A non-causal model
+    (every token attends to every other) is refused a padded batch."""
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
-    return Calibration(_Checked(calibration, vocab_size), inputs=_input_ids, target=_input_ids)
+    return Calibration(_Checked(calibration, vocab_size, causal), inputs=_input_ids, target=_labels,
+                       mask=_attention_mask)
 
 
 class _Checked:
-    """An iterable of batches whose token ids are checked as they are read (re-iterable if the data is)."""
+    """An iterable of batches whose token ids are checked as they are read (re-iterable if the data is);
+    padded dict batches come out with their real tokens first."""
 
-    def __init__(self, data: Any, vocab_size: Optional[int]):
+    def __init__(self, data: Any, vocab_size: Optional[int], causal: bool = True):
         if isinstance(data, (torch.Tensor, str, bytes, Mapping)):
             raise CalibrationError(f"calibration data must be an iterable of batches (a list of token "
                                    f"tensors or of dicts with 'input_ids'), got {type(data).__name__}")
-        self.data, self.vocab_size = data, vocab_size
+        self.data, self.vocab_size, self.causal = data, vocab_size, causal
 
     def __iter__(self):
         for index, batch in enumerate(self.data):
-            _check_ids(_input_ids(batch), self.vocab_size, index)
-            _check_mask(batch, index)
-            yield batch
+            ids = _input_ids(batch)
+            _check_ids(ids, index)
+            mask = _check_mask(batch, index, self.causal)
+            _check_vocab(ids if mask is None else ids[mask], self.vocab_size, index)  # padding may hold any id
+            yield batch if mask is None else _real_tokens_first(ids, mask)
 
 
 def _input_ids(batch: Any) -> torch.Tensor:
@@ -166,27 +178,50 @@ def _input_ids(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _check_ids(ids: Any, vocab_size: Optional[int], index: int) -> None:
+def _attention_mask(batch: Any) -> Optional[torch.Tensor]:
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+def _labels(batch: Any) -> torch.Tensor:
+    """The next-token targets: the ids, -100 (ignored by the loss) at padded positions."""
+    ids, mask = _input_ids(batch), _attention_mask(batch)
+    return ids if mask is None else ids.masked_fill(~mask.bool(), -100)
+
+
+def _check_ids(ids: Any, index: int) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
         raise CalibrationError(f"calibration batch {index}: input_ids must be a (batch, sequence) tensor of "
                                f"token ids, got {_describe(ids)}")
+
+
+def _check_vocab(ids: torch.Tensor, vocab_size: Optional[int], index: int) -> None:
     if vocab_size is not None and ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
         raise CalibrationError(f"calibration batch {index}: input_ids holds token id {int(ids.max())}, "
                                f"outside the model's vocabulary of {vocab_size} (another tokenizer?)")
 
 
-def _check_mask(batch: Any, index: int) -> None:
+def _check_mask(batch: Any, index: int, causal: bool) -> Optional[torch.Tensor]:
+    """The batch's bool mask where it pads some position (None where it pads none), checked: the
+    shape of input_ids, 0/1 values; a padded batch for a non-causal model is refused."""
+    from fxprune.data.calibration import check_mask
     if not isinstance(batch, Mapping) or batch.get("attention_mask") is None:
-        return
-    mask, ids = batch["attention_mask"], batch["input_ids"]
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
-        raise CalibrationError(f"calibration batch {index}: attention_mask of shape "
-                               f"{list(getattr(mask, 'shape', []))} does not match input_ids "
-                               f"{list(ids.shape)}")
-    if not bool(mask.bool().all()):
-        raise CalibrationError(f"calibration batch {index}: attention_mask has padded positions; the "
-                               f"exported graph takes input_ids alone, so padding would enter every "
-                               f"statistic: pass unpadded windows of equal length")
+        return None
+    mask = check_mask(batch["attention_mask"], (batch["input_ids"],), index, "input_ids")
+    if mask is not None and not causal:
+        raise CalibrationError(f"calibration batch {index}: attention_mask has padded positions, and every "
+                               f"token of this (non-causal) model attends to them: the exported graph takes "
+                               f"input_ids alone, so pass unpadded windows of equal length")
+    return mask
+
+
+def _real_tokens_first(ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Each row's real tokens first, in order, then its padding (id 0); columns no row fills are cut
+    (at least 2 kept: an exported dynamic sequence starts at 2)."""
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # real (0) before pad (1)
+    real = mask.gather(1, order)
+    length = max(int(real.sum(1).max()), min(2, ids.shape[1]))
+    ids = ids.gather(1, order).masked_fill(~real, 0)[:, :length]
+    return {"input_ids": ids, "attention_mask": real[:, :length].long()}
 
 
 def _describe(value: Any) -> str:
@@ -196,10 +231,13 @@ def _describe(value: Any) -> str:
 
 
 def causal_lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of a causal LM's logits (the graph's first output) on the batch's ids."""
+    """Next-token cross-entropy of a causal LM's logits (the graph's first output) on the batch's ids,
+    averaged over the positions whose label is not -100 (padding)."""
     logits = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             target[:, 1:].reshape(-1))
+    labels = target[:, 1:].reshape(-1)  # -100 at padded positions: not predicted
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels,
+                                              reduction="sum")
+    return total / (labels != -100).sum().clamp_min(1)  # the mean over real tokens (0 where none)
 
 
 __all__ = ["tolerance", "retie", "recovered_state", "bias_flags", "with_biases", "token_calibration",

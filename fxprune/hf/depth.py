@@ -156,10 +156,11 @@ def _is_causal_lm(model: Any) -> bool:
     return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
 
 
-def _causal_lm_loss(outputs: Any, inputs: tuple) -> torch.Tensor:
-    """Next-token cross-entropy of a causal LM's logits on its own input ids (SLEB's loss)."""
+def _causal_lm_loss(outputs: Any, inputs: tuple, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM's logits on its own input ids (SLEB's loss); padded
+    positions (``mask`` False) are not predicted."""
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    ids = inputs[0]
+    ids = inputs[0] if mask is None else inputs[0].masked_fill(~mask.to(inputs[0].device), -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
