@@ -57,7 +57,7 @@ def check_device(device: Any) -> torch.device:
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise InvalidOptionError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+        raise InvalidOptionError(f"device={device!r} is not a torch device (use 'cpu' or 'cuda')") from exc
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise InvalidOptionError(f"device={device!r}: CUDA is not available on this machine (torch "
                                  f"{torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu'")
