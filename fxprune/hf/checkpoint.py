@@ -626,17 +626,17 @@ def _write_with_data(src: Path, out: Path, partial: Path, shards: Shards, model:
             return weights.sliced(key).cpu()
         return _zero_bias(shards, plan, ties, key)
 
+    weights.cut = lambda key, value: sliced(value, kept_of(plan, key, ties))
     writer = layerwise.UnitWriter(work, write, tensor_of, layerwise.unit_fits(work, stops), done=set(done))
     reports: list = []
     if stops:
         pruned = stages.rewrite_graph(analysis, drop, layerwise.example_ids(batches), plan.options)
-        weights.plan, weights.pruned_gm = plan, pruned
+        weights.pruned_gm = pruned
         writer.release = lambda key: layerwise.dematerialise(pruned, key)
         ridge = check_ridge(run.step_options.get("reconstruct", {}).get("ridge", 1.0))
         reports = layerwise.reconstruct_walk(analysis, pruned, stops, batches, weights, writer, ridge, spill,
                                              run.progress)
     else:
-        weights.plan = plan
         writer.flush(everything=True)
     timings["write_s"] = time.perf_counter() - tic
     timings["reconstruct"] = {"layers": len(reports), "skipped": [list(s) for s in skipped],

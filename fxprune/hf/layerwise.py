@@ -40,7 +40,6 @@ import torch
 import torch.fx as fx
 
 from fxprune.core.graph import tensor_at
-from fxprune.core.plan import Plan
 from fxprune.data.calibration import check_batch, eval_mode, placeholder_shapes
 from fxprune.data.sequential import Spill, walk_moments, walk_statistics
 from fxprune.errors import CalibrationError, InvalidOptionError
@@ -174,7 +173,8 @@ class Weights:
     ties: Mapping[str, str]
     buffers: Mapping[str, torch.Tensor]
     device: torch.device
-    plan: Optional[Plan] = None
+    cut: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None
+    """``(key, tensor) -> tensor`` with the plan's kept indices (set once the plan exists)."""
     pruned_gm: Optional[fx.GraphModule] = None
     bytes_read: int = 0
 
@@ -196,14 +196,13 @@ class Weights:
         return self.sliced(target)
 
     def sliced(self, key: str) -> torch.Tensor:
-        from fxprune.hf.checkpoint import kept_of, sliced
         if key in self.buffers:
             value = self.buffers[key]
         else:
             before = self.shards.bytes_read
             value = self.shards.read(self.stored(key))
             self.bytes_read += self.shards.bytes_read - before
-        return sliced(value, kept_of(self.plan, key, self.ties)).to(self.device)
+        return self.cut(key, value).to(self.device)
 
 
 def spill_for(directory: Optional[Any], min_bytes: Optional[int]) -> tuple[Optional[Spill], Any]:
