@@ -211,7 +211,7 @@ class Walk:
     def _spilled(self, value: Any, position: int) -> Any:
         spill = self.spill
         node = self.nodes[position]
-        if spill is None or not isinstance(value, torch.Tensor) or value.device.type != "cpu" \
+        if spill is None or not isinstance(value, torch.Tensor) or value.device.type != "cpu" or not value.numel() \
                 or value.numel() * value.element_size() < spill.min_bytes \
                 or self.last_use.get(node, position) - position < spill.distance:
             return value

@@ -486,6 +486,19 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = 
         run = _DataRun(calibration, steps, step_options, chosen, spill_bytes, progress)
         return _prune_with_data(src, out, partial, shards, model, options, hf_compatible, layer_indices, run,
                                 started)
+    if layerwise.rank_and_world()[1] > 1:  # nothing to split without data: rank 0 alone writes
+        text = json.dumps(_prune_data_free(src, out, partial, shards, model, options, hf_compatible, layer_indices,
+                                           blocks_once, progress, started)) if layerwise.rank_and_world()[0] == 0 \
+            else None
+        layerwise.barrier()
+        return json.loads(layerwise.broadcast_text(text, chosen))
+    return _prune_data_free(src, out, partial, shards, model, options, hf_compatible, layer_indices, blocks_once,
+                            progress, started)
+
+
+def _prune_data_free(src: Path, out: Path, partial: Path, shards: Shards, model: Any, options: PruneOptions,
+                     hf_compatible: bool, layer_indices: str, blocks_once: bool, progress: bool,
+                     started: float) -> dict:
     run_id = fingerprint(options, hf_compatible, layer_indices, src, list(shards.files.values()))
     timings: dict[str, float] = {}
     plan, resumed = _resumed_plan(partial, run_id)
