@@ -327,6 +327,7 @@ def walk_statistics(gm: fx.GraphModule, batches: Sequence[tuple], sites: Sequenc
     sums = Sums()
     for site in sites:
         calib._zero_moments(sums, site)
+    sums.values = {k: v.to(_batch_device(batches)) for k, v in sums.values.items()}  # summed where the batches run
     walk = Walk(gm, batches, weights=weights, spill=spill)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     for site in sorted(sites, key=lambda s: order[s.node]):
