@@ -621,11 +621,11 @@ def _write_with_data(src: Path, out: Path, partial: Path, shards: Shards, model:
     done: dict = {}
     if rank == 0:
         done = _journal(partial) if config is None else {}
+        stored = [Unit(u.name, tuple(k for k in u.keys if k in shards.shapes), u.file) for u in work]  # biases: bytes
+        _check_disk(shards, plan, stored, ties, out.parent if config is not None else partial, done)
         if config is not None:
             for flag, value in flags.items():
                 setattr(config, flag, value)
-            _check_disk(shards, plan, [u for u in work if all(k in shards.shapes for k in u.keys)], ties,
-                        out.parent, done)
             _start(partial, run_id, plan, config, timings)
     records: list[dict] = []
     tic = time.perf_counter()
