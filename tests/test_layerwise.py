@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
 from fxprune.errors import CalibrationError, InvalidOptionError  # noqa: E402
+from fxprune.hf import layerwise  # noqa: E402
 from fxprune.hf.checkpoint import prune_checkpoint  # noqa: E402
 
 T = transformers
@@ -54,7 +55,23 @@ class _Interrupted(OSError):
     pass
 
 
-def test_flap_and_reconstruct_from_disk_equal_in_memory_and_resume(source, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def one_process(source, tmp_path_factory):
+    """flap + reconstruct from disk, one process, every batch."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    prune_checkpoint(source, out, SPARSITY, "flap", calibration=_batches(), recover="reconstruct")
+    return out
+
+
+def test_flap_and_reconstruct_from_disk_equal_in_memory(source, one_process):
+    model = T.LlamaForCausalLM.from_pretrained(source).eval()
+    expected = fxprune.hf.prune(model, torch.randint(0, 100, (2, 8)), SPARSITY, "flap", calibration=_batches(),
+                                recover="reconstruct")
+    _assert_close(expected, one_process)  # bit for bit: the same sums in the same order
+    assert expected.config.mlp_bias and expected.config.attention_bias
+
+
+def test_an_interrupted_run_resumes_with_the_same_result(source, one_process, tmp_path, monkeypatch):
     from safetensors import torch as st
     save_file, calls = st.save_file, []
 
@@ -69,17 +86,15 @@ def test_flap_and_reconstruct_from_disk_equal_in_memory_and_resume(source, tmp_p
         prune_checkpoint(source, tmp_path / "out", SPARSITY, "flap", calibration=_batches(), recover="reconstruct")
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(st, "save_file", save_file)
+    monkeypatch.setattr(layerwise, "statistics", None)  # the plan comes from the interrupted run: no walk
     report = prune_checkpoint(source, tmp_path / "out", SPARSITY, "flap", calibration=_batches(),
                               recover="reconstruct", spill_bytes=0)  # every carried activation memory-mapped
     assert report["resumed_units"] == 2
     assert [r[0] for r in report["timings"]["reconstruct"]["errors"]] == [
         "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj",
         "model.layers.1.mlp.down_proj"]
-    model = T.LlamaForCausalLM.from_pretrained(source).eval()
-    expected = fxprune.hf.prune(model, torch.randint(0, 100, (2, 8)), SPARSITY, "flap", calibration=_batches(),
-                                recover="reconstruct")
-    _assert_close(expected, tmp_path / "out")  # bit for bit: the same sums in the same order
-    assert expected.config.mlp_bias and expected.config.attention_bias
+    _assert_close(T.AutoModelForCausalLM.from_pretrained(one_process).eval(), tmp_path / "out")
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_wanda_on_every_width_without_recovery_equals_in_memory(source, tmp_path):
@@ -128,7 +143,7 @@ _RANK = textwrap.dedent("""
 """).format(sparsity=SPARSITY)
 
 
-def test_two_gloo_ranks_equal_one_process_on_all_the_batches(source, tmp_path):
+def test_two_gloo_ranks_equal_one_process_on_all_the_batches(source, one_process, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_RANK)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path]), "OMP_NUM_THREADS": "1"}
@@ -138,7 +153,5 @@ def test_two_gloo_ranks_equal_one_process_on_all_the_batches(source, tmp_path):
     for rank in ranks:
         output = rank.communicate(timeout=120)[0].decode()
         assert rank.returncode == 0, output[-3000:]
-    prune_checkpoint(source, tmp_path / "one", SPARSITY, "flap", calibration=_batches(), recover="reconstruct")
-    one = T.AutoModelForCausalLM.from_pretrained(tmp_path / "one").eval()
-    _assert_close(one, tmp_path / "two", atol=1e-5)  # sums added in another order
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "rank.py", "rendezvous", "two"]
+    _assert_close(T.AutoModelForCausalLM.from_pretrained(one_process).eval(), tmp_path / "two", atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.py", "rendezvous", "two"]  # rank 1 wrote nothing
