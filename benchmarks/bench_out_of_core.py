@@ -392,8 +392,8 @@ def main() -> None:
         meta = environment(THREADS)
         for model in args.models:
             previous = load_results().get(SECTION, {}).get("rows", {}).get(model, {})
-            save_section(SECTION, meta, {model: {**previous, **measure(model, args.cache, args.only, args.layers, args.calib,
-                                                                        args.device)}})
+            rows = measure(model, args.cache, args.only, args.layers, args.calib, args.device)
+            save_section(SECTION, meta, {model: {**previous, **rows}})
         if not args.keep:
             shutil.rmtree(args.cache, ignore_errors=True)
     results = load_results().get(SECTION, {})

@@ -43,7 +43,6 @@ from fxprune.core.graph import tensor_at
 from fxprune.data.calibration import check_batch, eval_mode, placeholder_shapes
 from fxprune.data.sequential import Spill, walk_moments, walk_statistics
 from fxprune.errors import CalibrationError, InvalidOptionError
-from fxprune.options import PruneOptions
 
 #: The recovery steps the disk path runs (``compensate-bias`` and ``recalibrate-batchnorm`` read
 #: whole-graph statistics or BatchNorms, which no decoder checkpoint has: refused with a typed error).
@@ -176,15 +175,11 @@ class Weights:
     cut: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None
     """``(key, tensor) -> tensor`` with the plan's kept indices (set once the plan exists)."""
     pruned_gm: Optional[fx.GraphModule] = None
-    bytes_read: int = 0
 
     def original(self, target: str) -> torch.Tensor:
         if target in self.buffers:
             return self.buffers[target].to(self.device)
-        before = self.shards.bytes_read
-        value = self.shards.read(self.stored(target))
-        self.bytes_read += self.shards.bytes_read - before
-        return value.to(self.device)
+        return self.shards.read(self.stored(target)).to(self.device)
 
     def stored(self, key: str) -> str:
         return key if key in self.shards.shapes else self.ties.get(key, key)
@@ -199,9 +194,7 @@ class Weights:
         if key in self.buffers:
             value = self.buffers[key]
         else:
-            before = self.shards.bytes_read
             value = self.shards.read(self.stored(key))
-            self.bytes_read += self.shards.bytes_read - before
         return self.cut(key, value).to(self.device)
 
 
@@ -344,11 +337,6 @@ def unit_fits(units: Sequence[Any], stops: Mapping[Any, Any]) -> dict[str, set]:
         if keys:
             out[unit.name] = keys
     return out
-
-
-def options_need_data(options: PruneOptions) -> bool:
-    from fxprune.data.criteria import DATA_CRITERIA
-    return options.criterion in DATA_CRITERIA
 
 
 def example_ids(batches: Sequence[tuple]) -> tuple:
