@@ -188,9 +188,11 @@ def test_not_enough_disk_is_refused_before_writing(source, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_data_aware_criterion_is_refused_with_the_reason(source, tmp_path):
-    with pytest.raises(InvalidOptionError, match="'wanda'.*calibration run layer by layer"):
+def test_a_data_aware_criterion_without_calibration_is_refused_with_the_reason(source, tmp_path):
+    with pytest.raises(InvalidOptionError, match="'wanda': a data-aware criterion reads activations: pass "
+                                                 "calibration="):
         prune_checkpoint(source, tmp_path / "out", 0.5, "wanda")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_prunes_a_checkpoint_directory_disk_to_disk(source, tmp_path, capsys):

@@ -80,6 +80,9 @@ class CriterionSpec:
     """``(analysis, calibration, loss_fn, batch, progress) -> Evidence``; ``None``: weights only."""
     one_batch: bool = False
     """``batch=(inputs, target)`` may stand in for ``calibration=`` (``taylor``'s one-batch form)."""
+    grams: Optional[Callable[[Analysis], list]] = None
+    """``analysis -> Gram sites`` whose input Gram matrices the score reads beside the moments (gathered
+    in memory by :attr:`gather`, from disk by :mod:`fxprune.hf.layerwise`)."""
 
     def check_data(self, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple]) -> None:
         """A data-aware criterion without its data is an error naming the missing option."""
@@ -458,14 +461,19 @@ def _gather_statistics(analysis: Analysis, calibration: Any, loss_fn: Optional[C
                                              progress=progress))
 
 
+def _energy_grams(analysis: Analysis) -> list:
+    """The Gram sites of every linear consumer whose units span several columns."""
+    from fxprune.data import calibration as calib
+    nodes = [c.node for c in analysis.weighted_consumers if _spans_columns(analysis, c)]
+    return calib.gram_sites(analysis, nodes) if nodes else []
+
+
 def _gather_energy(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
                    progress: bool) -> Evidence:
     """Statistics, with the input Gram matrix of every linear consumer whose units span columns."""
     from fxprune.data import calibration as calib
-    nodes = [c.node for c in analysis.weighted_consumers if _spans_columns(analysis, c)]
-    grams = calib.gram_sites(analysis, nodes) if nodes else []
-    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis), grams,
-                                             progress=progress))
+    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis),
+                                             _energy_grams(analysis), progress=progress))
 
 
 def _gather_gradients(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
@@ -597,7 +605,7 @@ CRITERION_SPECS: dict[str, CriterionSpec] = {spec.name: spec for spec in (
                   _weighted_activation_scores(_flap_positions), _gather_statistics),
     CriterionSpec("energy", "activations", "‖W_u·X_u‖² of the unit's contribution to its consumers' outputs "
                   "(cross terms of a multi-column unit, a head group, from the consumer's Gram matrix)",
-                  _energy_scores, _gather_energy),
+                  _energy_scores, _gather_energy, grams=_energy_grams),
     CriterionSpec("taylor", "gradients", "Σ|w·∂L/∂w| with the gradient summed over the calibration set",
                   _by_members(_producers, _taylor_positions), _gather_gradients, one_batch=True),
     CriterionSpec("hessian", "gradients", "Σw²·F with F the diagonal empirical Fisher",

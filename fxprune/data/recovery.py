@@ -401,21 +401,16 @@ def reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calib
     """
     t0 = time.perf_counter()
     ridge = check_ridge(ridge)
-    fits, skipped = _fits(analysis, drop)
+    stops, skipped = reconstruct_stops(analysis, drop)
     out = copy.deepcopy(pruned)
-    out_nodes = {n.name: n for n in out.graph.nodes}
-    level = graph_level(out)
     chunks = list(masked_chunks(out, calibration))
     masks = [mask for _, _, mask in chunks]
-    stops = {Stop(f.site.node, f.site.input, f.consumer.node): f for f in fits}
-    bar = progress_bar(None, progress, desc="reconstruct", unit="layer", total=len(fits))
+    bar = progress_bar(None, progress, desc="reconstruct", unit="layer", total=len(stops))
 
     def refit(stop: Stop, targets: list, inputs: list) -> LayerRecovery:
-        fit = stops[stop]
-        sums = _fit_moments(fit, targets, inputs, masks)
         if bar is not None:
             bar.update(1)
-        return _refit(out, level, fit, out_nodes[fit.consumer.node], sums, ridge)
+        return refit_layer(out, stops[stop], targets, inputs, ridge, masks)
 
     with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):  # each node once per batch
         layers, _, _ = walk_moments(analysis.gm, out, list(stops), [c for _, c, _ in chunks], refit)
@@ -423,6 +418,23 @@ def reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calib
         bar.close()
     return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), len({i for i, _, _ in chunks}),
                                time.perf_counter() - t0)
+
+
+def reconstruct_stops(analysis: Analysis, drop: Dropped) -> tuple[dict[Stop, _Fit], list[tuple[str, str]]]:
+    """The layers :func:`reconstruct` refits, each under the :class:`~fxprune.data.sequential.Stop` a
+    walk halts at, and the layers it leaves (with why): for a caller that drives the walk itself
+    (:mod:`fxprune.hf.layerwise`, weights read from disk)."""
+    fits, skipped = _fits(analysis, drop)
+    return {Stop(f.site.node, f.site.input, f.consumer.node): f for f in fits}, skipped
+
+
+def refit_layer(gm: fx.GraphModule, fit: _Fit, targets: list, inputs: list, ridge: float,
+                masks: Optional[list] = None) -> LayerRecovery:
+    """One layer of :func:`reconstruct`: the moments of the walk's values at its stop (per batch, the
+    original layer's outputs and the pruned layer's inputs; summed over ranks; real tokens only where
+    ``masks`` pads some), then the ridge fit written into ``gm``'s weight and bias."""
+    node = next(n for n in gm.graph.nodes if n.name == fit.consumer.node)
+    return _refit(gm, graph_level(gm), fit, node, _fit_moments(fit, targets, inputs, masks), ridge)
 
 
 def _fit_moments(fit: _Fit, targets: list, inputs: list, masks: Optional[list] = None) -> Sums:

@@ -22,22 +22,85 @@ place, and returns both blocks' outputs, the next block's inputs.
 ...                                                  inputs_original, inputs_pruned)   # doctest: +SKIP
 
 Whole graphs go through the same engine (:func:`walk_moments`): the whole model is one block.
+
+Weights from elsewhere: given a *weight source* (``weights=``, ``target -> tensor``), a walk holds no
+``get_attr`` value: each node's weights are fetched just before it runs (once for every batch) and
+dropped after, so a graph whose parameters live on the ``meta`` device runs with one weight in memory
+at a time (:mod:`fxprune.hf.layerwise` reads them from a checkpoint's shards). A :class:`Spill` moves
+the large values a walk carries far ahead (a decoder's residual stream) into memory-mapped files.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import os
+import tempfile
+
 import torch
 import torch.fx as fx
 
 from fxprune.core.capture import MutableArgs
-from fxprune.data.calibration import check_finite
+from fxprune.data.calibration import Site, Statistics, Sums, check_finite
 from fxprune.errors import CalibrationError, NonFiniteActivationError
 
 
 class _Step(MutableArgs, fx.Interpreter):
     """Runs single nodes of a graph on an environment it is given (one per batch)."""
+
+
+class _OnDevice(_Step):
+    """A graph captured on the ``meta`` device run on ``device``: the device its factory calls
+    (``arange``) and metadata checks name is the batches'."""
+
+    def __init__(self, gm: fx.GraphModule, device: torch.device):
+        super().__init__(gm)
+        self.device = device
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _on_device(args, self.device), _on_device(kwargs, self.device)
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.device) and value.type == "meta":
+        return device
+    if isinstance(value, list):
+        return [_on_device(v, device) for v in value]
+    if type(value) is tuple:
+        return tuple(_on_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _on_device(v, device) for k, v in value.items()}
+    return value
+
+
+#: ``get_attr`` target -> its tensor: where a walk reads weights when the graph does not hold them.
+WeightSource = Callable[[str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Spill:
+    """Values a walk carries at least ``distance`` nodes ahead and of at least ``min_bytes`` (per
+    batch) are copied into memory-mapped files under ``directory`` (pages the kernel may write back
+    and drop, not anonymous memory): the carried activations need not fit in memory."""
+
+    directory: str
+    min_bytes: int = 1 << 20
+    distance: int = 16
+
+    def store(self, value: torch.Tensor) -> torch.Tensor:
+        fd, path = tempfile.mkstemp(prefix="walk-", suffix=".bin", dir=self.directory)
+        os.close(fd)
+        try:
+            nbytes = value.numel() * value.element_size()
+            with open(path, "wb") as f:
+                f.truncate(nbytes)
+            mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        finally:
+            os.unlink(path)  # the mapping keeps the pages; the name goes now (nothing left on a crash)
+        out = mapped.view(value.dtype).view(value.shape)
+        out.copy_(value)
+        return out
 
 
 class Walk:
@@ -49,15 +112,17 @@ class Walk:
     >>> outputs = walk.finish()          # per batch, the graph's outputs
     """
 
-    def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple], keep: Sequence[str] = ()):
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple], keep: Sequence[str] = (),
+                 weights: Optional[WeightSource] = None, spill: Optional[Spill] = None):
         self.gm = gm
         self.position = 0
         self.done: set[fx.Node] = set()
         self.keep = set(keep)
         """Nodes whose values stay until :meth:`release` (a fit reads them after the walk passed)."""
+        self.weights, self.spill = weights, spill
         self._index_graph()
         self.envs = [self._start(batch, index) for index, batch in enumerate(batches)]
-        self.runner = _Step(gm)
+        self.runner = _Step(gm) if weights is None else _OnDevice(gm, _batch_device(batches))
 
     def _start(self, batch: tuple, index: int) -> dict:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -124,11 +189,33 @@ class Walk:
             node = self.nodes[position]
             if node in self.done:
                 continue
+            if self.weights is not None and node.op == "get_attr":
+                self.done.add(node)  # fetched by its users, when they run
+                continue
+            attrs = self._fetch(node)
             for index, env in enumerate(self.envs):
-                env[node] = self._run(node, env, index)
+                env.update(attrs)
+                env[node] = self._spilled(self._run(node, env, index), position)
+                for attr in attrs:
+                    env.pop(attr, None)
                 self._free(node, position, env)
             self.done.add(node)
         self.position = max(self.position, stop)
+
+    def _fetch(self, node: fx.Node) -> dict[fx.Node, torch.Tensor]:
+        """The weights ``node`` reads, from the weight source (once for every batch)."""
+        if self.weights is None:
+            return {}
+        return {a: self.weights(str(a.target)) for a in node.all_input_nodes if a.op == "get_attr"}
+
+    def _spilled(self, value: Any, position: int) -> Any:
+        spill = self.spill
+        node = self.nodes[position]
+        if spill is None or not isinstance(value, torch.Tensor) or value.device.type != "cpu" or not value.numel() \
+                or value.numel() * value.element_size() < spill.min_bytes \
+                or self.last_use.get(node, position) - position < spill.distance:
+            return value
+        return spill.store(value)
 
     def _run(self, node: fx.Node, env: dict, index: int) -> Any:
         if node.op == "placeholder":
@@ -152,6 +239,14 @@ class Walk:
                 env.pop(arg, None)
 
 
+def _batch_device(batches: Sequence[tuple]) -> torch.device:
+    for batch in batches:
+        for x in batch:
+            if isinstance(x, torch.Tensor):
+                return x.device
+    return torch.device("cpu")
+
+
 def _last_uses(nodes: Sequence[fx.Node]) -> dict[fx.Node, int]:
     order = {n: i for i, n in enumerate(nodes)}
     return {n: max((order[u] for u in n.users), default=order[n]) for n in nodes}
@@ -172,16 +267,20 @@ class Stop:
 
 def walk_moments(original: fx.GraphModule, pruned: fx.GraphModule, stops: Sequence[Stop],
                  batches: Sequence[tuple], refit: Callable[[Stop, list, list], Any],
-                 batches_pruned: Optional[Sequence[tuple]] = None) -> tuple[list[Any], list, list]:
+                 batches_pruned: Optional[Sequence[tuple]] = None,
+                 weights: tuple[Optional[WeightSource], Optional[WeightSource]] = (None, None),
+                 spill: Optional[Spill] = None, finish: bool = True) -> tuple[list[Any], list, list]:
     """For each stop in the pruned graph's order: walk both graphs to it, call ``refit(stop, targets,
     inputs)`` (per batch: the original layer's output, the pruned layer's input) — it may change the
     pruned graph's weights — and go on. Returns the ``refit`` results and both graphs' outputs.
+    ``weights``: the original's and the pruned graph's weight sources (see :class:`Walk`); with
+    ``finish=False`` the walks stop after the last stop (no outputs: an LM's logits are not computed).
 
     >>> reports, outs_o, outs_p = walk_moments(gm, pruned_gm, stops, [(x,)], refit)   # doctest: +SKIP
     """
     ordered = sorted(stops, key=lambda s: _position(pruned, s.consumer))
-    walk_o = Walk(original, batches, keep=[s.target for s in ordered])
-    walk_p = Walk(pruned, batches if batches_pruned is None else batches_pruned)
+    walk_o = Walk(original, batches, keep=[s.target for s in ordered], weights=weights[0], spill=spill)
+    walk_p = Walk(pruned, batches if batches_pruned is None else batches_pruned, weights=weights[1], spill=spill)
     results = []
     for stop in ordered:
         walk_p.run_before(stop.consumer)
@@ -190,6 +289,8 @@ def walk_moments(original: fx.GraphModule, pruned: fx.GraphModule, stops: Sequen
         results.append(refit(stop, targets, inputs))
         walk_o.release(stop.target)
         del targets, inputs
+    if not finish:
+        return results, [], []
     return results, walk_o.finish(), walk_p.finish()
 
 
@@ -214,6 +315,37 @@ def refit_block(original: fx.GraphModule, pruned: fx.GraphModule, stops: Sequenc
     return outs_o, outs_p, results
 
 
+def walk_statistics(gm: fx.GraphModule, batches: Sequence[tuple], sites: Sequence[Site],
+                    weights: Optional[WeightSource] = None, spill: Optional[Spill] = None,
+                    grams: Sequence[Any] = ()) -> Statistics:
+    """The per-channel moments (and input Gram matrices at ``grams``) :func:`fxprune.data.calibration.collect`
+    gathers at ``sites``, from one walk of every batch together (each weight fetched once, not once per
+    batch), summed over the batches in order and over ``torch.distributed`` ranks.
+
+    >>> stats = walk_statistics(analysis.gm, [(ids,)], calibration_sites(analysis), weights=read)  # doctest: +SKIP
+    """
+    from fxprune.data import calibration as calib
+    sums = Sums()
+    for site in sites:
+        calib._zero_moments(sums, site)
+    for gram in grams:
+        sums.add(f"{gram.node}:gram", torch.zeros(gram.features, gram.features))  # as collect()
+        sums.add(f"{gram.node}:rows", torch.zeros(()))
+    sums.values = {k: v.to(_batch_device(batches)) for k, v in sums.values.items()}  # summed where the batches run
+    walk = Walk(gm, batches, weights=weights, spill=spill)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    observed = [(site.node, site, calib._add_moments) for site in sites]
+    observed += [(gram.input, gram, calib._add_gram) for gram in grams]
+    for node, item, add in sorted(observed, key=lambda entry: order[entry[0]]):
+        for value in walk.values_at(node):
+            add(sums, item, value)
+    sums.add(":batches", torch.tensor(float(len(batches))))
+    sums.all_reduce()
+    sums.values = {k: v.cpu() for k, v in sums.values.items()}
+    return Statistics(sums, {s.node: s for s in sites}, {g.node: g for g in grams},
+                      int(sums[":batches"].item()))
+
+
 def chunks(items: Sequence[torch.Tensor], rows: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Aligned slices of ``rows`` samples of several per-batch tensors (bounds float64 temporaries)."""
     size = items[0].shape[0]
@@ -221,4 +353,4 @@ def chunks(items: Sequence[torch.Tensor], rows: int) -> Iterator[tuple[torch.Ten
         yield tuple(x[start:start + rows] for x in items)
 
 
-__all__ = ["Walk", "Stop", "walk_moments", "refit_block"]
+__all__ = ["Walk", "Stop", "Spill", "WeightSource", "walk_moments", "walk_statistics", "refit_block"]

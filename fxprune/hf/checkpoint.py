@@ -19,8 +19,12 @@ disk) leaves that directory; the same call again reads its ``plan.json`` and the
 its journal and continues with the next unit. A call with other arguments or a changed source starts
 over. Peak memory is one unit's tensors, not the model.
 
-Not here (yet): data-aware criteria layer by layer (calibration through one decoder layer at a time)
-and ``torch.distributed``; they need the block-sequential engine of :mod:`fxprune.data`.
+With ``calibration=`` the activation criteria (``wanda``, ``flap``, ``activation``) and
+``recover=("reconstruct",)`` run layer by layer from disk (:mod:`fxprune.hf.layerwise`): the
+calibration batches walk the meta-device graph with each weight read from the shards as its node
+runs, and the result equals :func:`fxprune.hf.prune`'s with the same options and batches. Under
+``torch.distributed`` the batches are split across ranks, the statistics all-reduced, and rank 0
+writes; ``device="cuda"`` runs the layers on the GPU.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from fxprune.core.plan import Plan
 from fxprune.core.repeat import PROXY_BLOCKS, repeat_blocks
 from fxprune.core.select import check_patterns
 from fxprune.errors import CheckpointError, ConfigMismatchError, InvalidOptionError, UnsupportedModelError
+from fxprune.hf import layerwise
 from fxprune.options import PruneOptions, Sparsity, check_route, route_fields
 
 INDEX = "model.safetensors.index.json"
@@ -338,17 +343,20 @@ def on_disk(analysis: Analysis, shards: Shards, ties: Mapping[str, str]) -> OnDi
 
 # --- the plan ----------------------------------------------------------------------------------------
 def fingerprint(options: PruneOptions, hf_compatible: bool, layer_indices: str, directory: Path,
-                files: Sequence[str]) -> str:
-    """The options and the source's files (name, size, modification time): equal means the same run."""
+                files: Sequence[str], data: str = "") -> str:
+    """The options, the source's files (name, size, modification time) and ``data`` (the calibration
+    batches' digest and the recovery steps): equal means the same run."""
     stats = [(n, (directory / n).stat().st_size, (directory / n).stat().st_mtime_ns)
              for n in sorted({*files, "config.json"})]
-    text = json.dumps([options.to_dict(), hf_compatible, layer_indices, stats], sort_keys=True, default=str)
+    text = json.dumps([options.to_dict(), hf_compatible, layer_indices, stats, data], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def make_checkpoint_plan(model: Any, analysis: Analysis, scored: "OnDisk", options: PruneOptions,
-                         hf_compatible: bool = True, layer_indices: str = "own") -> tuple[Plan, Any]:
-    """The plan and the pruned config, made as :func:`fxprune.hf.prune_with_result` makes them."""
+                         hf_compatible: bool = True, layer_indices: str = "own",
+                         evidence: Any = None) -> tuple[Plan, Any]:
+    """The plan and the pruned config, made as :func:`fxprune.hf.prune_with_result` makes them
+    (``evidence``: a data-aware criterion's statistics, gathered from disk by :mod:`fxprune.hf.layerwise`)."""
     from fxprune import hf, stages
     from fxprune.hf import policy as hf_policy
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
@@ -356,7 +364,11 @@ def make_checkpoint_plan(model: Any, analysis: Analysis, scored: "OnDisk", optio
     check_patterns(analysis.groups, selection)
     attention = hf._attention(model)
     hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
-    scores = stages.score(scored, options)
+    if evidence is None:
+        scores = stages.score(scored, options)
+    else:
+        from fxprune.data.criteria import score_groups
+        scores = score_groups(scored, scored.groups, options.criterion, options.reduce, options.seed, evidence=evidence)
     notes: dict[str, str] = {}
     drop = hf._select(analysis, scores, selection, widths=widths, config=model.config,
                       hf_compatible=hf_compatible, layer_indices=layer_indices, attention=attention,
@@ -428,7 +440,8 @@ def sliced(tensor: torch.Tensor, kept: Mapping[int, Sequence[int]]) -> torch.Ten
 def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = None,
                      criterion: Optional[str] = None, *, hf_compatible: bool = True, layer_indices: str = "own",
                      options: Optional[PruneOptions] = None, blocks_once: bool = True, progress: bool = False,
-                     **option_fields: Any) -> dict:
+                     calibration: Any = None, recover: Any = (), device: Any = "cpu",
+                     spill_bytes: Optional[int] = None, **option_fields: Any) -> dict:
     """Prune the safetensors checkpoint in ``src_dir`` into ``out_dir``, one unit at a time.
 
     ``out_dir`` loads with ``AutoModelForCausalLM.from_pretrained`` (or the config's class) and equals,
@@ -441,24 +454,54 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = 
         out_dir: the new directory; it must not exist (or be empty) and must not be inside ``src_dir``.
         sparsity, criterion, hf_compatible, layer_indices, options, option_fields: as in
             :func:`fxprune.hf.prune` (the options of :class:`~fxprune.options.PruneOptions`);
-            ``criterion`` one of :data:`STREAMING_CRITERIA`.
+            ``criterion`` one of :data:`STREAMING_CRITERIA`, or with ``calibration`` an activation
+            criterion (default then ``"wanda"``, as in memory).
         blocks_once: analyse identical decoder layers once (:func:`analyse_structure`); False analyses
-            every layer (the same plan, slower).
+            every layer (the same plan, slower). The data path analyses every layer (its walk runs the
+            whole graph).
         progress: a bar over the bytes read, with the unit being written and the bytes written.
+        calibration, recover: as in :func:`fxprune.hf.prune` (token batches; ``"reconstruct"``, ridge 1
+            by default), run layer by layer from disk (:mod:`fxprune.hf.layerwise`); under
+            ``torch.distributed`` each rank passes the same batches and runs its share of them.
+        device: where the layers run on the data path (``"cpu"``, ``"cuda"``); an unavailable one is
+            an ``InvalidOptionError``.
+        spill_bytes: on the data path, carried activations of at least this many bytes (per batch)
+            move to memory-mapped files beside ``out_dir`` (default None: kept in memory).
     """
-    from fxprune.hf import hf_options
+    from fxprune import hf
     started = time.perf_counter()
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
-    options = hf_options(options, {"sparsity": sparsity, "criterion": criterion, **option_fields}, hf_compatible)
-    _check_options(options, layer_indices)
+    if criterion is None and calibration is not None and options is None:
+        criterion = hf.CALIBRATED_CRITERION
+    options = hf.hf_options(options, {"sparsity": sparsity, "criterion": criterion, **option_fields}, hf_compatible)
+    steps, step_options = layerwise.recovery_of(recover)
+    chosen = layerwise.check_device(device)
+    _check_options(options, layer_indices, calibration, steps)
     _check_paths(src, out)
     shards = Shards.open(src)
     partial = out.parent / f".{out.name}.fxprune-partial"
+    model = meta_model(src)
+    check_shapes(model, shards)
+    if calibration is not None:
+        run = _DataRun(calibration, steps, step_options, chosen, spill_bytes, progress)
+        return _prune_with_data(src, out, partial, shards, model, options, hf_compatible, layer_indices, run,
+                                started)
+    if layerwise.rank_and_world()[1] > 1:  # nothing to split without data: rank 0 alone writes
+        text = json.dumps(_prune_data_free(src, out, partial, shards, model, options, hf_compatible, layer_indices,
+                                           blocks_once, progress, started)) if layerwise.rank_and_world()[0] == 0 \
+            else None
+        layerwise.barrier()
+        return json.loads(layerwise.broadcast_text(text, chosen))
+    return _prune_data_free(src, out, partial, shards, model, options, hf_compatible, layer_indices, blocks_once,
+                            progress, started)
+
+
+def _prune_data_free(src: Path, out: Path, partial: Path, shards: Shards, model: Any, options: PruneOptions,
+                     hf_compatible: bool, layer_indices: str, blocks_once: bool, progress: bool,
+                     started: float) -> dict:
     run_id = fingerprint(options, hf_compatible, layer_indices, src, list(shards.files.values()))
     timings: dict[str, float] = {}
     plan, resumed = _resumed_plan(partial, run_id)
-    model = meta_model(src)
-    check_shapes(model, shards)
     ties = tied_names(model)
     work = units([k for k in model.state_dict() if k not in ties])
     done = _journal(partial) if resumed else {}
@@ -475,7 +518,9 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = 
     return _finish(src, partial, out, work, records, timings, started, run_id)
 
 
-def _check_options(options: PruneOptions, layer_indices: str) -> None:
+def _check_options(options: PruneOptions, layer_indices: str, calibration: Any = None,
+                   steps: Sequence[str] = ()) -> None:
+    from fxprune.data.criteria import ACTIVATION_CRITERIA
     from fxprune.hf import structure
     instead = "use fxprune.hf.prune on a model that fits in memory"
     check_route(options, "prune_checkpoint (disk to disk)", dict.fromkeys(route_fields(), instead))
@@ -483,14 +528,169 @@ def _check_options(options: PruneOptions, layer_indices: str) -> None:
     if wanted.any:
         raise InvalidOptionError(f"prune_checkpoint (disk to disk) prunes widths only, not whole layers or "
                                  f"experts (sparsity {dict(options.sparsity)!r}): {instead}")
-    if options.criterion not in STREAMING_CRITERIA:
+    if calibration is not None and options.criterion not in STREAMING_CRITERIA + ACTIVATION_CRITERIA:
+        raise InvalidOptionError(
+            f"prune_checkpoint with calibration scores with {STREAMING_CRITERIA + ACTIVATION_CRITERIA}, got "
+            f"{options.criterion!r}: a gradient criterion needs a backward pass through the whole model, "
+            f"which the layer-by-layer path does not do ({instead})")
+    if calibration is None and options.criterion not in STREAMING_CRITERIA:
         raise InvalidOptionError(
             f"prune_checkpoint scores with the data-free criteria {STREAMING_CRITERIA}, got "
-            f"{options.criterion!r}: a data-aware criterion needs calibration run layer by layer, which the "
-            f"disk-to-disk path does not do yet (use fxprune.hf.prune on a model that fits in memory)")
+            f"{options.criterion!r}: a data-aware criterion reads activations: pass calibration=<token "
+            f"batches> and they run layer by layer from disk")
+    if steps and calibration is None:
+        from fxprune.errors import CalibrationError
+        raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration= (token batches)")
     from fxprune.hf import policy as hf_policy
     if layer_indices not in hf_policy.LAYER_INDICES:
         raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
+
+
+@dataclass(frozen=True)
+class _DataRun:
+    """What the data path reads besides the options (never part of a plan)."""
+
+    calibration: Any
+    steps: tuple
+    step_options: Mapping[str, Mapping[str, Any]]
+    device: torch.device
+    spill_bytes: Optional[int]
+    progress: bool
+
+
+def _prune_with_data(src: Path, out: Path, partial: Path, shards: Shards, model: Any, options: PruneOptions,
+                     hf_compatible: bool, layer_indices: str, run: _DataRun, started: float) -> dict:
+    """The data path (:mod:`fxprune.hf.layerwise`): the statistics walk (unless resumed), the plan,
+    then the reconstruct walk writing units as they finish (or the units as on the data-free path)."""
+    rank, _ = layerwise.rank_and_world()
+    timings: dict[str, Any] = {}
+    tic = time.perf_counter()
+    analysis = _analyse(model, options.split_axis)
+    timings["structure_s"] = time.perf_counter() - tic
+    batches, total = layerwise.rank_batches(analysis.gm, run.calibration, getattr(model.config, "vocab_size", None),
+                                            run.device)
+    ties = tied_names(model)
+    run_id = fingerprint(options, hf_compatible, layer_indices, src, list(shards.files.values()),
+                         _data_digest(batches, total, run))
+    weights = layerwise.Weights(shards, ties, layerwise.computed_buffers(model), run.device)
+    spill, holder = layerwise.spill_for(out.parent, run.spill_bytes)
+    with holder:
+        plan, config = _data_plan(model, analysis, shards, ties, options, hf_compatible, layer_indices, partial,
+                                  run_id, batches, weights, spill, timings)
+        return _write_with_data(src, out, partial, shards, model, analysis, plan, config, run, batches, weights,
+                                spill, run_id, timings, started)
+
+
+def _data_digest(batches: Sequence[tuple], total: int, run: _DataRun) -> str:
+    """This rank's batches (the same split on a rerun with the same ranks) and the recovery asked."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for x in batch:
+            digest.update(x.cpu().numpy().tobytes())
+    return json.dumps([digest.hexdigest(), total, list(run.steps), run.step_options], sort_keys=True, default=str)
+
+
+def _data_plan(model: Any, analysis: Analysis, shards: Shards, ties: Mapping[str, str], options: PruneOptions,
+               hf_compatible: bool, layer_indices: str, partial: Path, run_id: str, batches: Sequence[tuple],
+               weights: "layerwise.Weights", spill: Any, timings: dict) -> tuple[Plan, Any]:
+    """Rank 0's resumed plan, or the plan from the statistics walk (all ranks: the sums are
+    all-reduced); rank 0's plan is the one every rank uses. ``config`` is None when resumed."""
+    rank, _ = layerwise.rank_and_world()
+    resumed = _resumed_plan(partial, run_id)[0] if rank == 0 else None
+    text = layerwise.broadcast_text(resumed.to_json() if resumed is not None else None, weights.device)
+    if text is not None:
+        return Plan.from_json(text), None
+    tic = time.perf_counter()
+    evidence = None
+    if options.criterion not in STREAMING_CRITERIA:
+        evidence = layerwise.statistics(analysis, batches, weights, spill, options.criterion)
+    timings["statistics_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    plan, config = make_checkpoint_plan(model, analysis, on_disk(analysis, shards, ties), options, hf_compatible,
+                                        layer_indices, evidence)
+    timings["score_s"] = time.perf_counter() - tic
+    timings["score_bytes_read"] = shards.bytes_read
+    return Plan.from_json(layerwise.broadcast_text(plan.to_json(), weights.device)), config
+
+
+def _write_with_data(src: Path, out: Path, partial: Path, shards: Shards, model: Any, analysis: Analysis, plan: Plan,
+                     config: Any, run: _DataRun, batches: Sequence[tuple], weights: "layerwise.Weights", spill: Any,
+                     run_id: str, timings: dict, started: float) -> dict:
+    from fxprune import stages
+    from fxprune.data.recovery import check_ridge, reconstruct_stops
+    from fxprune.hf import calibrated
+    rank, _ = layerwise.rank_and_world()
+    drop = stages.drop_from_plan(analysis, plan)
+    stops, skipped = reconstruct_stops(analysis, drop) if run.steps else ({}, [])
+    flags = calibrated.bias_flags(model, layerwise.bias_keys(stops))
+    ties = tied_names(model)
+    work = units(_output_keys(model, flags, ties))
+    done: dict = {}
+    if rank == 0:
+        done = _journal(partial) if config is None else {}
+        stored = [Unit(u.name, tuple(k for k in u.keys if k in shards.shapes), u.file) for u in work]  # biases: bytes
+        _check_disk(shards, plan, stored, ties, out.parent if config is not None else partial, done)
+        if config is not None:
+            for flag, value in flags.items():
+                setattr(config, flag, value)
+            _start(partial, run_id, plan, config, timings)
+    records: list[dict] = []
+    tic = time.perf_counter()
+
+    def write(unit: Unit, tensor_of: Any) -> None:
+        if rank == 0:
+            records.append(_write_unit(shards, plan, unit, ties, partial, tensor_of))
+
+    def tensor_of(key: str) -> torch.Tensor:
+        if key in shards.shapes or key in ties:
+            return weights.sliced(key).cpu()
+        return _zero_bias(shards, plan, ties, key)
+
+    weights.cut = lambda key, value: sliced(value, kept_of(plan, key, ties))
+    writer = layerwise.UnitWriter(work, write, tensor_of, layerwise.unit_fits(work, stops), done=set(done))
+    reports: list = []
+    if stops:
+        pruned = stages.rewrite_graph(analysis, drop, layerwise.example_ids(batches), plan.options)
+        weights.pruned_gm = pruned
+        writer.release = lambda key: layerwise.dematerialise(pruned, key)
+        ridge = check_ridge(run.step_options.get("reconstruct", {}).get("ridge", 1.0))
+        reports = layerwise.reconstruct_walk(analysis, pruned, stops, batches, weights, writer, ridge, spill,
+                                             run.progress)
+    else:
+        writer.flush(everything=True)
+    timings["write_s"] = time.perf_counter() - tic
+    timings["reconstruct"] = {"layers": len(reports), "skipped": [list(s) for s in skipped],
+                              "errors": [[r.layer, round(r.before, 6), round(r.after, 6)] for r in reports]}
+    resumed = [{**done[u.name], "resumed": True} for u in work if u.name in done]
+    text = None
+    if rank == 0:
+        report = _finish(src, partial, out, work, resumed + records, timings, started, run_id)
+        text = json.dumps(report)
+    layerwise.barrier()
+    return json.loads(layerwise.broadcast_text(text, weights.device))
+
+
+def _output_keys(model: Any, flags: Mapping[str, bool], ties: Mapping[str, str]) -> list[str]:
+    """The output's tensors in state_dict order: the source's, and the biases a flag adds."""
+    if not flags:
+        return [k for k in model.state_dict() if k not in ties]
+    from transformers.initialization import no_init_weights
+    probe = copy.deepcopy(model.config)
+    for flag, value in flags.items():
+        setattr(probe, flag, value)
+    with torch.device("meta"), no_init_weights():
+        built = type(model)._from_config(probe, dtype=model.dtype)
+    built.tie_weights()
+    return [k for k in built.state_dict() if k not in tied_names(built)]
+
+
+def _zero_bias(shards: Shards, plan: Plan, ties: Mapping[str, str], key: str) -> torch.Tensor:
+    """A bias a config flag adds that no refit set: zeros, as in memory (its layer's kept outputs)."""
+    weight = key[:-len("bias")] + "weight"
+    if not key.endswith(".bias") or weight not in shards.shapes:
+        raise CheckpointError(f"the pruned model has tensor {key!r}, which neither the source nor recovery holds")
+    rows = sliced_shape(shards.shapes[weight], kept_of(plan, weight, ties))[0]
+    return torch.zeros(rows, dtype=_dtype_of(shards.dtypes[weight], weight))
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -589,12 +789,14 @@ def _write_units(shards: Shards, plan: Plan, work: Sequence[Unit], aliases: Mapp
         bar.close()
 
 
-def _write_unit(shards: Shards, plan: Plan, unit: Unit, aliases: Mapping[str, str], partial: Path) -> dict:
-    """Read, slice and write one unit's shard, then record it in the journal (fsynced: a shard counts as
-    finished only once its journal line is on disk)."""
+def _write_unit(shards: Shards, plan: Plan, unit: Unit, aliases: Mapping[str, str], partial: Path,
+                tensor_of: Optional[Any] = None) -> dict:
+    """Read, slice and write one unit's shard (``tensor_of(key)``: another source of its tensors), then
+    record it in the journal (fsynced: a shard counts as finished only once its journal line is on disk)."""
     from safetensors.torch import save_file
     tic, before = time.perf_counter(), shards.bytes_read
-    tensors = {key: sliced(shards.read(key), kept_of(plan, key, aliases)) for key in unit.keys}
+    tensor_of = tensor_of or (lambda key: sliced(shards.read(key), kept_of(plan, key, aliases)))
+    tensors = {key: tensor_of(key).contiguous() for key in unit.keys}
     tmp = partial / (unit.file + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     _fsync(tmp)
