@@ -104,9 +104,9 @@ def test_magnitude_on_a_causal_lm_warns_with_the_measured_figure():
         fxprune.hf.prune(_llama(), (_ids(2, 9),), sparsity=MLP)
 
 
-def test_default_criterion_with_calibration_is_wanda():
+def test_default_criterion_with_calibration_is_energy():
     pruned = fxprune.hf.prune(_llama(), (_ids(2, 9),), sparsity=MLP, calibration=CALIBRATION)
-    assert pruned.config.fxprune["options"]["criterion"] == "wanda"
+    assert pruned.config.fxprune["options"]["criterion"] == "energy"
 
 
 def test_dict_batches_are_read_by_input_ids():

@@ -455,7 +455,7 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = 
         sparsity, criterion, hf_compatible, layer_indices, options, option_fields: as in
             :func:`fxprune.hf.prune` (the options of :class:`~fxprune.options.PruneOptions`);
             ``criterion`` one of :data:`STREAMING_CRITERIA`, or with ``calibration`` an activation
-            criterion (default then ``"wanda"``, as in memory).
+            criterion (default then ``"energy"``, as in memory).
         blocks_once: analyse identical decoder layers once (:func:`analyse_structure`); False analyses
             every layer (the same plan, slower). The data path analyses every layer (its walk runs the
             whole graph).
