@@ -335,13 +335,13 @@ def _warn_weight_criterion(model: Any, criterion: Criterion) -> None:
     """A weight criterion on a causal LM warns with the figure the benchmark measured."""
     if isinstance(criterion, str) and criterion not in DATA_CRITERIA and _is_causal_lm(model):
         warnings.warn(f"criterion {criterion!r} ranks units by weight alone; on a real LLM that is "
-                      f"catastrophic: {LLM_MEASURED}. Pass calibration= (token batches) for 'wanda'.",
+                      f"catastrophic: {LLM_MEASURED}. Pass calibration= (token batches) for {CALIBRATED_CRITERION!r}.",
                       UserWarning, stacklevel=6)  # the caller of prune_with_result (past its wrapper)
 
 
 #: The figure the magnitude warning quotes (written from benchmarks/bench_llm.md by hand).
 LLM_MEASURED = ("on SmolLM2-135M-Instruct, 20% of the MLP width pruned by magnitude multiplied held-out "
-                "perplexity by 11,366 ('wanda' with 8x128 calibration tokens: 1.24x; benchmarks/bench_llm.md)")
+                "perplexity by 11,366 ('energy' with 8x128 calibration tokens: 1.21x; benchmarks/bench_llm.md)")
 
 
 def _is_causal_lm(model: Any) -> bool:
