@@ -124,8 +124,12 @@ def test_the_shared_helpers_are_leaves():
     leaves = ("fxprune.core.predicates", "fxprune.core.registry", "fxprune.core.channels", "fxprune.core.graph", "fxprune.options")
     for leaf in leaves:
         assert _imports(leaf, modules[leaf], modules) <= {"fxprune.errors"}, leaf
-    # the op-call API the rules use stands on the leaves only: not on the walk, capture or groups
-    assert _imports("fxprune.core.opcall", modules["fxprune.core.opcall"], modules) <= set(leaves) | {"fxprune.errors"}
+    # lockstep (chunk pieces that keep equal widths) stands on the channel table alone
+    assert _imports("fxprune.core.lockstep", modules["fxprune.core.lockstep"], modules) <= {
+        "fxprune.core.channels", "fxprune.errors"}
+    # the op-call API the rules use stands on the leaves and lockstep only: not on the walk, capture or groups
+    assert _imports("fxprune.core.opcall", modules["fxprune.core.opcall"], modules) <= set(leaves) | {
+        "fxprune.errors", "fxprune.core.lockstep"}
 
 
 def test_rules_import_the_op_call_api_not_the_walk():

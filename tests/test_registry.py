@@ -76,16 +76,19 @@ def test_conv_group_count_is_one_formula_at_both_levels():
 class ReshapeAlias(nn.Module):
     """``aten._reshape_alias`` (what older decompositions emit for ``reshape``) into a Linear."""
 
-    def __init__(self, stride=(128, 1)):
+    def __init__(self, transposed: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.fc = nn.Linear(8 * 16, 4)
-        self.stride = list(stride)
+        self.transposed = transposed
 
     def forward(self, x):
         y = torch.relu(self.conv(x))
-        # the batch read from y: a literal 2 would read past a batch of 1 (_reshape_alias checks nothing)
-        return self.fc(torch.ops.aten._reshape_alias(y, [y.shape[0], 128], self.stride))
+        # sizes and strides read from y's batch: literals would read past a batch of 1, and verify runs
+        # a second batch size (_reshape_alias checks nothing)
+        batch = y.shape[0]
+        stride = [1, batch] if self.transposed else [128, 1]
+        return self.fc(torch.ops.aten._reshape_alias(y, [batch, 128], stride))
 
 
 def _alias_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -105,7 +108,7 @@ def test_reshape_alias_gets_its_sizes_and_strides_rewritten(level, graph_snapsho
 
 def test_reshape_alias_with_other_strides_freezes_what_it_touches():
     # the same sizes read with transposed strides: no contiguous rewrite would be right, so nothing shrinks
-    report = check_pruned(ReshapeAlias(stride=(1, 2)).eval(), (torch.randn(2, 3, 4, 4),), capture="fx",
+    report = check_pruned(ReshapeAlias(transposed=True).eval(), (torch.randn(2, 3, 4, 4),), capture="fx",
                           sparsity=0.5, expect_shrink=False)
     group = next(g for g in report.result.analysis.groups if g.name == "conv")
     assert not group.prunable and "non-contiguous strides" in group.reasons[0]

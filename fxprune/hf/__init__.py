@@ -161,8 +161,10 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
     (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
     recorded in the plan; one set to no effect (``expert_criterion`` with no expert count asked) is refused."""
     _check_model(model)
-    calibration = calibrated.token_calibration(calibration, getattr(model.config, "vocab_size", None),
-                                               _is_causal_lm(model) or bool(getattr(model.config, "is_decoder", False)))
+    if getattr(model, "main_input_name", "input_ids") == "input_ids":  # token batches (not a ViT's pixels)
+        calibration = calibrated.token_calibration(calibration, getattr(model.config, "vocab_size", None),
+                                                   _is_causal_lm(model) or bool(getattr(model.config, "is_decoder",
+                                                                                        False)))
     named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
     asked = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
     _check_whole_structures(asked, structure.split(asked.sparsity), sparsity is not None)
