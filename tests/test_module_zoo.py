@@ -77,7 +77,12 @@ def assert_same_detections(got: dict, want: dict) -> None:
 GROUP_NORM_HEADS = ("fcos_resnet50_fpn",)  # their reference recomputes GroupNorm over kept channels only
 
 
-@pytest.mark.parametrize("name", [n for n in DETECTORS if n not in GROUP_NORM_HEADS])
+#: Detectors whose run is the long tail of this file (Keypoint R-CNN: ~40 s): ``pytest --heavy`` runs them.
+HEAVY_DETECTORS = {"keypointrcnn_resnet50_fpn"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY_DETECTORS else n
+                                  for n in DETECTORS if n not in GROUP_NORM_HEADS])
 def test_detector_same_class_equals_masked_reference(name):
     torch.manual_seed(0)
     model = detector(name)
