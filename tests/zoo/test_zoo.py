@@ -80,3 +80,17 @@ def test_densenet121_snapshot(graph_snapshot):
 def test_zoo_lists_every_model_once():
     assert len(MODELS) == len(set(MODELS)) >= 80
     assert set(DEFAULT) <= set(MODELS) and NOT_FX_TRACEABLE <= set(MODELS) and HEAVY <= set(MODELS)
+
+
+@pytest.mark.zoo
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", MODELS)
+def test_every_classifier_comes_back_as_its_own_class(name: str):
+    """``fxprune.module``: each classifier back as a smaller instance of its class, its own forward
+    checked against the pruned graph (``pytest --heavy``; tests/test_module_zoo.py runs nine by default)."""
+    import fxprune.module
+    model, inputs = build(name)
+    out = fxprune.module.prune(model, inputs, sparsity=0.5, criterion="l1")
+    assert type(out.module) is type(model)
+    assert sum(p.numel() for p in out.module.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())
+    assert out.max_abs_error < 1e-3
