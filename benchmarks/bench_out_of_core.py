@@ -153,7 +153,7 @@ def structure(src: Path, once: bool) -> dict:
 
 
 def disk_to_disk(src: Path, out: Path) -> dict:
-    from fxprune.hf.checkpoint import prune_checkpoint
+    from fxprune.hf import prune_checkpoint
     tic = time.perf_counter()
     report = prune_checkpoint(src, out, SPARSITY, CRITERION)
     return {"wall_s": time.perf_counter() - tic, "cpu_s": _cpu_s(), "peak_gb": _peak_gb(),

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
 from fxprune.errors import CheckpointError, InvalidOptionError  # noqa: E402
 from fxprune.hf import checkpoint  # noqa: E402
-from fxprune.hf.checkpoint import prune_checkpoint  # noqa: E402
+from fxprune.hf import prune_checkpoint  # noqa: E402
 
 T = transformers
 CONFIG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,

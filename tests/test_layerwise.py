@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import fxprune.hf  # noqa: E402  (needs transformers)
 from fxprune.errors import CalibrationError, InvalidOptionError  # noqa: E402
 from fxprune.hf import layerwise  # noqa: E402
-from fxprune.hf.checkpoint import prune_checkpoint  # noqa: E402
+from fxprune.hf import prune_checkpoint  # noqa: E402
 
 T = transformers
 CONFIG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -155,7 +155,7 @@ _RANK = textwrap.dedent("""
     torch.set_num_threads(1)
     rank, init, src, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    from fxprune.hf.checkpoint import prune_checkpoint
+    from fxprune.hf import prune_checkpoint
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(3, 100, (2, 12), generator=g) for _ in range(4)]
     report = prune_checkpoint(src, out, {sparsity!r}, "flap", calibration=batches, recover="reconstruct")

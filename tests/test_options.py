@@ -199,7 +199,7 @@ def test_a_whole_structure_option_with_no_effect_is_refused(given, message):
 
 
 def test_the_disk_to_disk_route_refuses_whole_structures(tmp_path):
-    from fxprune.hf.checkpoint import prune_checkpoint
+    from fxprune.hf import prune_checkpoint
     with pytest.raises(InvalidOptionError, match=r"prune_checkpoint \(disk to disk\) cannot honour block_repair"):
         prune_checkpoint(tmp_path / "in", tmp_path / "out", block_repair=True, criterion="l2")
     with pytest.raises(InvalidOptionError, match="widths only, not whole layers"):

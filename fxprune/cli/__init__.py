@@ -11,7 +11,7 @@ random inputs of ``--input-shape`` (repeat it for several inputs; a ``.pt2`` may
 inputs). ``hf:PATH_OR_CONFIG`` is a HuggingFace model directory or ``config.json`` (see
 :mod:`fxprune.cli.hf`): it is pruned by :mod:`fxprune.hf` and ``--out`` becomes a directory that
 ``from_pretrained`` loads; a checkpoint directory given without ``--input-shape`` is pruned disk to disk,
-one layer at a time (:func:`fxprune.hf.checkpoint.prune_checkpoint`: models larger than memory).
+one layer at a time (:func:`fxprune.hf.prune_checkpoint`: models larger than memory).
 
 ``prune`` writes to ``--out``: the saved result (``plan.json``, ``model.safetensors``, ``module.py``, see
 :func:`fxprune.save`), ``summary.md`` (the table it prints) and ``widths.png`` (per-layer widths before and

@@ -9,7 +9,7 @@ subclass. Weights load from safetensors only (nothing is unpickled), and a repos
     fxprune prune hf:tiny-llama/ --input-shape 2,16 --sparsity 0.5 --out pruned/
 
 A checkpoint directory without ``--input-shape`` is pruned disk to disk (nothing but one layer's tensors
-in memory; :func:`fxprune.hf.checkpoint.prune_checkpoint`), with a data-free criterion; rerun after an
+in memory; :func:`fxprune.hf.prune_checkpoint`), with a data-free criterion; rerun after an
 interruption, the same command continues from the last finished layer:
 
     fxprune prune hf:llama-8b/ --sparsity 0.25 --criterion l2 --out llama-8b-p25/

@@ -1,6 +1,6 @@
 """Prune a checkpoint bigger than memory, disk to disk: :func:`prune_checkpoint`.
 
->>> from fxprune.hf.checkpoint import prune_checkpoint
+>>> from fxprune.hf import prune_checkpoint
 >>> report = prune_checkpoint("llama-8b/", "llama-8b-p25/", sparsity=0.25, criterion="l2")  # doctest: +SKIP
 >>> report["bytes_written"] < report["bytes_read"]                                          # doctest: +SKIP
 True
@@ -202,7 +202,7 @@ def meta_model(directory: Any) -> Any:
     >>> model.model.embed_tokens.weight.device
     device(type='meta')
     """
-    from fxprune.hf import _transformers
+    from fxprune.hf.in_memory import _transformers
     transformers = _transformers()
     from transformers.initialization import no_init_weights
     directory = Path(directory)
@@ -272,7 +272,7 @@ def analyse_structure(model: Any, split_axis: str = "outer", blocks_once: bool =
 def _analyse(model: Any, split_axis: str) -> Analysis:
     from fxprune.api import analyze
     from fxprune.core.capture import AUTO, export
-    from fxprune.hf import _dynamic_shapes, _without_cache
+    from fxprune.hf.in_memory import _dynamic_shapes, _without_cache
     length = min(16, int(getattr(model.config, "max_position_embeddings", 16) or 16))
     ids = torch.zeros(2, length, dtype=torch.long)
     program = export(_without_cache(model), (ids,), _dynamic_shapes(model, (ids,), AUTO))
@@ -357,7 +357,8 @@ def make_checkpoint_plan(model: Any, analysis: Analysis, scored: "OnDisk", optio
                          evidence: Any = None) -> tuple[Plan, Any]:
     """The plan and the pruned config, made as :func:`fxprune.hf.prune_with_result` makes them
     (``evidence``: a data-aware criterion's statistics, gathered from disk by :mod:`fxprune.hf.layerwise`)."""
-    from fxprune import hf, stages
+    from fxprune import stages
+    from fxprune.hf import in_memory as hf
     from fxprune.hf import policy as hf_policy
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
     selection = options.replace(sparsity=module_sparsity)
@@ -468,7 +469,7 @@ def prune_checkpoint(src_dir: Any, out_dir: Any, sparsity: Optional[Sparsity] = 
         spill_bytes: on the data path, carried activations of at least this many bytes (per batch)
             move to memory-mapped files beside ``out_dir`` (default None: kept in memory).
     """
-    from fxprune import hf
+    from fxprune.hf import in_memory as hf
     started = time.perf_counter()
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
     if criterion is None and calibration is not None and options is None:

@@ -1,6 +1,6 @@
 """Layer by layer with data: the data-aware criteria and ``reconstruct`` on a checkpoint read from disk.
 
-:func:`fxprune.hf.checkpoint.prune_checkpoint` with ``calibration=`` runs what :func:`fxprune.hf.prune`
+:func:`fxprune.hf.prune_checkpoint` with ``calibration=`` runs what :func:`fxprune.hf.prune`
 runs in memory, on a model whose weights stay in the shards. The whole model is exported on the
 ``meta`` device (shapes, no weights) and the calibration batches walk that graph node by node, every
 batch together (:class:`fxprune.data.sequential.Walk`): a node's weights are read from the shards just
@@ -69,7 +69,7 @@ def check_device(device: Any) -> torch.device:
 def recovery_of(recover: Any) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
     """``recover=`` as :func:`fxprune.hf.prune` reads it (reconstruct's ridge defaults to 1), limited
     to :data:`LAYERWISE_RECOVERY`."""
-    from fxprune.hf import _recovery
+    from fxprune.hf.in_memory import _recovery
     steps, options = _recovery(recover)
     refused = [s for s in steps if s not in LAYERWISE_RECOVERY]
     if refused:

@@ -1,0 +1,598 @@
+"""The in-memory route of :mod:`fxprune.hf`: a ``PreTrainedModel`` in memory pruned into a smaller one of the
+same class (:func:`prune`, :func:`prune_with_result`); the package's ``__init__`` re-exports it beside the
+disk-to-disk route (:mod:`fxprune.hf.checkpoint`), which imports its helpers from here.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from fxprune import stages
+from fxprune.core.channels import Dropped
+from fxprune.core.analysis import Analysis
+from fxprune.core.capture import AUTO, as_inputs, export, propagate_values, without_cache
+from fxprune.core.purity import leaves_models_untouched
+from fxprune.core.select import check_patterns, select
+from fxprune.data.criteria import DATA_CRITERIA, GRADIENT_CRITERIA, Criterion
+from fxprune.data.recovery import RECOVERY_STEPS, recovery_steps
+from fxprune.errors import (CalibrationError, ConfigMismatchError, ExampleInputError, InvalidOptionError,
+                            TrainingModeError, UnsupportedModelError, VerificationError)
+from fxprune.hf import budget, calibrated, policy as hf_policy, structure
+from fxprune.core.plan import Plan
+from fxprune.options import PruneOptions, Sparsity, public_fields, route_fields
+from fxprune.progress import stage_bar
+from fxprune.stages import PruneResult, RunData, check_run, criterion_name, make_plan
+
+FORMAT = "fxprune.hf/1"
+
+
+@dataclass(frozen=True)
+class HFPruneResult:
+    """What :func:`prune_with_result` returns: the HF model and the export-level result it came from."""
+
+    model: Any
+    """The pruned ``PreTrainedModel`` (same class as the input, new config)."""
+    result: PruneResult
+    """The export-level pruning: ``result.plan``, ``result.graph_module``, ``result.analysis``."""
+    changes: Mapping[str, tuple[Any, Any]]
+    """{config field: (before, after)}."""
+    max_abs_error: float
+    """The largest difference between the HF model's outputs and the pruned graph's (example inputs)."""
+    depth: Any = None
+    """The layers removed (:class:`fxprune.hf.depth.DepthResult`), when ``sparsity`` named a depth field."""
+    request: Optional[PruneOptions] = None
+    """Every option of the run: what :attr:`plan` records (the layers', experts' and budget's beside the
+    widths')."""
+
+    @property
+    def plan(self) -> Optional[Plan]:
+        """The widths' plan, recording :attr:`request`; a run that pruned no width has a plan of no tensor."""
+        if self.result is None:
+            return Plan({}, {}, (), self.request) if self.request is not None else None
+        if self.request is None:
+            return self.result.plan
+        return dataclasses.replace(self.result.plan, options=self.request)
+
+
+def prune(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
+          criterion: Optional[Criterion] = None, *, hf_compatible: bool = True, layer_indices: str = "own",
+          **options: Any) -> Any:
+    """Prune a ``PreTrainedModel`` and return a new one of the same class; ``model`` is untouched.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` in eval mode.
+        example_inputs: a tensor or tuple of tensors for ``model.forward``'s leading arguments
+            (``input_ids``, ``pixel_values``...).
+        sparsity: fraction of each kind of width to drop, or a mapping: ``{config field: ratio}`` for
+            one kind of width (``{"intermediate_size": 0.5, "num_attention_heads": 0.25}``: the
+            kinds not named, the hidden size here, are kept), ``{module pattern: ratio}``, or both.
+        criterion: as in :func:`fxprune.prune`. Default: ``"energy"`` with ``calibration`` (the best
+            measured on a real LLM, ``benchmarks/bench_llm.py``), else ``"group_magnitude"``, which
+            warns on a causal LM with the figure that benchmark measured.
+        hf_compatible: make only plans a config can hold (:mod:`fxprune.hf.policy`). With False, the
+            ordinary policy selects, and a plan no config can hold raises ``ConfigMismatchError``.
+        layer_indices: ``"own"`` (each layer keeps its best units at the common count) or
+            ``"shared"`` (the same indices in every layer, from the layers' summed scores).
+        options: every option of :func:`fxprune.prune` (the fields of :class:`~fxprune.options.PruneOptions`,
+            or ``options=PruneOptions(...)``); those this route cannot honour (``capture="fx"``,
+            ``prune_outputs``, ``propagate_bias``) are refused. Also ``dynamic_shapes`` (default: dynamic
+            batch and sequence), ``tolerance`` (default: by the model's dtype), ``progress``.
+        calibration: token batches (``(batch, sequence)`` id tensors of any batch size, or dicts with
+            ``input_ids``) for the data-aware criteria and ``recover=``; ids are checked against the
+            vocabulary. A dict batch's ``attention_mask`` marks padding, left out of every statistic
+            (activation moments, wanda/flap, Gram matrices of ``reconstruct``, the loss of
+            ``taylor``/``hessian``): the real tokens of each row are moved first (the graph takes ids
+            alone; a causal LM's real tokens then see their unpadded sequence), so a padded batch
+            gives the statistics of its sequences given one by one. Non-causal models refuse padding.
+        loss_fn: ``taylor`` / ``hessian``: default, the next-token cross-entropy on the batch's ids.
+        recover: recovery steps after pruning, as in :func:`fxprune.prune` (``"reconstruct"``,
+            ``"compensate-bias"``), or ``{step: {option: value}}`` (reconstruct's ``ridge`` defaults to 1
+            here, measured: :data:`LLM_STEP_OPTIONS`): they run on the pruned graph, block-sequentially (linear in depth),
+            and the returned model carries the recovered weights; a bias recovery adds is held through
+            the config flag that gives the class one (``mlp_bias``, ``attention_bias``) or refused.
+
+    >>> fxprune.hf.prune(model, (ids,), {"intermediate_size": 0.3}, "l2", round_to=64)   # doctest: +SKIP
+    """
+    return prune_with_result(model, example_inputs, sparsity, criterion, hf_compatible=hf_compatible,
+                             layer_indices=layer_indices, **options).model
+
+
+#: Options whose only value on this route is fixed: a HuggingFace model is pruned at the export level,
+#: its outputs (logits, hidden states) keep their widths, and its classes hold no folded biases.
+ROUTE_VALUES = {"capture": "export", "prune_outputs": False, "propagate_bias": False}
+
+
+def hf_options(options: Optional[PruneOptions], given: Mapping[str, Any], hf_compatible: bool) -> PruneOptions:
+    """The options of an HF run: the user's, with the values this route fixes; a value it cannot
+    honour is an ``InvalidOptionError`` naming it, never silently replaced."""
+    wanted = PruneOptions.build(options, **given)
+    defaults = PruneOptions()
+    route = {**ROUTE_VALUES, **({"split_axis": "outer"} if hf_compatible else {})}
+    for name, value in route.items():
+        chosen = getattr(wanted, name)
+        asked = given.get(name) is not None or chosen != getattr(defaults, name)  # not just the default
+        if chosen != value and asked:
+            raise InvalidOptionError(
+                f"fxprune.hf cannot honour {name}={chosen!r}" + (" with hf_compatible=True" if name == "split_axis"
+                                                                 else "") + f": this route uses {value!r}")
+    return wanted.replace(**route)
+
+
+@leaves_models_untouched
+def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsity] = None,
+                      criterion: Optional[Criterion] = None, *, hf_compatible: bool = True,
+                      layer_indices: str = "own", options: Optional[PruneOptions] = None,
+                      dynamic_shapes: Any = AUTO, tolerance: Optional[float] = None, progress: bool = False,
+                      calibration: Any = None, loss_fn: Optional[Callable] = None, recover: Sequence[str] = (),
+                      **option_fields: Any) -> HFPruneResult:
+    """:func:`prune`, also returning the plan, the pruned graph and what changed in the config.
+
+    Whole structures (issue 19): ``sparsity`` may name ``num_hidden_layers`` (layers, by the
+    ``block_criterion`` option on ``calibration``, ``block_repair``: :mod:`fxprune.hf.depth`) and
+    ``num_experts`` / ``num_local_experts`` (by ``expert_criterion``: :mod:`fxprune.hf.experts`) beside
+    widths; the ``target={"params": f}`` option chooses the mix of depth and width instead
+    (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
+    recorded in the plan; one set to no effect (``expert_criterion`` with no expert count asked) is refused."""
+    _check_model(model)
+    if getattr(model, "main_input_name", "input_ids") == "input_ids":  # token batches (not a ViT's pixels)
+        calibration = calibrated.token_calibration(calibration, getattr(model.config, "vocab_size", None),
+                                                   _is_causal_lm(model) or bool(getattr(model.config, "is_decoder",
+                                                                                        False)))
+    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
+    asked = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
+    _check_whole_structures(asked, structure.split(asked.sparsity), sparsity is not None)
+    inputs = as_inputs(example_inputs)
+    whole = route_fields()
+    widths = functools.partial(
+        _prune_widths, example_inputs=example_inputs, criterion=criterion, hf_compatible=hf_compatible,
+        layer_indices=layer_indices, options=options.replace(**_defaults(whole)) if options is not None else None,
+        dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, calibration=calibration,
+        loss_fn=loss_fn, recover=recover, **{k: v for k, v in option_fields.items() if k not in whole})
+    run = functools.partial(_structures_then_widths, asked=asked, inputs=inputs, calibration=calibration,
+                            steps=dict(dynamic_shapes=dynamic_shapes, tolerance=tolerance), widths=widths)
+    if asked.target is None:
+        return _recorded(run(model, asked.sparsity), asked, asked.sparsity)
+    out, chosen = budget.prune_to_budget(model, inputs, asked.target, calibration, functools.partial(run, model))
+    return _recorded(out, asked, chosen)
+
+
+def _defaults(names: Sequence[str]) -> dict[str, Any]:
+    return {name: public_fields()[name].default for name in names}
+
+
+def _check_whole_structures(asked: PruneOptions, wanted: structure.Structure, sparsity_given: bool) -> None:
+    """A whole-structure option set to no effect is refused, by name: never ignored."""
+    if asked.target is not None and (sparsity_given or wanted.any):
+        raise InvalidOptionError(f"target={dict(asked.target)!r} chooses the sparsity itself: give target or "
+                                 f"sparsity, not both")
+    unused = {"block_criterion": (wanted.layers is None and asked.target is None, "layer count"),
+              "block_repair": (wanted.layers is None and asked.target is None, "layer count"),
+              "expert_criterion": (wanted.experts is None, "expert count")}
+    for name, (idle, what) in unused.items():
+        value = getattr(asked, name)
+        if idle and value != public_fields()[name].default:
+            raise InvalidOptionError(f"fxprune.hf: {name}={value!r} has no effect: the sparsity names no {what} "
+                                     f"({', '.join(structure.FIELDS[what])}) and no target is given")
+
+
+def _structures_then_widths(model: Any, sparsity: Sparsity, asked: PruneOptions, inputs: tuple, calibration: Any,
+                            steps: Mapping[str, Any], widths: Callable[..., HFPruneResult]) -> HFPruneResult:
+    """Layers and experts first (:mod:`fxprune.hf.structure`), then widths on the smaller model."""
+    wanted = structure.split(sparsity)
+    if not wanted.any:
+        return widths(model, sparsity)
+    return structure.run(model, wanted, inputs, calibration, asked, steps, widths, _adapter())
+
+
+def _recorded(out: HFPruneResult, asked: PruneOptions, sparsity: Sparsity) -> HFPruneResult:
+    """The plan (and ``config.fxprune``) record the whole request: the widths' options with the sparsity
+    asked (or the budget's choice), the layers', experts' and budget's options; a run with no width to
+    prune still has a plan, of no tensor."""
+    base = out.result.plan.options if out.result is not None else asked
+    request = base.replace(sparsity=sparsity, **{name: getattr(asked, name) for name in route_fields()})
+    out.model.config.fxprune = {**out.model.config.fxprune,
+                                "options": {k: v for k, v in request.to_dict().items() if k != "hf"}}
+    return dataclasses.replace(out, request=request)
+
+
+def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any, criterion: Optional[Criterion],
+                  *, hf_compatible: bool, layer_indices: str, options: Optional[PruneOptions], dynamic_shapes: Any,
+                  tolerance: Optional[float], progress: bool, calibration: Any, loss_fn: Optional[Callable],
+                  recover: Sequence[str], **option_fields: Any) -> HFPruneResult:
+    """Widths only: export, match, score, the HF policy's selection, rewrite, rebuild."""
+    if layer_indices not in hf_policy.LAYER_INDICES:
+        raise InvalidOptionError(f"layer_indices must be one of {hf_policy.LAYER_INDICES}, got {layer_indices!r}")
+    named = criterion if isinstance(criterion, str) or criterion is None else criterion_name(criterion)
+    if named is None and calibration is not None and options is None:
+        named = CALIBRATED_CRITERION
+    options = hf_options(options, {"sparsity": sparsity, "criterion": named, **option_fields}, hf_compatible)
+    scorer = criterion if callable(criterion) else None
+    _warn_weight_criterion(model, scorer or options.criterion)
+    if loss_fn is None and options.criterion in GRADIENT_CRITERIA and scorer is None:
+        loss_fn = calibrated.causal_lm_loss
+    data = RunData(calibration, loss_fn, None, progress)
+    check_run(options, scorer, data)
+    steps, step_options = _recovery(recover)
+    if steps and calibration is None:
+        raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration= (token batches)")
+    recovery = _Recovery(steps, calibration, progress, step_options)
+    widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
+    selection = options.replace(sparsity=module_sparsity)
+    inputs = as_inputs(example_inputs)
+    _check_input_dtype(model, inputs)
+    with stage_bar(progress, 3, "fxprune.hf") as step:
+        program = export(_without_cache(model), inputs, _dynamic_shapes(model, inputs, dynamic_shapes))
+        step("export")
+        analysis = stages.analyze(program, inputs, options)
+        check_patterns(analysis.groups, selection)
+        attention = _attention(model)  # builds a probe on the meta device: once per call
+        hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
+        scores = stages.score(analysis, options, scorer, data)
+        step("match and score")
+        attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, selection, options, widths,
+                                    attention, inputs, hf_compatible, layer_indices, tolerance, recovery)
+        try:
+            out = attempt({})
+        except HiddenSizeReadError as exc:  # Gemma: retry with the residual stream whole, saying why
+            out = attempt({hf_policy.HIDDEN: str(exc)})
+        step("rewrite and rebuild")
+    return out
+
+
+def _adapter() -> types.SimpleNamespace:
+    """The steps fxprune.hf.structure and fxprune.hf.depth share with this module (handed in, so they
+    do not import it back)."""
+    return types.SimpleNamespace(without_cache=_without_cache, dynamic_shapes=_dynamic_shapes,
+                                 check_outputs=_check_outputs, result=HFPruneResult, format=FORMAT)
+
+
+class HiddenSizeReadError(VerificationError):
+    """The rebuilt model differs only because its forward reads ``hidden_size`` as a number."""
+
+
+def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torch.Tensor],
+                       selection: PruneOptions, options: PruneOptions, widths: Mapping[str, float],
+                       attention: Optional[hf_policy.Attention], inputs: tuple, hf_compatible: bool,
+                       layer_indices: str, tolerance: Optional[float], recovery: "_Recovery",
+                       whole_fields: Mapping[str, str]) -> HFPruneResult:
+    notes: dict[str, str] = {}
+    selector = functools.partial(_select, widths=widths, config=model.config, hf_compatible=hf_compatible,
+                                 layer_indices=layer_indices, attention=attention, whole_fields=whole_fields,
+                                 notes=notes)
+    drop = selector(analysis, scores, selection)
+    options = options.replace(hf={"hf_compatible": hf_compatible, "layer_indices": layer_indices,
+                                  "constraints": notes})
+    plan = make_plan(analysis, drop, options)
+    structural = stages.rewrite_graph(analysis, drop, inputs, options)
+    graph, reports = recovery.run(analysis, drop, structural, inputs)
+    config, changes = new_config(model, analysis, drop, attention)
+    pruned = _rebuild(model, config, analysis, plan, graph if reports else None)
+    try:
+        error = _check_outputs(pruned, graph, inputs, tolerance)
+    except VerificationError as exc:
+        if hf_compatible and hf_policy.HIDDEN in changes and not whole_fields:
+            raise HiddenSizeReadError(
+                f"kept whole: {type(model).__name__}'s forward reads hidden_size as a number, not only as "
+                f"a shape (Gemma scales its embeddings by sqrt(hidden_size)), so a config with a smaller "
+                f"hidden_size computes something else ({exc})") from exc
+        raise
+    pruned.config.fxprune = _record(plan, changes, notes, error)
+    result = PruneResult(graph, plan, analysis, drop, inputs, reports, structural if reports else None)
+    return HFPruneResult(pruned, result, changes, error)
+
+
+# --- input checks ---------------------------------------------------------------------------------
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # an optional dependency
+        raise ImportError("fxprune.hf needs transformers: pip install 'fxprune[hf]'") from exc
+    return transformers
+
+
+def _check_model(model: Any) -> None:
+    transformers = _transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise UnsupportedModelError(f"fxprune.hf prunes a transformers PreTrainedModel, got "
+                                    f"{type(model).__name__}; use fxprune.prune for other models")
+    if model.training:
+        raise TrainingModeError(f"{type(model).__name__} is in training mode: its dropout would be "
+                                f"exported into the graph. Call model.eval() first.")
+
+
+#: The criterion with calibration when none is named: the best rows of ``benchmarks/bench_llm.py`` on
+#: SmolLM2-135M (20% of the MLP: 1.21x dense against wanda's 1.24x; plus one of 3 KV groups: 1.66x
+#: against wanda's 8.13x).
+CALIBRATED_CRITERION = "energy"
+
+
+def _warn_weight_criterion(model: Any, criterion: Criterion) -> None:
+    """A weight criterion on a causal LM warns with the figure the benchmark measured."""
+    if isinstance(criterion, str) and criterion not in DATA_CRITERIA and _is_causal_lm(model):
+        warnings.warn(f"criterion {criterion!r} ranks units without data; on a real LLM a data-free "
+                      f"criterion is catastrophic: {LLM_MEASURED}. Pass calibration= (token batches) for {CALIBRATED_CRITERION!r}.",
+                      UserWarning, stacklevel=6)  # the caller of prune_with_result (past its wrapper)
+
+
+#: The figure the magnitude warning quotes (written from benchmarks/bench_llm.md by hand).
+LLM_MEASURED = ("on SmolLM2-135M-Instruct, 20% of the MLP width pruned by magnitude multiplied held-out "
+                "perplexity by 11,366 ('energy' with 8x128 calibration tokens: 1.21x; benchmarks/bench_llm.md)")
+
+
+def _is_causal_lm(model: Any) -> bool:
+    return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
+
+
+def _check_input_dtype(model: Any, inputs: tuple) -> None:
+    """A floating example input must have the model's dtype (a bf16 model given fp32 pixel_values)."""
+    for index, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != model.dtype:
+            raise ExampleInputError(f"example input {index} is {x.dtype}, the model {model.dtype}: cast it "
+                                    f"(x.to({model.dtype})) so the graph is traced at the model's precision")
+
+
+@dataclass(frozen=True)
+class _Recovery:
+    """``recover=`` steps and their data, run on the pruned graph before the HF model is rebuilt."""
+
+    steps: tuple
+    calibration: Any
+    progress: bool
+    options: Mapping[str, Mapping[str, Any]]
+    """Per step, its options (``reconstruct``: ``ridge``)."""
+
+    def run(self, analysis: Analysis, drop: torch.Tensor, graph: torch.nn.Module, inputs: tuple) -> tuple:
+        if not self.steps:
+            return graph, ()
+        reports, recovered = [], graph
+        for name in self.steps:
+            recovered, report = RECOVERY_STEPS[name].run(analysis, drop, recovered, self.calibration, self.progress,
+                                                         **self.options.get(name, {}))
+            reports.append(report)
+        propagate_values(recovered, inputs, rewritten=True)
+        return recovered, tuple(reports)
+
+
+#: Step options this route defaults to, from ``benchmarks/bench_llm.md`` (SmolLM2, 20% of the MLP,
+#: 8x128 calibration tokens): reconstruct's ridge 1e-3 overfits (14.65x dense: each down_proj has more
+#: inputs than the calibration has tokens), 1 pulls the fit toward the kept weights enough (1.20x, from
+#: 1.24x without reconstruct), 10 too much (1.28x).
+LLM_STEP_OPTIONS = {"reconstruct": {"ridge": 1.0}}
+
+
+def _recovery(recover: Any) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """``recover=`` as step names and per-step options: names, or ``{name: {option: value}}``
+    (``{"reconstruct": {"ridge": 1.0}}``); options not given take :data:`LLM_STEP_OPTIONS`."""
+    names = tuple(recover) if isinstance(recover, Mapping) else recover
+    steps = recovery_steps(names)
+    given = {step: dict(recover[name] or {}) for step, name in zip(steps, recover)} \
+        if isinstance(recover, Mapping) else {}
+    return steps, {step: {**LLM_STEP_OPTIONS.get(step, {}), **given.get(step, {})} for step in steps}
+
+
+def _without_cache(model: Any) -> Any:
+    """A view of the model whose ``forward`` passes ``use_cache=False`` (:func:`fxprune.core.capture.without_cache`)."""
+    return without_cache(model)
+
+
+def _dynamic_shapes(model: Any, inputs: tuple, dynamic_shapes: Any) -> Any:
+    """The default marks batch and sequence dynamic; a learned position table bounds the sequence."""
+    if dynamic_shapes != AUTO:
+        return dynamic_shapes
+    from fxprune.core.capture import default_dynamic_shapes
+    spec = default_dynamic_shapes(inputs)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if spec is None or not isinstance(limit, int):
+        return spec
+    return tuple(_bounded(s, limit) for s in spec)
+
+
+def _bounded(spec: Optional[dict], limit: int) -> Optional[dict]:
+    if spec is None or 1 not in spec:
+        return spec
+    return {**spec, 1: torch.export.Dim(spec[1].__name__, min=1, max=limit)}
+
+
+def _attention(model: Any) -> Optional[hf_policy.Attention]:
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int):
+        return None
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return hf_policy.Attention(heads, kv, head_dim, _honours_head_dim(model, head_dim))
+
+
+def _honours_head_dim(model: Any, head_dim: int) -> bool:
+    """Whether the modules read ``config.head_dim`` (LLaMA, Qwen, Mistral, Phi-3, Gemma) rather than
+    derive it from ``hidden_size / num_attention_heads`` (GPT-2, BERT, ViT): build the model on the meta
+    device with another ``head_dim`` and see whether any tensor changes shape."""
+    probe = copy.deepcopy(model.config)
+    probe.head_dim = head_dim * 2
+    try:
+        with torch.device("meta"):
+            other = type(model)(probe)
+    except Exception:  # a class that cannot be built with another head_dim does not honour it
+        return False
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return any(before.get(k) != tuple(v.shape) for k, v in other.state_dict().items())
+
+
+# --- selection ------------------------------------------------------------------------------------
+def _select(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions, *,
+            widths: Mapping[str, float], config: Any, hf_compatible: bool, layer_indices: str,
+            attention: Optional[hf_policy.Attention], whole_fields: Mapping[str, str],
+            notes: dict[str, str]) -> torch.Tensor:
+    """A stage selector (:data:`fxprune.stages.Selector`): the ordinary selection, then one count per
+    kind a config can hold; ``notes`` receives the constraint that shaped each group."""
+    wished = select(analysis, scores, options)
+    if not hf_compatible:
+        return wished
+    kinds = hf_policy.kinds(analysis, config, attention)
+    decisions = hf_policy.decide(kinds, hf_policy.requested_keeps(analysis, wished), options, attention,
+                                 whole_fields, widths)
+    if layer_indices == "shared":
+        scores = hf_policy.shared_scores(decisions, scores)
+    notes.update({g.name: d.reason for d in decisions for g in d.kind.groups})
+    return select(analysis, scores, options, hf_policy.drop_counts(decisions))
+
+
+# --- the new config ---------------------------------------------------------------------------------
+def new_config(model: Any, analysis: Analysis, drop: Dropped,
+               attention: Optional[hf_policy.Attention]) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """The config that holds the plan, and what changed; ``ConfigMismatchError`` where none can."""
+    config = copy.deepcopy(model.config)
+    kept = hf_policy.requested_keeps(analysis, drop)
+    changes: dict[str, tuple[Any, Any]] = {}
+    for kind in hf_policy.kinds(analysis, config, attention):
+        widths = {g.name: kept[g.name] for g in kind.groups}
+        if all(w == kind.size for w in widths.values()):
+            continue
+        width = _common_width(kind, widths)
+        for field, value in _fields(kind, width, model.config, attention).items():
+            changes[field] = (_value(model.config, field), value)
+    for field, (_, value) in changes.items():
+        setattr(config, field, value)
+    if "num_attention_heads" in changes and attention is not None and attention.explicit_head_dim:
+        config.head_dim = attention.head_dim  # Qwen2, Phi-3 derive it unless it is written
+    _check_config(config)
+    return config, changes
+
+
+def _check_config(config: Any) -> None:
+    """transformers' own checks of the new config, before anything is written (LLaMA's refuses a
+    hidden size that is not a multiple of the head count, even with head_dim written)."""
+    try:
+        config.validate()
+    except Exception as exc:  # transformers raises its own validation errors
+        cause = exc.__cause__ or exc
+        raise ConfigMismatchError(f"transformers refuses the pruned config: {str(cause).strip()[:300]} "
+                                  f"(choose a sparsity whose widths it accepts)") from exc
+
+
+def _common_width(kind: hf_policy.Kind, widths: Mapping[str, int]) -> int:
+    if not kind.field:
+        name, width = next((n, w) for n, w in widths.items() if w != kind.size)
+        raise ConfigMismatchError(
+            f"group {name!r} was pruned from {kind.size} to {width} units, a width no field of the "
+            f"config holds (e.g. a part of each attention head); use hf_compatible=True, which prunes "
+            f"whole heads and only widths a config holds")
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"{n}: {w}" for n, w in list(widths.items())[:4])
+        raise ConfigMismatchError(
+            f"{kind.field} would differ between layers ({shown}; of {kind.size}), and a config holds one "
+            f"{kind.field}: use hf_compatible=True (one width per kind, the default), or the same ratio "
+            f"for every layer")
+    return next(iter(widths.values()))
+
+
+def _fields(kind: hf_policy.Kind, width: int, config: Any,
+            attention: Optional[hf_policy.Attention]) -> dict[str, int]:
+    if kind.field != hf_policy.HEADS:
+        return {kind.field: width}
+    fields = {"num_attention_heads": width * attention.per_unit}
+    if getattr(config, "num_key_value_heads", None) is not None:
+        fields["num_key_value_heads"] = width
+    return fields
+
+
+def _value(config: Any, field: str) -> Any:
+    return hf_policy.intermediate_of(config, field) if field in hf_policy.INTERMEDIATE_FIELDS else \
+        getattr(config, field)
+
+
+# --- the new model --------------------------------------------------------------------------------
+def _rebuild(model: Any, config: Any, analysis: Analysis, plan, recovered: Optional[torch.nn.Module] = None) -> Any:
+    """A fresh model of the same class from ``config``, loaded with the state_dict sliced per the plan
+    (and the ``recovered`` graph's weights and new biases, through the config flag that holds them)."""
+    from transformers.initialization import no_init_weights  # skips the random init we overwrite
+    state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
+    if recovered is not None:
+        state = calibrated.recovered_state(state, recovered)
+        flags = calibrated.bias_flags(model, [k for k in state if k not in model.state_dict()])
+        config = copy.deepcopy(config)
+        for flag, value in flags.items():
+            setattr(config, flag, value)
+    try:
+        with no_init_weights():
+            new = type(model)._from_config(config, dtype=model.dtype)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{type(model).__name__}.from_config could not rebuild the model from "
+                                    f"the pruned config: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    if recovered is not None:
+        state = calibrated.with_biases(state, new.state_dict())
+    _check_shapes(new, state, type(model).__name__)
+    new.load_state_dict(state, strict=True)
+    calibrated.retie(new, model)
+    return new.to(model.device).eval()
+
+
+def sliced_state_dict(state: Mapping[str, torch.Tensor], kept: Mapping[str, Mapping[int, Sequence[int]]],
+                      aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state`` with the plan's kept indices selected (tied names share the slice)."""
+    out = {}
+    for key, tensor in state.items():
+        dims = kept.get(aliases.get(key, key), {})
+        for dim, index in sorted(dims.items()):
+            tensor = tensor.index_select(int(dim), torch.tensor(list(index), dtype=torch.long,
+                                                                device=tensor.device))
+        out[key] = tensor.detach().clone() if dims else tensor.detach()
+    return out
+
+
+def _check_shapes(new: Any, state: Mapping[str, torch.Tensor], name: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+    missing = sorted(set(expected) ^ set(state))
+    if missing:
+        raise ConfigMismatchError(f"the rebuilt {name} and the pruned state_dict name different tensors, "
+                                  f"first {missing[:3]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != expected[key]:
+            raise ConfigMismatchError(
+                f"the pruned config builds {key!r} of shape {list(expected[key])}, the plan keeps "
+                f"{list(tensor.shape)}: {name}'s config cannot hold this plan (use hf_compatible=True)")
+
+
+def _check_outputs(pruned: Any, graph: torch.nn.Module, inputs: tuple, tolerance: Optional[float]) -> float:
+    """The HF model must compute what the pruned graph computes (never a model that runs but differs)."""
+    with torch.no_grad():
+        ours = _leaves(_without_cache(pruned)(*inputs))
+        theirs = _leaves(graph(*inputs))
+    if len(ours) != len(theirs):
+        raise VerificationError(f"the rebuilt model returns {len(ours)} tensors, the pruned graph "
+                                f"{len(theirs)}")
+    error = max((float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs) if a.numel()),
+                default=0.0)
+    scale = max((float(b.float().abs().max()) for b in theirs if b.numel()), default=1.0)
+    limit = tolerance if tolerance is not None else calibrated.tolerance(pruned.dtype, scale)
+    if not error <= limit:
+        raise VerificationError(f"the rebuilt {type(pruned).__name__} differs from the pruned graph by "
+                                f"{error:.3g} (tolerance {limit:.3g}); this is a bug in fxprune.hf")
+    return error
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    values = output.to_tuple() if hasattr(output, "to_tuple") else output
+    return [x for x in torch.utils._pytree.tree_leaves(values) if isinstance(x, torch.Tensor)]
+
+
+def _record(plan, changes: Mapping[str, tuple[Any, Any]], notes: Mapping[str, str], error: float) -> dict:
+    """What ``config.fxprune`` holds (JSON, saved in config.json): what changed and why."""
+    return {"format": FORMAT,
+            "changes": {k: [a, b] for k, a, b in ((k, *v) for k, v in changes.items())},
+            "groups": {g.name: [g.size, g.kept] for g in plan.groups if g.kept < g.size},
+            "constraints": dict(notes),
+            "options": {k: v for k, v in plan.options.to_dict().items() if k != "hf"},
+            "max_abs_error_vs_graph": error}
+
+
+__all__ = ["prune", "prune_with_result", "HFPruneResult", "new_config", "sliced_state_dict"]
