@@ -255,7 +255,7 @@ def compare(a: Path, b: Path) -> dict:
 
 def worker(argv: list[str]) -> None:
     import torch
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))  # --threads, through run_worker
     task, *paths = argv
     args = [Path(p) for p in paths[1:]]
     result = {"write": lambda: write_checkpoint(paths[0], args[0]),
@@ -284,8 +284,9 @@ def measure(model: str, cache: Path, only: str = "", layers: int = 0, calib: str
     src, out = cache / model, cache / f"{model}-work"
     if only == "structure":  # the structure needs config.json alone
         _config(model).save_pretrained(src)
-        return {"structure once": _run("structure-once", model, src),
-                "structure each": _run("structure-each", model, src)}
+        threads = "" if THREADS == 2 else f", {THREADS} thread{'s' * (THREADS > 1)}"
+        return {f"structure once{threads}": _run("structure-once", model, src),
+                f"structure each{threads}": _run("structure-each", model, src)}
     if only == "equality":  # disk to disk and in memory, compared
         if not (src / "model.safetensors.index.json").is_file():
             _run("write", model, src)
@@ -372,6 +373,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    global THREADS
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2:])
         return
@@ -386,8 +388,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="--only layerwise: cut the depth to this many layers")
     parser.add_argument("--calib", default="8x128", help="--only layerwise: calibration windows, COUNTxLENGTH")
     parser.add_argument("--device", default="cpu", help="--only layerwise: where the layers run (cuda on a GPU)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads of each run (a loaded host: 1 keeps the analysis's small ops from "
+                             "spinning; --only structure names its rows by it)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
+    THREADS = args.threads
     if not args.table_only:
         meta = environment(THREADS)
         for model in args.models:

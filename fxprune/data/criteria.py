@@ -269,19 +269,26 @@ def _index_of(analysis: Analysis, lookup: dict[int, int], ids: torch.Tensor) -> 
 
 
 def _slice_norms(tensor: torch.Tensor, dim: int, order: int) -> torch.Tensor:
-    """The ``order``-norm (1 or 2) of each slice of ``tensor`` along ``dim`` (float64). Viewed as
-    (outer, dim, inner) and summed inner first: contiguous reductions, many times faster on the CPU
-    than one reduction over the scattered dims of a consumer's input columns."""
+    """The ``order``-norm (1 or 2) of each slice of ``tensor`` along ``dim`` (float64)."""
+    sums = _slice_sums(tensor, dim, order)
+    return sums if order == 1 else sums.sqrt()
+
+
+def _slice_sums(tensor: torch.Tensor, dim: int, order: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``Σ|w|`` (order 1) or ``Σw²`` (order 2) of each slice of ``tensor`` along ``dim``, float64, its
+    chunks reduced in ``dtype`` (at least). Viewed as (outer, dim, inner) and summed inner first:
+    contiguous reductions, many times faster on the CPU than one reduction over the scattered dims of a
+    consumer's input columns; a chunk at a time, so a bf16 embedding is never copied whole as fp32."""
     shape = tensor.shape
     blocks = tensor.reshape(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
     rows = max(1, _CHUNK // max(1, blocks.shape[1] * blocks.shape[2]))
     total = torch.zeros(shape[dim], dtype=torch.float64)
-    for start in range(0, max(1, blocks.shape[0]), rows):  # a bf16 embedding is never copied whole as fp32
+    for start in range(0, max(1, blocks.shape[0]), rows):
         chunk = blocks[start:start + rows]
-        chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
+        chunk = chunk if chunk.dtype in (dtype, torch.float64) else chunk.to(dtype)
         power = chunk.abs() if order == 1 else chunk.square()
         total += power.sum(2).sum(0).double().cpu()
-    return total if order == 1 else total.sqrt()
+    return total
 
 
 #: Elements of a tensor reduced at once by :func:`_slice_norms` (64 MB in fp32).
@@ -315,7 +322,7 @@ def _activation_scores(analysis: Analysis, group: Group, evidence: Evidence, red
 
 def _weighted_activation_scores(position: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """A group scorer that weighs each consumer column (or producer row) of the unit by its watched
-    activation with ``position(rows, statistics, node)``: ``wanda`` and ``flap``."""
+    activation with ``position(weight, dim, statistics, node)``: ``wanda`` and ``flap``."""
     return functools.partial(_consumer_scores, position)
 
 
@@ -388,23 +395,23 @@ def _consumer_score(analysis: Analysis, lookup: dict[int, int], statistics: Any,
                     node: str, position: Callable, size: int) -> torch.Tensor:
     """``position``'s score per position of ``key``'s ``dim``, read against the watched activation of
     ``node`` (the consumer's input, or the producer's output)."""
-    rows = _rows(analysis, key, dim).double().cpu()
-    return _to_units(position(rows, statistics, node), _unit_index(analysis, lookup, key, dim), size)
+    weight = analysis.tensor(key).detach()  # reduced in chunks: an LM head is never copied whole in fp64
+    return _to_units(position(weight, dim, statistics, node), _unit_index(analysis, lookup, key, dim), size)
 
 
-def _wanda_positions(rows: torch.Tensor, statistics: Any, node: str) -> torch.Tensor:
+def _wanda_positions(weight: torch.Tensor, dim: int, statistics: Any, node: str) -> torch.Tensor:
     """``Σ|W| · ‖X‖₂``"""
-    return rows.abs().sum(1) * statistics.l2(node)
+    return _slice_sums(weight, dim, 1, torch.float64) * statistics.l2(node)
 
 
-def _flap_positions(rows: torch.Tensor, statistics: Any, node: str) -> torch.Tensor:
+def _flap_positions(weight: torch.Tensor, dim: int, statistics: Any, node: str) -> torch.Tensor:
     """``‖W‖² · Var(X)``"""
-    return rows.pow(2).sum(1) * statistics.var(node)
+    return _slice_sums(weight, dim, 2, torch.float64) * statistics.var(node)
 
 
-def _energy_positions(rows: torch.Tensor, statistics: Any, node: str) -> torch.Tensor:
+def _energy_positions(weight: torch.Tensor, dim: int, statistics: Any, node: str) -> torch.Tensor:
     """``‖W_:j‖² · Σx_j²`` (the diagonal of ``energy``)"""
-    return rows.pow(2).sum(1) * statistics.sums[f"{node}:sq"]
+    return _slice_sums(weight, dim, 2, torch.float64) * statistics.sums[f"{node}:sq"]
 
 
 def _energy_scores(analysis: Analysis, group: Group, evidence: Evidence, reduce: str, seed: int,

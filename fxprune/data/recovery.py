@@ -481,11 +481,13 @@ def _refit(gm: fx.GraphModule, level: str, fit: _Fit, node: fx.Node, sums: Sums,
     old = torch.cat([weight.detach().double().reshape(weight.shape[0], -1),
                      _bias_value(gm, fit.consumer, weight.shape[0], gram).unsqueeze(1)], dim=1)
     layer = _layer_name(fit.consumer.weight)
-    new = solve_ridge(gram, cross, ridge, layer, old.T).T
+    solution, rhs, damping = _damped_solve(gram, cross, ridge, layer, old.T)
+    new = solution.T
     with torch.no_grad():
         weight.copy_(new[:, :-1].reshape(weight.shape).to(weight.dtype))
     _set_bias(gm, level, fit.consumer, node, new[:, -1].to(weight.dtype))
-    before, after = relative_error(old, gram, cross, yy), relative_error(new, gram, cross, yy)
+    before = relative_error(old, gram.float(), cross, yy)  # a diagnostic: fp32 halves its O(out·in²) cost
+    after = _solved_error(solution, rhs, damping, cross, yy)
     return LayerRecovery(layer, before, after, f"{int(fit.kept_in.sum())} of {fit.kept_in.numel()} inputs")
 
 
@@ -495,6 +497,13 @@ def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: st
     layer's kept weights: a fit from little data then stays near weights that generalise, instead of
     shrinking toward zero; none: toward zero); ``λ = ridge · mean(diag G)`` (the bias row, last, is not
     damped). Where the factorisation fails, λ grows tenfold (from at least 1e-8) with a warning."""
+    return _damped_solve(gram, cross, ridge, layer, prior)[0]
+
+
+def _damped_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: str,
+                  prior: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`solve_ridge`'s solution ``S``, with the right-hand side ``R`` it solved for and the
+    damping ``λD`` it used: ``(G + λD) S = R`` (what :func:`_solved_error` needs)."""
     features = gram.shape[0] - 1
     scale = float(gram.diagonal()[:features].mean()) if features else 1.0
     damp = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
@@ -505,9 +514,9 @@ def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: st
         if int(info) == 0 and _well_conditioned(factor):
             if attempt:
                 warnings.warn(f"reconstruct: the Gram matrix of layer {layer!r} is singular at ridge {ridge:g}; "
-                              f"fell back to ridge {lam / max(scale, 1e-300):.3g}", RecoveryWarning, stacklevel=3)
+                              f"fell back to ridge {lam / max(scale, 1e-300):.3g}", RecoveryWarning, stacklevel=4)
             rhs = cross if prior is None else cross + (damp * lam).unsqueeze(1) * prior
-            return torch.cholesky_solve(rhs, factor)
+            return torch.cholesky_solve(rhs, factor), rhs, damp * lam
         lam = max(lam * 10, 1e-8 * max(scale, 1e-300))
     raise CalibrationError(f"reconstruct: the Gram matrix of layer {layer!r} cannot be factorised even with "
                            f"ridge {lam / max(scale, 1e-300):.3g} (its inputs are all zero or non-finite?)")
@@ -521,8 +530,19 @@ def _well_conditioned(factor: torch.Tensor) -> bool:
 
 
 def relative_error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, yy: float) -> float:
-    """``‖W x̃ - y‖ / ‖y‖`` over every calibration row, from the moments alone."""
-    err = float((w @ gram * w).sum() - 2 * (w * cross.T).sum() + yy)
+    """``‖W x̃ - y‖ / ‖y‖`` over every calibration row, from the moments alone (``W G Wᵀ`` in ``gram``'s
+    dtype: O(out · in²))."""
+    quadratic = float(((w.to(gram.dtype) @ gram) * w.to(gram.dtype)).sum(dtype=torch.float64))
+    err = quadratic - 2 * float((w * cross.T).sum()) + yy
+    return math.sqrt(max(err, 0.0) / yy) if yy > 0 else 0.0
+
+
+def _solved_error(solution: torch.Tensor, rhs: torch.Tensor, damping: torch.Tensor, cross: torch.Tensor,
+                  yy: float) -> float:
+    """:func:`relative_error` of ``W = Sᵀ`` where ``(G + Λ) S = R``, in O(out · in): then
+    ``tr(W G Wᵀ) = tr(Sᵀ R) - tr(Sᵀ Λ S)``, so the Gram matrix is not multiplied again."""
+    quadratic = float((solution * rhs).sum() - (solution * solution * damping.unsqueeze(1)).sum())
+    err = quadratic - 2 * float((solution * cross).sum()) + yy
     return math.sqrt(max(err, 0.0) / yy) if yy > 0 else 0.0
 
 

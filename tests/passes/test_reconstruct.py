@@ -180,3 +180,23 @@ def test_bad_input_errors_name_the_option_and_leave_the_model_alone() -> None:
     with pytest.raises(PipelineError, match="carries no pruning plan"):
         Pipeline.parse("reconstruct")(gm, calibration=[x])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("ridge", [1e-3, 1.0])
+def test_the_fitted_error_from_the_solve_equals_the_error_from_the_gram_matrix(ridge) -> None:
+    """The report's 'after' error comes from the solve's own right-hand side in O(out·in); it must be
+    the error the moments give for the refitted weights (``W G Wᵀ`` multiplied out)."""
+    from fxprune.data.recovery import _damped_solve, _solved_error, relative_error
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, 9, generator=gen, dtype=torch.float64), torch.ones(200, 1, dtype=torch.float64)], 1)
+    y = x[:, :9] @ torch.randn(9, 5, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(200, 5, generator=gen,
+                                                                                           dtype=torch.float64)
+    gram, cross, yy = x.T @ x, x.T @ y, float((y * y).sum())
+    prior = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    solution, rhs, damping = _damped_solve(gram, cross, ridge, "fc", prior)
+    fitted = _solved_error(solution, rhs, damping, cross, yy)
+    direct = float(torch.linalg.vector_norm(x @ solution - y) / torch.linalg.vector_norm(y))
+    assert fitted == pytest.approx(direct, rel=1e-9)
+    assert relative_error(solution.T, gram, cross, yy) == pytest.approx(direct, rel=1e-9)
+    assert relative_error(prior.T, gram.float(), cross, yy) == pytest.approx(
+        float(torch.linalg.vector_norm(x @ prior - y) / torch.linalg.vector_norm(y)), rel=1e-5)
