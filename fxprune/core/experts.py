@@ -50,6 +50,8 @@ PASS_THROUGH = frozenset({torch.softmax, F.softmax, torch.nn.functional.log_soft
                           "softmax", "to", "float", "type_as", "contiguous", aten.clone.default})
 #: The ops a loop over experts reads the routing with, its expert index a literal argument.
 INDEXING = frozenset({operator.getitem, operator.eq, torch.eq, aten.eq.Scalar, "eq", "__getitem__", "__eq__"})
+SORTS = frozenset({aten.sort.default, aten.sort.stable, torch.sort, "sort"})
+MULS = frozenset({operator.mul, torch.mul, aten.mul.Tensor, "mul"})
 #: Export's runtime checks: they read sizes and dtypes, never the values an expert computes.
 ASSERTS = frozenset({aten._assert_scalar.default, aten._assert_tensor_metadata.default, torch._assert,
                      aten.sym_constrain_range_for_size.default})
@@ -102,6 +104,11 @@ class MoELayer:
     """Routing nodes holding the expert count as a literal."""
     ids: str = ""
     """The top-k's expert-index output node (``topk[1]``)."""
+    sorted_ids: str = ""
+    """Stacked experts run on tokens sorted by expert (``grouped_mm``): the sorted expert ids, one per row
+    of :attr:`weighted` ('' when the graph has no such rows)."""
+    weighted: str = ""
+    """The experts' outputs times their gate values, one row per (token, chosen expert) in sorted order."""
 
     @property
     def kind(self) -> str:
@@ -209,8 +216,9 @@ def _layer(gm: fx.GraphModule, topk: fx.Node, ancestors: dict, reads: dict) -> t
                       f"{experts} rows on dim 0 is read with the routing of {topk.name!r}")
     name = _common_owner(keys + stacked + tuple(k for lane in lanes for k in lane.tensors)) \
         or keys[0].rpartition(".")[0]  # the root's own MoE: named after its router
+    rows = _sorted_rows(gm, routing, ids, stacked) if stacked and ids is not None else ("", "")
     return MoELayer(name, node.name, keys, topk.name, k, experts, lanes, stacked, counts,
-                    ids.name if ids is not None else ""), ""
+                    ids.name if ids is not None else "", *rows), ""
 
 
 def _common_owner(keys: tuple[str, ...]) -> str:
@@ -428,6 +436,37 @@ def _stacked(gm: fx.GraphModule, routing: set, experts: int, router: tuple[str, 
                 and _read_with(node, routing):
             out.append(str(node.target))
     return tuple(out)
+
+
+def _sorted_rows(gm: fx.GraphModule, routing: set, ids: fx.Node, stacked: tuple[str, ...]) -> tuple[str, str]:
+    """(sorted expert ids, the gate-weighted expert outputs in that order), or ('', '') when the graph
+    does not sort tokens by expert (``sort(ids.flatten())`` values, then a product of a routing weight
+    and a tensor computed from the stacked parameters)."""
+    sort = next((n for n in gm.graph.nodes if n in routing and _is_call(n, SORTS) and ids in _upstream(n, routing)),
+                None)
+    values = next((u for u in sort.users if u.target is operator.getitem and u.args[1] == 0), None) if sort else None
+    if values is None:
+        return "", ""
+    params = {n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) in stacked}
+    for node in gm.graph.nodes:
+        if node in routing or not _is_call(node, MULS) or len(node.all_input_nodes) != 2:
+            continue
+        a, b = node.all_input_nodes
+        for weight, output in ((a, b), (b, a)):
+            if weight in routing and params & _upstream(output, None):
+                return values.name, node.name
+    return "", ""
+
+
+def _upstream(node: fx.Node, within: Optional[set]) -> set[fx.Node]:
+    """``node``'s ancestors (only through ``within`` when given)."""
+    seen, frontier = set(), [node]
+    while frontier:
+        for parent in frontier.pop().all_input_nodes:
+            if parent not in seen and (within is None or parent in within or parent.op == "get_attr"):
+                seen.add(parent)
+                frontier.append(parent)
+    return seen
 
 
 def _read_with(node: fx.Node, routing: set) -> bool:

@@ -6,8 +6,9 @@ same quantities through module hooks):
 
 - ``reap`` (REAP): the mean, over the tokens routed to an expert, of its gate value times the norm of
   its output — the norm of the contribution its lane adds (``w · expert(x)``, zero for tokens not routed
-  to it), summed over rows and divided by the expert's routed-token count (calibration data; lanes only:
-  stacked experts run sorted and grouped, with no per-expert output to read);
+  to it), summed over rows and divided by the expert's routed-token count (calibration data). Stacked
+  experts are read where the graph sorts tokens by expert (``grouped_mm``): the gate-weighted outputs,
+  one row per (token, chosen expert), in the order of the sorted expert ids;
 - ``frequency``: how many calibration tokens the router sends to it (the top-k's index output);
 - ``weight-norm``: the Frobenius norm of its weights (data-free);
 - ``random``: seeded, a baseline.
@@ -78,11 +79,11 @@ def _frequency(gm: fx.GraphModule, found: Experts, calibration: Any, seed: int) 
 
 
 def _reap(gm: fx.GraphModule, found: Experts, calibration: Any, seed: int) -> dict[str, torch.Tensor]:
-    stacked = [layer.name for layer in found.layers if not layer.lanes]
-    if stacked:
-        raise InvalidOptionError(f"expert criterion 'reap' reads each expert's output, which stacked experts "
-                                 f"(MoE layers {stacked[:3]}) do not expose in the graph: use 'frequency' or "
-                                 f"'weight-norm' here (the HF adapter computes reap from the modules)")
+    unread = [layer.name for layer in found.layers if not layer.lanes and not layer.weighted]
+    if unread:
+        raise InvalidOptionError(f"expert criterion 'reap' reads each expert's output, which the stacked experts "
+                                 f"of MoE layers {unread[:3]} do not expose in the graph (no rows sorted by "
+                                 f"expert): use 'frequency' or 'weight-norm'")
     return {name: sums[:, 1] / sums[:, 0].clamp(min=1) for name, sums in _routed(gm, found, calibration, True).items()}
 
 
@@ -96,10 +97,17 @@ def _routed(gm: fx.GraphModule, found: Experts, calibration: Any, reap: bool) ->
         sites[layer.ids] = (layer, None)
         if reap:
             sites.update({lane.contribution: (layer, lane.index) for lane in layer.lanes})
+            if layer.weighted:
+                sites.update({layer.sorted_ids: (layer, -1), layer.weighted: (layer, -2)})
+    held: dict[str, torch.Tensor] = {}
 
     def observe(index: int, node: fx.Node, value: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         layer, expert = sites[node.name]
-        if expert is None:
+        if expert == -1:  # the sorted ids come first: held for the rows that follow
+            held[layer.name] = value.detach().reshape(-1)
+        elif expert == -2:
+            _add_sorted(sums[layer.name], held.pop(layer.name), value, node.name, index, mask)
+        elif expert is None:
             real = token_rows(mask, value, value.dim() - 1, node.name, index)
             ids = value.reshape(-1, value.shape[-1]) if real is None else value.reshape(-1, value.shape[-1])[real]
             sums[layer.name][:, 0] += torch.bincount(ids.flatten().cpu(), minlength=layer.num_experts).double()
@@ -112,6 +120,19 @@ def _routed(gm: fx.GraphModule, found: Experts, calibration: Any, reap: bool) ->
 
     run_batches(gm, calibration, set(sites), observe, with_mask=True)
     return sums
+
+
+def _add_sorted(sums: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, name: str, index: int,
+                mask: Optional[torch.Tensor]) -> None:
+    """Add each row's norm to its expert's REAP sum (rows in the order of the sorted ids)."""
+    if mask is not None:
+        raise CalibrationError(f"calibration batch {index} is padded, and expert criterion 'reap' reads "
+                               f"rows sorted by expert ({name!r}): pass unpadded batches")
+    if rows.shape[0] != ids.numel():
+        raise CalibrationError(f"calibration batch {index}: {name!r} has {rows.shape[0]} rows for "
+                               f"{ids.numel()} routed tokens; its rows are not one per routed token")
+    norms = rows.detach().reshape(ids.numel(), -1).double().norm(dim=-1).cpu()
+    sums[:, 1].index_add_(0, ids.cpu().long(), norms)
 
 
 #: Each expert criterion (named in :data:`fxprune.options.EXPERT_CRITERIA`) as ``(gm, experts, calibration,

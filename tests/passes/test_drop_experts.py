@@ -244,9 +244,41 @@ def test_half_the_stacked_experts_go_exactly(name: str, criterion: str) -> None:
     assert verify_experts(gm, out, (_ids(3, 11, seed=7),)).passed
 
 
-def test_stacked_experts_keep_top_k_and_refuse_reap() -> None:
+def test_stacked_experts_keep_top_k() -> None:
     gm = _hf("olmoe", layers=1)
     with pytest.raises(InvalidOptionError, match="keep 1 experts, fewer than its top-k 2"):
         DropExperts(count=3, criterion="weight-norm")(gm)
-    with pytest.raises(InvalidOptionError, match="stacked experts"):
-        DropExperts(count=1, criterion="reap").with_calibration([_ids(2, 8)])(gm)
+    with pytest.raises(InvalidOptionError, match="cannot remove all 4 experts"):
+        DropExperts(experts=("0", "1", "2", "3"))(gm)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_graph_scores_equal_the_adapters(name: str) -> None:
+    """reap and frequency read from the exported graph equal fxprune.hf's, read with module hooks."""
+    pytest.importorskip("transformers")
+    from fxprune.data.expert_criteria import expert_scores
+    from fxprune.hf.experts import expert_scores as module_scores
+    from fxprune.testing.hf_models import tiny_model
+    model = tiny_model(name, layers=2)
+    gm = capture(model, (_ids(2, 8),), "export").gm
+    calibration = [_ids(2, 8, seed) for seed in range(1, 3)]
+    for criterion in ("reap", "frequency"):
+        graph = expert_scores(gm, find_experts(gm), criterion, calibration)
+        modules = module_scores(model, [(x,) for x in calibration], criterion)
+        assert graph.keys() == modules.keys()
+        for key in graph:
+            torch.testing.assert_close(graph[key], modules[key].double(), rtol=1e-5, atol=1e-7)
+
+
+def test_reap_drops_a_stacked_expert_that_writes_nothing() -> None:
+    pytest.importorskip("transformers")
+    from fxprune.testing.hf_models import tiny_model
+    model = tiny_model("mixtral", layers=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj[2].zero_()
+    gm = capture(model, (_ids(2, 8),), "export").gm
+    calibration = [_ids(4, 8, seed) for seed in range(3)]
+    out = DropExperts(count=1, criterion="reap").with_calibration(calibration)(gm).graph_module
+    assert out.meta[DROPPED_KEY]["dropped"] == {f"model.layers.{i}.mlp": [2] for i in range(2)}
+    assert verify_experts(gm, out, (_ids(3, 11, seed=7),)).passed
