@@ -350,9 +350,12 @@ def _accumulation(node: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
 def _lanes(gm: fx.GraphModule, topk: fx.Node, routing: set, ancestors: dict, reads: dict,
            experts: int) -> tuple[tuple[Lane, ...], str]:
     lanes: dict[int, list[Lane]] = {}
+    indexing = {n for n in routing if _index_literals(n) and not _is_tuple(n.args[0])}  # mask[e], ids == e
+    if not indexing:
+        return (), ""
     checks = _checks(gm.graph)
     for node in gm.graph.nodes:
-        if topk in ancestors[node] and node not in routing and node not in checks:
+        if not ancestors[node].isdisjoint(indexing) and node not in routing and node not in checks:
             lane = _lane_of(gm, node, routing, checks)
             if lane is not None:
                 lanes.setdefault(lane.index, []).append(lane)
@@ -404,6 +407,14 @@ def _index_literals(node: fx.Node) -> list[tuple[Any, int]]:
     if node.target in INDEXING:  # x[e], x[:, e], ids == e
         return [(i, v) for i, a in enumerate(node.args) for v in _ints(a)]
     return []  # any other op's ints are dims or sizes
+
+
+def _is_tuple(value: Any) -> bool:
+    """Whether ``value`` is a node with several outputs (``topk``, ``sort``, ``where``): ``x[i]`` picks one."""
+    if not isinstance(value, fx.Node):
+        return False
+    traced = value.meta.get("val", value.meta.get("tensor_meta"))
+    return isinstance(traced, (tuple, list)) or _is_call(value, TOPK | SORTS)
 
 
 def _checks(graph: fx.Graph) -> set[fx.Node]:

@@ -135,6 +135,29 @@ def test_a_router_read_elsewhere_is_not_a_candidate() -> None:
     assert verify_experts(gm, out, (X,)).passed
 
 
+class ScaledMoE(DenseMoE):
+    """Gate values scaled by the expert count, a literal the pass has no rule to rewrite."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.gate(x).softmax(-1).topk(self.top_k, -1)
+        weights = weights * self.num_experts
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (weights * (chosen == e)).sum(-1, keepdim=True) * expert(x)
+        return out
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_a_count_literal_without_a_rule_is_not_a_candidate(level: str) -> None:
+    gm = capture(ScaledMoE().eval(), (X,), level).gm
+    found = find_experts(gm)
+    assert found.layers == ()
+    [(name, why)] = found.rejected
+    assert "holds the expert count 4 as a literal the pass has no rule to rewrite" in why
+    with pytest.raises(InvalidOptionError, match="no MoE layer whose experts can be removed.*expert count 4"):
+        DropExperts(experts=("1",))(gm)
+
+
 def _biased(model: SparseMoE, quiet: int) -> SparseMoE:
     """Expert ``quiet`` tiny and rarely chosen: every criterion should drop it."""
     with torch.no_grad():
