@@ -123,6 +123,14 @@ def test_the_result_prunes_again(level: str) -> None:
     torch.testing.assert_close(twice(x), reference(x))
 
 
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_half_precision(level: str) -> None:
+    gm = capture(SparseMoE().eval().to(torch.bfloat16), (X.bfloat16(),), level).gm
+    out = DropExperts(count=1, criterion="weight-norm")(gm).graph_module
+    assert out.get_parameter("gate.weight").dtype == torch.bfloat16
+    assert verify_experts(gm, out, (torch.randn(3, 5, 16).bfloat16(),)).passed
+
+
 def test_a_router_read_elsewhere_is_not_a_candidate() -> None:
     gm = capture(TwoLayers().eval(), (X,)).gm
     found = find_experts(gm)
@@ -305,3 +313,14 @@ def test_reap_drops_a_stacked_expert_that_writes_nothing() -> None:
     out = DropExperts(count=1, criterion="reap").with_calibration(calibration)(gm).graph_module
     assert out.meta[DROPPED_KEY]["dropped"] == {f"model.layers.{i}.mlp": [2] for i in range(2)}
     assert verify_experts(gm, out, (_ids(3, 11, seed=7),)).passed
+
+
+def test_frequency_leaves_padding_out() -> None:
+    gm = _hf("olmoe", layers=1)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # 13 real tokens
+    batch = {"input_ids": _ids(2, 8), "attention_mask": mask}
+    out = DropExperts(count=1, criterion="frequency").with_calibration([batch])(gm).graph_module
+    assert sum(out.meta[DROPPED_KEY]["scores"]["model.layers.0.mlp"]) == 13 * 2  # real tokens x top-k
+    with pytest.raises(CalibrationError, match="padded"):
+        DropExperts(count=1, criterion="reap").with_calibration([batch])(gm)
