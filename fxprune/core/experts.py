@@ -206,7 +206,6 @@ def _layer(gm: fx.GraphModule, topk: fx.Node, ancestors: dict, reads: dict) -> t
     counts, why = _count_nodes(routing, experts)
     if why:
         return None, why
-    name = _router_name(gm, topk)
     lanes, why = _lanes(gm, topk, routing, ancestors, reads, experts)
     if why:
         return None, why
@@ -280,8 +279,9 @@ def _router_name(gm: fx.GraphModule, topk: fx.Node) -> str:
 
 
 # --- the literal expert counts -----------------------------------------------------------------------
-def _count_places(node: fx.Node, experts: int) -> list[tuple[Any, int]]:
-    """``[(where, new value as a function of the kept count)]``: ``where`` an args index or kwargs key."""
+def _count_places(node: fx.Node) -> list[tuple[Any, int]]:
+    """``[(where, shift)]``: the literal at ``where`` (an args index or kwargs key) is the expert count
+    plus ``shift``."""
     if node.target in (F.one_hot, aten.one_hot.default, torch._C._nn.one_hot):
         return [(1 if len(node.args) > 1 else "num_classes", 0)]
     if node.target in (aten.histc.default, torch.histc, "histc"):
@@ -301,7 +301,7 @@ def _count_nodes(routing: set[fx.Node], experts: int) -> tuple[tuple[str, ...], 
     """The routing nodes holding the expert count (ops with a rule), or why the layer is refused."""
     out = []
     for node in sorted(routing, key=lambda n: n.name):
-        places = _count_places(node, experts)
+        places = _count_places(node)
         if places and all(_literal(node, w) == experts + shift for w, shift in places):
             out.append(node.name)
         elif experts in _ints(node.args, node.kwargs) and node.op != "get_attr" and not places \
@@ -590,7 +590,7 @@ def _rewrite_counts(nodes: dict, layer: MoELayer, kept: int) -> None:
     for name in layer.counts:
         node = nodes[name]
         args, kwargs = list(node.args), dict(node.kwargs)
-        for where, shift in _count_places(node, layer.num_experts):
+        for where, shift in _count_places(node):
             if isinstance(where, int):
                 args[where] = kept + shift
             else:
