@@ -6,7 +6,7 @@ command line can read them). From this one declaration come:
 - the keywords of :func:`fxprune.prune` and :func:`fxprune.hf.prune` (``**options``, or ``options=``
   a ``PruneOptions``), checked by :meth:`PruneOptions.build`;
 - the options of the ``prune-channels`` and ``mask-channels`` passes (their fields are these fields; the
-  whole-structure fields are ``drop-blocks``' ``criterion`` and ``repair``);
+  whole-structure fields are ``drop-blocks``' ``criterion`` and ``repair``, ``drop-experts``' ``criterion``);
 - the ``fxprune prune`` flags (``--round-to`` for ``round_to``...: :func:`fxprune.cli.option_flags`);
 - the ``options`` object of a plan's JSON (:meth:`to_dict` / :meth:`from_dict`, which checks every
   field's type and refuses unknown ones: nothing is coerced or executed).
@@ -51,7 +51,7 @@ NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
 BLOCK_CRITERIA = ("block-influence", "angular", "sleb")
 """How whole residual blocks (an LLM's layers) are scored (:mod:`fxprune.data.block_criteria`)."""
 EXPERT_CRITERIA = ("reap", "frequency", "weight-norm", "random")
-"""How whole MoE experts are scored (:mod:`fxprune.hf.experts`)."""
+"""How whole MoE experts are scored (:mod:`fxprune.hf.experts`, :mod:`fxprune.data.expert_criteria`)."""
 BUDGETS = ("params",)
 """What ``target`` can budget (:mod:`fxprune.hf.budget`; ``active_params`` and MACs are not implemented)."""
 HF_ROUTE = "fxprune.hf.prune"

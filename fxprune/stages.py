@@ -36,8 +36,10 @@ from fxprune.errors import PlanMismatchError
 from fxprune.options import PruneOptions, check_route
 
 #: What a graph offers instead of the options only the HF adapter honours.
-GRAPH_INSTEAD = dict.fromkeys(("block_criterion", "block_repair"), "on a graph, the drop-blocks pass removes whole "
-                              "residual blocks (DropBlocks(criterion=..., repair=...))")
+GRAPH_INSTEAD = {**dict.fromkeys(("block_criterion", "block_repair"), "on a graph, the drop-blocks pass removes whole "
+                                 "residual blocks (DropBlocks(criterion=..., repair=...))"),
+                 "expert_criterion": "on a graph, the drop-experts pass removes whole experts "
+                                     "(DropExperts(criterion=...))"}
 
 #: ``selector(analysis, scores, options) -> Dropped``: how units are chosen (default :func:`select`).
 Selector = Callable[[Analysis, Mapping[str, torch.Tensor], PruneOptions], Dropped]

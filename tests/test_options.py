@@ -16,7 +16,7 @@ from fxprune.cli import build_parser, main
 from fxprune.cli.flags import given_options
 from fxprune.errors import InvalidOptionError
 from fxprune.options import PruneOptions, public_fields, route_fields
-from fxprune.passes import DropBlocks, MaskChannels, PruneChannels
+from fxprune.passes import DropBlocks, DropExperts, MaskChannels, PruneChannels
 
 #: A valid value other than the default, for every option.
 CHANGED = {"sparsity": 0.25, "criterion": "l2", "capture": "export", "reduce": "max", "global_ranking": True,
@@ -127,6 +127,8 @@ def test_the_passes_fields_are_the_options_but_capture():
     for name, option in (("criterion", "block_criterion"), ("repair", "block_repair")):
         assert blocks[name].default == public_fields()[option].default
         assert blocks[name].metadata["help"] == public_fields()[option].metadata["help"]
+    experts = {f.name: f for f in dataclasses.fields(DropExperts)}
+    assert experts["criterion"].default == public_fields()["expert_criterion"].default
 
 
 def test_the_plan_json_holds_every_option():

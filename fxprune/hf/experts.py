@@ -11,6 +11,10 @@ experts (the config holds one count), each its own best ones by ``expert_criteri
 - ``weight-norm``: the Frobenius norm of its weights (data-free);
 - ``random``: seeded, a baseline.
 
+These read the modules through hooks on the routers; the same criteria on a captured graph, which
+``drop-experts`` uses, are :mod:`fxprune.data.expert_criteria` (their scores are equal: the ranking and
+the criterion check are shared from there).
+
 The router's output dim shrinks (its rows of the removed experts go), the experts' stacked tensors lose
 those experts, shared experts stay. Exact: the pruned model equals the original whose router never
 picks a removed expert (their logits at ``-inf`` before the softmax and top-k, a forward hook on a copy
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fxprune.data.calibration import as_calibration
+from fxprune.data.expert_criteria import check_expert_criterion, lowest
 from fxprune.options import EXPERT_CRITERIA, PruneOptions, keyed_by
 from fxprune.errors import InvalidOptionError, UnsupportedModelError, VerificationError
 
@@ -78,8 +83,7 @@ def _field(config: Any) -> str:
 # --- scores -----------------------------------------------------------------------------------------
 def expert_scores(model: Any, batches: list[tuple], criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """{MoE block path: one score per expert} (higher is kept)."""
-    if criterion not in EXPERT_CRITERIA:
-        raise InvalidOptionError(f"unknown expert criterion {criterion!r}; use one of {EXPERT_CRITERIA}")
+    check_expert_criterion(criterion)
     return EXPERT_CRITERION_RECORDS[criterion](model, moe_blocks(model), batches, seed)
 
 
@@ -173,7 +177,7 @@ def prune_experts(model: Any, inputs: tuple, ratio: float, calibration: Any = No
                                  f"num_experts_per_tok={top_k}: keep at least {top_k}")
     batches = [inputs] if calibration is None else list(as_calibration(calibration).batches(len(inputs)))
     scores = expert_scores(model, batches, criterion, seed)
-    dropped = {p: tuple(sorted(_lowest(s, drop))) for p, s in scores.items()}
+    dropped = {p: tuple(lowest(s, drop)) for p, s in scores.items()}
     config = copy.deepcopy(model.config)
     setattr(config, field, kept)
     new = _rebuild(model, config, dropped)
@@ -181,11 +185,6 @@ def prune_experts(model: Any, inputs: tuple, ratio: float, calibration: Any = No
     record = {"criterion": criterion, "dropped": {p: list(d) for p, d in dropped.items()},
               "max_abs_error_vs_reference": error}
     return ExpertResult(new, dropped, {field: (total, kept)}, record)
-
-
-def _lowest(scores: torch.Tensor, count: int) -> list[int]:
-    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
-    return order[:count]
 
 
 def _rebuild(model: Any, config: Any, dropped: Mapping[str, tuple[int, ...]]) -> Any:

@@ -20,6 +20,7 @@ recalibrate-batchnorm  re-measure BatchNorm running statistics on calibration da
 compensate-bias        add dropped channels' mean contributions to their consumers' biases
 reconstruct            refit consumers of dropped channels to the original's outputs (least squares)
 drop-blocks            remove whole residual blocks (decoder layers, ResNet/ViT blocks), scored on data
+drop-experts           remove whole MoE experts with their router rows (lanes or stacked experts)
 =====================  ==========================================================================
 
 The three recovery passes read calibration data given when the pipeline runs:
@@ -29,6 +30,7 @@ from fxprune.passes.apply_plan import ApplyPlan
 from fxprune.passes.compensate_bias import CompensateBias
 from fxprune.passes.dead_channels import DeadChannels
 from fxprune.passes.drop_blocks import DropBlocks
+from fxprune.passes.drop_experts import DropExperts
 from fxprune.passes.fold_batchnorm import FoldBatchNorm
 from fxprune.passes.mask_channels import MaskChannels
 from fxprune.passes.materialize import Materialize
@@ -36,5 +38,5 @@ from fxprune.passes.prune_channels import PruneChannels
 from fxprune.passes.recalibrate_batchnorm import RecalibrateBatchNorm
 from fxprune.passes.reconstruct import Reconstruct
 
-__all__ = ["ApplyPlan", "CompensateBias", "DeadChannels", "DropBlocks", "FoldBatchNorm", "MaskChannels", "Materialize",
+__all__ = ["ApplyPlan", "CompensateBias", "DeadChannels", "DropBlocks", "DropExperts", "FoldBatchNorm", "MaskChannels", "Materialize",
            "PruneChannels", "RecalibrateBatchNorm", "Reconstruct"]
