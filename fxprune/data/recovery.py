@@ -510,7 +510,10 @@ def _damped_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, layer: 
     damp[-1] = 0.0
     lam = ridge * scale
     for attempt in range(12):
-        factor, info = torch.linalg.cholesky_ex(gram + torch.diag(damp * lam))
+        damped = gram.clone()  # not gram + torch.diag(...): that builds a second n x n matrix
+        damped.diagonal().add_(damp * lam)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0 and _well_conditioned(factor):
             if attempt:
                 warnings.warn(f"reconstruct: the Gram matrix of layer {layer!r} is singular at ridge {ridge:g}; "

@@ -1,0 +1,121 @@
+"""Where the layer-by-layer data path spends its memory and time (issue 20's profile).
+
+Writes a random bf16 checkpoint of the 1B shape of ``bench_out_of_core.py`` cut to ``--layers`` layers
+(cached in a temporary folder), runs ``fxprune.hf.prune_checkpoint`` with ``flap`` + ``reconstruct`` on
+``--batches`` sequences of 128 random tokens, samples the RSS every 50 ms and prints the peak, the
+phase it fell in (the functions entered and left around it) and the RSS at each phase, then the top of
+a cProfile by own time.
+
+    nice python benchmarks/profile_layerwise.py --layers 6 --batches 1
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import cProfile
+import functools
+import json
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from fxprune.hf import checkpoint, layerwise, prune_checkpoint  # noqa: E402
+import fxprune.data.recovery as recovery  # noqa: E402
+
+SPARSITY = {"intermediate_size": 0.25, "num_attention_heads": 0.5}  # bench_out_of_core's LAYERWISE_SPARSITY
+#: The functions whose entry and exit mark the phases.
+PHASES = ((checkpoint, "_analyse"), (layerwise, "statistics"), (checkpoint, "make_checkpoint_plan"),
+          (layerwise, "walk_moments"), (recovery, "refit_layer"), (checkpoint, "_write_unit"))
+
+
+def write_checkpoint(directory: Path, layers: int) -> None:
+    import transformers
+    from safetensors.torch import save_file
+    if (directory / "model.safetensors.index.json").is_file():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    config = transformers.LlamaConfig(hidden_size=2048, num_hidden_layers=layers, intermediate_size=8192,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      tie_word_embeddings=False, architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    config.save_pretrained(directory)
+    with torch.device("meta"):
+        shapes = {k: p.shape for k, p in transformers.LlamaForCausalLM(config).state_dict().items()}
+    generator, weight_map = torch.Generator().manual_seed(0), {}
+    for index, (key, shape) in enumerate(shapes.items()):  # one tensor a shard: never the model in memory
+        name = f"model-{index:05d}.safetensors"
+        save_file({key: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)}, str(directory / name),
+                  metadata={"format": "pt"})
+        weight_map[key] = name
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def rss_bytes() -> int:
+    """This process's resident set (Linux: /proc/self/statm, in pages)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def marked(marks: list, module, name: str) -> None:
+    function = getattr(module, name)
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        marks.append((time.time(), f"enter {name}"))
+        try:
+            return function(*args, **kwargs)
+        finally:
+            marks.append((time.time(), f"exit {name}"))
+    setattr(module, name, wrapper)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fxprune-profile-layerwise")
+    args = parser.parse_args()
+    src, out = args.cache / f"src-{args.layers}", args.cache / "out"
+    write_checkpoint(src, args.layers)
+    shutil.rmtree(out, ignore_errors=True)
+    marks: list = []
+    for module, name in PHASES:
+        marked(marks, module, name)
+    samples, running = [], [True]
+
+    def sample() -> None:  # RSS only: reading the main thread's frames from here breaks torch.export
+        while running[0]:
+            samples.append((time.time(), rss_bytes()))
+            time.sleep(0.05)
+    threading.Thread(target=sample, daemon=True).start()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 128256, (1, 128), generator=generator),) for _ in range(args.batches)]
+    profile, start = cProfile.Profile(), time.time()
+    profile.enable()
+    report = prune_checkpoint(src, out, SPARSITY, "flap", calibration=batches, recover="reconstruct")
+    profile.disable()
+    running[0] = False
+    timings = {k: v for k, v in report["timings"].items() if k != "reconstruct"}
+    print(f"wall {time.time() - start:.1f} s; timings {timings}")
+    peak_time, peak = max(samples, key=lambda s: s[1])
+    print(f"peak RSS {peak / 2**30:.2f} GiB at {peak_time - start:.1f} s, after "
+          f"{[(round(t - start, 1), m) for t, m in marks if t <= peak_time][-3:]}")
+    times = [t for t, _ in samples]
+    for at, mark in marks:
+        rss = samples[min(len(samples) - 1, bisect.bisect(times, at))][1]
+        print(f"{at - start:8.1f} s  {rss / 2**30:5.2f} GiB  {mark}")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
