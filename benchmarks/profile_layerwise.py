@@ -4,7 +4,7 @@ Writes a random bf16 checkpoint of the 1B shape of ``bench_out_of_core.py`` cut 
 (cached in a temporary folder), runs ``fxprune.hf.prune_checkpoint`` with ``flap`` + ``reconstruct`` on
 ``--batches`` sequences of 128 random tokens, samples the RSS every 50 ms and prints the peak, the
 phase it fell in (the functions entered and left around it) and the RSS at each phase, then the top of
-a cProfile by own time.
+a cProfile by own time. ``--data-free``: the same for the data-free disk-to-disk path (``l2``).
 
     nice python benchmarks/profile_layerwise.py --layers 6 --batches 1
 """
@@ -82,6 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batches", type=int, default=1)
+    parser.add_argument("--data-free", action="store_true",
+                        help="profile the data-free disk-to-disk path instead (25%% of every width, l2)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fxprune-profile-layerwise")
     args = parser.parse_args()
     src, out = args.cache / f"src-{args.layers}", args.cache / "out"
@@ -101,7 +103,8 @@ def main() -> None:
     batches = [(torch.randint(0, 128256, (1, 128), generator=generator),) for _ in range(args.batches)]
     profile, start = cProfile.Profile(), time.time()
     profile.enable()
-    report = prune_checkpoint(src, out, SPARSITY, "flap", calibration=batches, recover="reconstruct")
+    report = prune_checkpoint(src, out, 0.25, "l2") if args.data_free else \
+        prune_checkpoint(src, out, SPARSITY, "flap", calibration=batches, recover="reconstruct")
     profile.disable()
     running[0] = False
     timings = {k: v for k, v in report["timings"].items() if k != "reconstruct"}
