@@ -213,3 +213,29 @@ def test_a_config_transformers_refuses_is_a_typed_error_before_writing(source, t
                                                   r"attention heads \(4\)"):
         prune_checkpoint(source, tmp_path / "out", {"hidden_size": 0.0625}, "l2")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kept", [{0: [1, 4, 5, 9]}, {1: [0, 2, 3]}, {0: [0, 7, 8], 1: [1, 4]}, {}, {0: [5, 2]}],
+                         ids=["rows", "columns", "both", "none", "rows-out-of-order"])
+def test_a_tensor_read_to_be_sliced_in_chunks_equals_the_slice_of_the_whole(tmp_path, monkeypatch, kept):
+    """The write pass reads a tensor a few rows at a time, slicing each chunk into the output (an 8B
+    embedding is never held whole beside its slice); the result is the slice of the whole tensor."""
+    from safetensors.torch import save_file
+    weight = torch.arange(10 * 6, dtype=torch.float32).reshape(10, 6).to(torch.bfloat16)
+    save_file({"w": weight}, str(tmp_path / checkpoint.SINGLE))
+    shards = checkpoint.Shards.open(tmp_path)
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 3 * 6 * 2)  # three rows a chunk: four chunks
+    got = shards.read_sliced("w", kept)
+    assert torch.equal(got, checkpoint.sliced(weight, kept))
+    assert shards.bytes_read == weight.numel() * 2
+
+
+def test_a_tensor_read_in_chunks_from_a_truncated_shard_names_it(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    save_file({"w": torch.ones(10, 6)}, str(tmp_path / checkpoint.SINGLE))
+    shards = checkpoint.Shards.open(tmp_path)
+    path = tmp_path / checkpoint.SINGLE
+    path.write_bytes(path.read_bytes()[:-40])  # cut after the header was read
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", 3 * 6 * 4)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*'w'"):
+        shards.read_sliced("w", {0: [0, 9]})

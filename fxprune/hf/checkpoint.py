@@ -63,6 +63,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ms
 HIDDEN_SIZE_READERS = ("gemma",)
 _JOURNAL = "journal.jsonl"
 _RUN = "run.json"
+#: Bytes of a tensor read at once when it is read to be sliced (:meth:`Shards.read_sliced`).
+READ_CHUNK_BYTES = 64 << 20
 _MARGIN = 64 << 20  # bytes of disk kept free beyond the output's size (index, config, file-system slack)
 
 
@@ -115,6 +117,35 @@ class Shards:
             raise CheckpointError(f"shard {self.files[key]} ended while reading {key!r} (truncated while read?)")
         self.bytes_read += got
         return tensor
+
+    def read_sliced(self, key: str, kept: Mapping[int, Sequence[int]]) -> torch.Tensor:
+        """``sliced(self.read(key), kept)`` without the whole tensor in memory: read in chunks of rows
+        (:data:`READ_CHUNK_BYTES`), each sliced into the output (an embedding's 1 GB is never held
+        beside its slice). Kept rows out of order, or a scalar, fall back to one read."""
+        entry, rows = self.entries[key], torch.tensor(list(kept.get(0, ())), dtype=torch.long)
+        shape, dtype = entry.shape, _dtype_of(entry.dtype, key)
+        if not shape or not kept or (0 in kept and bool((rows[1:] <= rows[:-1]).any())):
+            return sliced(self.read(key), kept)
+        row_bytes = dtype.itemsize * _numel(shape[1:])
+        step = max(1, READ_CHUNK_BYTES // max(1, row_bytes))
+        rest = {d: v for d, v in kept.items() if d != 0}
+        out, filled = torch.empty(sliced_shape(shape, kept), dtype=dtype), 0
+        with open(self.directory / self.files[key], "rb") as f:
+            f.seek(entry.begin)
+            for start in range(0, shape[0], step):
+                chunk = torch.empty((min(step, shape[0] - start), *shape[1:]), dtype=dtype)
+                view = chunk.reshape(-1).view(torch.uint8).numpy()
+                got = f.readinto(view) if view.size else 0
+                if got != view.size:
+                    raise CheckpointError(f"shard {self.files[key]} ended while reading {key!r} (truncated while read?)")
+                self.bytes_read += got
+                if 0 in kept:
+                    inside = rows[(rows >= start) & (rows < start + chunk.shape[0])]
+                    chunk = chunk.index_select(0, inside - start)
+                piece = sliced(chunk, rest)
+                out[filled:filled + piece.shape[0]] = piece
+                filled += piece.shape[0]
+        return out
 
     def nbytes(self, key: str, shape: Optional[Sequence[int]] = None) -> int:
         shape = self.shapes[key] if shape is None else shape
@@ -796,7 +827,7 @@ def _write_unit(shards: Shards, plan: Plan, unit: Unit, aliases: Mapping[str, st
     record it in the journal (fsynced: a shard counts as finished only once its journal line is on disk)."""
     from safetensors.torch import save_file
     tic, before = time.perf_counter(), shards.bytes_read
-    tensor_of = tensor_of or (lambda key: sliced(shards.read(key), kept_of(plan, key, aliases)))
+    tensor_of = tensor_of or (lambda key: shards.read_sliced(key, kept_of(plan, key, aliases)))
     tensors = {key: tensor_of(key).contiguous() for key in unit.keys}
     tmp = partial / (unit.file + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
