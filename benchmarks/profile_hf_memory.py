@@ -3,7 +3,7 @@
 
 Each dtype runs in a fresh process (as ``bench_llm.py`` rows do): the model is loaded, the RSS sampled
 every 50 ms while ``energy`` prunes 20% of the MLP width on 8x128 calibration tokens, and the RSS printed
-at each phase (export, analysis, scores with the calibration walk, rewrite, rebuild, output check), with
+at each phase (export, analysis, the calibration walk, scoring the groups, rewrite, rebuild, output check), with
 the peak and the phase it fell in, relative to the RSS before the call (``bench_llm``'s "peak MB").
 
     nice python benchmarks/profile_hf_memory.py
@@ -26,8 +26,9 @@ sys.path.insert(0, str(HERE))
 def phases():
     from fxprune import stages
     from fxprune.hf import in_memory
-    return ((in_memory, "export"), (stages, "analyze"), (stages, "score"), (stages, "rewrite_graph"),
-            (in_memory, "_rebuild"), (in_memory, "_check_outputs"))
+    return ((in_memory, "export"), (stages, "analyze"), (stages, "score"), (stages, "gather_evidence"),
+            (stages, "score_groups"), (stages, "rewrite_graph"), (in_memory, "_rebuild"),
+            (in_memory, "_check_outputs"))
 
 
 def profile(dtype: str) -> dict:
