@@ -536,8 +536,7 @@ def relative_error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, yy:
     """``‖W x̃ - y‖ / ‖y‖`` over every calibration row, from the moments alone (``W G Wᵀ`` in ``gram``'s
     dtype: O(out · in²))."""
     quadratic = float(((w.to(gram.dtype) @ gram) * w.to(gram.dtype)).sum(dtype=torch.float64))
-    err = quadratic - 2 * float((w * cross.T).sum()) + yy
-    return math.sqrt(max(err, 0.0) / yy) if yy > 0 else 0.0
+    return _relative(quadratic, float((w * cross.T).sum()), yy)
 
 
 def _solved_error(solution: torch.Tensor, rhs: torch.Tensor, damping: torch.Tensor, cross: torch.Tensor,
@@ -545,7 +544,12 @@ def _solved_error(solution: torch.Tensor, rhs: torch.Tensor, damping: torch.Tens
     """:func:`relative_error` of ``W = Sᵀ`` where ``(G + Λ) S = R``, in O(out · in): then
     ``tr(W G Wᵀ) = tr(Sᵀ R) - tr(Sᵀ Λ S)``, so the Gram matrix is not multiplied again."""
     quadratic = float((solution * rhs).sum() - (solution * solution * damping.unsqueeze(1)).sum())
-    err = quadratic - 2 * float((solution * cross).sum()) + yy
+    return _relative(quadratic, float((solution * cross).sum()), yy)
+
+
+def _relative(quadratic: float, linear: float, yy: float) -> float:
+    """``sqrt((tr(W G Wᵀ) - 2 tr(W C) + yᵀy) / yᵀy)``: the relative residual from its three moments."""
+    err = quadratic - 2 * linear + yy
     return math.sqrt(max(err, 0.0) / yy) if yy > 0 else 0.0
 
 

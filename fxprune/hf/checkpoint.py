@@ -109,14 +109,18 @@ class Shards:
         """One tensor, read from its shard into new memory."""
         entry = self.entries[key]
         tensor = torch.empty(entry.shape, dtype=_dtype_of(entry.dtype, key))
-        view = tensor.reshape(-1).view(torch.uint8).numpy()
         with open(self.directory / self.files[key], "rb") as f:
             f.seek(entry.begin)
-            got = f.readinto(view) if view.size else 0
-        if got != entry.end - entry.begin:
+            self._fill(f, tensor, key)
+        return tensor
+
+    def _fill(self, f: Any, tensor: torch.Tensor, key: str) -> None:
+        """Read ``tensor``'s bytes from ``f``'s position; a short read names the shard and the tensor."""
+        view = tensor.reshape(-1).view(torch.uint8).numpy()
+        got = f.readinto(view) if view.size else 0
+        if got != view.size:
             raise CheckpointError(f"shard {self.files[key]} ended while reading {key!r} (truncated while read?)")
         self.bytes_read += got
-        return tensor
 
     def read_sliced(self, key: str, kept: Mapping[int, Sequence[int]]) -> torch.Tensor:
         """``sliced(self.read(key), kept)`` without the whole tensor in memory: read in chunks of rows
@@ -134,11 +138,7 @@ class Shards:
             f.seek(entry.begin)
             for start in range(0, shape[0], step):
                 chunk = torch.empty((min(step, shape[0] - start), *shape[1:]), dtype=dtype)
-                view = chunk.reshape(-1).view(torch.uint8).numpy()
-                got = f.readinto(view) if view.size else 0
-                if got != view.size:
-                    raise CheckpointError(f"shard {self.files[key]} ended while reading {key!r} (truncated while read?)")
-                self.bytes_read += got
+                self._fill(f, chunk, key)
                 if 0 in kept:
                     inside = rows[(rows >= start) & (rows < start + chunk.shape[0])]
                     chunk = chunk.index_select(0, inside - start)
