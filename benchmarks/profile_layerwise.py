@@ -1,7 +1,7 @@
 """Where the layer-by-layer data path spends its memory and time (issue 20's profile).
 
-Writes a random bf16 checkpoint of the 1B shape of ``bench_out_of_core.py`` cut to ``--layers`` layers
-(cached in a temporary folder), runs ``fxprune.hf.prune_checkpoint`` with ``flap`` + ``reconstruct`` on
+Writes a random bf16 checkpoint of ``bench_out_of_core.py``'s 1B shape cut to ``--layers`` layers with
+its writer (cached in a temporary folder), runs ``fxprune.hf.prune_checkpoint`` with ``flap`` + ``reconstruct`` on
 ``--batches`` sequences of 128 random tokens, samples the RSS every 50 ms and prints the peak, the
 phase it fell in (the functions entered and left around it) and the RSS at each phase, then the top of
 a cProfile by own time. ``--data-free``: the same for the data-free disk-to-disk path (``l2``).
@@ -14,7 +14,6 @@ import argparse
 import bisect
 import cProfile
 import functools
-import json
 import os
 import pstats
 import shutil
@@ -28,7 +27,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
+from bench_out_of_core import write_checkpoint  # noqa: E402
 from fxprune.hf import checkpoint, layerwise, prune_checkpoint  # noqa: E402
 import fxprune.data.recovery as recovery  # noqa: E402
 
@@ -36,27 +37,6 @@ SPARSITY = {"intermediate_size": 0.25, "num_attention_heads": 0.5}  # bench_out_
 #: The functions whose entry and exit mark the phases.
 PHASES = ((checkpoint, "_analyse"), (layerwise, "statistics"), (checkpoint, "make_checkpoint_plan"),
           (layerwise, "walk_moments"), (recovery, "refit_layer"), (checkpoint, "_write_unit"))
-
-
-def write_checkpoint(directory: Path, layers: int) -> None:
-    import transformers
-    from safetensors.torch import save_file
-    if (directory / "model.safetensors.index.json").is_file():
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    config = transformers.LlamaConfig(hidden_size=2048, num_hidden_layers=layers, intermediate_size=8192,
-                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                      tie_word_embeddings=False, architectures=["LlamaForCausalLM"], dtype="bfloat16")
-    config.save_pretrained(directory)
-    with torch.device("meta"):
-        shapes = {k: p.shape for k, p in transformers.LlamaForCausalLM(config).state_dict().items()}
-    generator, weight_map = torch.Generator().manual_seed(0), {}
-    for index, (key, shape) in enumerate(shapes.items()):  # one tensor a shard: never the model in memory
-        name = f"model-{index:05d}.safetensors"
-        save_file({key: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)}, str(directory / name),
-                  metadata={"format": "pt"})
-        weight_map[key] = name
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def rss_bytes() -> int:
@@ -86,8 +66,9 @@ def main() -> None:
                         help="profile the data-free disk-to-disk path instead (25%% of every width, l2)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fxprune-profile-layerwise")
     args = parser.parse_args()
-    src, out = args.cache / f"src-{args.layers}", args.cache / "out"
-    write_checkpoint(src, args.layers)
+    src, out = args.cache / f"src-1b-{args.layers}l", args.cache / "out"
+    if not (src / "model.safetensors.index.json").is_file():
+        write_checkpoint(f"1b-{args.layers}l", src)  # bench_out_of_core's 1B shape, cut to --layers
     shutil.rmtree(out, ignore_errors=True)
     marks: list = []
     for module, name in PHASES:
