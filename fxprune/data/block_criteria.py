@@ -11,7 +11,8 @@ Three criteria, each reading the graph's residual stream on calibration batches 
 - ``sleb`` (SLEB): greedy, one block at a time, the block whose removal (with those already chosen)
   raises a loss on the calibration data least. The loss is ``loss(outputs, inputs)`` when given (the
   HF adapter gives next-token cross-entropy), else the relative squared error of all outputs from the
-  original's. Costs one forward pass per remaining block per step.
+  original's. A step runs the calibration data once up to the last candidate and, per candidate, only
+  the layers after it (:class:`fxprune.core.skip.SkipRunner`): no graph is rebuilt.
 
 :func:`repair` is the training-free repair: for each run of consecutive removed blocks, the linear layer
 that makes the last write into the stream before the run (a LLaMA layer's ``down_proj``, a ViT block's
@@ -33,7 +34,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from fxprune.core.blocks import Block, Blocks, consecutive_runs, skipping
+from fxprune.core.blocks import Block, Blocks, consecutive_runs
+from fxprune.core.skip import SkipRunner
 from fxprune.core.graph import attribute
 from fxprune.data.calibration import eval_mode, run_batches, token_rows
 from fxprune.data.recovery import masked_chunks, relative_error
@@ -133,10 +135,11 @@ def _named(found: Blocks, scores: torch.Tensor) -> dict[str, float]:
 def _sleb(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int,
           loss: Optional[Loss]) -> tuple[tuple[str, ...], dict[str, float]]:
     measure = _Measure(gm, calibration, loss)
+    runner = SkipRunner(gm, found)
     chosen: list[str] = []
     scores: dict[str, float] = {}
     for _ in range(count):
-        trial = {n: measure(skipping(gm, found.pick(chosen + [n]))) for n in found.names if n not in chosen}
+        trial = measure.trials(runner, chosen, [n for n in found.names if n not in chosen])
         best = min(trial, key=lambda n: (trial[n], found.names.index(n)))
         chosen.append(best)
         scores[best] = trial[best]
@@ -150,8 +153,8 @@ BLOCK_CRITERION_RECORDS = keyed_by(BLOCK_CRITERIA, {"block-influence": _influenc
 
 
 class _Measure:
-    """The calibration loss of a graph: ``loss(outputs, inputs)``, or the relative squared error of
-    its outputs from the original's (held once, per chunk)."""
+    """The calibration loss of a graph with blocks skipped: ``loss(outputs, inputs)`` averaged over the
+    chunks, or the relative squared error of its outputs from the original's (held once, per chunk)."""
 
     def __init__(self, gm: fx.GraphModule, calibration: Any, loss: Optional[Loss]) -> None:
         chunks = list(masked_chunks(gm, calibration))
@@ -159,18 +162,25 @@ class _Measure:
         self.loss = loss
         self.reference = None if loss is not None else [_leaves(_run(gm, x)) for x in self.chunks]
 
-    def __call__(self, gm: fx.GraphModule) -> float:
-        if self.loss is not None:
-            return sum(float(self._loss(_run(gm, x), x, m)) for x, m in zip(self.chunks, self.masks)) / len(self.chunks)
-        error = total = 0.0
-        for index, (x, expected, mask) in enumerate(zip(self.chunks, self.reference, self.masks)):
-            for a, b in zip(_leaves(_run(gm, x)), expected):
-                real = token_rows(mask, b, -1, "output", index)  # padded positions left out
-                a, b = (a, b) if real is None else (a.reshape(-1, a.shape[-1])[real], b.reshape(-1, b.shape[-1])[real])
-                error += float((a.double() - b.double()).pow(2).sum())
-                total += float(b.double().pow(2).sum())
-        return error / max(total, 1e-300)
+    def trials(self, runner: SkipRunner, chosen: Sequence[str], candidates: Sequence[str]) -> dict[str, float]:
+        """Each candidate's score with ``chosen`` and it skipped (one :meth:`SkipRunner.trials` per chunk)."""
+        sums = {n: [0.0, 0.0] for n in candidates}  # loss or squared error; chunks or squared norm
+        with eval_mode(runner.module):
+            for index, (x, mask) in enumerate(zip(self.chunks, self.masks)):
+                for name, outputs in runner.trials(x, chosen, candidates):
+                    self._add(sums[name], outputs, x, mask, index)
+        return {n: s[0] / max(s[1], 1e-300) for n, s in sums.items()}
 
+    def _add(self, sums: list[float], outputs: Any, inputs: tuple, mask: Optional[torch.Tensor], index: int) -> None:
+        if self.loss is not None:
+            sums[0] += float(self._loss(outputs, inputs, mask))
+            sums[1] += 1
+            return
+        for a, b in zip(_leaves(outputs), self.reference[index]):
+            real = token_rows(mask, b, -1, "output", index)  # padded positions left out
+            a, b = (a, b) if real is None else (a.reshape(-1, a.shape[-1])[real], b.reshape(-1, b.shape[-1])[real])
+            sums[0] += float((a.double() - b.double()).pow(2).sum())
+            sums[1] += float(b.double().pow(2).sum())
 
     def _loss(self, outputs: Any, inputs: tuple, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The loss, told the padded positions (``mask=``) where a batch has some."""

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxprune.core.blocks import find_blocks
+from fxprune.core.blocks import find_blocks, skipping
 from fxprune.core.capture import capture
+from fxprune.core.skip import SkipRunner
+from fxprune.data.block_criteria import choose_blocks
 from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.passes import DropBlocks
 from fxprune.passes.drop_blocks import DROPPED_KEY, verify_drop
@@ -173,3 +175,50 @@ def test_bad_input_gets_typed_errors() -> None:
         DropBlocks(count=1)(gm)
     with pytest.raises(CalibrationError, match="needs calibration data"):
         Pipeline.parse("drop-blocks{count=1}")(gm)
+
+
+def _greedy_by_rebuilding(gm, found, calibration, count: int) -> tuple[list[str], list[float]]:
+    """SLEB as it was first written: a new graph per candidate, run from the start (the reference)."""
+    reference = [gm(x) for x in calibration]
+    chosen, scores = [], []
+    for _ in range(count):
+        trial = {}
+        for name in (n for n in found.names if n not in chosen):
+            skipped = skipping(gm, found.pick(chosen + [name]))
+            error = total = 0.0
+            for x, expected in zip(calibration, reference):
+                error += float((skipped(x).double() - expected.double()).pow(2).sum())
+                total += float(expected.double().pow(2).sum())
+            trial[name] = error / total
+        best = min(trial, key=lambda n: (trial[n], found.names.index(n)))
+        chosen.append(best)
+        scores.append(trial[best])
+    return chosen, scores
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_sleb_resuming_from_each_candidate_chooses_as_rebuilding_the_graph(level: str) -> None:
+    torch.manual_seed(0)
+    gm = capture(Stack(depth=5).eval(), (TOKENS,), level).gm
+    calibration = [torch.randn(2, 6, 16) for _ in range(2)]
+    found = find_blocks(gm)
+    with torch.no_grad():
+        expected = _greedy_by_rebuilding(gm, found, calibration, 2)
+    names, scores = choose_blocks(gm, found, calibration, 2, "sleb")
+    assert list(scores) == expected[0] and list(scores.values()) == expected[1]  # same floats, same order
+    assert names == tuple(sorted(expected[0]))
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_the_skip_runner_gives_the_rebuilt_graphs_outputs_bit_for_bit(level: str) -> None:
+    torch.manual_seed(1)
+    gm = capture(Stack(depth=4).eval(), (TOKENS,), level).gm
+    found = find_blocks(gm)
+    runner = SkipRunner(gm, found)
+    for chosen in ([], ["layers.0", "layers.2"]):
+        candidates = [n for n in found.names if n not in chosen]
+        outputs = dict(runner.trials((TOKENS,), chosen, candidates))
+        assert list(outputs) == candidates
+        with torch.no_grad():
+            for name in candidates:
+                assert torch.equal(outputs[name], skipping(gm, found.pick(chosen + [name]))(TOKENS))
