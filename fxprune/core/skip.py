@@ -59,6 +59,21 @@ class SkipRunner(MutableArgs, fx.Interpreter):
         for name in candidates:
             yield name, self.run_from(saved[starts[name]], starts[name], {**base, **self.aliases([name])})
 
+    def values(self, inputs: tuple, chosen: Sequence[str], wanted: set[str]) -> dict[str, Any]:
+        """The values of the ``wanted`` nodes (names) in the graph run on ``inputs`` without ``chosen``
+        (a skipped add's value is its shortcut's)."""
+        aliases = self.aliases(chosen)
+        self.env, seen = {}, {}
+        self.args_iter = iter(self.graph.process_inputs(*inputs))
+        with torch.no_grad():
+            for node, free in self._schedule(0, aliases):
+                self.env[node] = self.env[aliases[node]] if node in aliases else self.run_node(node)
+                if node.name in wanted:
+                    seen[node.name] = self.env[node]
+                for done in free:
+                    del self.env[done]
+        return seen
+
     def aliases(self, names: Sequence[str]) -> dict[fx.Node, fx.Node]:
         """Each add of the named blocks -> its shortcut."""
         return {self.named[r.add]: self.named[r.shortcut] for n in names for r in self.blocks[n].residuals}

@@ -1,6 +1,6 @@
 """Which residual blocks to remove, from calibration data, and a least-squares repair of the gap.
 
-Three criteria, each reading the graph's residual stream on calibration batches (blocks from
+Four criteria, each reading the graph's residual stream on calibration batches (blocks from
 :func:`fxprune.core.blocks.find_blocks`; the lowest score goes first):
 
 - ``block-influence`` (ShortGPT): ``1 - cos(x_in, x_out)`` between a block's input and output stream,
@@ -8,6 +8,8 @@ Three criteria, each reading the graph's residual stream on calibration batches 
 - ``angular`` (Gromov et al.): ``arccos(cos(x_l, x_{l+n})) / π`` between the input of block ``l`` and
   the output of block ``l+n-1``, averaged over tokens; the ``n`` consecutive blocks with the smallest
   distance go (``n`` = the number removed);
+- ``iterative-influence``: Block Influence, one block at a time, each step rescored on the model
+  without the blocks already chosen (a cheap SLEB: one forward pass per step);
 - ``sleb`` (SLEB): greedy, one block at a time, the block whose removal (with those already chosen)
   raises a loss on the calibration data least. The loss is ``loss(outputs, inputs)`` when given (the
   HF adapter gives next-token cross-entropy), else the relative squared error of all outputs from the
@@ -146,10 +148,43 @@ def _sleb(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int,
     return tuple(n for n in found.names if n in chosen), scores
 
 
+def _iterative_influence(gm: fx.GraphModule, found: Blocks, calibration: Any, count: int,
+                         loss: Optional[Loss]) -> tuple[tuple[str, ...], dict[str, float]]:
+    """Block Influence rescored on the model without the blocks already chosen, one block per step
+    (one forward pass of the calibration data per step)."""
+    runner = SkipRunner(gm, found)
+    chunks = list(masked_chunks(gm, calibration))
+    chosen: list[str] = []
+    scores: dict[str, float] = {}
+    for _ in range(count):
+        left = [b for b in found.blocks if b.name not in chosen]
+        with eval_mode(gm):
+            influence = _influence_without(runner, chunks, chosen, left)
+        best = min(range(len(left)), key=lambda i: (float(influence[i]), i))
+        chosen.append(left[best].name)
+        scores[left[best].name] = float(influence[best])
+    return tuple(n for n in found.names if n in chosen), scores
+
+
+def _influence_without(runner: SkipRunner, chunks: list, chosen: list[str], left: list[Block]) -> torch.Tensor:
+    """``1 - cos`` of each block's input and output stream, in the model without ``chosen``."""
+    sums = torch.zeros(len(left), 2, dtype=torch.float64)  # cos, count
+    for index, inputs, mask in chunks:
+        seen = runner.values(inputs, chosen, {b.input for b in left} | {b.output for b in left})
+        for i, block in enumerate(left):
+            out = seen[block.output]
+            cos = _cosine(seen[block.input], out)
+            real = token_rows(mask, out, 1 if out.dim() == 4 else -1, block.output, index)
+            cos = cos if real is None else cos[real]
+            sums[i] += torch.tensor([float(cos.sum()), cos.numel()], dtype=torch.float64)
+    return 1 - sums[:, 0] / sums[:, 1].clamp(min=1)
+
+
 #: Each block criterion (named in :data:`fxprune.options.BLOCK_CRITERIA`) as ``(gm, blocks, calibration,
 #: count, loss) -> (names removed, scores)``: adding a criterion is one entry here and one name there.
 BLOCK_CRITERION_RECORDS = keyed_by(BLOCK_CRITERIA, {"block-influence": _influence, "angular": _angular,
-                                                    "sleb": _sleb}, "block criteria")
+                                                    "sleb": _sleb, "iterative-influence": _iterative_influence},
+                                   "block criteria")
 
 
 class _Measure:
@@ -222,14 +257,16 @@ class BlockRepair:
 
 
 def repair(original: fx.GraphModule, pruned: fx.GraphModule, found: Blocks, dropped: Sequence[Block],
-           calibration: Any, ridge: float = 1e-3) -> list[BlockRepair]:
-    """Refit, in ``pruned`` (edited in place: the caller's own new graph), the linear before each run."""
-    return [_repair_run(original, pruned, found, run, calibration, ridge)
+           calibration: Any, ridge: float = 1e-3, fit: str = "refit") -> list[BlockRepair]:
+    """Refit, in ``pruned`` (edited in place: the caller's own new graph), the linear before each run,
+    by ``fit`` (a :data:`REPAIR_FITS` name)."""
+    check_repair_fit(fit)
+    return [_repair_run(original, pruned, found, run, calibration, ridge, fit)
             for run in consecutive_runs(found, dropped)]
 
 
 def _repair_run(original: fx.GraphModule, pruned: fx.GraphModule, found: Blocks, run: tuple[Block, ...],
-                calibration: Any, ridge: float) -> BlockRepair:
+                calibration: Any, ridge: float, fit: str = "refit") -> BlockRepair:
     names = tuple(b.name for b in run)
     writer, reason = _writer(original, found, run)
     if writer is None:
@@ -237,7 +274,7 @@ def _repair_run(original: fx.GraphModule, pruned: fx.GraphModule, found: Blocks,
     node, weight_key, bias_key = writer
     gram, cross, yy = _moments(original, node, run, calibration, bias_key is not None)
     old = _weight_matrix(original, weight_key, bias_key)
-    new = _solve(gram, cross, ridge).T
+    new = REPAIR_FITS[fit](gram, cross, old, ridge)
     before, after = (relative_error(w, gram, cross, yy) for w in (old, new))
     if not after < before:
         return BlockRepair(names, "", before, after, "the refit does not lower the error")
@@ -298,16 +335,56 @@ def _weight_matrix(gm: fx.GraphModule, weight_key: str, bias_key: Optional[str])
     return torch.cat([w, attribute(gm, bias_key).detach().double()[:, None]], 1) if bias_key else w
 
 
-def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(G + λ I)⁻¹ C`` with ``λ = ridge · mean(diag G)``; the ridge grows until G factorises."""
+def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(G + λ I)⁻¹ (C + λ P)`` with ``λ = ridge · tr(G) / n`` (the ridge pulls the solution toward
+    ``P``, zero when None); the ridge grows until G factorises."""
     lam = max(ridge, 1e-10) * float(gram.diagonal().mean())
     eye = torch.eye(gram.shape[0], dtype=gram.dtype)
     for _ in range(12):
         factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
         if int(info) == 0:
-            return torch.cholesky_solve(cross, factor)
+            return torch.cholesky_solve(cross if prior is None else cross + lam * prior, factor)
         lam *= 10
-    return torch.linalg.lstsq(gram + lam * eye, cross).solution
+    return torch.linalg.lstsq(gram + lam * eye, cross if prior is None else cross + lam * prior).solution
+
+
+# Each fit: (Σ ã ãᵀ, Σ ã tᵀ, the weight W [| bias], ridge) -> the new weight [| bias]. ã is the layer's
+# input, t what it should write (its own output plus what the removed run wrote).
+def _fit_refit(gram: torch.Tensor, cross: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A new weight, ridge toward zero (every entry free: out × in parameters)."""
+    return _solve(gram, cross, ridge).T
+
+
+def _fit_toward_original(gram: torch.Tensor, cross: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A new weight, ridge toward the old one: with few tokens the directions they do not span keep
+    their weights instead of being zeroed."""
+    return _solve(gram, cross, ridge, old.T).T
+
+
+def _fit_output_map(gram: torch.Tensor, cross: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``T W`` with ``T`` (out × out, ridge toward the identity) fitted on the layer's output ``y = W ã``:
+    a map of the stream's own width folded into the weight (ReplaceMe's linear transform)."""
+    transform = _solve(old @ gram @ old.T, old @ cross, ridge, torch.eye(old.shape[0], dtype=old.dtype)).T
+    return transform @ old
+
+
+def _fit_scale(gram: torch.Tensor, cross: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``diag(s) W``: one scale per output channel (out parameters), ridge toward 1."""
+    yy = ((old @ gram) * old).sum(1)
+    yt = (old * cross.T).sum(1)
+    lam = max(ridge, 1e-10) * float(yy.mean())
+    return ((yt + lam) / (yy + lam))[:, None] * old
+
+
+#: The repair's fits by name (``fit=`` of :func:`repair`).
+REPAIR_FITS = {"refit": _fit_refit, "toward-original": _fit_toward_original, "output-map": _fit_output_map,
+               "scale": _fit_scale}
+
+
+def check_repair_fit(fit: Any) -> str:
+    if fit not in REPAIR_FITS:
+        raise InvalidOptionError(f"unknown block repair fit {fit!r}; use one of {tuple(REPAIR_FITS)}")
+    return fit
 
 
 def _write(gm: fx.GraphModule, weight_key: str, bias_key: Optional[str], matrix: torch.Tensor) -> None:
