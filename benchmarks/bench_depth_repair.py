@@ -9,6 +9,10 @@ rebuild is the same tensors: ``bench_depth.py`` checks that route) on ``--eval``
 the end of the text, the same as ``bench_depth.py``'s.
 
     nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 16 32
+    nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 --choices bench_depth_sleb2.json:sleb10
+
+``--choices FILE:ROW`` takes the removed layers from a ``bench_depth.py`` json row instead of choosing
+them (SLEB's choice costs minutes; the row says which layers it removed).
 
 Writes ``bench_depth_repair.json`` (one row per setting, appended as measured).
 """
@@ -71,12 +75,26 @@ def repaired(gm, chosen, runs, fit: str, ridge: float):
     return pruned, errors
 
 
+def choices(args, gm, found, calibration, path: str, total: int):
+    """``(ratio, criterion, block names)``: chosen by ``--criterion`` per ratio, or read from json rows."""
+    for spec in args.choices:
+        file, row = spec.rsplit(":", 1)
+        [record] = [r for r in json.loads((HERE / file).read_text()) if r["row"] == row]
+        depth = record["details"]["depth"]
+        yield len(depth["dropped"]) / total, f"{depth['criterion']} ({spec})", [f"{path}.{i}" for i in depth["dropped"]]
+    for ratio in ([] if args.choices else args.ratios):
+        names, _ = bc.choose_blocks(gm, found, calibration, round(ratio * total), args.criterion, _causal_lm_loss)
+        yield ratio, args.criterion, names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, nargs="+", default=[4, 16, 32])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25])
     parser.add_argument("--criterion", default="block-influence")
     parser.add_argument("--eval", type=int, default=4)
+    parser.add_argument("--choices", nargs="*", default=[], metavar="FILE:ROW",
+                        help="removed layers from a bench_depth json row instead of --ratios")
     parser.add_argument("--out", type=Path, default=HERE / "bench_depth_repair.json")
     args = parser.parse_args()
     tokenizer, model = load_smollm2()
@@ -89,12 +107,11 @@ def main() -> None:
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for count in args.calibration:
         calibration = batches(ids, count, 128, 4, from_end=False)
-        for ratio in args.ratios:
+        for ratio, criterion, names in choices(args, gm, found, calibration, path, total):
             start = time.time()
-            names, _ = bc.choose_blocks(gm, found, calibration, round(ratio * total), args.criterion, _causal_lm_loss)
             chosen = found.pick(names)
             runs = moments(gm, found, chosen, calibration)
-            base = dict(calibration=count, ratio=ratio, criterion=args.criterion, dense=dense,
+            base = dict(calibration=count, ratio=ratio, criterion=criterion, dense=dense,
                         dropped=sorted(int(n.rsplit(".", 1)[1]) for n in names))
             settings = [("none", 0.0)] + [(fit, r) for fit, ridges in RIDGES.items() for r in ridges]
             for fit, ridge in settings:
