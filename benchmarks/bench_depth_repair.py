@@ -95,8 +95,11 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=4)
     parser.add_argument("--choices", nargs="*", default=[], metavar="FILE:ROW",
                         help="removed layers from a bench_depth json row instead of --ratios")
+    parser.add_argument("--fits", nargs="*", default=[], metavar="FIT=R,R",
+                        help="the fits and ridges to try (default: RIDGES)")
     parser.add_argument("--out", type=Path, default=HERE / "bench_depth_repair.json")
     args = parser.parse_args()
+    grid = {f: tuple(float(r) for r in rs.split(",")) for f, rs in (a.split("=") for a in args.fits)} or RIDGES
     tokenizer, model = load_smollm2()
     ids = text_ids(tokenizer)
     evaluation = batches(ids, args.eval, 128, 4, from_end=True)
@@ -113,7 +116,7 @@ def main() -> None:
             runs = moments(gm, found, chosen, calibration)
             base = dict(calibration=count, ratio=ratio, criterion=criterion, dense=dense,
                         dropped=sorted(int(n.rsplit(".", 1)[1]) for n in names))
-            settings = [("none", 0.0)] + [(fit, r) for fit, ridges in RIDGES.items() for r in ridges]
+            settings = [("none", 0.0)] + [(fit, r) for fit, ridges in grid.items() for r in ridges]
             for fit, ridge in settings:
                 pruned, errors = (drop_blocks(gm, chosen), []) if fit == "none" else repaired(gm, chosen, runs, fit, ridge)
                 ppl = perplexity(pruned, evaluation)
