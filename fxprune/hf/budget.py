@@ -15,16 +15,17 @@ the one with the lowest next-token loss on the calibration data. The figures (:d
   FLOPs / 2: matmuls, attention and the MoE experts' grouped matmuls; element-wise ops count zero).
   Experts leave out of the mix as for ``active_params``: each token is multiplied by ``top_k`` experts.
 
-Each mix splits what is to be removed into shares: :data:`DEPTH_SHARES` of it by whole layers,
-:data:`EXPERT_SHARES` by experts (figures that count them), the rest by the MLP width
+Each mix splits what is to be removed into shares: :data:`DEPTH_SHARES` of it (none, half, all) by
+whole layers, :data:`EXPERT_SHARES` by experts (figures that count them), the rest by the MLP width
 (``moe_intermediate_size`` where the family has it, else ``intermediate_size``). The figure of every
 variant is computed from the model, not from a formula: its class is built from the changed config (on
 the ``meta`` device for parameters, with zero weights and run on the example for MACs) and counted, as
 ``fixed + layers × per layer``; a figure is linear in the width kept, so the width that meets the budget
 is solved from two such counts (stacked experts: the width kept is a multiple of 16 bytes' worth of
-units, which transformers 5's grouped matmul needs). Layer and expert counts are rounded to the nearest (down, where that removes more than
-:data:`OVERSHOOT` too much), and the width makes up the rest; where the width cannot (more than :data:`MAX_WIDTH` of it), more experts, then more layers, are
-removed. Every mix keeps one layer and ``num_experts_per_tok`` experts at least. The achieved fraction
+units, which transformers 5's grouped matmul needs). Layer and expert counts are rounded to the nearest
+(down, where that removes more than :data:`OVERSHOOT` too much), and the width makes up the rest; where
+the width cannot (more than :data:`MAX_WIDTH` of it), more experts, then more layers, are removed. Every
+mix keeps one layer and ``num_experts_per_tok`` experts at least. The achieved fraction
 (measured on the pruned model), the counting used and every mix tried (with its predicted and achieved
 fraction and its loss) are recorded in ``config.fxprune["budget"]``. A budget no mix reaches is an
 ``InvalidOptionError`` naming the closest fraction reachable.
@@ -51,7 +52,9 @@ from fxprune.measure import count_macs_by_module, count_params
 from fxprune.options import BUDGETS, PruneOptions, keyed_by
 
 #: The share of what is to be removed that whole layers take, per mix tried (the rest: experts, width).
-DEPTH_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Quarters (0, 1/4, ..., 1) tried no other mix on the 4-layer MoE of ``benchmarks/bench_depth.py --moe``
+#: (its ``grid`` note), and add two prunings per budget on a deep model: not the default.
+DEPTH_SHARES = (0.0, 0.5, 1.0)
 #: The share that whole experts take (MoE models, a figure that counts them), beside the depth's.
 EXPERT_SHARES = (0.0, 0.5, 1.0)
 #: The largest fraction of the MLP width a mix removes.
@@ -70,8 +73,11 @@ class Figure:
     per_layer: float
 
     def at(self, layers: int) -> float:
-        """>>> Figure(10.0, 2.0).at(3)
-        16.0"""
+        """The figure with ``layers`` layers.
+
+        >>> Figure(10.0, 2.0).at(3)
+        16.0
+        """
         return self.fixed + layers * self.per_layer
 
 
@@ -244,14 +250,15 @@ def mixes(model: Any, fraction: float, kind: str = "params", inputs: Optional[tu
     for MACs); an ``InvalidOptionError`` naming the closest reachable fraction if there is none.
 
     >>> [(m.layers, m.width) for m in mixes(llama, 0.8)]                              # doctest: +SKIP
-    [(0, 0.3403), (1, 0.0556)]
+    [(0, 0.359375), (1, 0.0)]
     """
     return mixes_in(space_of(model, inputs or (), kind), fraction)
 
 
-def mixes_in(space: Space, fraction: float) -> list[Mix]:
+def mixes_in(space: Space, fraction: float, depth_shares: tuple[float, ...] = DEPTH_SHARES) -> list[Mix]:
+    """:func:`mixes` of a :class:`Space` (``depth_shares``: the grid, :data:`DEPTH_SHARES` by default)."""
     found = {}
-    for depth, experts in _shares(space):
+    for depth, experts in _shares(space, depth_shares):
         mix = _solve(space, fraction, depth, experts)
         if mix is not None:
             found.setdefault((mix.layers, mix.experts, mix.width), mix)  # the same mix from two shares: once
@@ -260,9 +267,9 @@ def mixes_in(space: Space, fraction: float) -> list[Mix]:
     return list(found.values())
 
 
-def _shares(space: Space) -> Iterator[tuple[float, float]]:
+def _shares(space: Space, depth_shares: tuple[float, ...]) -> Iterator[tuple[float, float]]:
     expert_shares = EXPERT_SHARES if space.removable_experts else (0.0,)
-    for depth in DEPTH_SHARES:
+    for depth in depth_shares:
         yield from ((depth, experts) for experts in expert_shares if depth + experts <= 1)
 
 
@@ -271,7 +278,7 @@ def _solve(space: Space, fraction: float, depth_share: float, expert_share: floa
     goal = fraction * full.at(space.layers)
     for layers, experts in _counts(space, full.at(space.layers) - goal, depth_share, expert_share):
         width = _width(space, space.layers - layers, space.experts - experts, goal)
-        overshoot = width < 0 and fraction - _kept(space, layers, experts, space.width) > OVERSHOOT
+        overshoot = width < 0 and fraction - kept_fraction(space, layers, experts, space.width) > OVERSHOOT
         if width <= MAX_WIDTH and not overshoot:
             return _mix(space, depth_share, expert_share, layers, experts, max(0.0, width))
     return None
@@ -305,7 +312,7 @@ def _width(space: Space, layers: int, experts: int, goal: float) -> float:
     return (whole - goal) / per_unit / space.width  # below 0: the layers and experts removed overshoot
 
 
-def _kept(space: Space, layers: int, experts: int, width: int) -> float:
+def kept_fraction(space: Space, layers: int, experts: int, width: int) -> float:
     """The fraction of the figure a model with ``layers``, ``experts`` (per layer) and ``width`` removed keeps."""
     full = space.figure(space.experts, space.width).at(space.layers)
     return space.figure(space.experts - experts, width).at(space.layers - layers) / full
@@ -316,7 +323,7 @@ def _mix(space: Space, depth_share: float, expert_share: float, layers: int, exp
     kept = max(space.align, round((1 - width) * space.width / space.align) * space.align)
     if not (layers or experts or kept < space.width):
         return None  # removes nothing: the budget is closer to 1 than one step of width
-    predicted = _kept(space, layers, experts, kept)
+    predicted = kept_fraction(space, layers, experts, kept)
     return Mix(depth_share, expert_share, layers, experts, (space.width - kept) / space.width, round(predicted, 4))
 
 
@@ -369,4 +376,4 @@ def next_token_loss(model: Any, batches: list[tuple]) -> float:
 
 
 __all__ = ["BUDGETS", "BUDGET_RECORDS", "DEPTH_SHARES", "EXPERT_SHARES", "Figure", "Mix", "Space", "check_target",
-           "mixes", "mixes_in", "space_of", "variant", "prune_to_budget", "next_token_loss"]
+           "kept_fraction", "mixes", "mixes_in", "space_of", "variant", "prune_to_budget", "next_token_loss"]
