@@ -82,5 +82,5 @@ def test_bad_moe_budgets_are_typed_errors() -> None:
     with pytest.raises(InvalidOptionError, match=r"a mix of depth, experts and width reaches keeps 0\.\d+ of the "
                                                  r"params"):
         fxprune.hf.prune(tiny_model("mixtral", layers=4), (_ids(0),), target={"params": 0.05})
-    with pytest.raises(InvalidOptionError, match=r"target macs 0.05 .* a mix of depth and width reaches keeps"):
-        fxprune.hf.prune(tiny_model("mixtral", layers=4), (_ids(0),), target={"macs": 0.05})
+    with pytest.raises(InvalidOptionError, match=r"target active_params 0.05 .* a mix of depth and width reaches"):
+        fxprune.hf.prune(tiny_model("mixtral", layers=4), (_ids(0),), target={"active_params": 0.05})
