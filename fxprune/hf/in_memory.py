@@ -138,8 +138,8 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
     Whole structures (issue 19): ``sparsity`` may name ``num_hidden_layers`` (layers, by the
     ``block_criterion`` option on ``calibration``, ``block_repair``: :mod:`fxprune.hf.depth`) and
     ``num_experts`` / ``num_local_experts`` (by ``expert_criterion``: :mod:`fxprune.hf.experts`) beside
-    widths; the ``target={"params": f}`` option chooses the mix of depth and width instead
-    (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
+    widths; the ``target`` option (``{"params": f}``, ``{"active_params": f}`` on MoE models, ``{"macs": f}``)
+    chooses the mix of depth, experts and width instead (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
     recorded in the plan; one set to no effect (``expert_criterion`` with no expert count asked) is refused."""
     _check_model(model)
     if getattr(model, "main_input_name", "input_ids") == "input_ids":  # token batches (not a ViT's pixels)
@@ -175,7 +175,7 @@ def _check_whole_structures(asked: PruneOptions, wanted: structure.Structure, sp
                                  f"sparsity, not both")
     unused = {"block_criterion": (wanted.layers is None and asked.target is None, "layer count"),
               "block_repair": (wanted.layers is None and asked.target is None, "layer count"),
-              "expert_criterion": (wanted.experts is None, "expert count")}
+              "expert_criterion": (wanted.experts is None and asked.target is None, "expert count")}
     for name, (idle, what) in unused.items():
         value = getattr(asked, name)
         if idle and value != public_fields()[name].default:
