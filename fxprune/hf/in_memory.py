@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import math
 import types
 import warnings
 from dataclasses import dataclass
@@ -225,7 +226,7 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
         raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration= (token batches)")
     recovery = _Recovery(steps, calibration, progress, step_options)
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
-    selection = options.replace(sparsity=module_sparsity)
+    selection = options.replace(sparsity=module_sparsity, round_to=math.lcm(options.round_to, _kernel_alignment(model)))
     inputs = as_inputs(example_inputs)
     _check_input_dtype(model, inputs)
     with stage_bar(progress, 3, "fxprune.hf") as step:
@@ -245,6 +246,14 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
             out = attempt({hf_policy.HIDDEN: str(exc)})
         step("rewrite and rebuild")
     return out
+
+
+def _kernel_alignment(model: Any) -> int:
+    """Stacked experts run through transformers' grouped matmul, which refuses rows that are not a
+    multiple of 16 bytes (``strides should be multiple of 16 bytes``): an MoE model keeps its widths a
+    multiple of ``16 / itemsize`` channels (4 in fp32, 8 in bf16), as if ``round_to`` asked it."""
+    from fxprune.hf.experts import moe_blocks
+    return 16 // model.dtype.itemsize if moe_blocks(model) else 1
 
 
 def _adapter() -> types.SimpleNamespace:
