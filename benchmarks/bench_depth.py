@@ -8,13 +8,16 @@ sequences from its end. Every pruned model is saved and reloaded (``save_pretrai
 and must give the same logits (column ``round-trips``).
 
 The MoE rows (``--moe``): a small Mixtral (a few million parameters) trained by this script on the same
-text (cached under ``benchmarks/.cache``), then 25% and 50% of its experts removed by each expert criterion.
+text (cached under ``benchmarks/.cache``), then 25% and 50% of its experts removed by each expert criterion
+(``--moe-rows experts``), and the budgets ``params`` 0.8 and 0.6 and ``active_params`` 0.8 (``p80 p60 a80``),
+each beside the width alone and the experts alone at the same figure (active parameters: width only).
 
 Results are appended row by row to ``bench_depth.json`` and the table rewritten to ``bench_depth.md``, so a
 partial run keeps what it measured.
 
     nice -n 10 python benchmarks/bench_depth.py --rows dense bi10 bi25 bi25r ang25 width budget80
     nice -n 10 python benchmarks/bench_depth.py --moe
+    nice -n 10 python benchmarks/bench_depth.py --moe --moe-rows p80 p60 a80
 """
 from __future__ import annotations
 
@@ -116,12 +119,13 @@ def record(out: Path, row: dict) -> None:
 
 def write_table(rows: list[dict], path: Path) -> None:
     dense = next((r["perplexity"] for r in rows if r["row"] == "dense"), None)
-    lines = ["| model | row | layers | params kept | perplexity | × dense | round-trips | time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | row | layers | params kept | active kept | perplexity | × dense | round-trips | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         times = f"{r['perplexity'] / dense:.2f}×" if dense and r["model"] == "SmolLM2-135M" else \
             f"{r.get('x_dense', float('nan')):.2f}×"
-        lines.append(f"| {r['model']} | {r['label']} | {r.get('layers', '')} | {r['params_kept']:.3f} | "
+        active = f"{r['active_kept']:.3f}" if "active_kept" in r else ""
+        lines.append(f"| {r['model']} | {r['label']} | {r.get('layers', '')} | {r['params_kept']:.3f} | {active} | "
                      f"{r['perplexity']:.2f} | {times} | {r['round_trips']} | {r['seconds']:.0f} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -174,6 +178,10 @@ def train_moe(ids: torch.Tensor, steps: int, cache: Path):
     return model
 
 
+#: The MoE budget rows (``--moe-rows``): each budget, then width only and experts only at the same figure.
+MOE_BUDGETS = {"p80": ("params", 0.8), "p60": ("params", 0.6), "a80": ("active_params", 0.8)}
+
+
 def run_moe(args) -> None:
     tokenizer, _ = load_smollm2()  # its tokenizer, trimmed to the ids the text uses
     ids = text_ids(tokenizer)
@@ -182,20 +190,67 @@ def run_moe(args) -> None:
     model = train_moe(ids, args.moe_steps, HERE / ".cache" / "bench_depth_moe")
     calibration = batches(ids[: len(ids) * 8 // 10], args.calibration, args.length, args.batch, from_end=True)
     evaluation = batches(ids, args.eval, args.length, args.batch, from_end=True)
-    total = model.num_parameters()
     dense = perplexity(model, evaluation)
-    for ratio in (0.25, 0.5):
-        for criterion in ("reap", "frequency", "weight-norm", "random"):
-            start = time.time()
-            result = fxprune.hf.prune_with_result(model, (calibration[0],), calibration=calibration,
-                                                  sparsity={"num_local_experts": ratio}, expert_criterion=criterion)
-            ppl = perplexity(result.model, evaluation)
-            row = {"model": "Mixtral-tiny (trained)", "row": f"moe-{criterion}-{ratio}",
-                   "label": f"experts {int(ratio * 100)}%, {criterion}", "layers": 4,
-                   "params_kept": result.model.num_parameters() / total, "perplexity": ppl, "x_dense": ppl / dense,
-                   "round_trips": round_trips(result.model, evaluation[0]), "seconds": time.time() - start}
-            print(json.dumps(row), flush=True)
-            record(args.out, row)
+    criteria = ("reap", "frequency", "weight-norm", "random") if "experts" in args.moe_rows else ()
+    runs = [(f"moe-{c}-{r}", f"experts {int(r * 100)}%, {c}", dict(sparsity={"num_local_experts": r},
+                                                                  expert_criterion=c))
+            for r in (0.25, 0.5) for c in criteria]
+    for name in args.moe_rows:
+        runs += _budget_runs(model, calibration, name) if name in MOE_BUDGETS else []
+    for name, label, kwargs in runs:
+        start = time.time()
+        result = fxprune.hf.prune_with_result(model, (calibration[0],), calibration=calibration, **kwargs)
+        ppl = perplexity(result.model, evaluation)
+        row = {"model": "Mixtral-tiny (trained)", "row": name, "label": label,
+               "layers": result.model.config.num_hidden_layers, "params_kept": _kept(result.model, model, "params"),
+               "active_kept": _kept(result.model, model, "active_params"), "perplexity": ppl, "x_dense": ppl / dense,
+               "round_trips": round_trips(result.model, evaluation[0]), "seconds": time.time() - start,
+               "details": _plain({k: v for k, v in result.model.config.fxprune.items() if k in ("budget", "changes")})}
+        print(json.dumps({k: v for k, v in row.items() if k != "details"}), flush=True)
+        record(args.out, row)
+    if "grid" in args.moe_rows:  # after the budget rows it reads
+        grid_note(model, calibration, args.out)
+
+
+FINE_DEPTH_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def grid_note(model, calibration, out: Path) -> None:
+    """Whether a finer depth grid (quarters) would try a mix the default one (``DEPTH_SHARES``) does not:
+    per budget row of ``out``, the mixes the finer grid holds beyond those the budget tried (no pruning)."""
+    rows = json.loads(out.read_text())
+    for row in (r for r in rows if r["row"].startswith("moe-budget-")):
+        (kind, fraction), = row["details"]["budget"]["target"].items()
+        space = fxprune.hf.budget.space_of(model, (calibration[0],), kind)
+        fine = {(m.layers, m.experts) for m in fxprune.hf.budget.mixes_in(space, fraction, FINE_DEPTH_SHARES)}
+        tried = {(t["layers"], t["experts"]) for t in row["details"]["budget"]["tried"]}
+        row["grid"] = {"default_shares": list(fxprune.hf.budget.DEPTH_SHARES), "tried": len(tried),
+                       "fine_shares": list(FINE_DEPTH_SHARES), "fine_mixes": len(fine),
+                       "fine_only": sorted(fine - tried)}
+        print(row["row"], json.dumps(row["grid"]), flush=True)
+    out.write_text(json.dumps(rows, indent=1))
+
+
+def _kept(pruned, model, kind: str) -> float:
+    count = fxprune.hf.budget.BUDGET_RECORDS[kind].count
+    return count(pruned, ()).at(pruned.config.num_hidden_layers) / count(model, ()).at(model.config.num_hidden_layers)
+
+
+def _budget_runs(model, calibration, name: str) -> list[tuple[str, str, dict]]:
+    """The budget, then at the same figure: the width alone (the budget's all-width mix) and the experts
+    alone (the count nearest the figure, no width)."""
+    kind, fraction = MOE_BUDGETS[name]
+    space = fxprune.hf.budget.space_of(model, (calibration[0],), kind)
+    width = next(m for m in fxprune.hf.budget.mixes_in(space, fraction) if not m.layers and not m.experts)
+    runs = [(f"moe-budget-{name}", f"budget {kind} {fraction}", dict(target={kind: fraction})),
+            (f"moe-width-{name}", f"width only at {kind} {fraction}: intermediate_size {width.width:.3f}",
+             dict(sparsity={"intermediate_size": width.width}))]
+    if kind != "params":
+        return runs  # experts alone barely move active parameters: no count reaches the figure
+    experts = min(range(1, space.experts - space.top_k + 1),
+                  key=lambda e: abs(fxprune.hf.budget.kept_fraction(space, 0, e, space.width) - fraction))
+    return runs + [(f"moe-experts-{name}", f"experts only at {kind} {fraction}: {experts} of {space.experts}, reap",
+                    dict(sparsity={"num_local_experts": experts / space.experts}))]
 
 
 def _plain(value):
@@ -211,6 +266,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--moe", action="store_true", help="the MoE rows instead of SmolLM2's")
     parser.add_argument("--moe-steps", type=int, default=300)
+    parser.add_argument("--moe-rows", nargs="*", default=["experts", *MOE_BUDGETS, "grid"],
+                        choices=["experts", *MOE_BUDGETS, "grid"],
+                        help="with --moe: the expert criteria rows, the budgets, the grid note (grid_note)")
     parser.add_argument("--out", type=Path, default=HERE / "bench_depth.json")
     args = parser.parse_args()
     (run_moe if args.moe else run_smollm2)(args)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 import resource
 import sys
@@ -41,6 +42,7 @@ from fxprune.errors import ExampleInputError
 __all__ = [
     "Measurement",
     "count_macs",
+    "count_macs_by_module",
     "count_params",
     "current_rss_mb",
     "measure",
@@ -84,7 +86,8 @@ def count_macs(
     Counted with :class:`torch.utils.flop_counter.FlopCounterMode` under :func:`torch.no_grad`;
     ``MACs = FLOPs // 2``. FlopCounterMode counts the matrix-multiply-like ATen ops (``mm``,
     ``addmm``, ``bmm``, ``baddbmm``, convolutions, scaled-dot-product attention, its CPU kernel
-    included; ``nn.MultiheadAttention`` is counted off its fused fast path); element-wise ops,
+    included, and ``_grouped_mm``, the stacked MoE experts of transformers 5, each token counted for
+    the experts it is routed to; ``nn.MultiheadAttention`` is counted off its fused fast path); element-wise ops,
     normalisation, pooling and bias additions count zero, as in the usual MAC tables.
 
     **Mode.** The forward runs in the module's *current* mode, so the count is the count of the
@@ -120,9 +123,35 @@ def count_macs(
             "example_inputs must be a tuple of the forward's positional arguments, got "
             f"{type(example_inputs).__name__}; for a single tensor write (x,)"
         )
+    return count_macs_by_module(module, example_inputs, example_kwargs)["Global"]
+
+
+def count_macs_by_module(
+    module: nn.Module,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """:func:`count_macs`, split by module: ``{"Global": total, "<class>.<path>": the MACs under that
+    submodule}`` (FlopCounterMode's names: the root's class name, then the submodule's path).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> macs = count_macs_by_module(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).eval(),
+        ...                             (torch.randn(5, 4),))
+        >>> macs["Global"], macs["Sequential.0"], macs["Sequential.1"]
+        (90, 60, 30)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"count_macs expects an nn.Module, got {type(module).__name__}")
+    if not isinstance(example_inputs, tuple):
+        raise ExampleInputError(
+            "example_inputs must be a tuple of the forward's positional arguments, got "
+            f"{type(example_inputs).__name__}; for a single tensor write (x,)"
+        )
     kwargs = dict(example_kwargs or {})
     runner = copy.deepcopy(module) if module.training else module
-    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+    counter = FlopCounterMode(display=False, custom_mapping=_UNCOUNTED)
     try:
         with torch.no_grad(), _mha_fastpath_off(), counter:
             runner(*example_inputs, **kwargs)
@@ -132,7 +161,7 @@ def count_macs(
         raise ExampleInputError(
             f"{type(module).__name__} raised {type(exc).__name__} on example inputs {shapes}: {exc}"
         ) from exc
-    return int(counter.get_total_flops()) // 2
+    return {name: int(sum(ops.values())) // 2 for name, ops in counter.get_flop_counts().items()}
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -142,6 +171,17 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=N
 #: scaled-dot-product attention on CPU runs this kernel, which FlopCounterMode has no formula for (it
 #: counts the CUDA ones): attention's two matmuls counted zero
 _CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    if len(a_shape) == 2 and len(b_shape) == 2:  # groups along K: (M, K) x (K, N) -> (G, M, N), K split
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]  # each output element: one dot product of length K
+
+
+#: the ops FlopCounterMode has no formula for, with theirs: CPU attention, and the grouped matmul that
+#: transformers 5's stacked MoE experts run (each token times the experts it is routed to: top-k, not all)
+_UNCOUNTED = {**_CPU_ATTENTION, torch.ops.aten._grouped_mm: _grouped_mm_flops}
 
 
 @contextlib.contextmanager

@@ -52,8 +52,9 @@ BLOCK_CRITERIA = ("block-influence", "angular", "sleb", "iterative-influence")
 """How whole residual blocks (an LLM's layers) are scored (:mod:`fxprune.data.block_criteria`)."""
 EXPERT_CRITERIA = ("reap", "frequency", "weight-norm", "random")
 """How whole MoE experts are scored (:mod:`fxprune.hf.experts`, :mod:`fxprune.data.expert_criteria`)."""
-BUDGETS = ("params",)
-"""What ``target`` can budget (:mod:`fxprune.hf.budget`; ``active_params`` and MACs are not implemented)."""
+BUDGETS = ("params", "active_params", "macs")
+"""What ``target`` can budget (:mod:`fxprune.hf.budget`): the parameters, the parameters one token uses (MoE),
+the multiply-accumulates at the example inputs' shape."""
 HF_ROUTE = "fxprune.hf.prune"
 """The route that removes whole layers and experts and meets a budget (see :func:`check_route`)."""
 
@@ -84,9 +85,10 @@ def _target_ok(value: Any) -> Optional[str]:
         return f"target is one budget, e.g. {{'params': 0.8}}, got {dict(value)!r}"
     (key, fraction), = value.items()
     if key not in BUDGETS:
-        return f"target {key!r} is not supported; budgets: {BUDGETS} (active_params and macs are not implemented)"
-    if math.isnan(fraction) or not 0 < fraction < 1:
-        return f"target {key!r} must be a fraction in (0, 1) of the parameters kept, got {fraction!r}"
+        return f"target {key!r} is not supported; budgets: {BUDGETS}"
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or math.isnan(fraction) \
+            or not 0 < fraction < 1:
+        return f"target {key!r} must be a fraction in (0, 1) of the model's {key} kept, got {fraction!r}"
     return None
 
 
@@ -141,9 +143,11 @@ class PruneOptions:
     expert_criterion: str = option("reap", "how the experts a sparsity on the expert count (num_experts, "
                                            "num_local_experts) removes are chosen", choices=EXPERT_CRITERIA,
                                    route=HF_ROUTE)
-    target: Optional[Mapping[str, float]] = option(None, "one budget instead of ratios, {'params': F}: the mix of "
-                                                         "layers and MLP width removed is chosen to keep F of the "
-                                                         "parameters", check=_target_ok, metavar="params=F",
+    target: Optional[Mapping[str, float]] = option(None, "one budget instead of ratios, {KIND: F} with KIND params, "
+                                                         "active_params (MoE: the parameters a token uses) or macs "
+                                                         "(at the example inputs' shape): the mix of layers, experts "
+                                                         "(MoE, params) and MLP width removed is chosen to keep F of "
+                                                         "it", check=_target_ok, metavar="KIND=F",
                                                    route=HF_ROUTE)
     hf: Optional[Mapping[str, Any]] = option(None, "set by fxprune.hf: hf_compatible, layer_indices and "
                                                    "the constraint that shaped each group", internal=True)

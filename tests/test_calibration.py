@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.api import analyze
-from fxprune.data.calibration import (Calibration, Sums, calibration_sites, collect, gram_sites,
+from fxprune.data.calibration import (Calibration, Sums, calibration_sites, collect, gram_sites, run_batches,
                                  iter_batches)
 from fxprune.errors import CalibrationError, InvalidOptionError, NonFiniteActivationError
 
@@ -138,10 +138,11 @@ def test_statistics_match_eager_activations(level: str) -> None:
     assert int(stats.rows(conv2)) == 3 * 4 * 6 * 6
 
 
-def test_sites_cover_producers_and_consumer_inputs() -> None:
+def test_sites_cover_the_prunable_channels_of_producers_and_consumer_inputs() -> None:
+    """The input's 3 and the output's 5 channels are frozen (fixed interfaces): no site sums them."""
     analysis = analyze(_net(), (torch.randn(1, 3, 8, 8),), "fx")
     assert {(s.node, s.dim, s.channels) for s in calibration_sites(analysis)} == {
-        ("conv", 1, 8), ("conv2", 1, 6), ("fc", 1, 5), ("x", 1, 3), ("relu", 1, 8), ("mean", 1, 6)}
+        ("conv", 1, 8), ("conv2", 1, 6), ("relu", 1, 8), ("mean", 1, 6)}
     assert [(g.node, g.input, g.features) for g in gram_sites(analysis)] == [
         ("conv", "x", 27), ("conv2", "relu", 72), ("fc", "mean", 6)]
     assert [g.node for g in gram_sites(analysis, ["fc"])] == ["fc"]
@@ -218,3 +219,17 @@ def test_sums_add_over_batches() -> None:
     sums.add("g", 2 * torch.eye(2, dtype=torch.float16))
     assert sums["g"].dtype == torch.float64 and torch.equal(sums["g"], 3 * torch.eye(2, dtype=torch.float64))
     assert sums.all_reduce() is sums  # no process group: a no-op
+
+
+def test_a_batch_runs_only_as_far_as_the_last_watched_node() -> None:
+    """What follows every watched node (an LM's head over the vocabulary) is never computed."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    calls = []
+    net[2].register_forward_hook(lambda *_: calls.append(1))
+    gm = torch.fx.symbolic_trace(net)
+    seen = []
+    batches = [(torch.randn(2, 4),) for _ in range(3)]
+    assert run_batches(gm, batches, {"_1"}, lambda index, node, value: seen.append((index, node.name))) == 3
+    assert seen == [(0, "_1"), (1, "_1"), (2, "_1")] and calls == []
+    run_batches(gm, batches, {"_1", "_2"}, lambda *_: None)
+    assert len(calls) == 3

@@ -41,9 +41,9 @@ def test_mixes_span_width_only_to_depth_only() -> None:
 
 def test_bad_budgets_are_typed_errors() -> None:
     model = _llama()
-    with pytest.raises(InvalidOptionError, match="smallest model a mix of depth and width reaches keeps 0.234"):
+    with pytest.raises(InvalidOptionError, match="smallest model a mix of depth and width reaches keeps 0.235"):
         fxprune.hf.prune(model, (_ids(0),), target={"params": 0.2})
-    with pytest.raises(InvalidOptionError, match="'macs' is not supported"):
-        fxprune.hf.prune(model, (_ids(0),), target={"macs": 0.5})
+    with pytest.raises(InvalidOptionError, match="'flops' is not supported"):
+        fxprune.hf.prune(model, (_ids(0),), target={"flops": 0.5})
     with pytest.raises(InvalidOptionError, match=r"fraction in \(0, 1\)"):
         fxprune.hf.prune(model, (_ids(0),), target={"params": 1.5})

@@ -85,3 +85,15 @@ def test_bad_expert_requests_are_typed_errors() -> None:
     llama = tiny_model("llama")
     with pytest.raises(UnsupportedModelError, match="no mixture-of-experts block"):
         fxprune.hf.prune(llama, (_ids(2, 8),), sparsity={"num_experts": 0.25})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_expert_width_the_grouped_matmul_refuses_is_rounded_up(dtype: torch.dtype) -> None:
+    """36% of Mixtral's 64 units would keep 41: not a multiple of 16 bytes, which transformers' grouped
+    matmul refuses; the width kept is rounded up to one it accepts, and the model runs as the graph."""
+    model = _model("mixtral").to(dtype)
+    ids = _ids(2, 8)
+    pruned = fxprune.hf.prune(model, (ids,), sparsity={"intermediate_size": 0.36})
+    align = 16 // dtype.itemsize
+    assert pruned.config.intermediate_size % align == 0 and pruned.config.intermediate_size < 64
+    assert _logits(pruned, ids).isfinite().all()

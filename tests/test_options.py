@@ -70,7 +70,7 @@ def test_the_option_tables_are_the_declared_names():
 
 @pytest.mark.parametrize("bad, message", [
     ({"block_criterion": "l1"}, "block_criterion must be one of"), ({"expert_criterion": "l2"}, "expert_criterion"),
-    ({"target": {"params": 1.5}}, r"fraction in \(0, 1\)"), ({"target": {"macs": 0.5}}, "'macs' is not supported"),
+    ({"target": {"params": 1.5}}, r"fraction in \(0, 1\)"), ({"target": {"flops": 0.5}}, "'flops' is not supported"),
     ({"target": {"params": 0.8, "active_params": 0.5}}, "one budget"), ({"target": 0.8}, "target must be a mapping"),
 ])
 def test_whole_structure_options_are_checked_where_declared(bad, message):

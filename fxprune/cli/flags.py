@@ -85,7 +85,7 @@ def _number(text: str, hint: Any) -> Any:
 
 def _sparsity(text: str) -> Any:
     """``0.5``, or ``PATTERN=RATIO[,PATTERN=RATIO...]`` (module patterns, or HF config fields; a budget
-    ``params=0.8``)."""
+    ``params=0.8``, ``active_params=0.8``, ``macs=0.5``)."""
     if "=" not in text:
         return _number(text, float)
     pairs = [item.rpartition("=") for item in text.split(",")]

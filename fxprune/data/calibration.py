@@ -396,18 +396,26 @@ def real_feature_rows(mask: torch.Tensor, value: torch.Tensor, site: GramSite, i
 
 
 # --- running the graph ----------------------------------------------------------------------------
+class _AllWatched(Exception):
+    """Raised once every watched node has run: what follows them (an LM's head) is not computed."""
+
+
 class _Watcher(MutableArgs, fx.Interpreter):
-    """Runs the graph and hands every watched node's value to ``observe``."""
+    """Runs the graph and hands every watched node's value to ``observe``, up to the last watched node."""
 
     def __init__(self, gm: fx.GraphModule, watched: set[str], observe: Callable[[fx.Node, Any], None]):
         super().__init__(gm)
         self.watched, self.observe = watched, observe
+        self.pending = watched & {n.name for n in gm.graph.nodes}
         self.extra_traceback = False  # errors keep their one-line message
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         if n.name in self.watched:
             self.observe(n, value)
+            self.pending.discard(n.name)
+            if not self.pending:
+                raise _AllWatched
         return value
 
 
@@ -525,6 +533,8 @@ def split_masked(inputs: tuple, mask: Optional[torch.Tensor], size: Optional[int
 def _run_one(gm: fx.GraphModule, inputs: tuple, watched: set[str], watch: Callable, index: int) -> None:
     try:
         _Watcher(gm, watched, watch).run(*inputs)
+    except _AllWatched:
+        pass
     except NonFiniteActivationError:
         raise
     except Exception as exc:
@@ -608,17 +618,32 @@ def _add_gram(sums: Sums, site: GramSite, value: torch.Tensor, mask: Optional[to
 
 def calibration_sites(analysis: Any) -> list[Site]:
     """The nodes whose channels the criteria read: each producer's output and each consumer's input
-    (conv/linear, from the analysis' weighted consumers), along their channel dim."""
+    (conv/linear, from the analysis' weighted consumers), along their channel dim — only where some of
+    those channels can be pruned (no scores are asked of frozen units: an LM's logits, 49,152 channels
+    wide, would cost more to sum than the rest of the model's sites together)."""
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    free = _free_classes(analysis)
     out: dict[tuple[str, int], Site] = {}
     for producer in analysis.producers:
-        dim = _channel_dim(analysis, nodes[producer.node], analysis.params[producer.key][producer.dim])
+        ids = analysis.params[producer.key][producer.dim]
+        dim = _channel_dim(analysis, nodes[producer.node], ids) if _any_free(analysis, ids, free) else None
         if dim is not None:
             out.setdefault((producer.node, dim), _site(nodes[producer.node], dim))
     for consumer in analysis.weighted_consumers:
-        if consumer.input in nodes:
+        ids = analysis.params[consumer.weight][consumer.in_dim]
+        if consumer.input in nodes and _any_free(analysis, ids, free):
             out.setdefault((consumer.input, consumer.channel_dim), _site(nodes[consumer.input], consumer.channel_dim))
     return _one_per_node(list(out.values()))
+
+
+def _free_classes(analysis: Any) -> torch.Tensor:
+    """The class ids of every unit a selection may drop (in a prunable group, not frozen)."""
+    free = [u for g in analysis.groups for u in sorted(set(g.units) - set(g.frozen_units))]
+    return torch.tensor(free, dtype=torch.long)
+
+
+def _any_free(analysis: Any, ids: torch.Tensor, free: torch.Tensor) -> bool:
+    return bool(torch.isin(analysis.solution.root[ids], free).any())
 
 
 def _one_per_node(sites: list[Site]) -> list[Site]:

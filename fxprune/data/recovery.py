@@ -413,7 +413,8 @@ def reconstruct(analysis: Analysis, drop: Dropped, pruned: fx.GraphModule, calib
         return refit_layer(out, stops[stop], targets, inputs, ridge, masks)
 
     with torch.no_grad(), eval_mode(analysis.gm), eval_mode(out):  # each node once per batch
-        layers, _, _ = walk_moments(analysis.gm, out, list(stops), [c for _, c, _ in chunks], refit)
+        layers, _, _ = walk_moments(analysis.gm, out, list(stops), [c for _, c, _ in chunks], refit,
+                                     finish=False)  # nothing reads the outputs (an LM's logits: its costliest layer)
     if bar is not None:
         bar.close()
     return out, RecoveryReport("reconstruct", tuple(layers), tuple(skipped), len({i for i, _, _ in chunks}),

@@ -1,15 +1,34 @@
-"""One budget instead of ratios: ``fxprune.hf.prune(model, inputs, target={"params": 0.8})``.
+"""One budget instead of ratios: ``fxprune.hf.prune(model, inputs, target={kind: f})``.
 
-fxprune chooses how much depth (whole layers) and width (the MLP's ``intermediate_size``) to remove so
-that the model keeps the asked fraction of its parameters, by trying a few mixes and keeping the one with
-the lowest next-token loss on the calibration data: the parameters to remove are split between depth
-and width in the shares :data:`MIXES` (all width, half and half, all depth), each share turned into a
-layer count and an intermediate ratio from the parameter counts of one layer and of its MLP. The
-achieved fraction and every mix tried are recorded in ``config.fxprune["budget"]``. A budget no mix can
-reach (at most all layers but one, and 90% of the last one's MLP) is an ``InvalidOptionError`` naming
-the smallest fraction reachable. ``target`` is an option of :class:`~fxprune.options.PruneOptions`,
-checked there: only ``"params"`` is a budget today; ``"active_params"`` and ``"macs"`` are refused with
-a typed error.
+fxprune chooses how many whole layers, how many routed experts (MoE models) and how much of the MLP
+width to remove so that the model keeps the fraction ``f`` of a figure, by trying a few mixes and keeping
+the one with the lowest next-token loss on the calibration data. The figures (:data:`BUDGETS`):
+
+- ``"params"``: the parameters (tied ones once). On an MoE model the mixes remove experts too.
+- ``"active_params"`` (MoE only: a dense model's are all its parameters, refused by name): the
+  parameters one token uses; embeddings, attention, norms, routers and shared experts count whole, the
+  routed experts of a layer ``top_k / experts`` of theirs. Removing experts barely moves this figure
+  (a token still runs ``top_k`` of them; only the router's rows go), so the search meets it with depth
+  and width alone.
+- ``"macs"``: multiply-accumulates of one forward pass at the example inputs' shape, counted by
+  :func:`fxprune.measure.count_macs_by_module` (``torch.utils.flop_counter.FlopCounterMode``, MACs =
+  FLOPs / 2: matmuls, attention and the MoE experts' grouped matmuls; element-wise ops count zero).
+  Experts leave out of the mix as for ``active_params``: each token is multiplied by ``top_k`` experts.
+
+Each mix splits what is to be removed into shares: :data:`DEPTH_SHARES` of it (none, half, all) by
+whole layers, :data:`EXPERT_SHARES` by experts (figures that count them), the rest by the MLP width
+(``moe_intermediate_size`` where the family has it, else ``intermediate_size``). The figure of every
+variant is computed from the model, not from a formula: its class is built from the changed config (on
+the ``meta`` device for parameters, with zero weights and run on the example for MACs) and counted, as
+``fixed + layers × per layer``; a figure is linear in the width kept, so the width that meets the budget
+is solved from two such counts (stacked experts: the width kept is a multiple of 16 bytes' worth of
+units, which transformers 5's grouped matmul needs). Layer and expert counts are rounded to the nearest
+(down, where that removes more than :data:`OVERSHOOT` too much), and the width makes up the rest; where
+the width cannot (more than :data:`MAX_WIDTH` of it), more experts, then more layers, are removed. Every
+mix keeps one layer and ``num_experts_per_tok`` experts at least. The achieved fraction
+(measured on the pruned model), the counting used and every mix tried (with its predicted and achieved
+fraction and its loss) are recorded in ``config.fxprune["budget"]``. A budget no mix reaches is an
+``InvalidOptionError`` naming the closest fraction reachable.
 
 >>> smaller = fxprune.hf.prune(model, (ids,), target={"params": 0.8}, calibration=batches)  # doctest: +SKIP
 >>> smaller.config.fxprune["budget"]["achieved"]                                          # doctest: +SKIP
@@ -17,8 +36,10 @@ a typed error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,83 +47,320 @@ import torch.nn.functional as F
 from fxprune.data.calibration import as_calibration
 from fxprune.errors import InvalidOptionError, UnsupportedModelError
 from fxprune.hf.depth import layer_list
-from fxprune.options import BUDGETS, PruneOptions  # noqa: F401  (BUDGETS re-exported: declared there)
+from fxprune.hf.experts import moe_blocks
+from fxprune.measure import count_macs_by_module, count_params
+from fxprune.options import BUDGETS, PruneOptions, keyed_by
 
-#: The share of the parameters to remove taken by depth, per mix tried.
-MIXES = (0.0, 0.5, 1.0)
+#: The share of what is to be removed that whole layers take, per mix tried (the rest: experts, width).
+#: Quarters (0, 1/4, ..., 1) tried no other mix on the 4-layer MoE of ``benchmarks/bench_depth.py --moe``
+#: (its ``grid`` note), and add two prunings per budget on a deep model: not the default.
+DEPTH_SHARES = (0.0, 0.5, 1.0)
+#: The share that whole experts take (MoE models, a figure that counts them), beside the depth's.
+EXPERT_SHARES = (0.0, 0.5, 1.0)
+#: The largest fraction of the MLP width a mix removes.
 MAX_WIDTH = 0.9
+#: How far below the target a mix may land when its whole layers or experts, rounded to the nearest,
+#: remove more than asked (with no width left to remove).
+OVERSHOOT = 0.02
+WIDTH_FIELDS = ("moe_intermediate_size", "intermediate_size")  # the MoE experts' width first
 
 
 @dataclass(frozen=True)
+class Figure:
+    """A model's budgeted figure as ``fixed + layers × per_layer`` (layers: the model's average)."""
+
+    fixed: float
+    per_layer: float
+
+    def at(self, layers: int) -> float:
+        """The figure with ``layers`` layers.
+
+        >>> Figure(10.0, 2.0).at(3)
+        16.0
+        """
+        return self.fixed + layers * self.per_layer
+
+
+def _params(model: Any, inputs: tuple) -> Figure:
+    path, count = layer_list(model)
+    layers = count_params(model.get_submodule(path))
+    return Figure(count_params(model) - layers, layers / count)
+
+
+def _active_params(model: Any, inputs: tuple) -> Figure:
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise InvalidOptionError(f"target 'active_params': {type(model).__name__} has no routed experts, so every "
+                                 f"parameter is active; budget its 'params' instead")
+    idle = sum(_idle_experts(block) for block in blocks.values())
+    whole = _params(model, inputs)
+    return Figure(whole.fixed, whole.per_layer - idle / layer_list(model)[1])
+
+
+def _idle_experts(block: Any) -> float:
+    """The routed expert parameters of a block that one token does not use: all but ``top_k`` of them."""
+    experts, top_k = block.gate.weight.shape[0], block.gate.top_k
+    return count_params(block.experts) * (experts - top_k) / experts
+
+
+def _macs(model: Any, inputs: tuple) -> Figure:
+    counts = count_macs_by_module(model, inputs, {"use_cache": False})
+    path, count = layer_list(model)
+    layers = sum(counts.get(f"{type(model).__name__}.{path}.{i}", 0) for i in range(count))
+    return Figure(counts["Global"] - layers, layers / count)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How one kind of budget is counted."""
+
+    count: Callable[[Any, tuple], Figure]
+    """``(model, example inputs) -> Figure``."""
+    experts_move_it: bool
+    """Whether removing experts moves the figure enough to be part of the mixes."""
+    on_meta: bool
+    """Counted from shapes alone (a variant is built on the ``meta`` device), else by running the variant."""
+    note: str
+    """How it is counted (recorded beside the achieved figure)."""
+
+
+#: Each budget (named in :data:`fxprune.options.BUDGETS`).
+BUDGET_RECORDS = keyed_by(BUDGETS, {
+    "params": Budget(_params, True, True, "parameters, tied ones once"),
+    "active_params": Budget(_active_params, False, True, "parameters a token uses: routed experts top_k/experts "
+                                                         "of theirs, the rest whole"),
+    "macs": Budget(_macs, False, False, "MACs = FlopCounterMode FLOPs / 2 at the example inputs' shape (matmuls, "
+                                        "attention, grouped expert matmuls)"),
+}, "budgets")
+
+
+@dataclass
+class Space:
+    """What a model lets a budget remove, and the figure of each variant (cached: each is a model build)."""
+
+    model: Any
+    inputs: tuple
+    kind: str
+    layers: int
+    width_field: str
+    expert_field: Optional[str]
+    experts: int
+    """Routed experts per MoE layer (0: a dense model)."""
+    top_k: int
+    align: int
+    """The MLP width kept is a multiple of this (stacked experts: transformers 5's grouped matmul needs rows
+    of a multiple of 16 bytes, and fails on others)."""
+    _figures: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def budget(self) -> Budget:
+        return BUDGET_RECORDS[self.kind]
+
+    @property
+    def width(self) -> int:
+        return getattr(self.model.config, self.width_field)
+
+    @property
+    def removable_experts(self) -> int:
+        """The most experts a mix removes per layer (``top_k`` stay), 0 where experts are not in the mixes."""
+        return self.experts - self.top_k if self.experts and self.budget.experts_move_it else 0
+
+    def figure(self, experts: int, width: int) -> Figure:
+        """The figure of the model with ``experts`` per layer and ``width`` MLP units."""
+        key = (experts, width)
+        if key not in self._figures:
+            self._figures[key] = self.budget.count(self._variant(experts, width), self.inputs)
+        return self._figures[key]
+
+    def _variant(self, experts: int, width: int) -> Any:
+        changes = {self.width_field: width, **({self.expert_field: experts} if self.expert_field else {})}
+        return variant(self.model, changes, self.budget.on_meta)
+
+
+def variant(model: Any, changes: dict[str, int], on_meta: bool) -> Any:
+    """A model of ``model``'s class built from its config with ``changes``: on the ``meta`` device (no
+    memory), or with zero weights (runs; routers with equal logits still pick ``top_k`` experts a token)."""
+    from transformers.initialization import no_init_weights
+    config = copy.deepcopy(model.config)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    if on_meta:
+        with torch.device("meta"):
+            return type(model)._from_config(config, dtype=model.dtype)
+    with no_init_weights():
+        new = type(model)._from_config(config, dtype=model.dtype)
+    with torch.no_grad():
+        for parameter in new.parameters():
+            parameter.zero_()
+    return new.to(model.device).eval()
+
+
+def space_of(model: Any, inputs: tuple, kind: str) -> Space:
+    """The :class:`Space` of ``model`` for a budget of ``kind`` (its width and expert fields)."""
+    width_field = next((f for f in WIDTH_FIELDS if isinstance(getattr(model.config, f, None), int)), None)
+    if width_field is None:
+        raise UnsupportedModelError(f"{type(model).__name__}'s config has no {' / '.join(WIDTH_FIELDS)}: a budget "
+                                    f"mixes layers with MLP width")
+    blocks = moe_blocks(model)
+    expert_field = _expert_field(model.config) if blocks else None
+    first = next(iter(blocks.values()), None)
+    experts = first.gate.weight.shape[0] if first is not None else 0
+    top_k = first.gate.top_k if first is not None else 0
+    align = 16 // model.dtype.itemsize if blocks else 1
+    space = Space(model, inputs, kind, layer_list(model)[1], width_field, expert_field, experts, top_k, align)
+    space.figure(experts, space.width)  # a kind the model cannot have is refused here, before any pruning
+    return space
+
+
+def _expert_field(config: Any) -> str:
+    saved = config.to_dict()
+    return next(f for f in ("num_experts", "num_local_experts") if isinstance(saved.get(f), int))
+
+
+# --- the mixes ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class Mix:
-    """One way to meet the budget: ``layers`` removed, then ``width`` of each MLP's intermediate size."""
+    """One way to meet the budget: ``layers`` removed, ``experts`` removed per MoE layer, then ``width``
+    (a ratio) of the MLP width."""
 
     depth_share: float
+    expert_share: float
     layers: int
+    experts: int
     width: float
+    predicted: float
+    """The fraction of the figure this mix is computed to keep."""
 
-    def sparsity(self, total_layers: int) -> dict[str, float]:
-        out = {"num_hidden_layers": self.layers / total_layers} if self.layers else {}
-        return {**out, "intermediate_size": self.width} if self.width > 0 else out
-
-
-def check_target(target: Any) -> float:
-    """The fraction a budget keeps (checked as the ``target`` option is: :class:`PruneOptions`)."""
-    (fraction,) = PruneOptions(target=target).target.values()
-    return float(fraction)
-
-
-def _counts(model: Any) -> tuple[int, int, int, int]:
-    """(total parameters, layers, one layer's parameters, that layer's MLP parameters)."""
-    path, layers = layer_list(model)
-    width = getattr(model.config, "intermediate_size", None)
-    if not isinstance(width, int):
-        raise UnsupportedModelError(f"{type(model).__name__}'s config has no intermediate_size: a budget mixes "
-                                    f"layers with MLP width")
-    first = model.get_submodule(f"{path}.0")
-    layer = sum(p.numel() for p in first.parameters())
-    mlp = sum(p.numel() for p in first.parameters() if width in p.shape)
-    return model.num_parameters(), layers, layer, mlp
+    def sparsity(self, space: Space) -> dict[str, float]:
+        """The ``sparsity`` of :func:`fxprune.hf.prune` that removes this mix."""
+        out = {"num_hidden_layers": self.layers / space.layers} if self.layers else {}
+        if self.experts:
+            out[space.expert_field] = self.experts / space.experts
+        return {**out, space.width_field: self.width} if self.width > 0 else out
 
 
-def mixes(model: Any, fraction: float) -> list[Mix]:
-    """The feasible mixes for keeping ``fraction`` of the parameters (an error naming the floor if none)."""
-    total, layers, layer, mlp = _counts(model)
-    remove = (1 - fraction) * total
-    out = []
-    for share in MIXES:
-        count = min(round(share * remove / layer), layers - 1)
-        width = max(0.0, (remove - count * layer) / (mlp * (layers - count)))
-        if width <= MAX_WIDTH:
-            out.append(Mix(share, count, round(width, 4)))
-    if not out:
-        floor = (total - (layers - 1) * layer - MAX_WIDTH * mlp) / total
-        raise InvalidOptionError(f"target params {fraction} cannot be met: the smallest model a mix of depth "
-                                 f"and width reaches keeps {floor:.3f} of the parameters")
-    unique = {(m.layers, m.width): m for m in reversed(out)}  # the same mix from two shares: tried once
-    return sorted(unique.values(), key=lambda m: m.depth_share)
+def check_target(target: Any) -> tuple[str, float]:
+    """``(kind, fraction kept)`` of a budget (checked as the ``target`` option is: :class:`PruneOptions`)."""
+    ((kind, fraction),) = PruneOptions(target=target).target.items()
+    return kind, float(fraction)
 
 
+def mixes(model: Any, fraction: float, kind: str = "params", inputs: Optional[tuple] = None) -> list[Mix]:
+    """The feasible mixes for keeping ``fraction`` of the ``kind`` figure (``inputs``: the example, needed
+    for MACs); an ``InvalidOptionError`` naming the closest reachable fraction if there is none.
+
+    >>> [(m.layers, m.width) for m in mixes(llama, 0.8)]                              # doctest: +SKIP
+    [(0, 0.359375), (1, 0.0)]
+    """
+    return mixes_in(space_of(model, inputs or (), kind), fraction)
+
+
+def mixes_in(space: Space, fraction: float, depth_shares: tuple[float, ...] = DEPTH_SHARES) -> list[Mix]:
+    """:func:`mixes` of a :class:`Space` (``depth_shares``: the grid, :data:`DEPTH_SHARES` by default)."""
+    found = {}
+    for depth, experts in _shares(space, depth_shares):
+        mix = _solve(space, fraction, depth, experts)
+        if mix is not None:
+            found.setdefault((mix.layers, mix.experts, mix.width), mix)  # the same mix from two shares: once
+    if not found:
+        raise InvalidOptionError(_unreachable(space, fraction))
+    return list(found.values())
+
+
+def _shares(space: Space, depth_shares: tuple[float, ...]) -> Iterator[tuple[float, float]]:
+    expert_shares = EXPERT_SHARES if space.removable_experts else (0.0,)
+    for depth in depth_shares:
+        yield from ((depth, experts) for experts in expert_shares if depth + experts <= 1)
+
+
+def _solve(space: Space, fraction: float, depth_share: float, expert_share: float) -> Optional[Mix]:
+    full = space.figure(space.experts, space.width)
+    goal = fraction * full.at(space.layers)
+    for layers, experts in _counts(space, full.at(space.layers) - goal, depth_share, expert_share):
+        width = _width(space, space.layers - layers, space.experts - experts, goal)
+        overshoot = width < 0 and fraction - kept_fraction(space, layers, experts, space.width) > OVERSHOOT
+        if width <= MAX_WIDTH and not overshoot:
+            return _mix(space, depth_share, expert_share, layers, experts, max(0.0, width))
+    return None
+
+
+def _counts(space: Space, remove: float, depth_share: float, expert_share: float) -> Iterator[tuple[int, int]]:
+    """The layer and expert counts to try, in order: the shares' counts rounded to the nearest, then down,
+    then (the width alone cannot make up the rest) every expert allowed, then one more layer at a time."""
+    for rounding in (round, math.floor):
+        layers = min(rounding(depth_share * remove / space.figure(space.experts, space.width).per_layer),
+                     space.layers - 1)
+        experts = min(rounding(expert_share * remove / _per_expert(space, space.layers - layers)),
+                      space.removable_experts) if expert_share else 0
+        yield layers, experts
+    for more in range(layers, space.layers):
+        yield more, space.removable_experts
+
+
+def _per_expert(space: Space, layers: int) -> float:
+    """What removing one expert from each of ``layers`` layers removes from the figure."""
+    return space.figure(space.experts, space.width).at(layers) - \
+        space.figure(space.experts - 1, space.width).at(layers)
+
+
+def _width(space: Space, layers: int, experts: int, goal: float) -> float:
+    """The MLP width ratio that brings a model of ``layers`` layers and ``experts`` experts to ``goal``: a
+    figure is linear in the width kept, so two counts give it."""
+    half = space.width // 2 // space.align * space.align
+    whole, halved = space.figure(experts, space.width).at(layers), space.figure(experts, half).at(layers)
+    per_unit = (whole - halved) / (space.width - half)
+    return (whole - goal) / per_unit / space.width  # below 0: the layers and experts removed overshoot
+
+
+def kept_fraction(space: Space, layers: int, experts: int, width: int) -> float:
+    """The fraction of the figure a model with ``layers``, ``experts`` (per layer) and ``width`` removed keeps."""
+    full = space.figure(space.experts, space.width).at(space.layers)
+    return space.figure(space.experts - experts, width).at(space.layers - layers) / full
+
+
+def _mix(space: Space, depth_share: float, expert_share: float, layers: int, experts: int,
+         width: float) -> Optional[Mix]:
+    kept = max(space.align, round((1 - width) * space.width / space.align) * space.align)
+    if not (layers or experts or kept < space.width):
+        return None  # removes nothing: the budget is closer to 1 than one step of width
+    predicted = kept_fraction(space, layers, experts, kept)
+    return Mix(depth_share, expert_share, layers, experts, (space.width - kept) / space.width, round(predicted, 4))
+
+
+def _unreachable(space: Space, fraction: float) -> str:
+    full = space.figure(space.experts, space.width).at(space.layers)
+    least = max(space.align, math.ceil((1 - MAX_WIDTH) * space.width / space.align) * space.align)
+    smallest = space.figure(space.experts - space.removable_experts, least).at(1) / full
+    one_unit = space.figure(space.experts, space.width - space.align).at(space.layers) / full
+    closest, side = (smallest, "smallest") if fraction < smallest else (one_unit, "largest pruned")
+    parts = "depth, experts and width" if space.removable_experts else "depth and width"
+    return (f"target {space.kind} {fraction} cannot be met: the {side} model a mix of {parts} reaches keeps "
+            f"{closest:.3f} of the {space.kind}")
+
+
+# --- the search ---------------------------------------------------------------------------------------
 def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any,
                     prune: Callable[[Any], Any]) -> tuple[Any, dict[str, float]]:
     """Try every mix with ``prune(sparsity) -> HFPruneResult``; keep the lowest calibration loss.
     Returns that result and the sparsity it was pruned with."""
-    fraction = check_target(target)
-    _, layers, _, _ = _counts(model)
+    kind, fraction = check_target(target)
+    space = space_of(model, inputs, kind)
+    found = mixes_in(space, fraction)
     batches = [inputs] if calibration is None else list(as_calibration(calibration).batches(len(inputs)))
+    original = space.budget.count(model, inputs).at(space.layers)
     tried, best = [], None
-    total = model.num_parameters()
-    for mix in mixes(model, fraction):
-        result = prune(mix.sparsity(layers))
+    for mix in found:
+        result = prune(mix.sparsity(space))
         loss = next_token_loss(result.model, batches)
-        kept = result.model.num_parameters() / total
-        tried.append({"layers": mix.layers, "intermediate": mix.width, "params": round(kept, 4), "loss": loss})
+        achieved = space.budget.count(result.model, inputs).at(result.model.config.num_hidden_layers) / original
+        tried.append({"layers": mix.layers, "experts": mix.experts, "width": {space.width_field: round(mix.width, 4)},
+                      "predicted": mix.predicted, "achieved": round(achieved, 4), "loss": loss})
         if best is None or loss < best[0]:
-            best = (loss, result, kept, mix.sparsity(layers))
-    _, result, kept, sparsity = best
+            best = (loss, result, achieved, mix.sparsity(space))
+    _, result, achieved, sparsity = best
     result.model.config.fxprune = {**result.model.config.fxprune,
-                                   "budget": {"target": {"params": fraction}, "achieved": round(kept, 4),
-                                              "tried": tried}}
+                                   "budget": {"target": {kind: fraction}, "achieved": round(achieved, 4),
+                                              "counted": space.budget.note, "tried": tried}}
     return result, sparsity
 
 
@@ -117,4 +375,5 @@ def next_token_loss(model: Any, batches: list[tuple]) -> float:
     return sum(losses) / len(losses)
 
 
-__all__ = ["BUDGETS", "MIXES", "Mix", "check_target", "mixes", "prune_to_budget", "next_token_loss"]
+__all__ = ["BUDGETS", "BUDGET_RECORDS", "DEPTH_SHARES", "EXPERT_SHARES", "Figure", "Mix", "Space", "check_target",
+           "kept_fraction", "mixes", "mixes_in", "space_of", "variant", "prune_to_budget", "next_token_loss"]

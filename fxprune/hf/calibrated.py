@@ -5,7 +5,7 @@
   checked against the vocabulary before any graph runs. The gradient criteria (``taylor``, ``hessian``)
   get a next-token cross-entropy (:func:`causal_lm_loss`) when the user gives no ``loss_fn``.
 - **Recovered weights**: recovery changes the pruned graph's weights and may give a layer a bias;
-  :func:`recovered_state` reads them back by their state_dict names and :func:`bias_flags` finds the
+  :func:`recovered_sources` reads them back by their state_dict names and :func:`bias_flags` finds the
   config flag that gives the HF class that bias (LLaMA's ``mlp_bias`` / ``attention_bias``); the other
   biases the flag adds are zero. No flag: a typed error naming the tensor.
 - **Ties**: ``_from_config`` builds untied tensors; :func:`retie` ties them again as the config says,
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -54,16 +54,16 @@ def _count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
 
 
-def recovered_state(state: Mapping[str, torch.Tensor], graph: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """``state`` (the sliced original) with every tensor the recovered graph holds under the same name,
-    and each layer's bias as the graph's layer node reads it (recovery may have added one under
-    another attribute name), under ``<layer>.bias``."""
-    out = dict(state)
+def recovered_sources(graph: fx.GraphModule, names: set[str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """Where the rebuilt model reads what recovery changed: every tensor the recovered graph holds under
+    a state_dict name in ``names``, and each layer's bias as the graph's layer node reads it (recovery
+    may have added one under another attribute name), under ``<layer>.bias``; each read when written."""
+    out: dict[str, Callable[[], torch.Tensor]] = {}
     for name, tensor in list(graph.named_parameters()) + list(graph.named_buffers()):
-        if name in out:
-            out[name] = tensor.detach().clone()
+        if name in names:
+            out[name] = tensor.detach
     for weight, bias in _layer_biases(graph):
-        out[f"{weight.rpartition('.')[0]}.bias"] = _attr(graph, bias).detach().clone()
+        out[f"{weight.rpartition('.')[0]}.bias"] = _attr(graph, bias).detach
     return out
 
 
@@ -123,15 +123,6 @@ def _needed(model: Any, flags: Mapping[str, bool], flag: str, keys: Sequence[str
     """A flag is kept only if the keys are not all present without it (fewer zero biases)."""
     rest = {f: v for f, v in flags.items() if f != flag}
     return not (rest and set(keys) <= _names(model, rest))
-
-
-def with_biases(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict:
-    """``state`` completed with zeros for the biases a flag added that recovery did not set."""
-    out = dict(state)
-    for key, tensor in expected.items():
-        if key not in out and key.endswith(".bias"):
-            out[key] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-    return out
 
 
 # --- calibration data ---------------------------------------------------------------------------------------
@@ -240,5 +231,5 @@ def causal_lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
     return total / (labels != -100).sum().clamp_min(1)  # the mean over real tokens (0 where none)
 
 
-__all__ = ["tolerance", "retie", "recovered_state", "bias_flags", "with_biases", "token_calibration",
+__all__ = ["tolerance", "retie", "recovered_sources", "bias_flags", "token_calibration",
            "causal_lm_loss"]

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import math
 import types
 import warnings
 from dataclasses import dataclass
@@ -138,8 +139,8 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
     Whole structures (issue 19): ``sparsity`` may name ``num_hidden_layers`` (layers, by the
     ``block_criterion`` option on ``calibration``, ``block_repair``: :mod:`fxprune.hf.depth`) and
     ``num_experts`` / ``num_local_experts`` (by ``expert_criterion``: :mod:`fxprune.hf.experts`) beside
-    widths; the ``target={"params": f}`` option chooses the mix of depth and width instead
-    (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
+    widths; the ``target`` option (``{"params": f}``, ``{"active_params": f}`` on MoE models, ``{"macs": f}``)
+    chooses the mix of depth, experts and width instead (:mod:`fxprune.hf.budget`). These are options like any other (:class:`~fxprune.options.PruneOptions`),
     recorded in the plan; one set to no effect (``expert_criterion`` with no expert count asked) is refused."""
     _check_model(model)
     if getattr(model, "main_input_name", "input_ids") == "input_ids":  # token batches (not a ViT's pixels)
@@ -175,7 +176,7 @@ def _check_whole_structures(asked: PruneOptions, wanted: structure.Structure, sp
                                  f"sparsity, not both")
     unused = {"block_criterion": (wanted.layers is None and asked.target is None, "layer count"),
               "block_repair": (wanted.layers is None and asked.target is None, "layer count"),
-              "expert_criterion": (wanted.experts is None, "expert count")}
+              "expert_criterion": (wanted.experts is None and asked.target is None, "expert count")}
     for name, (idle, what) in unused.items():
         value = getattr(asked, name)
         if idle and value != public_fields()[name].default:
@@ -225,7 +226,7 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
         raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration= (token batches)")
     recovery = _Recovery(steps, calibration, progress, step_options)
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
-    selection = options.replace(sparsity=module_sparsity)
+    selection = options.replace(sparsity=module_sparsity, round_to=math.lcm(options.round_to, _kernel_alignment(model)))
     inputs = as_inputs(example_inputs)
     _check_input_dtype(model, inputs)
     with stage_bar(progress, 3, "fxprune.hf") as step:
@@ -245,6 +246,14 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
             out = attempt({hf_policy.HIDDEN: str(exc)})
         step("rewrite and rebuild")
     return out
+
+
+def _kernel_alignment(model: Any) -> int:
+    """Stacked experts run through transformers' grouped matmul, which refuses rows that are not a
+    multiple of 16 bytes (``strides should be multiple of 16 bytes``): an MoE model keeps its widths a
+    multiple of ``16 / itemsize`` channels (4 in fp32, 8 in bf16), as if ``round_to`` asked it."""
+    from fxprune.hf.experts import moe_blocks
+    return 16 // model.dtype.itemsize if moe_blocks(model) else 1
 
 
 def _adapter() -> types.SimpleNamespace:
@@ -512,13 +521,17 @@ def _value(config: Any, field: str) -> Any:
 
 # --- the new model --------------------------------------------------------------------------------
 def _rebuild(model: Any, config: Any, analysis: Analysis, plan, recovered: Optional[torch.nn.Module] = None) -> Any:
-    """A fresh model of the same class from ``config``, loaded with the state_dict sliced per the plan
-    (and the ``recovered`` graph's weights and new biases, through the config flag that holds them)."""
+    """A fresh model of the same class from ``config``, each tensor written with the original's sliced per
+    the plan (or the ``recovered`` graph's weights and new biases, through the config flag that holds
+    them). Tensors are sliced one at a time into the new model: no sliced state dict is held beside it
+    (with recovery, that and its copy of the graph's weights were two more models' worth of memory)."""
     from transformers.initialization import no_init_weights  # skips the random init we overwrite
-    state = sliced_state_dict(model.state_dict(), plan.kept_indices, analysis.aliases)
+    original = model.state_dict()
+    sources = {key: functools.partial(sliced_tensor, tensor, plan.kept_indices.get(analysis.aliases.get(key, key), {}))
+               for key, tensor in original.items()}
     if recovered is not None:
-        state = calibrated.recovered_state(state, recovered)
-        flags = calibrated.bias_flags(model, [k for k in state if k not in model.state_dict()])
+        sources.update(calibrated.recovered_sources(recovered, set(original)))
+        flags = calibrated.bias_flags(model, [k for k in sources if k not in original])
         config = copy.deepcopy(config)
         for flag, value in flags.items():
             setattr(config, flag, value)
@@ -528,38 +541,46 @@ def _rebuild(model: Any, config: Any, analysis: Analysis, plan, recovered: Optio
     except Exception as exc:
         raise UnsupportedModelError(f"{type(model).__name__}.from_config could not rebuild the model from "
                                     f"the pruned config: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    if recovered is not None:
-        state = calibrated.with_biases(state, new.state_dict())
-    _check_shapes(new, state, type(model).__name__)
-    new.load_state_dict(state, strict=True)
+    _write_state(new, sources, zero_biases=recovered is not None, name=type(model).__name__)
     calibrated.retie(new, model)
     return new.to(model.device).eval()
 
 
+def _write_state(new: Any, sources: Mapping[str, Callable[[], torch.Tensor]], zero_biases: bool, name: str) -> None:
+    """Every tensor of ``new`` written from its source, one at a time; a bias a recovery flag added
+    and recovery did not set is zero. Names or shapes that differ are a :class:`ConfigMismatchError`."""
+    expected = new.state_dict()
+    added = {k for k in expected if k not in sources and zero_biases and k.endswith(".bias")}
+    differ = sorted((set(expected) - added) ^ set(sources))
+    if differ:
+        raise ConfigMismatchError(f"the rebuilt {name} and the pruned state_dict name different tensors, "
+                                  f"first {differ[:3]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key in added:
+                target.zero_()
+                continue
+            value = sources[key]()
+            if tuple(value.shape) != tuple(target.shape):
+                raise ConfigMismatchError(
+                    f"the pruned config builds {key!r} of shape {list(target.shape)}, the plan keeps "
+                    f"{list(value.shape)}: {name}'s config cannot hold this plan (use hf_compatible=True)")
+            target.copy_(value)
+            del value
+
+
+def sliced_tensor(tensor: torch.Tensor, dims: Mapping[int, Sequence[int]]) -> torch.Tensor:
+    """``tensor`` with the kept indices of each of its pruned ``dims`` selected (a detached view if none)."""
+    for dim, index in sorted(dims.items()):
+        tensor = tensor.index_select(int(dim), torch.tensor(list(index), dtype=torch.long, device=tensor.device))
+    return tensor.detach()
+
+
 def sliced_state_dict(state: Mapping[str, torch.Tensor], kept: Mapping[str, Mapping[int, Sequence[int]]],
                       aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``state`` with the plan's kept indices selected (tied names share the slice)."""
-    out = {}
-    for key, tensor in state.items():
-        dims = kept.get(aliases.get(key, key), {})
-        for dim, index in sorted(dims.items()):
-            tensor = tensor.index_select(int(dim), torch.tensor(list(index), dtype=torch.long,
-                                                                device=tensor.device))
-        out[key] = tensor.detach().clone() if dims else tensor.detach()
-    return out
-
-
-def _check_shapes(new: Any, state: Mapping[str, torch.Tensor], name: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in new.state_dict().items()}
-    missing = sorted(set(expected) ^ set(state))
-    if missing:
-        raise ConfigMismatchError(f"the rebuilt {name} and the pruned state_dict name different tensors, "
-                                  f"first {missing[:3]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != expected[key]:
-            raise ConfigMismatchError(
-                f"the pruned config builds {key!r} of shape {list(expected[key])}, the plan keeps "
-                f"{list(tensor.shape)}: {name}'s config cannot hold this plan (use hf_compatible=True)")
+    """Every tensor of ``state`` with the plan's kept indices selected (each sliced tensor a new one; an
+    unsliced one a detached view of ``state``'s)."""
+    return {key: sliced_tensor(tensor, kept.get(aliases.get(key, key), {})) for key, tensor in state.items()}
 
 
 def _check_outputs(pruned: Any, graph: torch.nn.Module, inputs: tuple, tolerance: Optional[float]) -> float:
