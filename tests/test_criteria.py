@@ -303,3 +303,15 @@ def test_prune_with_criterion(prune_checked, graph_snapshot, criterion: str, lev
     kept = "\n".join(f"{k} dim {d}: {list(v)}" for k, dims in sorted(report.result.plan.kept_indices.items())
                      for d, v in dims.items())
     assert kept == graph_snapshot(name="kept")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slice_sums_in_chunks_equal_the_whole_reduction(monkeypatch, dtype: torch.dtype) -> None:
+    """A large consumer is reduced a few rows at a time (bounded float64 transients): same sums."""
+    from fxprune.data import criteria
+    weight = torch.randn(7, 5, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    whole = {(dim, order): weight.double().abs().pow(order).movedim(dim, 0).reshape(weight.shape[dim], -1).sum(1)
+             for dim in range(3) for order in (1, 2)}
+    monkeypatch.setattr(criteria, "_CHUNK", 4)  # fewer elements than one slice: one outer row a chunk
+    for (dim, order), expected in whole.items():
+        torch.testing.assert_close(criteria._slice_sums(weight, dim, order, torch.float64), expected)

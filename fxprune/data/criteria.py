@@ -291,8 +291,9 @@ def _slice_sums(tensor: torch.Tensor, dim: int, order: int, dtype: torch.dtype =
     return total
 
 
-#: Elements of a tensor reduced at once by :func:`_slice_norms` (64 MB in fp32).
-_CHUNK = 1 << 24
+#: Elements of a tensor reduced at once by :func:`_slice_sums` (32 MB in float64, the data criteria's
+#: dtype: with its square beside it, a transient that stays small next to a bf16 model's weights).
+_CHUNK = 1 << 22
 
 
 def _rows(analysis: Analysis, key: str, dim: int) -> torch.Tensor:
