@@ -48,7 +48,7 @@ SPLIT_AXES = ("largest", "outer")
 REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
 """How ``global_ranking`` makes groups' scores comparable (see :func:`fxprune.core.select.normalize_scores`)."""
-BLOCK_CRITERIA = ("block-influence", "angular", "sleb")
+BLOCK_CRITERIA = ("block-influence", "angular", "sleb", "iterative-influence")
 """How whole residual blocks (an LLM's layers) are scored (:mod:`fxprune.data.block_criteria`)."""
 EXPERT_CRITERIA = ("reap", "frequency", "weight-norm", "random")
 """How whole MoE experts are scored (:mod:`fxprune.hf.experts`, :mod:`fxprune.data.expert_criteria`)."""

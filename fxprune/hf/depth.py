@@ -4,7 +4,7 @@ Asked for like a width, by config field: ``fxprune.hf.prune(model, inputs, spars
 0.25})`` removes a quarter of the layers (rounded). The model is exported, its layers found as residual
 blocks of the graph (:mod:`fxprune.core.blocks`, every add a layer makes grouped under
 ``<layer list>.<i>``), scored on calibration data (``block_criterion``: ``block-influence``, ``angular``,
-``sleb`` with next-token cross-entropy for a causal LM) and removed by the ``drop-blocks`` pass, with
+``sleb`` with next-token cross-entropy for a causal LM, ``iterative-influence``) and removed by the ``drop-blocks`` pass, with
 its least-squares ``repair`` if asked. Then a fresh model of the same class is built from a config with
 
 - ``num_hidden_layers`` (``n_layer``...) the layers kept;

@@ -9,7 +9,8 @@ original with those branches multiplied by zero (:func:`verify_drop`), at both g
 original's parameter names are kept (``layers.5`` stays ``layers.5``; the HF adapter renumbers).
 
 ``repair=true`` refits, per run of removed blocks, the linear layer that writes into the stream just
-before it, by least squares on the calibration data (the report gives its error before and after).
+before it, by least squares on the calibration data pulled toward its old weight (``fit``, ``ridge``;
+the report gives its error before and after).
 
 >>> result = DropBlocks(count=2, criterion="angular").with_calibration(loader)(gm)       # doctest: +SKIP
 >>> result.graph_module.meta["fxprune_dropped_blocks"]["dropped"]                       # doctest: +SKIP
@@ -26,7 +27,8 @@ import torch.fx as fx
 
 from fxprune.core.blocks import Blocks, drop_blocks, find_blocks, zeroed_reference
 from fxprune.core.verify import VerifyReport, compare
-from fxprune.data.block_criteria import BLOCK_CRITERIA, check_block_criterion, check_count, choose_blocks, repair
+from fxprune.data.block_criteria import (BLOCK_CRITERIA, DEFAULT_FIT, DEFAULT_RIDGE, check_block_criterion,
+                                         check_count, check_repair_fit, choose_blocks, repair)
 from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.options import same_as
 from fxprune.passes.pipeline import Pass, register
@@ -54,11 +56,16 @@ class DropBlocks(Pass):
     """Remove exactly these blocks (module paths); no calibration data is read unless ``repair``."""
     repair: bool = same_as("block_repair")
     """Refit the linear before each removed run by least squares on the calibration data (``block_repair``)."""
-    ridge: float = 1e-3
-    """Damping of the repair's normal equations, relative to their mean diagonal."""
+    fit: str = DEFAULT_FIT
+    """How the repair refits: ``refit`` (a new weight, ridge toward zero), ``toward-original`` (ridge
+    toward the old weight), ``output-map`` (``T W``, ``T`` of the stream's width, ridge toward the
+    identity) or ``scale`` (one scale per output channel): :data:`~fxprune.data.block_criteria.REPAIR_FITS`."""
+    ridge: float = DEFAULT_RIDGE
+    """Damping of the repair's normal equations, relative to their mean diagonal (``tr(G) / n``)."""
 
     def validate(self) -> None:
         check_block_criterion(self.criterion)
+        check_repair_fit(self.fit)
         if not 0.0 <= self.sparsity < 1.0:
             raise InvalidOptionError(f"drop-blocks: sparsity must be in [0, 1), got {self.sparsity!r}")
         if self.count < 0:
@@ -87,7 +94,7 @@ class DropBlocks(Pass):
             _chosen(gm, found, calibration, count, self.criterion, loss)
         names = tuple(b.name for b in chosen)
         new = drop_blocks(gm, chosen)
-        repairs = repair(gm, new, found, chosen, calibration, self.ridge) if self.repair and chosen else []
+        repairs = repair(gm, new, found, chosen, calibration, self.ridge, self.fit) if self.repair and chosen else []
         new.meta[DROPPED_KEY] = {"criterion": "named" if self.blocks else self.criterion, "dropped": list(names),
                                  "scores": scores, "rejected": [list(r) for r in found.rejected],
                                  "repairs": [str(r) for r in repairs]}

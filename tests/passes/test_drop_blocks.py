@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxprune.core.blocks import find_blocks
+from fxprune.core.blocks import find_blocks, skipping
 from fxprune.core.capture import capture
+from fxprune.core.skip import SkipRunner
+from fxprune.data.block_criteria import choose_blocks
 from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.passes import DropBlocks
 from fxprune.passes.drop_blocks import DROPPED_KEY, verify_drop
@@ -105,7 +107,7 @@ def test_a_downsampling_block_is_not_a_candidate(level: str) -> None:
         found.pick(["block2"])
 
 
-@pytest.mark.parametrize("criterion", ["block-influence", "angular", "sleb"])
+@pytest.mark.parametrize("criterion", ["block-influence", "angular", "sleb", "iterative-influence"])
 @pytest.mark.parametrize("level", ["fx", "export"])
 def test_every_criterion_drops_the_quiet_layer(criterion: str, level: str, run_pure) -> None:
     model = _stack_with_quiet_layer(2)
@@ -128,12 +130,14 @@ def test_angular_drops_consecutive_blocks_and_sleb_one_at_a_time() -> None:
     assert list(sleb.meta[DROPPED_KEY]["scores"])[0] == "layers.2"  # the first greedy step
 
 
-def test_the_repair_refits_the_linear_before_the_run_and_lowers_the_gap() -> None:
+@pytest.mark.parametrize("fit", ["refit", "toward-original", "output-map", "scale"])
+def test_the_repair_refits_the_linear_before_the_run_and_lowers_the_gap(fit: str) -> None:
+    torch.manual_seed(0)
     gm = capture(Stack().eval(), (TOKENS,)).gm
     calibration = [torch.randn(8, 6, 16) for _ in range(4)]
     names = ("layers.1", "layers.2")
     plain = DropBlocks(blocks=names)(gm).graph_module
-    repaired = DropBlocks(blocks=names, repair=True).with_calibration(calibration)(gm).graph_module
+    repaired = DropBlocks(blocks=names, repair=True, fit=fit, ridge=0.1).with_calibration(calibration)(gm).graph_module
     [line] = repaired.meta[DROPPED_KEY]["repairs"]
     assert line.startswith("layers.1+layers.2: layers.0.down.weight refitted")
     x = torch.randn(16, 6, 16)
@@ -165,6 +169,8 @@ def test_bad_input_gets_typed_errors() -> None:
         DropBlocks(count=4).with_calibration([TOKENS])(gm)
     with pytest.raises(InvalidOptionError, match="'layers.9': no such block"):
         DropBlocks(blocks=("layers.9",))(gm)
+    with pytest.raises(InvalidOptionError, match="unknown block repair fit 'lasso'"):
+        DropBlocks(fit="lasso")
     with pytest.raises(InvalidOptionError, match="unknown block criterion 'cos'"):
         DropBlocks(criterion="cos")
     with pytest.raises(InvalidOptionError, match="sparsity must be in"):
@@ -173,3 +179,65 @@ def test_bad_input_gets_typed_errors() -> None:
         DropBlocks(count=1)(gm)
     with pytest.raises(CalibrationError, match="needs calibration data"):
         Pipeline.parse("drop-blocks{count=1}")(gm)
+
+
+def _greedy_by_rebuilding(gm, found, calibration, count: int) -> tuple[list[str], list[float]]:
+    """SLEB as it was first written: a new graph per candidate, run from the start (the reference)."""
+    reference = [gm(x) for x in calibration]
+    chosen, scores = [], []
+    for _ in range(count):
+        trial = {}
+        for name in (n for n in found.names if n not in chosen):
+            skipped = skipping(gm, found.pick(chosen + [name]))
+            error = total = 0.0
+            for x, expected in zip(calibration, reference):
+                error += float((skipped(x).double() - expected.double()).pow(2).sum())
+                total += float(expected.double().pow(2).sum())
+            trial[name] = error / total
+        best = min(trial, key=lambda n: (trial[n], found.names.index(n)))
+        chosen.append(best)
+        scores.append(trial[best])
+    return chosen, scores
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_sleb_resuming_from_each_candidate_chooses_as_rebuilding_the_graph(level: str) -> None:
+    torch.manual_seed(0)
+    gm = capture(Stack(depth=5).eval(), (TOKENS,), level).gm
+    calibration = [torch.randn(2, 6, 16) for _ in range(2)]
+    found = find_blocks(gm)
+    with torch.no_grad():
+        expected = _greedy_by_rebuilding(gm, found, calibration, 2)
+    names, scores = choose_blocks(gm, found, calibration, 2, "sleb")
+    assert list(scores) == expected[0] and list(scores.values()) == expected[1]  # same floats, same order
+    assert names == tuple(sorted(expected[0]))
+
+
+@pytest.mark.parametrize("level", ["fx", "export"])
+def test_the_skip_runner_gives_the_rebuilt_graphs_outputs_bit_for_bit(level: str) -> None:
+    torch.manual_seed(1)
+    gm = capture(Stack(depth=4).eval(), (TOKENS,), level).gm
+    found = find_blocks(gm)
+    runner = SkipRunner(gm, found)
+    for chosen in ([], ["layers.0", "layers.2"]):
+        candidates = [n for n in found.names if n not in chosen]
+        outputs = dict(runner.trials((TOKENS,), chosen, candidates))
+        assert list(outputs) == candidates
+        with torch.no_grad():
+            for name in candidates:
+                assert torch.equal(outputs[name], skipping(gm, found.pick(chosen + [name]))(TOKENS))
+
+
+def test_iterative_influence_starts_as_block_influence_then_rescores_without_the_chosen() -> None:
+    torch.manual_seed(2)
+    gm = capture(_stack_with_quiet_layer(0), (TOKENS,)).gm  # the first goes first: every later one is rescored
+    calibration = [torch.randn(2, 6, 16) for _ in range(2)]
+    found = find_blocks(gm)
+    _, once = choose_blocks(gm, found, calibration, 2, "block-influence")
+    _, steps = choose_blocks(gm, found, calibration, 2, "iterative-influence")
+    first, second = steps
+    assert first == "layers.0" and steps[first] == pytest.approx(once[first], rel=1e-6)
+    assert steps[second] != pytest.approx(once[second], rel=1e-5)  # layer 0 wrote little, but not nothing
+    without = skipping(gm, found.pick([first]))
+    _, rescored = choose_blocks(without, find_blocks(without), calibration, 1, "block-influence")
+    assert steps[second] == pytest.approx(rescored[second], rel=1e-6)  # scored on the model without the first
