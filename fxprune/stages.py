@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.core.analysis import Analysis, AnalysisOptions, match
+from fxprune.core.groups import Group
 from fxprune.core.bias_folding import fold_biases
 from fxprune.core.channels import Dropped
 from fxprune.core.capture import AUTO, as_inputs, capture, propagate_values
@@ -110,13 +111,14 @@ def check_run(options: PruneOptions, criterion: Optional[Criterion], data: RunDa
 
 
 def score(analysis: Analysis, options: PruneOptions, criterion: Optional[Criterion] = None,
-          data: RunData = RunData()) -> dict[str, torch.Tensor]:
+          data: RunData = RunData(), groups: Optional[Sequence[Group]] = None) -> dict[str, torch.Tensor]:
     """One score per unit of every prunable group (``criterion``: a callable that overrides the
-    options' named one)."""
+    options' named one); of ``groups`` only, where the caller knows no other group loses a unit."""
     chosen = criterion if criterion is not None else options.criterion
     check_run(options, criterion, data)
     evidence = gather_evidence(analysis, chosen, data.calibration, data.loss_fn, data.batch, data.progress)
-    return score_groups(analysis, analysis.groups, chosen, options.reduce, options.seed, evidence=evidence)
+    return score_groups(analysis, analysis.groups if groups is None else tuple(groups), chosen, options.reduce,
+                        options.seed, evidence=evidence)
 
 
 def choose(analysis: Analysis, scores: Mapping[str, torch.Tensor], options: PruneOptions,

@@ -282,3 +282,23 @@ def test_hf_architecture_must_be_a_pretrained_model_class(tmp_path, capsys, name
     assert main(["inspect", f"hf:{tmp_path}", "--input-shape", "2,8"]) == 2
     err = capsys.readouterr().err
     assert "must name a transformers PreTrainedModel class" in err and len(err.strip().splitlines()) == 1
+
+
+def test_only_the_kinds_asked_are_scored_and_the_model_is_the_same(monkeypatch) -> None:
+    """``{"intermediate_size": r}`` scores the MLP groups alone (the residual stream, read by every
+    layer and the LM head, is kept whole): the same model as when every group is scored."""
+    from fxprune.data import criteria
+    from fxprune.hf import in_memory
+    model, ids = _model("llama"), torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    scored: list[str] = []
+    score_group = criteria.score_group
+    monkeypatch.setattr(criteria, "score_group", lambda analysis, group, *a, **k: (
+        scored.append(group.name), score_group(analysis, group, *a, **k))[1])
+    pruned = fxprune.hf.prune(model, (ids,), {"intermediate_size": 0.5}, "energy", calibration=[ids])
+    assert scored and all(".mlp." in name for name in scored)
+    monkeypatch.setattr(in_memory, "_groups_to_score", lambda *_: None)
+    scored.clear()
+    every = fxprune.hf.prune(model, (ids,), {"intermediate_size": 0.5}, "energy", calibration=[ids])
+    assert any(".mlp." not in name for name in scored)
+    for (key, a), b in zip(pruned.state_dict().items(), every.state_dict().values()):
+        assert torch.equal(a, b), key

@@ -235,8 +235,10 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
         analysis = stages.analyze(program, inputs, options)
         check_patterns(analysis.groups, selection)
         attention = _attention(model)  # builds a probe on the meta device: once per call
-        hf_policy.check_width_ratios(widths, hf_policy.kinds(analysis, model.config, attention))
-        scores = stages.score(analysis, options, scorer, data)
+        kinds = hf_policy.kinds(analysis, model.config, attention)
+        hf_policy.check_width_ratios(widths, kinds)
+        asked = _groups_to_score(kinds, widths, selection, hf_compatible)
+        scores = stages.score(analysis, options, scorer, data, asked)
         step("match and score")
         attempt = functools.partial(_prune_and_rebuild, model, analysis, scores, selection, options, widths,
                                     attention, inputs, hf_compatible, layer_indices, tolerance, recovery)
@@ -246,6 +248,16 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
             out = attempt({hf_policy.HIDDEN: str(exc)})
         step("rewrite and rebuild")
     return out
+
+
+def _groups_to_score(kinds: list[hf_policy.Kind], widths: Mapping[str, float], selection: PruneOptions,
+                     hf_compatible: bool) -> Optional[list]:
+    """The groups of the kinds ``widths`` asks for, where only those can lose units (config fields
+    alone, one width per kind, no global ranking); None (every group) otherwise. A kind kept whole
+    needs no scores: scoring the residual stream of an LLM reads its every consumer, the LM head too."""
+    if not hf_compatible or not widths or selection.sparsity or selection.global_ranking:
+        return None
+    return [g for k in kinds if k.field in widths for g in k.groups]
 
 
 def _kernel_alignment(model: Any) -> int:
