@@ -302,3 +302,12 @@ def test_only_the_kinds_asked_are_scored_and_the_model_is_the_same(monkeypatch) 
     assert any(".mlp." not in name for name in scored)
     for (key, a), b in zip(pruned.state_dict().items(), every.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_the_output_check_reads_logits_a_few_rows_at_a_time() -> None:
+    """``max |a - b|`` in float32 by row chunks equals the whole computation (bf16 logits included)."""
+    from fxprune.hf.in_memory import _max_abs
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 70, 11, generator=g).bfloat16(), torch.randn(3, 70, 11, generator=g).bfloat16()
+    assert _max_abs(a, b, rows=64) == float((a.float() - b.float()).abs().max())
+    assert _max_abs(a) == float(a.float().abs().max()) and _max_abs(torch.tensor(-2.0)) == 2.0
