@@ -116,14 +116,7 @@ def count_macs(
         >>> count_macs(nn.Linear(4, 3).eval(), (torch.randn(5, 4),))
         60
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"count_macs expects an nn.Module, got {type(module).__name__}")
-    if not isinstance(example_inputs, tuple):
-        raise ExampleInputError(
-            "example_inputs must be a tuple of the forward's positional arguments, got "
-            f"{type(example_inputs).__name__}; for a single tensor write (x,)"
-        )
-    return count_macs_by_module(module, example_inputs, example_kwargs)["Global"]
+    return count_macs_by_module(module, example_inputs, example_kwargs)["Global"]  # it checks the arguments
 
 
 def count_macs_by_module(

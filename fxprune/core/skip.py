@@ -63,15 +63,13 @@ class SkipRunner(MutableArgs, fx.Interpreter):
         """The values of the ``wanted`` nodes (names) in the graph run on ``inputs`` without ``chosen``
         (a skipped add's value is its shortcut's)."""
         aliases = self.aliases(chosen)
-        self.env, seen = {}, {}
-        self.args_iter = iter(self.graph.process_inputs(*inputs))
+        seen = {}
+        self._begin(inputs)
         with torch.no_grad():
             for node, free in self._schedule(0, aliases):
-                self.env[node] = self.env[aliases[node]] if node in aliases else self.run_node(node)
+                self._step(node, free, aliases)
                 if node.name in wanted:
                     seen[node.name] = self.env[node]
-                for done in free:
-                    del self.env[done]
         return seen
 
     def aliases(self, names: Sequence[str]) -> dict[fx.Node, fx.Node]:
@@ -85,12 +83,10 @@ class SkipRunner(MutableArgs, fx.Interpreter):
 
     def run_from(self, env: Env, start: int, aliases: Mapping[fx.Node, fx.Node]) -> Any:
         """The graph's outputs, running the nodes from ``start`` on ``env`` (values before ``start``)."""
-        self.env = {n: _copy(v) if n in self.mutated else v for n, v in env.items()}
+        self.env = self._snapshot(env)
         with torch.no_grad():
             for node, free in self._schedule(start, aliases):
-                self.env[node] = self.env[aliases[node]] if node in aliases else self.run_node(node)
-                for done in free:
-                    del self.env[done]
+                self._step(node, free, aliases)
                 if node.op == "output":
                     return self.graph.process_outputs(self.env[node])
         raise AssertionError("the graph has no output node")
@@ -98,19 +94,32 @@ class SkipRunner(MutableArgs, fx.Interpreter):
     def _prefix(self, inputs: tuple, aliases: Mapping[fx.Node, fx.Node], stops: set[int]) -> dict[int, Env]:
         """Run from the start up to the last of ``stops``, keeping the live values at each stop (the
         values before the first node at or past it that the output needs)."""
-        self.env, saved = {}, {}
-        self.args_iter = iter(self.graph.process_inputs(*inputs))
+        saved: dict[int, Env] = {}
+        self._begin(inputs)
         pending = sorted(stops)
         with torch.no_grad():
             for node, free in self._schedule(0, aliases):
                 while pending and pending[0] <= self.position[node]:
-                    saved[pending.pop(0)] = {n: _copy(v) if n in self.mutated else v for n, v in self.env.items()}
+                    saved[pending.pop(0)] = self._snapshot(self.env)
                 if not pending:
                     return saved
-                self.env[node] = self.env[aliases[node]] if node in aliases else self.run_node(node)
-                for done in free:
-                    del self.env[done]
+                self._step(node, free, aliases)
         raise AssertionError(f"positions {pending} are past the graph's output")
+
+    def _begin(self, inputs: tuple) -> None:
+        """A run of the graph from its first node on ``inputs``."""
+        self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*inputs))
+
+    def _step(self, node: fx.Node, free: list[fx.Node], aliases: Mapping[fx.Node, fx.Node]) -> None:
+        """Run ``node`` (a skipped add takes its shortcut's value), then drop the values it read last."""
+        self.env[node] = self.env[aliases[node]] if node in aliases else self.run_node(node)
+        for done in free:
+            del self.env[done]
+
+    def _snapshot(self, env: Env) -> Env:
+        """``env`` for another run to start from: values an in-place op edits are copied."""
+        return {n: _copy(v) if n in self.mutated else v for n, v in env.items()}
 
     def _schedule(self, start: int, aliases: Mapping[fx.Node, fx.Node]) -> list[tuple[fx.Node, list[fx.Node]]]:
         """The nodes from ``start`` that the output needs (an aliased add needs only its shortcut),

@@ -76,6 +76,14 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=dim).flatten()
 
 
+def _real_cosines(x_in: torch.Tensor, x_out: torch.Tensor, mask: Optional[torch.Tensor], node: str,
+                  index: int) -> torch.Tensor:
+    """Per token, ``cos(x_in, x_out)`` of the stream, padded positions left out."""
+    cos = _cosine(x_in, x_out)
+    real = token_rows(mask, x_out, 1 if x_out.dim() == 4 else -1, node, index)
+    return cos if real is None else cos[real]
+
+
 def span_angles(gm: fx.GraphModule, found: Blocks, calibration: Any, span: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each start ``l``: mean cosine and mean angular distance (``arccos / π``) between the input of
     block ``l`` and the output of block ``l+span-1`` (``nan`` where those blocks do not form one run)."""
@@ -89,9 +97,7 @@ def span_angles(gm: fx.GraphModule, found: Blocks, calibration: Any, span: int) 
         if node.name in {blocks[l].input for l in starts}:
             held[node.name] = value.detach()
         if node.name in ends:
-            cos = _cosine(held[blocks[ends[node.name]].input], value)
-            real = token_rows(mask, value, 1 if value.dim() == 4 else -1, node.name, index)
-            cos = cos if real is None else cos[real]
+            cos = _real_cosines(held[blocks[ends[node.name]].input], value, mask, node.name, index)
             angle = torch.arccos(cos.clamp(-1, 1)) / math.pi
             sums[ends[node.name]] += torch.tensor([float(cos.sum()), float(angle.sum()), cos.numel()],
                                                   dtype=torch.float64)
@@ -178,10 +184,7 @@ def _influence_without(runner: SkipRunner, chunks: list, chosen: list[str], left
     for index, inputs, mask in chunks:
         seen = runner.values(inputs, chosen, {b.input for b in left} | {b.output for b in left})
         for i, block in enumerate(left):
-            out = seen[block.output]
-            cos = _cosine(seen[block.input], out)
-            real = token_rows(mask, out, 1 if out.dim() == 4 else -1, block.output, index)
-            cos = cos if real is None else cos[real]
+            cos = _real_cosines(seen[block.input], seen[block.output], mask, block.output, index)
             sums[i] += torch.tensor([float(cos.sum()), cos.numel()], dtype=torch.float64)
     return 1 - sums[:, 0] / sums[:, 1].clamp(min=1)
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from fxprune.data.calibration import as_calibration
 from fxprune.errors import InvalidOptionError, UnsupportedModelError
 from fxprune.hf.depth import layer_list
-from fxprune.hf.experts import moe_blocks
+from fxprune.hf.experts import kernel_alignment, moe_blocks
 from fxprune.measure import count_macs_by_module, count_params
 from fxprune.options import BUDGETS, PruneOptions, keyed_by
 
@@ -206,8 +206,8 @@ def space_of(model: Any, inputs: tuple, kind: str) -> Space:
     first = next(iter(blocks.values()), None)
     experts = first.gate.weight.shape[0] if first is not None else 0
     top_k = first.gate.top_k if first is not None else 0
-    align = 16 // model.dtype.itemsize if blocks else 1
-    space = Space(model, inputs, kind, layer_list(model)[1], width_field, expert_field, experts, top_k, align)
+    space = Space(model, inputs, kind, layer_list(model)[1], width_field, expert_field, experts, top_k,
+                  kernel_alignment(model))
     space.figure(experts, space.width)  # a kind the model cannot have is refused here, before any pruning
     return space
 

@@ -72,6 +72,13 @@ def moe_blocks(model: Any) -> dict[str, Any]:
     return out
 
 
+def kernel_alignment(model: Any) -> int:
+    """The multiple an MoE model's MLP widths must keep: stacked experts run through transformers'
+    grouped matmul, which refuses rows that are not a multiple of 16 bytes (``strides should be multiple
+    of 16 bytes``), so ``16 / itemsize`` channels (4 in fp32, 8 in bf16); 1 for a model without them."""
+    return 16 // model.dtype.itemsize if moe_blocks(model) else 1
+
+
 def _field(config: Any) -> str:
     saved = config.to_dict()
     for field in ("num_experts", "num_local_experts"):  # the name config.json uses
@@ -244,5 +251,6 @@ def _check(model: Any, new: Any, dropped: Mapping[str, tuple[int, ...]], batches
     return error
 
 
-__all__ = ["EXPERT_FIELDS", "EXPERT_CRITERIA", "ExpertResult", "split_experts", "moe_blocks", "expert_scores",
+__all__ = ["EXPERT_FIELDS", "EXPERT_CRITERIA", "ExpertResult", "split_experts", "moe_blocks", "kernel_alignment",
+           "expert_scores",
            "prune_experts", "reference"]

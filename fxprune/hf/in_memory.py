@@ -27,6 +27,7 @@ from fxprune.data.recovery import RECOVERY_STEPS, recovery_steps
 from fxprune.errors import (CalibrationError, ConfigMismatchError, ExampleInputError, InvalidOptionError,
                             TrainingModeError, UnsupportedModelError, VerificationError)
 from fxprune.hf import budget, calibrated, policy as hf_policy, structure
+from fxprune.hf.experts import kernel_alignment
 from fxprune.core.plan import Plan
 from fxprune.options import PruneOptions, Sparsity, public_fields, route_fields
 from fxprune.progress import stage_bar
@@ -226,7 +227,8 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
         raise CalibrationError(f"recover={list(steps)} needs calibration data: pass calibration= (token batches)")
     recovery = _Recovery(steps, calibration, progress, step_options)
     widths, module_sparsity = hf_policy.split_width_ratios(options.sparsity)
-    selection = options.replace(sparsity=module_sparsity, round_to=math.lcm(options.round_to, _kernel_alignment(model)))
+    # an MoE model's widths stay a multiple its experts' kernel accepts, as if round_to asked it
+    selection = options.replace(sparsity=module_sparsity, round_to=math.lcm(options.round_to, kernel_alignment(model)))
     inputs = as_inputs(example_inputs)
     _check_input_dtype(model, inputs)
     with stage_bar(progress, 3, "fxprune.hf") as step:
@@ -258,14 +260,6 @@ def _groups_to_score(kinds: list[hf_policy.Kind], widths: Mapping[str, float], s
     if not hf_compatible or not widths or selection.sparsity or selection.global_ranking:
         return None
     return [g for k in kinds if k.field in widths for g in k.groups]
-
-
-def _kernel_alignment(model: Any) -> int:
-    """Stacked experts run through transformers' grouped matmul, which refuses rows that are not a
-    multiple of 16 bytes (``strides should be multiple of 16 bytes``): an MoE model keeps its widths a
-    multiple of ``16 / itemsize`` channels (4 in fp32, 8 in bf16), as if ``round_to`` asked it."""
-    from fxprune.hf.experts import moe_blocks
-    return 16 // model.dtype.itemsize if moe_blocks(model) else 1
 
 
 def _adapter() -> types.SimpleNamespace:
@@ -620,9 +614,8 @@ def _max_abs(a: torch.Tensor, b: Optional[torch.Tensor] = None, rows: int = 64) 
     """``max |a - b|`` (or ``max |a|``) in float32, a few rows at a time: an LM's logits are never
     copied whole in float32 beside themselves (in bf16 that copy outweighed the rest of the check)."""
     a = a.reshape(-1, a.shape[-1]) if a.dim() > 1 else a.reshape(1, -1)
-    b = None if b is None else b.reshape(a.shape)
-    return max(float((x.float() - (0 if b is None else b[i:i + rows].float())).abs().max())
-               for i, x in zip(range(0, a.shape[0], rows), a.split(rows)))
+    pairs = zip(a.split(rows), b.reshape(a.shape).split(rows)) if b is not None else ((x, None) for x in a.split(rows))
+    return max(float((x.float() if y is None else x.float() - y.float()).abs().max()) for x, y in pairs)
 
 
 def _leaves(output: Any) -> list[torch.Tensor]:
