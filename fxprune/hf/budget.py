@@ -26,9 +26,11 @@ is solved from two such counts (stacked experts: the width kept is a multiple of
 units, which transformers 5's grouped matmul needs). Layer and expert counts are rounded to the nearest
 (down, where that removes more than :data:`OVERSHOOT` too much), and the width makes up the rest; where
 the width cannot (more than :data:`MAX_WIDTH` of it), more experts, then more layers, are removed. Every
-mix keeps one layer and ``num_experts_per_tok`` experts at least. The achieved fraction
-(measured on the pruned model), the counting used and every mix tried (with its predicted and achieved
-fraction and its loss) are recorded in ``config.fxprune["budget"]``. A budget no mix reaches is an
+mix keeps one layer and ``num_experts_per_tok`` experts at least. A mix that removes layers removes them
+as ``sparsity={"num_hidden_layers": r}`` would, with the call's ``block_criterion`` and ``block_repair``:
+asked for, the repair is fitted in every such mix before its loss is measured. The achieved fraction
+(measured on the pruned model), the counting used and every mix tried (with its widths, its repairs, its
+predicted and achieved fraction and its loss) are recorded in ``config.fxprune["budget"]``. A budget no mix reaches is an
 ``InvalidOptionError`` naming the closest fraction reachable.
 
 >>> smaller = fxprune.hf.prune(model, (ids,), target={"params": 0.8}, calibration=batches)  # doctest: +SKIP
