@@ -52,6 +52,8 @@ def test_the_shared_expert_shrinks_by_the_routed_experts_width_share() -> None:
     space = _space(model)
     assert space.tied == ("shared_expert_intermediate_size",)  # intermediate_size: no layer is dense
     assert _space(tiny_model("mixtral", layers=2)).tied == ()
+    dense_too = _space(tiny_model("qwen2_moe", layers=2, decoder_sparse_step=2))  # layer 0 dense: intermediate_size
+    assert dense_too.tied == ("shared_expert_intermediate_size", "intermediate_size")
     width = next(m for m in mixes(model, 0.8) if not m.layers and not m.experts)
     result = fxprune.hf.prune_with_result(model, (_ids(0),), sparsity=width.sparsity(space), calibration=[_ids(1)])
     kept = round((1 - width.width) * 48)
