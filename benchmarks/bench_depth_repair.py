@@ -11,6 +11,14 @@ the end of the text, the same as ``bench_depth.py``'s.
     nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 16 32
     nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 --choices bench_depth_sleb2.json:sleb10
 
+``--walks run sequential sequential-all`` says which linears the repair refits
+(:data:`fxprune.data.block_criteria.REPAIR_WALKS`; a sequential walk runs the calibration data through
+the pruned graph once per fit and ridge); the rows of the sequential walks are in
+``bench_depth_repair_seq.json``:
+
+    nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 16 --walks sequential sequential-all \
+        --fits toward-original=1 --no-none --out benchmarks/bench_depth_repair_seq.json
+
 ``--choices FILE:ROW`` takes the removed layers from a ``bench_depth.py`` json row instead of choosing
 them (SLEB's choice costs minutes; the row says which layers it removed).
 
