@@ -52,7 +52,7 @@ BLOCK_CRITERIA = ("block-influence", "angular", "sleb", "iterative-influence")
 """How whole residual blocks (an LLM's layers) are scored (:mod:`fxprune.data.block_criteria`)."""
 BLOCK_REPAIRS = ("run", "sequential", "sequential-all")
 """Which linears the depth repair refits (:data:`fxprune.data.block_criteria.REPAIR_WALKS`); ``True`` is
-the first."""
+``sequential-all`` (:data:`fxprune.data.block_criteria.DEFAULT_WALK`)."""
 EXPERT_CRITERIA = ("reap", "frequency", "weight-norm", "random")
 """How whole MoE experts are scored (:mod:`fxprune.hf.experts`, :mod:`fxprune.data.expert_criteria`)."""
 BUDGETS = ("params", "active_params", "macs")
@@ -142,10 +142,10 @@ class PruneOptions:
                                                      "(num_hidden_layers) removes are chosen, on calibration data",
                                   choices=BLOCK_CRITERIA, route=HF_ROUTE)
     block_repair: Union[bool, str] = option(False, "repair the removed layers by least squares on the calibration "
-                                                   "data: run (True: the linear before each removed run), "
+                                                   "data: run (the linear before each removed run), "
                                                    "sequential (every kept layer's MLP output from there on, "
-                                                   "toward the original's stream) or sequential-all (its "
-                                                   "attention output too)", choices=(False, True) + BLOCK_REPAIRS,
+                                                   "toward the original's stream) or sequential-all (True: "
+                                                   "its attention output too)", choices=(False, True) + BLOCK_REPAIRS,
                                             metavar="WALK", route=HF_ROUTE)
     expert_criterion: str = option("reap", "how the experts a sparsity on the expert count (num_experts, "
                                            "num_local_experts) removes are chosen", choices=EXPERT_CRITERIA,

@@ -137,7 +137,8 @@ def test_the_repair_refits_the_linear_before_the_run_and_lowers_the_gap(fit: str
     calibration = [torch.randn(8, 6, 16) for _ in range(4)]
     names = ("layers.1", "layers.2")
     plain = DropBlocks(blocks=names)(gm).graph_module
-    repaired = DropBlocks(blocks=names, repair=True, fit=fit, ridge=0.1).with_calibration(calibration)(gm).graph_module
+    repaired = DropBlocks(blocks=names, repair=True, fit=fit, ridge=0.1, walk="run") \
+        .with_calibration(calibration)(gm).graph_module
     [line] = repaired.meta[DROPPED_KEY]["repairs"]
     assert line.startswith("layers.1+layers.2: layers.0.down.weight refitted")
     x = torch.randn(16, 6, 16)
@@ -161,7 +162,7 @@ def test_the_sequential_repair_is_the_least_squares_fit_on_the_repaired_model_in
     gm = capture(Stack().eval(), (TOKENS,)).gm
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     calibration = [torch.cat([torch.randn(8, 6, 16) for _ in range(4)])]  # one chunk: one least squares
-    run = DropBlocks(blocks=("layers.1",), repair=True, ridge=0.1).with_calibration(calibration)(gm).graph_module
+    run = DropBlocks(blocks=("layers.1",), repair=True, ridge=0.1, walk="run").with_calibration(calibration)(gm).graph_module
     walked = DropBlocks(blocks=("layers.1",), repair=True, ridge=0.1, walk="sequential") \
         .with_calibration(calibration)(gm).graph_module
     assert [line.split(",")[0] for line in walked.meta[DROPPED_KEY]["repairs"]] == \
@@ -192,7 +193,7 @@ def test_the_sequential_repair_starts_after_a_run_at_the_start() -> None:
 
 def test_a_run_at_the_start_is_listed_unrepaired() -> None:
     gm = capture(Stack().eval(), (TOKENS,)).gm
-    out = DropBlocks(blocks=("layers.0",), repair=True).with_calibration([TOKENS])(gm).graph_module
+    out = DropBlocks(blocks=("layers.0",), repair=True, walk="run").with_calibration([TOKENS])(gm).graph_module
     assert out.meta[DROPPED_KEY]["repairs"] == ["layers.0: not repaired (no kept block writes into the stream "
                                                 "just before it)"]
 
