@@ -52,7 +52,8 @@ from fxprune.core.graph import attribute
 from fxprune.data.calibration import eval_mode, run_batches, token_rows
 from fxprune.data.recovery import masked_chunks, relative_error
 from fxprune.errors import CalibrationError, InvalidOptionError
-from fxprune.options import BLOCK_CRITERIA, BLOCK_REPAIRS, keyed_by  # BLOCK_CRITERIA re-exported: declared in the options module
+# BLOCK_CRITERIA re-exported: declared in the options module
+from fxprune.options import BLOCK_CRITERIA, BLOCK_REPAIRS, keyed_by
 
 Loss = Callable[[Any, tuple], torch.Tensor]
 
@@ -355,7 +356,8 @@ def _moments(gm: fx.GraphModule, node: fx.Node, run: tuple[Block, ...], calibrat
 
 def _add_moments(sums: dict[str, Any], a: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
                  source: str, index: int, bias: bool) -> None:
-    """Add one chunk's real tokens to ``Σ ã ãᵀ``, ``Σ ã tᵀ`` and ``Σ ‖t‖²`` (``ã``: ``a`` with a 1 for a bias)."""
+    """Add one chunk's real tokens to ``Σ ã ãᵀ``, ``Σ ã tᵀ`` and ``Σ ‖t‖²`` (``ã``: ``a``, with a 1 for
+    a bias)."""
     real = token_rows(mask, a, -1, source, index)
     a = a.reshape(-1, a.shape[-1]).double()
     target = target.reshape(a.shape[0], -1).double()
@@ -482,7 +484,8 @@ def _sequential_writers(gm: fx.GraphModule, found: Blocks, dropped: Sequence[Blo
             branch = next(n for n in gm.graph.nodes if n.name == residual.branch)
             keys = _linear_keys(gm, branch)
             if keys is None:
-                skipped.append(BlockRepair((block.name,), "", reason=f"its write ({branch.name}) is not a linear layer"))
+                why = f"its write ({branch.name}) is not a linear layer"
+                skipped.append(BlockRepair((block.name,), "", reason=why))
                 continue
             target = end if residual == block.residuals[-1] else residual.add
             writers.append(_Writer(block.name, branch.name, residual.add, target, *keys))

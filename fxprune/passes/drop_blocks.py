@@ -103,7 +103,8 @@ class DropBlocks(Pass):
             _chosen(gm, found, calibration, count, self.criterion, loss)
         names = tuple(b.name for b in chosen)
         new = drop_blocks(gm, chosen)
-        repairs = repair(gm, new, found, chosen, calibration, self.ridge, self.fit, self.walk) if self.repair and chosen else []
+        repairs = repair(gm, new, found, chosen, calibration, self.ridge, self.fit, self.walk) \
+            if self.repair and chosen else []
         new.meta[DROPPED_KEY] = {"criterion": "named" if self.blocks else self.criterion, "dropped": list(names),
                                  "scores": scores, "rejected": [list(r) for r in found.rejected],
                                  "repairs": [str(r) for r in repairs]}
