@@ -590,9 +590,11 @@ def _write_state(new: Any, sources: Mapping[str, Callable[[], torch.Tensor]], sh
 
 
 def _fits(value: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether ``value`` can stand in for ``target`` as it is: same dtype and device, and contiguous
-    (safetensors, behind ``save_pretrained``, writes contiguous tensors only)."""
-    return value.dtype == target.dtype and value.device == target.device and value.is_contiguous()
+    """Whether ``value`` can stand in for ``target`` as it is: same dtype and device, contiguous and the
+    whole of its storage (safetensors, behind ``save_pretrained``, writes contiguous tensors that share
+    no memory; a view would also keep the rest of its storage alive)."""
+    whole = value.untyped_storage().nbytes() == value.numel() * value.element_size()
+    return value.dtype == target.dtype and value.device == target.device and value.is_contiguous() and whole
 
 
 def _take(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
