@@ -116,7 +116,7 @@ def score(analysis: Analysis, options: PruneOptions, criterion: Optional[Criteri
     options' named one); of ``groups`` only, where the caller knows no other group loses a unit."""
     chosen = criterion if criterion is not None else options.criterion
     check_run(options, criterion, data)
-    evidence = gather_evidence(analysis, chosen, data.calibration, data.loss_fn, data.batch, data.progress)
+    evidence = gather_evidence(analysis, chosen, data.calibration, data.loss_fn, data.batch, data.progress, groups)
     return score_groups(analysis, analysis.groups if groups is None else tuple(groups), chosen, options.reduce,
                         options.seed, evidence=evidence)
 

@@ -148,6 +148,15 @@ def test_sites_cover_the_prunable_channels_of_producers_and_consumer_inputs() ->
     assert [g.node for g in gram_sites(analysis, ["fc"])] == ["fc"]
 
 
+def test_sites_of_the_groups_scored_alone() -> None:
+    """A caller scoring one group gathers only the sites that carry its channels: conv2's 6 (its
+    output and fc's input), not conv's 8."""
+    analysis = analyze(_net(), (torch.randn(1, 3, 8, 8),), "fx")
+    by_size = {g.size: g for g in analysis.groups}
+    assert {(s.node, s.channels) for s in calibration_sites(analysis, [by_size[6]])} == {("conv2", 6), ("mean", 6)}
+    assert {(s.node, s.channels) for s in calibration_sites(analysis, [by_size[8]])} == {("conv", 8), ("relu", 8)}
+
+
 def test_batches_stream_and_the_model_is_untouched() -> None:
     """A train-mode model keeps its flags and BN statistics; batches are read one at a time."""
     net = _net().train()

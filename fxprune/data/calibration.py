@@ -616,33 +616,36 @@ def _add_gram(sums: Sums, site: GramSite, value: torch.Tensor, mask: Optional[to
     sums.add(f"{site.node}:rows", torch.tensor(float(rows.shape[0])))
 
 
-def calibration_sites(analysis: Any) -> list[Site]:
+def calibration_sites(analysis: Any, groups: Optional[Sequence[Any]] = None) -> list[Site]:
     """The nodes whose channels the criteria read: each producer's output and each consumer's input
     (conv/linear, from the analysis' weighted consumers), along their channel dim — only where some of
     those channels can be pruned (no scores are asked of frozen units: an LM's logits, 49,152 channels
-    wide, would cost more to sum than the rest of the model's sites together)."""
+    wide, would cost more to sum than the rest of the model's sites together); of ``groups`` only
+    when given (a caller that scores those alone: the residual stream's dozens of sites are not summed)."""
     nodes = {n.name: n for n in analysis.gm.graph.nodes}
-    free = _free_classes(analysis)
+    free = free_classes(analysis, groups)
     out: dict[tuple[str, int], Site] = {}
     for producer in analysis.producers:
         ids = analysis.params[producer.key][producer.dim]
-        dim = _channel_dim(analysis, nodes[producer.node], ids) if _any_free(analysis, ids, free) else None
+        dim = _channel_dim(analysis, nodes[producer.node], ids) if any_free(analysis, ids, free) else None
         if dim is not None:
             out.setdefault((producer.node, dim), _site(nodes[producer.node], dim))
     for consumer in analysis.weighted_consumers:
         ids = analysis.params[consumer.weight][consumer.in_dim]
-        if consumer.input in nodes and _any_free(analysis, ids, free):
+        if consumer.input in nodes and any_free(analysis, ids, free):
             out.setdefault((consumer.input, consumer.channel_dim), _site(nodes[consumer.input], consumer.channel_dim))
     return _one_per_node(list(out.values()))
 
 
-def _free_classes(analysis: Any) -> torch.Tensor:
-    """The class ids of every unit a selection may drop (in a prunable group, not frozen)."""
-    free = [u for g in analysis.groups for u in sorted(set(g.units) - set(g.frozen_units))]
+def free_classes(analysis: Any, groups: Optional[Sequence[Any]] = None) -> torch.Tensor:
+    """The class ids of every unit a selection may drop (in a prunable group, not frozen), of
+    ``groups`` only when given."""
+    chosen = analysis.groups if groups is None else groups
+    free = [u for g in chosen for u in sorted(set(g.units) - set(g.frozen_units))]
     return torch.tensor(free, dtype=torch.long)
 
 
-def _any_free(analysis: Any, ids: torch.Tensor, free: torch.Tensor) -> bool:
+def any_free(analysis: Any, ids: torch.Tensor, free: torch.Tensor) -> bool:
     return bool(torch.isin(analysis.solution.root[ids], free).any())
 
 

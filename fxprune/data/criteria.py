@@ -34,7 +34,7 @@ import functools
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -77,11 +77,12 @@ class CriterionSpec:
     score: Callable[..., torch.Tensor]
     """``(analysis, group, evidence, reduce, seed, name) -> float64 scores, one per unit``."""
     gather: Optional[Callable[..., Evidence]] = None
-    """``(analysis, calibration, loss_fn, batch, progress) -> Evidence``; ``None``: weights only."""
+    """``(analysis, calibration, loss_fn, batch, progress, groups) -> Evidence`` (``groups``: the groups to
+    be scored, ``None`` for all); ``None``: weights only."""
     one_batch: bool = False
     """``batch=(inputs, target)`` may stand in for ``calibration=`` (``taylor``'s one-batch form)."""
-    grams: Optional[Callable[[Analysis], list]] = None
-    """``analysis -> Gram sites`` whose input Gram matrices the score reads beside the moments (gathered
+    grams: Optional[Callable[..., list]] = None
+    """``(analysis, groups=None) -> Gram sites`` whose input Gram matrices the score reads beside the moments (gathered
     in memory by :attr:`gather`, from disk by :mod:`fxprune.hf.layerwise`)."""
 
     def check_data(self, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple]) -> None:
@@ -121,14 +122,14 @@ def check_data(criterion: Any, calibration: Any, loss_fn: Optional[Callable], ba
 
 def gather_evidence(analysis: Analysis, criterion: Any, calibration: Any = None,
                     loss_fn: Optional[Callable] = None, batch: Optional[tuple] = None,
-                    progress: bool = False) -> Evidence:
+                    progress: bool = False, groups: Optional[Sequence[Group]] = None) -> Evidence:
     """Run the calibration data through ``analysis.gm`` for what ``criterion`` reads (nothing for a
-    weight criterion)."""
+    weight criterion); for scoring ``groups`` only, when given (activations are read where their units are)."""
     check_data(criterion, calibration, loss_fn, batch)
     spec = CRITERION_SPECS.get(criterion) if isinstance(criterion, str) else None
     if spec is None or spec.gather is None:
         return Evidence()
-    return spec.gather(analysis, calibration, loss_fn, batch, progress)
+    return spec.gather(analysis, calibration, loss_fn, batch, progress, groups)
 
 
 def score_groups(analysis: Analysis, groups: tuple[Group, ...], criterion: Criterion,
@@ -463,37 +464,41 @@ def _reduce(per_member: list[torch.Tensor], reduce: str, size: int) -> torch.Ten
 
 # --- gathering evidence: how a record reads the calibration data -----------------------------------
 def _gather_statistics(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
-                       progress: bool) -> Evidence:
+                       progress: bool, groups: Optional[Sequence[Group]] = None) -> Evidence:
     from fxprune.data import calibration as calib  # the calibration stage imports the capture stack lazily
-    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis),
+    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis, groups),
                                              progress=progress))
 
 
-def _energy_grams(analysis: Analysis) -> list:
-    """The Gram sites of every linear consumer whose units span several columns."""
+def _energy_grams(analysis: Analysis, groups: Optional[Sequence[Group]] = None) -> list:
+    """The Gram sites of every linear consumer whose units span several columns (of ``groups``' free
+    units only, when given)."""
     from fxprune.data import calibration as calib
-    nodes = [c.node for c in analysis.weighted_consumers if _spans_columns(analysis, c)]
+    free = calib.free_classes(analysis, groups)
+    nodes = [c.node for c in analysis.weighted_consumers if _spans_columns(analysis, c)
+             and calib.any_free(analysis, analysis.params[c.weight][c.in_dim], free)]
     return calib.gram_sites(analysis, nodes) if nodes else []
 
 
 def _gather_energy(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
-                   progress: bool) -> Evidence:
+                   progress: bool, groups: Optional[Sequence[Group]] = None) -> Evidence:
     """Statistics, with the input Gram matrix of every linear consumer whose units span columns."""
     from fxprune.data import calibration as calib
-    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis),
-                                             _energy_grams(analysis), progress=progress))
+    return Evidence(statistics=calib.collect(analysis.gm, calibration, calib.calibration_sites(analysis, groups),
+                                             _energy_grams(analysis, groups), progress=progress))
 
 
 def _gather_gradients(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
-                      progress: bool) -> Evidence:
-    """``∂L/∂w`` summed over the calibration set, or on ``batch`` alone when there is no set."""
+                      progress: bool, groups: Optional[Sequence[Group]] = None) -> Evidence:
+    """``∂L/∂w`` summed over the calibration set, or on ``batch`` alone when there is no set (of every
+    parameter: one backward pass gives them all, whatever ``groups`` are scored)."""
     if calibration is None:
         return Evidence(gradients=taylor_gradients(analysis.gm, loss_fn, batch))
     return Evidence(gradients=accumulated_gradients(analysis.gm, loss_fn, calibration, progress))
 
 
 def _gather_fisher(analysis: Analysis, calibration: Any, loss_fn: Optional[Callable], batch: Optional[tuple],
-                   progress: bool) -> Evidence:
+                   progress: bool, groups: Optional[Sequence[Group]] = None) -> Evidence:
     return Evidence(gradients=fisher_diagonal(analysis.gm, loss_fn, calibration, progress))
 
 

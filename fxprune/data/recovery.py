@@ -457,7 +457,8 @@ def _fit_moments(fit: _Fit, targets: list, inputs: list, masks: Optional[list] =
             if part is not None:
                 real = real_feature_rows(part, xs, site, index)
                 rows, target = rows[real], target[real]
-            _add_moments(sums, rows.double(), target.double())
+            wide = torch.promote_types(rows.dtype, torch.float32)
+            _add_moments(sums, rows.to(wide), target.to(wide))
     return sums.all_reduce()
 
 
@@ -467,12 +468,15 @@ the Gram matrix to a slice of the batch."""
 
 
 def _add_moments(sums: Sums, rows: torch.Tensor, target: torch.Tensor) -> None:
-    """``[X 1]ᵀ[X 1]`` and ``[X 1]ᵀY`` without building ``[X 1]``: the ones column is the row sums."""
-    n = torch.tensor([[float(rows.shape[0])]], dtype=rows.dtype, device=rows.device)
-    col = rows.sum(0, keepdim=True)
-    sums.add("gram", torch.cat([torch.cat([rows.T @ rows, col.T], 1), torch.cat([col, n], 1)], 0))
-    sums.add("cross", torch.cat([rows.T @ target, target.sum(0, keepdim=True)], 0))
-    sums.add("yy", (target * target).sum())
+    """``[X 1]ᵀ[X 1]`` and ``[X 1]ᵀY`` without building ``[X 1]``: the ones column is the row sums.
+    One chunk's products are taken in the rows' dtype (float32 for a float32 or bf16 model: a chunk
+    sums at most ``_ROWS`` products, half float64's cost) and accumulated in float64 across chunks."""
+    n = torch.tensor([[float(rows.shape[0])]], dtype=torch.float64, device=rows.device)
+    col = rows.double().sum(0, keepdim=True)
+    sums.add("gram", torch.cat([torch.cat([(rows.T @ rows).double(), col.T], 1), torch.cat([col, n], 1)], 0))
+    wide = target.double()
+    sums.add("cross", torch.cat([(rows.T @ target).double(), wide.sum(0, keepdim=True)], 0))
+    sums.add("yy", (wide * wide).sum())
 
 
 def _refit(gm: fx.GraphModule, level: str, fit: _Fit, node: fx.Node, sums: Sums, ridge: float
