@@ -11,6 +11,14 @@ the end of the text, the same as ``bench_depth.py``'s.
     nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 16 32
     nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 --choices bench_depth_sleb2.json:sleb10
 
+``--walks run sequential sequential-all`` says which linears the repair refits
+(:data:`fxprune.data.block_criteria.REPAIR_WALKS`; a sequential walk runs the calibration data through
+the pruned graph once per fit and ridge); the rows of the sequential walks are in
+``bench_depth_repair_seq.json``:
+
+    nice -n 10 python benchmarks/bench_depth_repair.py --calibration 4 16 --walks sequential sequential-all \
+        --fits toward-original=1 --no-none --out benchmarks/bench_depth_repair_seq.json
+
 ``--choices FILE:ROW`` takes the removed layers from a ``bench_depth.py`` json row instead of choosing
 them (SLEB's choice costs minutes; the row says which layers it removed).
 
@@ -75,6 +83,17 @@ def repaired(gm, chosen, runs, fit: str, ridge: float):
     return pruned, errors
 
 
+def walked(gm, found, chosen, calibration, runs, walk: str, fit: str, ridge: float):
+    """The pruned graph repaired by ``walk`` (``none``: not repaired) and each refit's errors."""
+    if walk == "none":
+        return drop_blocks(gm, chosen), []
+    if walk == "run":
+        return repaired(gm, chosen, runs, fit, ridge)
+    pruned = drop_blocks(gm, chosen)
+    done = bc.repair(gm, pruned, found, chosen, calibration, ridge, fit, walk)
+    return pruned, [[r.error_before, r.error_after] for r in done]
+
+
 def choices(args, gm, found, calibration, path: str, total: int):
     """``(ratio, criterion, block names)``: chosen by ``--criterion`` per ratio, or read from json rows."""
     for spec in args.choices:
@@ -97,6 +116,9 @@ def main() -> None:
                         help="removed layers from a bench_depth json row instead of --ratios")
     parser.add_argument("--fits", nargs="*", default=[], metavar="FIT=R,R",
                         help="the fits and ridges to try (default: RIDGES)")
+    parser.add_argument("--walks", nargs="*", default=["run"], choices=tuple(bc.REPAIR_WALKS),
+                        help="which linears the repair refits (a sequential walk is run per fit and ridge)")
+    parser.add_argument("--no-none", action="store_true", help="skip the unrepaired row")
     parser.add_argument("--out", type=Path, default=HERE / "bench_depth_repair.json")
     args = parser.parse_args()
     grid = {f: tuple(float(r) for r in rs.split(",")) for f, rs in (a.split("=") for a in args.fits)} or RIDGES
@@ -113,15 +135,17 @@ def main() -> None:
         for ratio, criterion, names in choices(args, gm, found, calibration, path, total):
             start = time.time()
             chosen = found.pick(names)
-            runs = moments(gm, found, chosen, calibration)
+            runs = moments(gm, found, chosen, calibration) if "run" in args.walks else []
             base = dict(calibration=count, ratio=ratio, criterion=criterion, dense=dense,
                         dropped=sorted(int(n.rsplit(".", 1)[1]) for n in names))
-            settings = [("none", 0.0)] + [(fit, r) for fit, ridges in grid.items() for r in ridges]
-            for fit, ridge in settings:
-                pruned, errors = (drop_blocks(gm, chosen), []) if fit == "none" else repaired(gm, chosen, runs, fit, ridge)
+            settings = [] if args.no_none else [("none", "none", 0.0)]
+            settings += [(walk, fit, r) for walk in args.walks for fit, ridges in grid.items() for r in ridges]
+            for walk, fit, ridge in settings:
+                start = time.time()
+                pruned, errors = walked(gm, found, chosen, calibration, runs, walk, fit, ridge)
                 ppl = perplexity(pruned, evaluation)
-                row = dict(base, fit=fit, ridge=ridge, perplexity=ppl, x_dense=ppl / dense, fit_errors=errors,
-                           seconds=time.time() - start)
+                row = dict(base, walk=walk, fit=fit, ridge=ridge, perplexity=ppl, x_dense=ppl / dense,
+                           fit_errors=errors, seconds=time.time() - start)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 args.out.write_text(json.dumps(rows, indent=1))

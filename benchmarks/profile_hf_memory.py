@@ -6,7 +6,11 @@ every 50 ms while ``energy`` prunes 20% of the MLP width on 8x128 calibration to
 at each phase (export, analysis, the calibration walk, scoring the groups, rewrite, rebuild, output check), with
 the peak and the phase it fell in, relative to the RSS before the call (``bench_llm``'s "peak MB").
 
-    nice python benchmarks/profile_hf_memory.py
+``--warm``: each process first prunes a tiny random LLaMA the same way, so what the first prune in a
+process costs once whatever the model (torch.export's and transformers' lazy imports and caches, about
+50 MB) is in the RSS before the call: what is left is what this model costs.
+
+    nice python benchmarks/profile_hf_memory.py [--warm]
 """
 from __future__ import annotations
 
@@ -31,11 +35,27 @@ def phases():
             (in_memory, "_check_outputs"))
 
 
-def profile(dtype: str) -> dict:
+def warm_up() -> None:
+    """One prune of a tiny random LLaMA (the route's one-time imports and caches), freed before the base."""
+    import gc
+    import torch
+    import transformers
+    import fxprune.hf
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    tiny = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    fxprune.hf.prune(tiny, (ids,), {"intermediate_size": 0.25}, "energy", calibration=[ids])
+    gc.collect()
+
+
+def profile(dtype: str, warm: bool = False) -> dict:
     import torch
     import fxprune.hf
     from bench_llm import WHAT, load_model, token_windows
     from profile_layerwise import marked, rss_bytes
+    if warm:
+        warm_up()
     torch.manual_seed(0)
     model = load_model(dtype)
     windows = token_windows(8, 128, "calibration")
@@ -57,17 +77,18 @@ def profile(dtype: str) -> dict:
     at = [(round(t - start, 1), m, round((samples[min(len(samples) - 1, bisect.bisect(times, t))][1] - base) / 2**20))
           for t, m in marks]
     peak_time, peak = max(samples, key=lambda s: s[1])
-    return {"dtype": dtype, "model_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20),
+    return {"dtype": dtype, "warm": warm, "model_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20),
             "rss_before_mb": round(base / 2**20), "peak_delta_mb": round((peak - base) / 2**20),
             "peak_after": [m for t, m in marks if t <= peak_time][-2:], "phases_mb_over_before": at}
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        print(json.dumps(profile(sys.argv[2])))
+        print(json.dumps(profile(sys.argv[2], "--warm" in sys.argv)))
         return
     for dtype in ("float32", "bfloat16"):
-        done = subprocess.run([sys.executable, __file__, "--worker", dtype], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--worker", dtype, *sys.argv[1:]], capture_output=True,
+                              text=True)
         result = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else done.stderr[-2000:]
         print(json.dumps(result, indent=1))
 

@@ -50,6 +50,9 @@ NORMALIZATIONS = ("none", "mean", "max", "standardize", "lamp")
 """How ``global_ranking`` makes groups' scores comparable (see :func:`fxprune.core.select.normalize_scores`)."""
 BLOCK_CRITERIA = ("block-influence", "angular", "sleb", "iterative-influence")
 """How whole residual blocks (an LLM's layers) are scored (:mod:`fxprune.data.block_criteria`)."""
+BLOCK_REPAIRS = ("run", "sequential", "sequential-all")
+"""Which linears the depth repair refits (:data:`fxprune.data.block_criteria.REPAIR_WALKS`); ``True`` is
+``sequential-all`` (:data:`fxprune.data.block_criteria.DEFAULT_WALK`)."""
 EXPERT_CRITERIA = ("reap", "frequency", "weight-norm", "random")
 """How whole MoE experts are scored (:mod:`fxprune.hf.experts`, :mod:`fxprune.data.expert_criteria`)."""
 BUDGETS = ("params", "active_params", "macs")
@@ -138,8 +141,12 @@ class PruneOptions:
     block_criterion: str = option("block-influence", "how the layers a sparsity on the layer count "
                                                      "(num_hidden_layers) removes are chosen, on calibration data",
                                   choices=BLOCK_CRITERIA, route=HF_ROUTE)
-    block_repair: bool = option(False, "refit the linear layer before each run of removed layers by least "
-                                       "squares on the calibration data", route=HF_ROUTE)
+    block_repair: Union[bool, str] = option(False, "repair the removed layers by least squares on the calibration "
+                                                   "data: run (the linear before each removed run), "
+                                                   "sequential (every kept layer's MLP output from there on, "
+                                                   "toward the original's stream) or sequential-all (True: "
+                                                   "its attention output too)", choices=(False, True) + BLOCK_REPAIRS,
+                                            metavar="WALK", route=HF_ROUTE)
     expert_criterion: str = option("reap", "how the experts a sparsity on the expert count (num_experts, "
                                            "num_local_experts) removes are chosen", choices=EXPERT_CRITERIA,
                                    route=HF_ROUTE)

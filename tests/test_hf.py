@@ -309,5 +309,5 @@ def test_the_output_check_reads_logits_a_few_rows_at_a_time() -> None:
     from fxprune.hf.in_memory import _max_abs
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 70, 11, generator=g).bfloat16(), torch.randn(3, 70, 11, generator=g).bfloat16()
-    assert _max_abs(a, b, rows=64) == float((a.float() - b.float()).abs().max())
+    assert _max_abs(a, b, rows=64) == _max_abs(a, b) == float((a.float() - b.float()).abs().max())
     assert _max_abs(a) == float(a.float().abs().max()) and _max_abs(torch.tensor(-2.0)) == 2.0

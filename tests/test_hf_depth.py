@@ -105,6 +105,24 @@ def test_block_criteria_and_repair(criterion: str) -> None:
         assert not torch.equal(plain.model.state_dict()[key], repaired.model.state_dict()[key])
 
 
+def test_the_sequential_repair_refits_every_kept_layer_after_the_first_removed() -> None:
+    model = _model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = [_inputs("llama", 4, 8)[0] for _ in range(2)]
+    kwargs = dict(sparsity={"num_hidden_layers": 0.25}, calibration=calibration)
+    walked = fxprune.hf.prune_with_result(model, _inputs("llama", 2, 8), block_repair="sequential", **kwargs)
+    [dropped] = walked.depth.dropped
+    assert walked.depth.record["repair"] == "sequential"
+    refitted = [line.split(": ")[1].split(" ")[0] for line in walked.depth.record["repairs"]]
+    kept_after = [i for i in range(max(dropped - 1, 0), 4) if i != dropped]
+    assert refitted == [f"model.layers.{i}.mlp.down_proj.weight" for i in kept_after]
+    # the rebuilt model holds the refitted tensors: its last layer's MLP output is no longer the original's
+    last = kept_after[-1]
+    new_key = f"model.layers.{last - (dropped < last)}.mlp.down_proj.weight"
+    assert not torch.equal(walked.model.state_dict()[new_key], before[f"model.layers.{last}.mlp.down_proj.weight"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
+
+
 def test_config_rewrite_renumbers_per_layer_fields() -> None:
     config = tiny_config("qwen2_moe", layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
     new, changes = depth_config(config, [0, 1, 3, 5])

@@ -3,6 +3,7 @@ and a plan's JSON fields are the fields of ``PruneOptions``, with the same names
 that cannot honour an option refuses it with a typed error, never ignores it."""
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -13,7 +14,7 @@ from torch import nn
 
 import fxprune
 from fxprune.cli import build_parser, main
-from fxprune.cli.flags import given_options
+from fxprune.cli.flags import add_option_flags, given_options
 from fxprune.errors import InvalidOptionError
 from fxprune.options import PruneOptions, public_fields, route_fields
 from fxprune.passes import DropBlocks, DropExperts, MaskChannels, PruneChannels
@@ -267,3 +268,13 @@ def test_the_hf_cli_removes_layers_experts_or_meets_a_budget(tmp_path, family, l
         assert "target params=0.8" in (out / "summary.md").read_text()
     else:
         assert options.sparsity == given["sparsity"]
+
+
+def test_block_repair_takes_a_walk_by_name_or_the_flag_alone():
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser, only=("block_repair",))
+    assert given_options(parser.parse_args(["--block-repair"])) == {"block_repair": True}
+    assert given_options(parser.parse_args(["--block-repair", "sequential-all"])) == {"block_repair": "sequential-all"}
+    assert PruneOptions(block_repair="sequential").block_repair == "sequential"
+    with pytest.raises(InvalidOptionError, match="block_repair must be one of"):
+        PruneOptions(block_repair="everything")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import typing
 from collections import abc
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 from fxprune.data.criteria import CRITERIA
 from fxprune.errors import InvalidOptionError
@@ -36,6 +36,9 @@ def add_option_flags(parser: argparse.ArgumentParser, only: Sequence[str] = (), 
                                   "help": f"{f.metadata['help']} (default {_shown(f.default)}{route})"}
         if hints[name] is bool:
             kwargs["action"] = "store_true"
+        elif hints[name] == Union[bool, str]:  # the flag alone is True, with a word that word
+            kwargs.update(nargs="?", const=True, type=_option_value(name, str), metavar=f.metadata["metavar"],
+                          choices=f.metadata["choices"])
         elif name == "ignore":
             kwargs.update(nargs="+", action="extend", metavar=f.metadata["metavar"])
         else:

@@ -5,7 +5,8 @@
   checked against the vocabulary before any graph runs. The gradient criteria (``taylor``, ``hessian``)
   get a next-token cross-entropy (:func:`causal_lm_loss`) when the user gives no ``loss_fn``.
 - **Recovered weights**: recovery changes the pruned graph's weights and may give a layer a bias;
-  :func:`recovered_sources` reads them back by their state_dict names and :func:`bias_flags` finds the
+  :func:`recovered_sources` reads them back by their state_dict names (:func:`graph_sources`: any pruned
+  graph's tensors, which the rebuilt model takes without a copy) and :func:`bias_flags` finds the
   config flag that gives the HF class that bias (LLaMA's ``mlp_bias`` / ``attention_bias``); the other
   biases the flag adds are zero. No flag: a typed error naming the tensor.
 - **Ties**: ``_from_config`` builds untied tensors; :func:`retie` ties them again as the config says,
@@ -54,14 +55,22 @@ def _count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
 
 
+def graph_sources(graph: fx.GraphModule, names: set[str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every tensor the pruned graph holds under a state_dict name in ``names``, each read (a detached
+    view, no copy) when written.
+
+    >>> graph_sources(gm, {"fc.weight"})["fc.weight"]().shape      # doctest: +SKIP
+    torch.Size([48, 64])
+    """
+    return {name: tensor.detach for name, tensor in list(graph.named_parameters()) + list(graph.named_buffers())
+            if name in names}
+
+
 def recovered_sources(graph: fx.GraphModule, names: set[str]) -> dict[str, Callable[[], torch.Tensor]]:
-    """Where the rebuilt model reads what recovery changed: every tensor the recovered graph holds under
-    a state_dict name in ``names``, and each layer's bias as the graph's layer node reads it (recovery
-    may have added one under another attribute name), under ``<layer>.bias``; each read when written."""
-    out: dict[str, Callable[[], torch.Tensor]] = {}
-    for name, tensor in list(graph.named_parameters()) + list(graph.named_buffers()):
-        if name in names:
-            out[name] = tensor.detach
+    """Where the rebuilt model reads what recovery changed: :func:`graph_sources`, and each layer's bias
+    as the graph's layer node reads it (recovery may have added one under another attribute name),
+    under ``<layer>.bias``; each read when written."""
+    out = graph_sources(graph, names)
     for weight, bias in _layer_biases(graph):
         out[f"{weight.rpartition('.')[0]}.bias"] = _attr(graph, bias).detach
     return out
@@ -231,5 +240,5 @@ def causal_lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
     return total / (labels != -100).sum().clamp_min(1)  # the mean over real tokens (0 where none)
 
 
-__all__ = ["tolerance", "retie", "recovered_sources", "bias_flags", "token_calibration",
+__all__ = ["tolerance", "retie", "graph_sources", "recovered_sources", "bias_flags", "token_calibration",
            "causal_lm_loss"]

@@ -28,14 +28,14 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from fxprune.core.blocks import Blocks, drop_blocks, find_blocks, zeroed_reference
 from fxprune.core.verify import compare
-from fxprune.data.block_criteria import choose_blocks, repair as block_repair
+from fxprune.data.block_criteria import DEFAULT_WALK, choose_blocks, repair as block_repair
 from fxprune.core.capture import AUTO, capture, export
 from fxprune.options import PruneOptions
 from fxprune.errors import InvalidOptionError, UnsupportedModelError, VerificationError
@@ -82,7 +82,7 @@ def layer_list(model: Any) -> tuple[str, int]:
 
 
 def prune_depth(model: Any, inputs: tuple, ratio: float, adapter: Any, calibration: Any = None,
-                criterion: str = "block-influence", repair: bool = False, dynamic_shapes: Any = AUTO,
+                criterion: str = "block-influence", repair: Union[bool, str] = False, dynamic_shapes: Any = AUTO,
                 tolerance: Optional[float] = None) -> DepthResult:
     """``model`` with ``round(ratio · layers)`` layers removed (see the module docstring). ``adapter``:
     the HF adapter's shared steps (``without_cache``, ``dynamic_shapes``, ``check_outputs``), handed in
@@ -97,11 +97,12 @@ def prune_depth(model: Any, inputs: tuple, ratio: float, adapter: Any, calibrati
     names, scores = choose_blocks(gm, found, data, count, criterion, loss)
     chosen = found.pick(names)
     pruned = drop_blocks(gm, chosen)
-    repairs = block_repair(gm, pruned, found, chosen, data) if repair else []
+    walk = DEFAULT_WALK if repair is True else repair  # True: the default walk
+    repairs = block_repair(gm, pruned, found, chosen, data, walk=walk) if repair else []
     dropped = tuple(sorted(int(n.rsplit(".", 1)[1]) for n in names))
     _check_gone(model, pruned, path, dropped)
     record = {"criterion": criterion, "dropped": list(dropped), "scores": scores,
-              "repairs": [str(r) for r in repairs]}
+              "repair": walk or None, "repairs": [str(r) for r in repairs]}
     exact = compare(zeroed_reference(gm, chosen), pruned, inputs, True, tolerance) if not repair else None
     if exact is not None and not exact.passed:
         raise VerificationError(f"dropping layers {list(dropped)}: {exact}")

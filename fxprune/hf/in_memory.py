@@ -43,7 +43,9 @@ class HFPruneResult:
     model: Any
     """The pruned ``PreTrainedModel`` (same class as the input, new config)."""
     result: PruneResult
-    """The export-level pruning: ``result.plan``, ``result.graph_module``, ``result.analysis``."""
+    """The export-level pruning: ``result.plan``, ``result.graph_module``, ``result.analysis``. ``model``
+    holds ``result.graph_module``'s tensors themselves (one copy of the pruned weights, not two): copy
+    one before changing the other's weights in place."""
     changes: Mapping[str, tuple[Any, Any]]
     """{config field: (before, after)}."""
     max_abs_error: float
@@ -235,6 +237,7 @@ def _prune_widths(model: Any, sparsity: Optional[Sparsity], example_inputs: Any,
         program = export(_without_cache(model), inputs, _dynamic_shapes(model, inputs, dynamic_shapes))
         step("export")
         analysis = stages.analyze(program, inputs, options)
+        del program  # the analysis holds its own graph module: the exported program's graph is freed
         check_patterns(analysis.groups, selection)
         attention = _attention(model)  # builds a probe on the meta device: once per call
         kinds = hf_policy.kinds(analysis, model.config, attention)
@@ -289,7 +292,7 @@ def _prune_and_rebuild(model: Any, analysis: Analysis, scores: Mapping[str, torc
     structural = stages.rewrite_graph(analysis, drop, inputs, options)
     graph, reports = recovery.run(analysis, drop, structural, inputs)
     config, changes = new_config(model, analysis, drop, attention)
-    pruned = _rebuild(model, config, analysis, plan, graph if reports else None)
+    pruned = _rebuild(model, config, analysis, plan, graph, recovered=bool(reports))
     try:
         error = _check_outputs(pruned, graph, inputs, tolerance)
     except VerificationError as exc:
@@ -526,17 +529,23 @@ def _value(config: Any, field: str) -> Any:
 
 
 # --- the new model --------------------------------------------------------------------------------
-def _rebuild(model: Any, config: Any, analysis: Analysis, plan, recovered: Optional[torch.nn.Module] = None) -> Any:
-    """A fresh model of the same class from ``config``, each tensor written with the original's sliced per
-    the plan (or the ``recovered`` graph's weights and new biases, through the config flag that holds
-    them). Tensors are sliced one at a time into the new model: no sliced state dict is held beside it
-    (with recovery, that and its copy of the graph's weights were two more models' worth of memory)."""
+def _rebuild(model: Any, config: Any, analysis: Analysis, plan, graph: torch.nn.Module, recovered: bool = False) -> Any:
+    """A fresh model of the same class from ``config`` that takes the pruned ``graph``'s tensors by their
+    state_dict names, each without a copy where dtype and device match: the graph's tensors are new
+    (never the user's), so the model and the graph share one copy of the pruned weights instead of
+    holding two (the rebuild doubled the pruned model's memory, in fp32 and bf16 alike). A name the
+    graph does not hold (a buffer the forward never reads) is the original's sliced per the plan,
+    copied. With ``recovered``, also the biases recovery added, through the config flag that holds them."""
     from transformers.initialization import no_init_weights  # skips the random init we overwrite
     original = model.state_dict()
     sources = {key: functools.partial(sliced_tensor, tensor, plan.kept_indices.get(analysis.aliases.get(key, key), {}))
                for key, tensor in original.items()}
-    if recovered is not None:
-        sources.update(calibrated.recovered_sources(recovered, set(original)))
+    shared = (calibrated.recovered_sources if recovered else calibrated.graph_sources)(graph, set(original))
+    # a tied name (the LM head of a tied embedding) reads the tensor the graph holds under its other name
+    shared.update({alias: shared[name] for alias, name in analysis.aliases.items()
+                   if name in shared and alias in original and alias not in shared})
+    sources.update(shared)
+    if recovered:
         flags = calibrated.bias_flags(model, [k for k in sources if k not in original])
         config = copy.deepcopy(config)
         for flag, value in flags.items():
@@ -547,14 +556,16 @@ def _rebuild(model: Any, config: Any, analysis: Analysis, plan, recovered: Optio
     except Exception as exc:
         raise UnsupportedModelError(f"{type(model).__name__}.from_config could not rebuild the model from "
                                     f"the pruned config: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    _write_state(new, sources, zero_biases=recovered is not None, name=type(model).__name__)
+    _write_state(new, sources, set(shared), zero_biases=recovered, name=type(model).__name__)
     calibrated.retie(new, model)
     return new.to(model.device).eval()
 
 
-def _write_state(new: Any, sources: Mapping[str, Callable[[], torch.Tensor]], zero_biases: bool, name: str) -> None:
-    """Every tensor of ``new`` written from its source, one at a time; a bias a recovery flag added
-    and recovery did not set is zero. Names or shapes that differ are a :class:`ConfigMismatchError`."""
+def _write_state(new: Any, sources: Mapping[str, Callable[[], torch.Tensor]], shared: set[str], zero_biases: bool,
+                 name: str) -> None:
+    """Every tensor of ``new`` written from its source, one at a time: a source in ``shared`` (the pruned
+    graph's) is taken as it is where it fits (:func:`_fits`), any other copied; a bias a recovery flag
+    added and recovery did not set is zero. Names or shapes that differ are a :class:`ConfigMismatchError`."""
     expected = new.state_dict()
     added = {k for k in expected if k not in sources and zero_biases and k.endswith(".bias")}
     differ = sorted((set(expected) - added) ^ set(sources))
@@ -571,8 +582,33 @@ def _write_state(new: Any, sources: Mapping[str, Callable[[], torch.Tensor]], ze
                 raise ConfigMismatchError(
                     f"the pruned config builds {key!r} of shape {list(target.shape)}, the plan keeps "
                     f"{list(value.shape)}: {name}'s config cannot hold this plan (use hf_compatible=True)")
-            target.copy_(value)
+            if key in shared and _fits(value, target):
+                _take(new, key, value)
+            else:
+                target.copy_(value)
             del value
+
+
+def _fits(value: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``value`` can stand in for ``target`` as it is: same dtype and device, contiguous and the
+    whole of its storage (safetensors, behind ``save_pretrained``, writes contiguous tensors that share
+    no memory; a view would also keep the rest of its storage alive)."""
+    whole = value.untyped_storage().nbytes() == value.numel() * value.element_size()
+    return value.dtype == target.dtype and value.device == target.device and value.is_contiguous() and whole
+
+
+def _take(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """``model``'s tensor ``key`` becomes ``value``'s storage: a new Parameter over it (as trainable as
+    the one it replaces) for a parameter, ``value`` itself for a buffer.
+
+    >>> _take(model, "lm_head.weight", graph_weight)   # doctest: +SKIP
+    """
+    owner, _, attr = key.rpartition(".")
+    module = model.get_submodule(owner)
+    if attr in module._parameters:  # (state_dict()'s tensors are detached: their requires_grad is False)
+        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=module._parameters[attr].requires_grad)
+    else:
+        module._buffers[attr] = value
 
 
 def sliced_tensor(tensor: torch.Tensor, dims: Mapping[int, Sequence[int]]) -> torch.Tensor:
@@ -610,9 +646,14 @@ def _check_outputs(pruned: Any, graph: torch.nn.Module, inputs: tuple, tolerance
     return error
 
 
-def _max_abs(a: torch.Tensor, b: Optional[torch.Tensor] = None, rows: int = 64) -> float:
+def _max_abs(a: torch.Tensor, b: Optional[torch.Tensor] = None, rows: int = 8) -> float:
     """``max |a - b|`` (or ``max |a|``) in float32, a few rows at a time: an LM's logits are never
-    copied whole in float32 beside themselves (in bf16 that copy outweighed the rest of the check)."""
+    copied whole in float32 beside themselves (in bf16 that copy outweighed the rest of the check; 8
+    rows of a 49,152-token vocabulary are 1.5 MB a temporary, 64 rows were 12.6 MB, four temporaries).
+
+    >>> _max_abs(torch.ones(3, 4), torch.zeros(3, 4))
+    1.0
+    """
     a = a.reshape(-1, a.shape[-1]) if a.dim() > 1 else a.reshape(1, -1)
     pairs = zip(a.split(rows), b.reshape(a.shape).split(rows)) if b is not None else ((x, None) for x in a.split(rows))
     return max(float((x.float() if y is None else x.float() - y.float()).abs().max()) for x, y in pairs)

@@ -10,7 +10,8 @@ original's parameter names are kept (``layers.5`` stays ``layers.5``; the HF ada
 
 ``repair=true`` refits, per run of removed blocks, the linear layer that writes into the stream just
 before it, by least squares on the calibration data pulled toward its old weight (``fit``, ``ridge``;
-the report gives its error before and after).
+the report gives its error before and after); ``walk=sequential`` refits every kept block's last
+writer from there on, so that the stream after it matches the original's.
 
 >>> result = DropBlocks(count=2, criterion="angular").with_calibration(loader)(gm)       # doctest: +SKIP
 >>> result.graph_module.meta["fxprune_dropped_blocks"]["dropped"]                       # doctest: +SKIP
@@ -27,8 +28,9 @@ import torch.fx as fx
 
 from fxprune.core.blocks import Blocks, drop_blocks, find_blocks, zeroed_reference
 from fxprune.core.verify import VerifyReport, compare
-from fxprune.data.block_criteria import (BLOCK_CRITERIA, DEFAULT_FIT, DEFAULT_RIDGE, check_block_criterion,
-                                         check_count, check_repair_fit, choose_blocks, repair)
+from fxprune.data.block_criteria import (BLOCK_CRITERIA, DEFAULT_FIT, DEFAULT_RIDGE, DEFAULT_WALK,
+                                         check_block_criterion, check_count, check_repair_fit, check_repair_walk,
+                                         choose_blocks, repair)
 from fxprune.errors import CalibrationError, InvalidOptionError
 from fxprune.options import same_as
 from fxprune.passes.pipeline import Pass, register
@@ -55,7 +57,13 @@ class DropBlocks(Pass):
     blocks: tuple[str, ...] = ()
     """Remove exactly these blocks (module paths); no calibration data is read unless ``repair``."""
     repair: bool = same_as("block_repair")
-    """Refit the linear before each removed run by least squares on the calibration data (``block_repair``)."""
+    """Repair the removed blocks by least squares on the calibration data (``block_repair``; ``walk``
+    says which linears are refitted)."""
+    walk: str = DEFAULT_WALK
+    """Which linears the repair refits: ``run`` (the one writing into the stream just before each removed
+    run), ``sequential`` (the last writer of every kept block from there on, each on the inputs the
+    repaired model gives it, toward the original's stream) or ``sequential-all`` (every writer of those
+    blocks): :data:`~fxprune.data.block_criteria.REPAIR_WALKS`, ``block_repair``'s word on the HF route."""
     fit: str = DEFAULT_FIT
     """How the repair refits: ``refit`` (a new weight, ridge toward zero), ``toward-original`` (ridge
     toward the old weight), ``output-map`` (``T W``, ``T`` of the stream's width, ridge toward the
@@ -66,6 +74,7 @@ class DropBlocks(Pass):
     def validate(self) -> None:
         check_block_criterion(self.criterion)
         check_repair_fit(self.fit)
+        check_repair_walk(self.walk)
         if not 0.0 <= self.sparsity < 1.0:
             raise InvalidOptionError(f"drop-blocks: sparsity must be in [0, 1), got {self.sparsity!r}")
         if self.count < 0:
@@ -94,7 +103,8 @@ class DropBlocks(Pass):
             _chosen(gm, found, calibration, count, self.criterion, loss)
         names = tuple(b.name for b in chosen)
         new = drop_blocks(gm, chosen)
-        repairs = repair(gm, new, found, chosen, calibration, self.ridge, self.fit) if self.repair and chosen else []
+        repairs = repair(gm, new, found, chosen, calibration, self.ridge, self.fit, self.walk) \
+            if self.repair and chosen else []
         new.meta[DROPPED_KEY] = {"criterion": "named" if self.blocks else self.criterion, "dropped": list(names),
                                  "scores": scores, "rejected": [list(r) for r in found.rejected],
                                  "repairs": [str(r) for r in repairs]}

@@ -137,7 +137,8 @@ def test_the_repair_refits_the_linear_before_the_run_and_lowers_the_gap(fit: str
     calibration = [torch.randn(8, 6, 16) for _ in range(4)]
     names = ("layers.1", "layers.2")
     plain = DropBlocks(blocks=names)(gm).graph_module
-    repaired = DropBlocks(blocks=names, repair=True, fit=fit, ridge=0.1).with_calibration(calibration)(gm).graph_module
+    repaired = DropBlocks(blocks=names, repair=True, fit=fit, ridge=0.1, walk="run") \
+        .with_calibration(calibration)(gm).graph_module
     [line] = repaired.meta[DROPPED_KEY]["repairs"]
     assert line.startswith("layers.1+layers.2: layers.0.down.weight refitted")
     x = torch.randn(16, 6, 16)
@@ -148,9 +149,51 @@ def test_the_repair_refits_the_linear_before_the_run_and_lowers_the_gap(fit: str
     assert not torch.equal(repaired.get_parameter("layers.0.down.weight"), plain.get_parameter("layers.0.down.weight"))
 
 
+def _ridge_toward(a: torch.Tensor, target: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin ‖W ã - t‖² + λ ‖W - old‖²`` (``ã``: ``a`` with a 1 for the bias), written out."""
+    a = torch.cat([a.reshape(-1, a.shape[-1]), torch.ones(a.numel() // a.shape[-1], 1)], 1).double()
+    gram, cross = a.T @ a, a.T @ target.reshape(a.shape[0], -1).double()
+    lam = ridge * float(gram.diagonal().mean())
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), cross + lam * old.double().T).T
+
+
+def test_the_sequential_repair_is_the_least_squares_fit_on_the_repaired_model_inputs() -> None:
+    torch.manual_seed(0)
+    gm = capture(Stack().eval(), (TOKENS,)).gm
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    calibration = [torch.cat([torch.randn(8, 6, 16) for _ in range(4)])]  # one chunk: one least squares
+    run = DropBlocks(blocks=("layers.1",), repair=True, ridge=0.1, walk="run").with_calibration(calibration)(gm).graph_module
+    walked = DropBlocks(blocks=("layers.1",), repair=True, ridge=0.1, walk="sequential") \
+        .with_calibration(calibration)(gm).graph_module
+    assert [line.split(",")[0] for line in walked.meta[DROPPED_KEY]["repairs"]] == \
+        [f"layers.{i}: layers.{i}.down.weight refitted" for i in (0, 2, 3)]
+    # the last writer is the ridge fit (toward its old weight) of the original's output stream, on the
+    # inputs the model repaired up to it gives: layers.2 already refitted
+    found, x = find_blocks(gm), calibration[0]
+    seen = SkipRunner(walked, find_blocks(walked)).values((x,), [], {"relu_3", "add_6"})
+    wanted = SkipRunner(gm, found).values((x,), [], {"add_7"})["add_7"]
+    old = torch.cat([gm.get_parameter("layers.3.down.weight"), gm.get_parameter("layers.3.down.bias")[:, None]], 1)
+    expected = _ridge_toward(seen["relu_3"], wanted - seen["add_6"], old, 0.1)
+    torch.testing.assert_close(walked.get_parameter("layers.3.down.weight"), expected[:, :-1].float())
+    torch.testing.assert_close(walked.get_parameter("layers.3.down.bias"), expected[:, -1].float())
+    # the output on the calibration data is closer to the original's than the one-linear repair's
+    with torch.no_grad():
+        gap = [float((m(x) - gm(x)).norm() / gm(x).norm()) for m in (run, walked)]
+    assert gap[1] < gap[0]
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())  # the input is untouched
+
+
+def test_the_sequential_repair_starts_after_a_run_at_the_start() -> None:
+    torch.manual_seed(0)
+    gm = capture(Stack().eval(), (TOKENS,)).gm
+    out = DropBlocks(blocks=("layers.0",), repair=True, walk="sequential-all").with_calibration([TOKENS])(gm)
+    refitted = [line.split(": ")[1].split(" ")[0] for line in out.graph_module.meta[DROPPED_KEY]["repairs"]]
+    assert refitted == [f"layers.{i}.{w}.weight" for i in (1, 2, 3) for w in ("mix", "down")]
+
+
 def test_a_run_at_the_start_is_listed_unrepaired() -> None:
     gm = capture(Stack().eval(), (TOKENS,)).gm
-    out = DropBlocks(blocks=("layers.0",), repair=True).with_calibration([TOKENS])(gm).graph_module
+    out = DropBlocks(blocks=("layers.0",), repair=True, walk="run").with_calibration([TOKENS])(gm).graph_module
     assert out.meta[DROPPED_KEY]["repairs"] == ["layers.0: not repaired (no kept block writes into the stream "
                                                 "just before it)"]
 
@@ -171,6 +214,8 @@ def test_bad_input_gets_typed_errors() -> None:
         DropBlocks(blocks=("layers.9",))(gm)
     with pytest.raises(InvalidOptionError, match="unknown block repair fit 'lasso'"):
         DropBlocks(fit="lasso")
+    with pytest.raises(InvalidOptionError, match="unknown block repair walk 'all'"):
+        DropBlocks(walk="all")
     with pytest.raises(InvalidOptionError, match="unknown block criterion 'cos'"):
         DropBlocks(criterion="cos")
     with pytest.raises(InvalidOptionError, match="sparsity must be in"):
