@@ -16,6 +16,8 @@ Results are appended row by row to ``bench_depth.json`` and the table rewritten 
 partial run keeps what it measured.
 
     nice -n 10 python benchmarks/bench_depth.py --rows dense bi10 bi25 bi25r ang25 width budget80
+    nice -n 10 python benchmarks/bench_depth.py --calibration 4 --eval 4 --rows dense sleb10r sleb25r \
+        budget80r budget60r width80 depth80r --out benchmarks/bench_depth_v3.json
     nice -n 10 python benchmarks/bench_depth.py --moe
     nice -n 10 python benchmarks/bench_depth.py --moe --moe-rows p80 p60 a80
 """
@@ -68,7 +70,21 @@ ROWS = {
     "width": ("width only, intermediate_size 0.3", dict(sparsity={"intermediate_size": 0.3})),
     "budget80": ("budget params 0.8", dict(target={"params": 0.8})),
     "budget60": ("budget params 0.6", dict(target={"params": 0.6})),
+    "budget80r": ("budget params 0.8 + repair", dict(target={"params": 0.8}, block_repair=True)),
+    "budget60r": ("budget params 0.6 + repair", dict(target={"params": 0.6}, block_repair=True)),
+    # the budget's own extremes at the same size, beside it: its width-only and its depth-only mix
+    "width80": ("width only at params 0.8 (the budget's all-width mix)", lambda model, x: _mix(model, x, 0.8, 0.0)),
+    "depth80r": ("depth only + repair at params 0.8 (the budget's all-depth mix)",
+                 lambda model, x: {**_mix(model, x, 0.8, 1.0), "block_repair": True}),
 }
+
+
+def _mix(model, x: torch.Tensor, fraction: float, depth_share: float) -> dict:
+    """The ``sparsity`` of the budget's mix at ``fraction`` of the parameters with ``depth_share`` of the
+    removal by whole layers (0: width only, 1: layers, the width making up what they miss)."""
+    space = fxprune.hf.budget.space_of(model, (x,), "params")
+    mix = next(m for m in fxprune.hf.budget.mixes_in(space, fraction) if m.depth_share == depth_share)
+    return dict(sparsity=mix.sparsity(space))
 
 
 def load_smollm2():
@@ -139,12 +155,13 @@ def run_smollm2(args) -> None:
     for name in args.rows:
         label, kwargs = ROWS[name]
         start = time.time()
+        kwargs = kwargs(model, calibration[0]) if callable(kwargs) else kwargs
         if kwargs is None:
             pruned, extra = model, {}
         else:
             result = fxprune.hf.prune_with_result(model, (calibration[0],), calibration=calibration, **kwargs)
             pruned, extra = result.model, {k: v for k, v in result.model.config.fxprune.items()
-                                           if k in ("depth", "budget")}
+                                           if k in ("depth", "budget", "changes")}
         row = {"model": "SmolLM2-135M", "row": name, "label": label, "layers": pruned.config.num_hidden_layers,
                "params_kept": pruned.num_parameters() / total, "perplexity": perplexity(pruned, evaluation),
                "round_trips": round_trips(pruned, evaluation[0]) if kwargs is not None else True,

@@ -20,15 +20,18 @@ def _ids(seed: int) -> torch.Tensor:
     return torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def test_the_budget_is_met_by_the_best_mix_tried() -> None:
+def test_the_budget_is_met_by_the_best_mix_tried_and_repairs_its_depth_mixes() -> None:
     model = _llama()
-    result = fxprune.hf.prune_with_result(model, (_ids(0),), target={"params": 0.8},
+    result = fxprune.hf.prune_with_result(model, (_ids(0),), target={"params": 0.8}, block_repair=True,
                                           calibration=[_ids(1), _ids(2)])
     record = result.model.config.fxprune["budget"]
     assert record["target"] == {"params": 0.8}
     assert abs(record["achieved"] - 0.8) < 0.03
     assert record["achieved"] == round(result.model.num_parameters() / model.num_parameters(), 4)
     assert len(record["tried"]) >= 2
+    assert {t["layers"] > 0 for t in record["tried"]} == {True, False}  # width alone, and depth with width
+    assert all((t["repairs"] > 0) == (t["layers"] > 0) for t in record["tried"])  # block_repair honoured
+    assert result.model.config.fxprune["options"]["block_repair"] is True
     assert min(t["loss"] for t in record["tried"]) == pytest.approx(
         fxprune.hf.budget.next_token_loss(result.model, [(_ids(1),), (_ids(2),)]))
 

@@ -23,18 +23,21 @@ def _figure(model, kind: str) -> float:
     return BUDGET_RECORDS[kind].count(model, (_ids(0),)).at(model.config.num_hidden_layers)
 
 
-@pytest.mark.parametrize("name, width_field", [("mixtral", "intermediate_size"),
-                                               ("qwen2_moe", "moe_intermediate_size")])
-def test_parameter_mixes_remove_experts_but_keep_top_k(name: str, width_field: str) -> None:
+# the shared expert's width moves with the routed experts' (a step of 4 units of 48 and of 40: 0.07 of
+# this tiny Qwen2-MoE's parameters, so the nearest mix may be half a step, 0.035, from the budget)
+@pytest.mark.parametrize("name, width_fields, tolerance", [
+    ("mixtral", {"intermediate_size"}, 0.03),
+    ("qwen2_moe", {"moe_intermediate_size", "shared_expert_intermediate_size"}, 0.036)])
+def test_parameter_mixes_remove_experts_but_keep_top_k(name: str, width_fields: set, tolerance: float) -> None:
     model = tiny_model(name, layers=4)
     found = mixes(model, 0.7)
     assert any(m.experts > 0 for m in found) and any(m.layers > 0 for m in found)
     assert any(m.experts == 0 and m.layers == 0 for m in found)  # width alone
     for m in found:
         assert m.experts <= 4 - 2  # num_experts_per_tok=2 of 4 stay
-        assert abs(m.predicted - 0.7) < 0.03
+        assert abs(m.predicted - 0.7) <= tolerance
         assert set(m.sparsity(_space(model))) <= {"num_hidden_layers", "num_experts", "num_local_experts",
-                                                  width_field}
+                                                  *width_fields}
     deep = mixes(model, 0.2)  # far down: every expert allowed goes, and most layers
     assert max(m.experts for m in deep) == 2 and all(m.layers <= 3 for m in deep)
 
@@ -42,6 +45,30 @@ def test_parameter_mixes_remove_experts_but_keep_top_k(name: str, width_field: s
 def _space(model):
     from fxprune.hf.budget import space_of
     return space_of(model, (_ids(0),), "params")
+
+
+def test_the_shared_expert_shrinks_by_the_routed_experts_width_share() -> None:
+    model = tiny_model("qwen2_moe", layers=2)  # moe_intermediate_size 48, shared_expert_intermediate_size 40
+    space = _space(model)
+    assert space.tied == ("shared_expert_intermediate_size",)  # intermediate_size: no layer is dense
+    assert _space(tiny_model("mixtral", layers=2)).tied == ()
+    dense_too = _space(tiny_model("qwen2_moe", layers=2, decoder_sparse_step=2))  # layer 0 dense: intermediate_size
+    assert dense_too.tied == ("shared_expert_intermediate_size", "intermediate_size")
+    width = next(m for m in mixes(model, 0.8) if not m.layers and not m.experts)
+    result = fxprune.hf.prune_with_result(model, (_ids(0),), sparsity=width.sparsity(space), calibration=[_ids(1)])
+    kept = round((1 - width.width) * 48)
+    assert result.changes == {name: (getattr(model.config, name), units) for name, units in space.widths(kept).items()}
+    assert 0 < space.widths(kept)["shared_expert_intermediate_size"] < 40
+    assert round(_figure(result.model, "params") / _figure(model, "params"), 4) == width.predicted
+
+
+def test_the_shared_expert_is_named_by_its_module_when_sizes_agree() -> None:
+    # Qwen1.5-MoE-A2.7B's sizes agree (5632 both): the shared expert is not intermediate_size, unread here
+    model = tiny_model("qwen2_moe", intermediate_size=40)
+    pruned = fxprune.hf.prune_with_result(model, (_ids(0),), sparsity={"shared_expert_intermediate_size": 0.5},
+                                          calibration=[_ids(1)])
+    assert pruned.changes == {"shared_expert_intermediate_size": (40, 20)}
+    assert pruned.model.model.layers[0].mlp.shared_expert.gate_proj.weight.shape == (20, 32)
 
 
 @pytest.mark.parametrize("kind", ["active_params", "macs"])

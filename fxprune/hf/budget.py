@@ -17,7 +17,8 @@ the one with the lowest next-token loss on the calibration data. The figures (:d
 
 Each mix splits what is to be removed into shares: :data:`DEPTH_SHARES` of it (none, half, all) by
 whole layers, :data:`EXPERT_SHARES` by experts (figures that count them), the rest by the MLP width
-(``moe_intermediate_size`` where the family has it, else ``intermediate_size``). The figure of every
+(``moe_intermediate_size`` where the family has it, else ``intermediate_size``; the same share of every
+other MLP width the figure counts: Qwen2-MoE's ``shared_expert_intermediate_size``). The figure of every
 variant is computed from the model, not from a formula: its class is built from the changed config (on
 the ``meta`` device for parameters, with zero weights and run on the example for MACs) and counted, as
 ``fixed + layers × per layer``; a figure is linear in the width kept, so the width that meets the budget
@@ -25,9 +26,11 @@ is solved from two such counts (stacked experts: the width kept is a multiple of
 units, which transformers 5's grouped matmul needs). Layer and expert counts are rounded to the nearest
 (down, where that removes more than :data:`OVERSHOOT` too much), and the width makes up the rest; where
 the width cannot (more than :data:`MAX_WIDTH` of it), more experts, then more layers, are removed. Every
-mix keeps one layer and ``num_experts_per_tok`` experts at least. The achieved fraction
-(measured on the pruned model), the counting used and every mix tried (with its predicted and achieved
-fraction and its loss) are recorded in ``config.fxprune["budget"]``. A budget no mix reaches is an
+mix keeps one layer and ``num_experts_per_tok`` experts at least. A mix that removes layers removes them
+as ``sparsity={"num_hidden_layers": r}`` would, with the call's ``block_criterion`` and ``block_repair``:
+asked for, the repair is fitted in every such mix before its loss is measured. The achieved fraction
+(measured on the pruned model), the counting used and every mix tried (with its widths, its repairs, its
+predicted and achieved fraction and its loss) are recorded in ``config.fxprune["budget"]``. A budget no mix reaches is an
 ``InvalidOptionError`` naming the closest fraction reachable.
 
 >>> smaller = fxprune.hf.prune(model, (ids,), target={"params": 0.8}, calibration=batches)  # doctest: +SKIP
@@ -63,6 +66,10 @@ MAX_WIDTH = 0.9
 #: remove more than asked (with no width left to remove).
 OVERSHOOT = 0.02
 WIDTH_FIELDS = ("moe_intermediate_size", "intermediate_size")  # the MoE experts' width first
+#: The MLP widths that shrink by the width's share beside it, where the config has them and they move the
+#: figure: a shared expert (Qwen2-MoE) is as much MLP width as the routed ones; ``intermediate_size`` on an
+#: MoE model counts only where some layers are dense (``mlp_only_layers``), else no module has it.
+TIED_FIELDS = ("shared_expert_intermediate_size", "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,8 @@ class Space:
     align: int
     """The MLP width kept is a multiple of this (stacked experts: transformers 5's grouped matmul needs rows
     of a multiple of 16 bytes, and fails on others)."""
+    tied: tuple[str, ...] = ()
+    """Other MLP width fields (:data:`TIED_FIELDS`) that keep the share ``width_field`` keeps."""
     _figures: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -165,15 +174,36 @@ class Space:
         """The most experts a mix removes per layer (``top_k`` stay), 0 where experts are not in the mixes."""
         return self.experts - self.top_k if self.experts and self.budget.experts_move_it else 0
 
+    def widths(self, kept: int) -> dict[str, int]:
+        """Every MLP width field's units kept when ``width_field`` keeps ``kept``: the same share, rounded
+        to :attr:`align` (the HF route rounds every width to it); whole where ``width_field`` is. On a
+        Qwen2-MoE of ``moe_intermediate_size=48``, ``shared_expert_intermediate_size=40``:
+
+        >>> space.widths(24)                                                          # doctest: +SKIP
+        {'moe_intermediate_size': 24, 'shared_expert_intermediate_size': 20}
+        """
+        return {self.width_field: kept, **{name: self._tied_units(getattr(self.model.config, name), kept)
+                                           for name in self.tied}}
+
+    def _tied_units(self, size: int, kept: int) -> int:
+        if kept == self.width:
+            return size
+        return max(self.align, round(size * kept / self.width / self.align) * self.align)
+
+    def ratios(self, kept: int) -> dict[str, float]:
+        """:meth:`widths` as the ratios removed, the ``sparsity`` of :func:`fxprune.hf.prune`."""
+        return {name: (getattr(self.model.config, name) - units) / getattr(self.model.config, name)
+                for name, units in self.widths(kept).items()}
+
     def figure(self, experts: int, width: int) -> Figure:
         """The figure of the model with ``experts`` per layer and ``width`` MLP units."""
         key = (experts, width)
         if key not in self._figures:
-            self._figures[key] = self.budget.count(self._variant(experts, width), self.inputs)
+            self._figures[key] = self.budget.count(self._variant(experts, self.widths(width)), self.inputs)
         return self._figures[key]
 
-    def _variant(self, experts: int, width: int) -> Any:
-        changes = {self.width_field: width, **({self.expert_field: experts} if self.expert_field else {})}
+    def _variant(self, experts: int, widths: dict[str, int]) -> Any:
+        changes = {**widths, **({self.expert_field: experts} if self.expert_field else {})}
         return variant(self.model, changes, self.budget.on_meta)
 
 
@@ -208,8 +238,19 @@ def space_of(model: Any, inputs: tuple, kind: str) -> Space:
     top_k = first.gate.top_k if first is not None else 0
     space = Space(model, inputs, kind, layer_list(model)[1], width_field, expert_field, experts, top_k,
                   kernel_alignment(model))
-    space.figure(experts, space.width)  # a kind the model cannot have is refused here, before any pruning
+    full = space.figure(experts, space.width)  # a kind the model cannot have is refused here, before any pruning
+    space.tied = tuple(name for name in TIED_FIELDS if name != width_field and _moves(space, name, full))
+    space._figures.clear()  # counted before the tied widths were known
     return space
+
+
+def _moves(space: Space, name: str, full: Figure) -> bool:
+    """Whether halving the config's ``name`` changes the figure (a field no module reads does not)."""
+    size = getattr(space.model.config, name, None)
+    if not isinstance(size, int) or size < 2 * space.align:
+        return False
+    halved = variant(space.model, {name: size // 2, space.width_field: space.width}, space.budget.on_meta)
+    return space.budget.count(halved, space.inputs) != full
 
 
 def _expert_field(config: Any) -> str:
@@ -236,7 +277,12 @@ class Mix:
         out = {"num_hidden_layers": self.layers / space.layers} if self.layers else {}
         if self.experts:
             out[space.expert_field] = self.experts / space.experts
-        return {**out, space.width_field: self.width} if self.width > 0 else out
+        return {**out, **self.widths(space)} if self.width > 0 else out
+
+    def widths(self, space: Space) -> dict[str, float]:
+        """The ratio of every MLP width field this mix removes (``width`` of ``width_field``, the same
+        share of the tied ones)."""
+        return space.ratios(round((1 - self.width) * space.width))
 
 
 def check_target(target: Any) -> tuple[str, float]:
@@ -280,7 +326,7 @@ def _solve(space: Space, fraction: float, depth_share: float, expert_share: floa
         width = _width(space, space.layers - layers, space.experts - experts, goal)
         overshoot = width < 0 and fraction - kept_fraction(space, layers, experts, space.width) > OVERSHOOT
         if width <= MAX_WIDTH and not overshoot:
-            return _mix(space, depth_share, expert_share, layers, experts, max(0.0, width))
+            return _mix(space, depth_share, expert_share, layers, experts, max(0.0, width), fraction)
     return None
 
 
@@ -319,8 +365,12 @@ def kept_fraction(space: Space, layers: int, experts: int, width: int) -> float:
 
 
 def _mix(space: Space, depth_share: float, expert_share: float, layers: int, experts: int,
-         width: float) -> Optional[Mix]:
-    kept = max(space.align, round((1 - width) * space.width / space.align) * space.align)
+         width: float, fraction: float) -> Optional[Mix]:
+    units = (1 - width) * space.width / space.align
+    # the aligned width on either side of the solved one, whichever lands nearer the budget (ties: the
+    # smaller, which meets it): a step of alignment moves the tied widths too, more than rounding suggests
+    either = sorted({min(space.width, max(1, step) * space.align) for step in (math.floor(units), math.ceil(units))})
+    kept = min(either, key=lambda units_kept: abs(kept_fraction(space, layers, experts, units_kept) - fraction))
     if not (layers or experts or kept < space.width):
         return None  # removes nothing: the budget is closer to 1 than one step of width
     predicted = kept_fraction(space, layers, experts, kept)
@@ -353,7 +403,9 @@ def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any,
         result = prune(mix.sparsity(space))
         loss = next_token_loss(result.model, batches)
         achieved = space.budget.count(result.model, inputs).at(result.model.config.num_hidden_layers) / original
-        tried.append({"layers": mix.layers, "experts": mix.experts, "width": {space.width_field: round(mix.width, 4)},
+        tried.append({"layers": mix.layers, "experts": mix.experts,
+                      "width": {name: round(ratio, 4) for name, ratio in mix.widths(space).items()},
+                      "repairs": len(result.model.config.fxprune.get("depth", {}).get("repairs", [])),
                       "predicted": mix.predicted, "achieved": round(achieved, 4), "loss": loss})
         if best is None or loss < best[0]:
             best = (loss, result, achieved, mix.sparsity(space))

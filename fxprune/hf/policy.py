@@ -39,6 +39,10 @@ from fxprune.options import PruneOptions
 LAYER_INDICES = ("own", "shared")
 INTERMEDIATE_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size",
                        "shared_expert_intermediate_size")
+#: Fields that are the width of one module, by the name HF gives it: where two fields have the same size
+#: (Qwen1.5-MoE-A2.7B: ``intermediate_size`` = ``shared_expert_intermediate_size`` = 5632) the size alone
+#: would name the shared expert ``intermediate_size``, a field no module of an all-MoE model reads.
+FIELD_MODULES = {"shared_expert_intermediate_size": ".shared_expert."}
 HEADS = "num_attention_heads"
 HIDDEN = "hidden_size"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -120,9 +124,22 @@ def _field(analysis: Analysis, group: Group, per_layer: bool, config: Any,
             attention.head_dim:
         return HEADS
     for name in INTERMEDIATE_FIELDS:
-        if group.size == intermediate_of(config, name):
+        if group.size == intermediate_of(config, name) and name in _candidate_fields(group, config):
             return name
     return ""
+
+
+def _candidate_fields(group: Group, config: Any) -> tuple[str, ...]:
+    """The fields a per-layer group may be: its module's field (:data:`FIELD_MODULES`) where the config has
+    it and the group lies inside that module, else any field but those.
+
+    >>> # a group of model.layers.*.mlp.shared_expert.{gate,up,down}_proj on a Qwen2-MoE config
+    >>> _candidate_fields(shared_expert_group, qwen2_moe_config)                       # doctest: +SKIP
+    ('shared_expert_intermediate_size',)
+    """
+    own = tuple(name for name, module in FIELD_MODULES.items()
+                if hasattr(config, name) and all(module in m.key for m in group.members))
+    return own or tuple(name for name in INTERMEDIATE_FIELDS if name not in FIELD_MODULES)
 
 
 def intermediate_of(config: Any, name: str) -> Optional[int]:
