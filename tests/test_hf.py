@@ -98,6 +98,21 @@ def test_family_round_trips(name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral"])
+def test_a_ratio_that_keeps_every_head_prunes_the_hidden_size_by_whole_heads(name, tmp_path):
+    """0.3 keeps both key/value groups and prunes hidden_size: LLaMA's config refuses a hidden size that
+    is not a multiple of the heads (32 -> 23 was refused), and Qwen2/Mixtral derive head_dim from
+    hidden_size / num_attention_heads unless it is written (q_proj came out 20 rows where 32 were kept)."""
+    model = _model(name)
+    pruned = fxprune.hf.prune(model, _inputs(name, 2, 8), sparsity=0.3)
+    config = pruned.config
+    assert (config.hidden_size, config.num_attention_heads, config.head_dim) == (24, 4, 8)
+    pruned.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    inputs = _inputs(name, 3, 11)
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(pruned, inputs), rtol=0, atol=0)
+
+
 def test_llama_policy_keeps_whole_heads_and_rotary():
     model, result = _pruned("llama")
     state = result.model.state_dict()

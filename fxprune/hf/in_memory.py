@@ -480,8 +480,9 @@ def new_config(model: Any, analysis: Analysis, drop: Dropped,
             changes[field] = (_value(model.config, field), value)
     for field, (_, value) in changes.items():
         setattr(config, field, value)
-    if "num_attention_heads" in changes and attention is not None and attention.explicit_head_dim:
-        config.head_dim = attention.head_dim  # Qwen2, Phi-3 derive it unless it is written
+    if {"num_attention_heads", "hidden_size"} & changes.keys() and attention is not None \
+            and attention.explicit_head_dim:
+        config.head_dim = attention.head_dim  # Qwen2, Phi-3, Mixtral derive it from both unless it is written
     _check_config(config)
     return config, changes
 

@@ -190,6 +190,8 @@ def decide(kinds_: list[Kind], requested: Mapping[str, int], options: PruneOptio
                  for k in kinds_}
     if attention is not None and not attention.explicit_head_dim:
         _tie_heads_to_hidden(kinds_, decisions, requested, options, attention)
+    elif attention is not None:
+        _hidden_by_whole_heads(kinds_, decisions, attention)
     return [decisions[id(k)] for k in kinds_]
 
 
@@ -250,6 +252,22 @@ def _tie_heads_to_hidden(kinds_: list[Kind], decisions: dict, requested: Mapping
         decisions[id(hidden[0])] = Decision(hidden[0], keep, f"hidden_size={keep}: the config derives "
                                             f"head_dim = hidden_size / num_attention_heads, so hidden_size "
                                             f"= kept heads x head_dim {attention.head_dim}")
+
+
+def _hidden_by_whole_heads(kinds_: list[Kind], decisions: dict, attention: Attention) -> None:
+    """A pruned ``hidden_size`` is rounded up to a multiple of the query heads kept: transformers refuses
+    any other (``LlamaConfig.validate``: "hidden size is not a multiple of the number of attention heads",
+    even with ``head_dim`` written), and one rule for every family keeps the configs alike."""
+    hidden = [k for k in kinds_ if k.field == HIDDEN and decisions[id(k)].keep < k.size]
+    heads = [decisions[id(k)].keep for k in kinds_ if k.field == HEADS]
+    query_heads = (heads[0] if heads else attention.kv_heads) * attention.per_unit
+    for kind in hidden:
+        d = decisions[id(kind)]
+        keep = min(kind.size, -(-d.keep // query_heads) * query_heads)
+        if keep != d.keep:
+            decisions[id(kind)] = Decision(kind, keep, f"{HIDDEN}={keep} in every layer (rounded up from "
+                                                       f"{d.keep} to a multiple of the {query_heads} query heads "
+                                                       f"kept, which transformers requires)")
 
 
 def requested_keeps(analysis: Analysis, drop: Dropped) -> dict[str, int]:
