@@ -51,6 +51,7 @@ from fxprune.core.skip import SkipRunner
 from fxprune.core.graph import attribute
 from fxprune.data.calibration import eval_mode, run_batches, token_rows
 from fxprune.data.recovery import masked_chunks, relative_error
+from fxprune.data.sequential import Walk
 from fxprune.errors import CalibrationError, InvalidOptionError
 # BLOCK_CRITERIA re-exported: declared in the options module
 from fxprune.options import BLOCK_CRITERIA, BLOCK_REPAIRS, keyed_by
@@ -460,9 +461,11 @@ def _sequential(residuals: slice) -> Callable[..., list[BlockRepair]]:
         runner = SkipRunner(original, found)
         with eval_mode(original):
             targets = [runner.values(x, [], {w.target for w in writers}) for _, x, _ in chunks]
-        walker = _Walker(pruned, [x for _, x, _ in chunks])
+        # the pruned graph walked once, stop by stop: each writer is refitted on what the nodes before it
+        # (and the writers already refitted) give, and the nodes after it run with its new weight
+        walk = Walk(pruned, [x for _, x, _ in chunks])
         with eval_mode(pruned):
-            return repairs + [_refit_writer(pruned, walker, w, targets, chunks, ridge, fit) for w in writers]
+            return repairs + [_refit_writer(pruned, walk, w, targets, chunks, ridge, fit) for w in writers]
     return walk
 
 
@@ -502,46 +505,16 @@ def _stream_end(found: Blocks, removed: set[str], index: int) -> str:
     return found.blocks[end].output
 
 
-class _Walker:
-    """The pruned graph run on every calibration chunk a stretch of nodes at a time, each node once per
-    chunk, the live values carried between stretches: a writer refitted at one stop is what the nodes
-    after it run with, and the whole walk costs one forward pass."""
-
-    def __init__(self, gm: fx.GraphModule, chunks: list[tuple]) -> None:
-        # SkipRunner with nothing skipped: its schedule frees each value after its last reader, so a
-        # chunk carries only the live values (the stream, the rotary tables, the mask) between stops
-        self.runner = SkipRunner(gm, Blocks((), ()))
-        self.plan = self.runner._schedule(0, {})
-        self.position = {node.name: i for i, (node, _) in enumerate(self.plan)}
-        self.done = 0
-        self.states = []
-        for inputs in chunks:
-            self.runner._begin(inputs)
-            self.states.append((self.runner.env, self.runner.args_iter))
-
-    def advance(self, name: str) -> list[dict[fx.Node, Any]]:
-        """Each chunk's live values, run up to (not including) node ``name``."""
-        stop = self.position[name]
-        with torch.no_grad():
-            for env, args in self.states:
-                self.runner.env, self.runner.args_iter = env, args
-                for node, free in self.plan[self.done:stop]:
-                    self.runner._step(node, free, {})
-        self.done = stop
-        return [env for env, _ in self.states]
-
-    def node(self, name: str) -> fx.Node:
-        return self.runner.named[name]
-
-
-def _refit_writer(gm: fx.GraphModule, walker: _Walker, writer: _Writer, targets: list[dict[str, torch.Tensor]],
+def _refit_writer(gm: fx.GraphModule, walk: Walk, writer: _Writer, targets: list[dict[str, torch.Tensor]],
                   chunks: list[tuple], ridge: float, fit: str) -> BlockRepair:
     """Refit ``writer`` so that the add after it reaches the original's stream, on the inputs the pruned
     (and already repaired) graph gives it."""
-    node, add = walker.node(writer.node), walker.node(writer.add)
+    with torch.no_grad():
+        walk.run_before(writer.node)
+    node, add = (walk.nodes[walk.order[name]] for name in (writer.node, writer.add))
     [shortcut] = [a for a in add.args if isinstance(a, fx.Node) and a is not node]
     sums: dict[str, Any] = {"gram": 0, "cross": 0, "yy": 0.0}
-    for (index, _, mask), env, wanted in zip(chunks, walker.advance(writer.node), targets):
+    for (index, _, mask), env, wanted in zip(chunks, walk.envs, targets):
         source = node.args[0]
         _add_moments(sums, env[source], wanted[writer.target] - env[shortcut], mask, source.name, index,
                      writer.bias_key is not None)
