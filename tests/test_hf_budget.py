@@ -32,8 +32,50 @@ def test_the_budget_is_met_by_the_best_mix_tried_and_repairs_its_depth_mixes() -
     assert {t["layers"] > 0 for t in record["tried"]} == {True, False}  # width alone, and depth with width
     assert all((t["repairs"] > 0) == (t["layers"] > 0) for t in record["tried"])  # block_repair honoured
     assert result.model.config.fxprune["options"]["block_repair"] is True
+
+
+def test_mixes_are_ranked_on_held_out_sequences_and_the_chosen_one_is_refitted_on_all() -> None:
+    """Scored on the data its repair was fitted on, the all-depth mix looked best on SmolLM2 and was the
+    worst held out (bench_depth_v4.json): each mix is fitted on 3 of the 4 sequences and scored on the 4th."""
+    model, calibration = _llama(), [_ids(1), _ids(2)]
+    result = fxprune.hf.prune_with_result(model, (_ids(0),), target={"params": 0.8}, block_repair=True,
+                                          calibration=calibration)
+    record = result.model.config.fxprune["budget"]
+    assert record["scored"].startswith("the mixes' loss on the last 1 calibration sequences, each mix fitted on "
+                                       "the other 3")
+    chosen = result.request.sparsity
+    repair = {"block_repair": True} if "num_hidden_layers" in chosen else {}  # refused where no layer goes
+    split = fxprune.hf.budget.split_calibration(calibration)
+    assert [len(b["input_ids"]) for b in split.fit.data] == [2, 1] and len(split.held_out.data[0]["input_ids"]) == 1
+    fitted_on_part = fxprune.hf.prune(model, (_ids(0),), sparsity=chosen, calibration=split.fit, **repair)
     assert min(t["loss"] for t in record["tried"]) == pytest.approx(
-        fxprune.hf.budget.next_token_loss(result.model, [(_ids(1),), (_ids(2),)]))
+        fxprune.hf.budget.next_token_loss(fitted_on_part, split.held_out))
+    fitted_on_all = fxprune.hf.prune(model, (_ids(0),), sparsity=chosen, calibration=calibration,
+                                     **repair)
+    ids = _ids(3)
+    torch.testing.assert_close(result.model(ids).logits, fitted_on_all(ids).logits)
+    assert not torch.allclose(fitted_on_part(ids).logits, fitted_on_all(ids).logits)  # the refit changed it
+
+
+def test_one_calibration_sequence_ranks_the_mixes_in_sample_and_says_so() -> None:
+    with pytest.warns(UserWarning, match="one calibration sequence"):
+        result = fxprune.hf.prune_with_result(_llama(), (_ids(0),), target={"params": 0.8},
+                                              calibration=[_ids(1)[:1]])
+    assert result.model.config.fxprune["budget"]["scored"].startswith("the mixes' loss on the data they were fitted")
+
+
+def test_the_loss_leaves_out_padded_positions() -> None:
+    model, ids = _llama(), _ids(1)
+    padded = {"input_ids": torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones(2, 8), torch.zeros(2, 3)], 1).long()}
+    loss = fxprune.hf.budget.next_token_loss
+    assert loss(model, fxprune.hf.calibrated.token_calibration([padded], 49152)) == pytest.approx(loss(model, [ids]))
+
+
+def test_a_layer_option_no_mix_can_use_is_refused() -> None:
+    with pytest.raises(InvalidOptionError, match=r"block_repair=True has no effect: no mix that meets target "
+                                                 r"params 0.98 removes layers"):
+        fxprune.hf.prune(_llama(), (_ids(0),), target={"params": 0.98}, block_repair=True, calibration=[_ids(1)])
 
 
 def test_mixes_span_width_only_to_depth_only() -> None:

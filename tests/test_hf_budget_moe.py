@@ -111,3 +111,7 @@ def test_bad_moe_budgets_are_typed_errors() -> None:
         fxprune.hf.prune(tiny_model("mixtral", layers=4), (_ids(0),), target={"params": 0.05})
     with pytest.raises(InvalidOptionError, match=r"target active_params 0.05 .* a mix of depth and width reaches"):
         fxprune.hf.prune(tiny_model("mixtral", layers=4), (_ids(0),), target={"active_params": 0.05})
+    with pytest.raises(InvalidOptionError, match=r"expert_criterion='frequency' has no effect: no mix that meets "
+                                                 r"target active_params 0.8 removes experts"):
+        fxprune.hf.prune(tiny_model("mixtral", layers=4), (_ids(0),), target={"active_params": 0.8},
+                         expert_criterion="frequency", calibration=[_ids(1)])

@@ -158,14 +158,28 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
     widths = functools.partial(
         _prune_widths, example_inputs=example_inputs, criterion=criterion, hf_compatible=hf_compatible,
         layer_indices=layer_indices, options=options.replace(**_defaults(whole)) if options is not None else None,
-        dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, calibration=calibration,
-        loss_fn=loss_fn, recover=recover, **{k: v for k, v in option_fields.items() if k not in whole})
-    run = functools.partial(_structures_then_widths, asked=asked, inputs=inputs, calibration=calibration,
-                            steps=dict(dynamic_shapes=dynamic_shapes, tolerance=tolerance), widths=widths)
+        dynamic_shapes=dynamic_shapes, tolerance=tolerance, progress=progress, loss_fn=loss_fn, recover=recover,
+        **{k: v for k, v in option_fields.items() if k not in whole})
+
+    def run(sparsity: Sparsity, data: Any) -> HFPruneResult:  # the budget fits its mixes on part of the data
+        return _structures_then_widths(model, sparsity, asked, inputs, data,
+                                       dict(dynamic_shapes=dynamic_shapes, tolerance=tolerance),
+                                       functools.partial(widths, calibration=data))
+
     if asked.target is None:
-        return _recorded(run(model, asked.sparsity), asked, asked.sparsity)
-    out, chosen = budget.prune_to_budget(model, inputs, asked.target, calibration, functools.partial(run, model))
+        return _recorded(run(asked.sparsity, calibration), asked, asked.sparsity)
+    out, chosen = budget.prune_to_budget(model, inputs, asked.target, calibration, run, _whole_options(asked))
     return _recorded(out, asked, chosen)
+
+
+#: The options of whole structures, and what each needs the sparsity (or the budget's mix) to remove.
+WHOLE_OPTIONS = {"block_criterion": "layer count", "block_repair": "layer count", "expert_criterion": "expert count"}
+
+
+def _whole_options(asked: PruneOptions) -> dict[str, tuple[Any, str]]:
+    """``{option: (value, what it needs removed)}`` of the layers' and experts' options the call set."""
+    return {name: (getattr(asked, name), what) for name, what in WHOLE_OPTIONS.items()
+            if getattr(asked, name) != public_fields()[name].default}
 
 
 def _defaults(names: Sequence[str]) -> dict[str, Any]:
@@ -177,12 +191,9 @@ def _check_whole_structures(asked: PruneOptions, wanted: structure.Structure, sp
     if asked.target is not None and (sparsity_given or wanted.any):
         raise InvalidOptionError(f"target={dict(asked.target)!r} chooses the sparsity itself: give target or "
                                  f"sparsity, not both")
-    unused = {"block_criterion": (wanted.layers is None and asked.target is None, "layer count"),
-              "block_repair": (wanted.layers is None and asked.target is None, "layer count"),
-              "expert_criterion": (wanted.experts is None and asked.target is None, "expert count")}
-    for name, (idle, what) in unused.items():
-        value = getattr(asked, name)
-        if idle and value != public_fields()[name].default:
+    asks = {"layer count": wanted.layers is not None, "expert count": wanted.experts is not None}
+    for name, (value, what) in _whole_options(asked).items():
+        if not asks[what] and asked.target is None:  # with a target, the budget checks its mixes (budget.py)
             raise InvalidOptionError(f"fxprune.hf: {name}={value!r} has no effect: the sparsity names no {what} "
                                      f"({', '.join(structure.FIELDS[what])}) and no target is given")
 
