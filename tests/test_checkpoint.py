@@ -207,12 +207,23 @@ def test_cli_prunes_a_checkpoint_directory_disk_to_disk(source, tmp_path, capsys
     assert "disk-to-disk route offers" in capsys.readouterr().err
 
 
-def test_a_config_transformers_refuses_is_a_typed_error_before_writing(source, tmp_path):
+def test_a_hidden_size_transformers_would_refuse_is_rounded_to_whole_heads(source, tmp_path):
+    """transformers refuses a hidden size that is not a multiple of the query heads: 0.0625 of 32 would
+    keep 30 of 4 heads' hidden size, and the policy rounds it up to 32 (nothing pruned, nothing refused)."""
+    prune_checkpoint(source, tmp_path / "out", {"hidden_size": 0.0625}, "l2")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["hidden_size"] == 32 and written["fxprune"]["changes"] == {}
+
+
+def test_a_config_transformers_refuses_is_a_typed_error():
+    """The safety net behind that rule, run on every new config before anything is written."""
     from fxprune.errors import ConfigMismatchError
-    with pytest.raises(ConfigMismatchError, match=r"hidden size \(30\) is not a multiple of the number of "
-                                                  r"attention heads \(4\)"):
-        prune_checkpoint(source, tmp_path / "out", {"hidden_size": 0.0625}, "l2")
-    assert list(tmp_path.iterdir()) == []
+    from fxprune.hf.in_memory import _check_config
+    config = T.LlamaConfig(**CONFIG)
+    config.hidden_size = 30
+    with pytest.raises(ConfigMismatchError, match=r"transformers refuses the pruned config: The hidden size \(30\) "
+                                                  r"is not a multiple of the number of attention heads \(4\)"):
+        _check_config(config)
 
 
 @pytest.mark.parametrize("kept", [{0: [1, 4, 5, 9]}, {1: [0, 2, 3]}, {0: [0, 7, 8], 1: [1, 4]}, {}, {0: [5, 2]}],
