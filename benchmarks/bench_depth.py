@@ -18,6 +18,8 @@ partial run keeps what it measured.
     nice -n 10 python benchmarks/bench_depth.py --rows dense bi10 bi25 bi25r ang25 width budget80
     nice -n 10 python benchmarks/bench_depth.py --calibration 4 --eval 4 --rows dense sleb10r sleb25r \
         budget80r budget60r width80 depth80r --out benchmarks/bench_depth_v3.json
+    nice -n 10 python benchmarks/bench_depth.py --calibration 8 --eval 4 --rows dense width80 depth80r half80r \
+        budget80r budget60r --out benchmarks/bench_depth_v5.json   # the budget ranking on held-out sequences
     nice -n 10 python benchmarks/bench_depth.py --moe
     nice -n 10 python benchmarks/bench_depth.py --moe --moe-rows p80 p60 a80
 """
@@ -76,6 +78,8 @@ ROWS = {
     "width80": ("width only at params 0.8 (the budget's all-width mix)", lambda model, x: _mix(model, x, 0.8, 0.0)),
     "depth80r": ("depth only + repair at params 0.8 (the budget's all-depth mix)",
                  lambda model, x: {**_mix(model, x, 0.8, 1.0), "block_repair": True}),
+    "half80r": ("half depth + repair, half width at params 0.8 (the budget's middle mix)",
+                lambda model, x: {**_mix(model, x, 0.8, 0.5), "block_repair": True}),
 }
 
 

@@ -154,7 +154,8 @@ class PruneOptions:
                                                          "active_params (MoE: the parameters a token uses) or macs "
                                                          "(at the example inputs' shape): the mix of layers, experts "
                                                          "(MoE, params) and MLP width removed is chosen to keep F of "
-                                                         "it", check=_target_ok, metavar="KIND=F",
+                                                         "it, by the loss of each mix on held-out calibration "
+                                                         "sequences", check=_target_ok, metavar="KIND=F",
                                                    route=HF_ROUTE)
     hf: Optional[Mapping[str, Any]] = option(None, "set by fxprune.hf: hf_compatible, layer_indices and "
                                                    "the constraint that shaped each group", internal=True)
