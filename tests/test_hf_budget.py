@@ -59,9 +59,20 @@ def test_mixes_are_ranked_on_held_out_sequences_and_the_chosen_one_is_refitted_o
 
 def test_one_calibration_sequence_ranks_the_mixes_in_sample_and_says_so() -> None:
     with pytest.warns(UserWarning, match="one calibration sequence"):
-        result = fxprune.hf.prune_with_result(_llama(), (_ids(0),), target={"params": 0.8},
+        result = fxprune.hf.prune_with_result(_llama(), (_ids(0),), target={"params": 0.8}, block_repair=True,
                                               calibration=[_ids(1)[:1]])
     assert result.model.config.fxprune["budget"]["scored"].startswith("the mixes' loss on the data they were fitted")
+
+
+def test_without_fitted_weights_the_mixes_are_ranked_on_all_the_calibration_data() -> None:
+    """Ranking units barely overfits, and more sequences rank more surely (the trained MoE's budget chose a
+    worse mix on 2 held-out sequences than on all 8): no split where no weight is fitted to the data."""
+    calibration = [_ids(1), _ids(2)]
+    result = fxprune.hf.prune_with_result(_llama(), (_ids(0),), target={"params": 0.8}, calibration=calibration)
+    record = result.model.config.fxprune["budget"]
+    assert record["scored"] == "the mixes' loss on the calibration data (no weights fitted to it)"
+    assert min(t["loss"] for t in record["tried"]) == pytest.approx(
+        fxprune.hf.budget.next_token_loss(result.model, calibration))
 
 
 def test_the_loss_leaves_out_padded_positions() -> None:

@@ -2,8 +2,9 @@
 
 fxprune chooses how many whole layers, how many routed experts (MoE models) and how much of the MLP
 width to remove so that the model keeps the fraction ``f`` of a figure, by trying a few mixes and keeping
-the one with the lowest next-token loss on calibration sequences it was not fitted on (:data:`HELD_OUT`),
-then pruning that mix again on all of the data. The figures (:data:`BUDGETS`):
+the one with the lowest next-token loss on the calibration data; where the run fits weights to the data
+(``block_repair``, ``recover=``), on calibration sequences the mixes were not fitted on (:data:`HELD_OUT`),
+the chosen mix then pruned again on all of the data. The figures (:data:`BUDGETS`):
 
 - ``"params"``: the parameters (tied ones once). On an MoE model the mixes remove experts too.
 - ``"active_params"`` (MoE only: a dense model's are all its parameters, refused by name): the
@@ -393,28 +394,34 @@ def _unreachable(space: Space, fraction: float) -> str:
 
 
 # --- the search ---------------------------------------------------------------------------------------
-#: The share of the calibration sequences (the last ones, one at least) that ranks the mixes: each mix is
-#: fitted (criteria, depth repair, recovery) on the rest and scored on these, then the chosen one is pruned
-#: again on all of the data. Scored on the sequences it was fitted on, the depth repair's refitted writers
-#: made the all-depth mix look best (loss 3.29 against 3.54 for width only on 4 sequences of SmolLM2), and it
-#: was 2.41x dense on held-out text against 1.96x for width only (``benchmarks/bench_depth_v4.json``).
+#: The share of the calibration sequences (the last ones, one at least) that ranks the mixes of a run that
+#: fits weights to the data (``block_repair``, ``recover=``): each mix is fitted on the rest and scored on
+#: these, then the chosen one is pruned again on all of the data. Scored on the sequences it was fitted on,
+#: the depth repair's refitted writers made the all-depth mix look best (loss 3.29 against 3.54 for width
+#: only on 4 sequences of SmolLM2), and it was 2.41x dense on held-out text against 1.96x for width only
+#: (``bench_depth_v4.json``); held out, the losses rank the mixes as the evaluation does (v5). A run that
+#: only ranks units by the data is scored on all of it: on the trained MoE of ``bench_depth.py --moe`` the
+#: mixes' losses differ by 0.03, and ranked on 2 held-out sequences the budget at 0.8 chose a mix 1.04x dense
+#: where the in-sample ranking on 8 chose one 1.00x.
 HELD_OUT = 0.25
 #: What each whole-structure option needs some mix to remove (the option is refused where none does).
 REMOVES = {"layer count": "layers", "expert count": "experts"}
 
 
 def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any, prune: Callable[[Any, Any], Any],
-                    whole_options: Optional[dict[str, tuple[Any, str]]] = None) -> tuple[Any, dict[str, float]]:
-    """Try every mix with ``prune(sparsity, calibration) -> HFPruneResult`` fitted on all but the last
-    :data:`HELD_OUT` of the calibration sequences, keep the one with the lowest next-token loss on those,
-    and prune it again on all of them. ``whole_options``: ``{option: (value, "layer count" | "expert
-    count")}`` the call set, refused where no mix removes what they act on. Returns the result and the
-    sparsity it was pruned with."""
+                    whole_options: Optional[dict[str, tuple[Any, str]]] = None,
+                    fits_weights: bool = False) -> tuple[Any, dict[str, float]]:
+    """Try every mix with ``prune(sparsity, calibration) -> HFPruneResult`` and keep the one with the lowest
+    next-token loss: where the run fits weights to the data (``fits_weights``: a depth repair, recovery),
+    each mix is fitted on all but the last :data:`HELD_OUT` of the calibration sequences and scored on
+    those, and the chosen one is pruned again on all of them; else each is scored on all of them.
+    ``whole_options``: ``{option: (value, "layer count" | "expert count")}`` the call set, refused where no
+    mix removes what they act on. Returns the result and the sparsity it was pruned with."""
     kind, fraction = check_target(target)
     space = space_of(model, inputs, kind)
     found = mixes_in(space, fraction)
     _check_used(found, whole_options or {}, kind, fraction)
-    split = split_calibration(calibration)
+    split = split_calibration(calibration) if fits_weights else None
     fit, scored = (calibration, [inputs] if calibration is None else calibration) if split is None else \
         (split.fit, split.held_out)
     original = space.budget.count(model, inputs).at(space.layers)
@@ -435,7 +442,7 @@ def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any, pr
         result = prune(sparsity, calibration)
     result.model.config.fxprune = {**result.model.config.fxprune, "budget": {
         "target": {kind: fraction}, "achieved": round(_kept(space, result, original), 4),
-        "counted": space.budget.note, "scored": _scored_note(split), "tried": tried}}
+        "counted": space.budget.note, "scored": _scored_note(split, fits_weights), "tried": tried}}
     return result, sparsity
 
 
@@ -452,9 +459,11 @@ def _check_used(found: list[Mix], whole_options: dict[str, tuple[Any, str]], kin
                                      f"experts, width))")
 
 
-def _scored_note(split: Optional["Split"]) -> str:
-    if split is None:
+def _scored_note(split: Optional["Split"], fits_weights: bool) -> str:
+    if split is None and fits_weights:
         return "the mixes' loss on the data they were fitted on (fewer than 2 calibration sequences)"
+    if split is None:
+        return "the mixes' loss on the calibration data (no weights fitted to it)"
     return (f"the mixes' loss on the last {split.held_out_rows} calibration sequences, each mix fitted on the "
             f"other {split.fit_rows}; the chosen mix pruned again on all {split.fit_rows + split.held_out_rows}")
 

@@ -168,7 +168,8 @@ def prune_with_result(model: Any, example_inputs: Any, sparsity: Optional[Sparsi
 
     if asked.target is None:
         return _recorded(run(asked.sparsity, calibration), asked, asked.sparsity)
-    out, chosen = budget.prune_to_budget(model, inputs, asked.target, calibration, run, _whole_options(asked))
+    out, chosen = budget.prune_to_budget(model, inputs, asked.target, calibration, run, _whole_options(asked),
+                                         fits_weights=bool(asked.block_repair or recover))
     return _recorded(out, asked, chosen)
 
 
