@@ -3,6 +3,8 @@ returned PreTrainedModel, bf16 checkpoints, tied embeddings, bad calibration dat
 configs (the real SmolLM2 run is benchmarks/bench_llm.py)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -190,6 +192,19 @@ def test_cli_prunes_a_hf_model_with_token_calibration(tmp_path):
     loaded = T.LlamaForCausalLM.from_pretrained(out).eval()
     assert loaded.config.fxprune["options"]["criterion"] == "wanda"
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_a_text_calibration_file_for_a_model_without_a_tokenizer_is_a_typed_error(tmp_path, capsys):
+    from fxprune.cli import main
+    source, text = tmp_path / "tiny", tmp_path / "notes.txt"
+    _llama().save_pretrained(source)  # no tokenizer saved beside it
+    text.write_text("Some English text to calibrate on. " * 20)
+    argv = ["prune", f"hf:{source}", "--input-shape", "1,8", "--sparsity", "0.25", "--calibration", str(text),
+            "--out", str(tmp_path / "pruned"), "--no-progress", "--no-chart"]
+    assert main(argv) == 2
+    assert re.search(r"bad --calibration '.*notes.txt': a text file is tokenised with the model's tokenizer, "
+                     r"and '.*tiny' has none that loads", capsys.readouterr().err)
+    assert not (tmp_path / "pruned").exists()
 
 
 def test_reconstruct_ridge_pulls_toward_the_kept_weights():

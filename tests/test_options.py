@@ -7,6 +7,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -265,7 +266,11 @@ def test_the_hf_cli_removes_layers_experts_or_meets_a_budget(tmp_path, family, l
     assert loaded.config.fxprune["options"] == {k: v for k, v in options.to_dict().items() if k != "hf"}
     if "--target" in flags:
         assert abs(loaded.num_parameters() / model.num_parameters() - 0.8) < 0.03
-        assert "target params=0.8" in (out / "summary.md").read_text()
+        summary = (out / "summary.md").read_text()
+        assert "target params=0.8" in summary
+        assert re.search(r"budget: params 0.8, achieved 0\.7[89]\d .* ranked by the mixes' loss on the calibration "
+                         r"data", summary)  # no data given: scored on the example
+        assert summary.count("| chosen |") == 1
     else:
         assert options.sparsity == given["sparsity"]
 

@@ -144,8 +144,7 @@ def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
     if Path(path).suffix != ".txt":  # token ids ('input'): plain id batches, checked by fxprune.hf
         windows = _token_ids(Path(path))
     else:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.spec.partition(":")[2])
+        tokenizer = _tokenizer(args.spec.partition(":")[2], path)
         ids = torch.tensor(tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"])
         windows = ids[:ids.numel() // length * length].view(-1, length)
     if not windows.shape[0]:
@@ -153,6 +152,17 @@ def calibration(args: argparse.Namespace, inputs: tuple) -> Any:
                        f"(the example's sequence length)")
     batches = [windows[i:i + size] for i in range(0, windows.shape[0], size)]
     return batches[:args.max_batches] if args.max_batches else batches
+
+
+def _tokenizer(model_dir: str, path: Any) -> Any:
+    """The model's own tokenizer, which a text calibration file needs; a typed error where it has none."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as exc:  # transformers' ways of saying it found no tokenizer
+        raise CliError(f"bad --calibration {str(path)!r}: a text file is tokenised with the model's tokenizer, and "
+                       f"{model_dir!r} has none that loads ({str(exc).strip().splitlines()[0]}); save the "
+                       f"tokenizer beside the model, or pass a safetensors file of token ids ('input')") from exc
 
 
 def _token_ids(path: Path) -> torch.Tensor:
@@ -188,6 +198,21 @@ def summary(spec: str, options: Any, model: Any, result: Any) -> str:
     lines = [f"# fxprune: {spec}, sparsity {format_sparsity(options.sparsity)}{budget}, HF-compatible", "",
              *_table(rows), "",
              f"params: {before:,} -> {after:,} ({after / before:.1%})",
-             f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", ""]
+             f"HF model vs pruned graph: max abs error {result.max_abs_error:.3g}", "",
+             *_budget_lines(result.model.config.fxprune.get("budget"))]
     return "\n".join(lines)
+
+
+def _budget_lines(record: Optional[dict]) -> list[str]:
+    """The mixes a ``--target`` tried, each with its loss, the chosen one (the lowest) marked."""
+    if not record:
+        return []
+    best = min(t["loss"] for t in record["tried"])
+    rows = [("layers removed", "experts removed", "MLP widths removed", "repairs", "kept", "loss", "")]
+    rows += [(str(t["layers"]), str(t["experts"]), ", ".join(f"{k} {v:.3f}" for k, v in t["width"].items()),
+              str(t["repairs"]), f"{t['achieved']:.3f}", f"{t['loss']:.4f}", "chosen" if t["loss"] == best else "")
+             for t in record["tried"]]
+    (kind, fraction), = record["target"].items()
+    return [f"budget: {kind} {fraction}, achieved {record['achieved']:.3f} ({record['counted']}); ranked by "
+            f"{record['scored']}", "", *_table(rows), ""]
 
