@@ -422,8 +422,10 @@ def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any, pr
     found = mixes_in(space, fraction)
     _check_used(found, whole_options or {}, kind, fraction)
     split = split_calibration(calibration) if fits_weights else None
-    fit, scored = (calibration, [inputs] if calibration is None else calibration) if split is None else \
-        (split.fit, split.held_out)
+    if split is None:  # no weight fitted to the data, or too little data to hold any out
+        fit, scored = calibration, [inputs] if calibration is None else calibration
+    else:
+        fit, scored = split.fit, split.held_out
     original = space.budget.count(model, inputs).at(space.layers)
     tried, best = [], None
     for mix in found:
@@ -454,7 +456,7 @@ def _check_used(found: list[Mix], whole_options: dict[str, tuple[Any, str]], kin
     for name, (value, what) in whole_options.items():
         if not any(getattr(mix, REMOVES[what]) for mix in found):
             raise InvalidOptionError(f"fxprune.hf: {name}={value!r} has no effect: no mix that meets target "
-                                     f"{kind} {fraction} removes {REMOVES[what]} (mixes tried: "
+                                     f"{kind} {fraction} removes {REMOVES[what]} (the mixes that meet it: "
                                      f"{[(m.layers, m.experts, round(m.width, 3)) for m in found]} as (layers, "
                                      f"experts, width))")
 
