@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from fxprune.data.calibration import Calibration, as_calibration
 from fxprune.errors import InvalidOptionError, UnsupportedModelError
+from fxprune.hf.calibrated import causal_lm_loss
 from fxprune.hf.depth import layer_list
 from fxprune.hf.experts import kernel_alignment, moe_blocks
 from fxprune.measure import count_macs_by_module, count_params
@@ -429,21 +429,22 @@ def prune_to_budget(model: Any, inputs: tuple, target: Any, calibration: Any, pr
     original = space.budget.count(model, inputs).at(space.layers)
     tried, best = [], None
     for mix in found:
-        result = prune(mix.sparsity(space), fit)
-        loss = next_token_loss(result.model, scored)
+        sparsity = mix.sparsity(space)
+        result = prune(sparsity, fit)
+        loss, achieved = next_token_loss(result.model, scored), _kept(space, result, original)
         tried.append({"layers": mix.layers, "experts": mix.experts,
                       "width": {name: round(ratio, 4) for name, ratio in mix.widths(space).items()},
                       "repairs": len(result.model.config.fxprune.get("depth", {}).get("repairs", [])),
-                      "predicted": mix.predicted, "achieved": round(_kept(space, result, original), 4),
-                      "loss": loss})
+                      "predicted": mix.predicted, "achieved": round(achieved, 4), "loss": loss})
         if best is None or loss < best[0]:
-            best = (loss, result, mix.sparsity(space))
-    _, result, sparsity = best
+            best = (loss, result, sparsity, achieved)
+    _, result, sparsity, achieved = best
     if split is not None:
         del best, result  # the chosen mix, fitted on part of the data: freed before it is fitted on all
         result = prune(sparsity, calibration)
+        achieved = _kept(space, result, original)
     result.model.config.fxprune = {**result.model.config.fxprune, "budget": {
-        "target": {kind: fraction}, "achieved": round(_kept(space, result, original), 4),
+        "target": {kind: fraction}, "achieved": round(achieved, 4),
         "counted": space.budget.note, "scored": _scored_note(split, fits_weights), "tried": tried}}
     return result, sparsity
 
@@ -534,9 +535,9 @@ def next_token_loss(model: Any, calibration: Any) -> float:
             ids = batch.inputs[0]
             labels = ids if batch.target is None else batch.target
             labels = labels if batch.mask is None else labels.masked_fill(~batch.mask, -100)
-            logits = model(ids, use_cache=False).logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"))
-            count += int((labels[:, 1:] != -100).sum())
+            tokens = int((labels[:, 1:] != -100).sum())  # causal_lm_loss is each batch's mean: weighted by these
+            total += float(causal_lm_loss(model(ids, use_cache=False), labels)) * tokens
+            count += tokens
     return total / max(count, 1)
 
 

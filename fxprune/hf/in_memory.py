@@ -189,12 +189,14 @@ def _defaults(names: Sequence[str]) -> dict[str, Any]:
 
 def _check_whole_structures(asked: PruneOptions, wanted: structure.Structure, sparsity_given: bool) -> None:
     """A whole-structure option set to no effect is refused, by name: never ignored."""
-    if asked.target is not None and (sparsity_given or wanted.any):
-        raise InvalidOptionError(f"target={dict(asked.target)!r} chooses the sparsity itself: give target or "
-                                 f"sparsity, not both")
+    if asked.target is not None:
+        if sparsity_given or wanted.any:
+            raise InvalidOptionError(f"target={dict(asked.target)!r} chooses the sparsity itself: give target or "
+                                     f"sparsity, not both")
+        return  # the budget checks these options against its mixes (budget.prune_to_budget)
     asks = {"layer count": wanted.layers is not None, "expert count": wanted.experts is not None}
     for name, (value, what) in _whole_options(asked).items():
-        if not asks[what] and asked.target is None:  # with a target, the budget checks its mixes (budget.py)
+        if not asks[what]:
             raise InvalidOptionError(f"fxprune.hf: {name}={value!r} has no effect: the sparsity names no {what} "
                                      f"({', '.join(structure.FIELDS[what])}) and no target is given")
 
